@@ -1,0 +1,1 @@
+"""interceptd: target-host side of tcpcopyd (catches and routes the target's replies)."""

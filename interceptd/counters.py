@@ -1,0 +1,21 @@
+"""Names of interceptd's per-worker counters (index = position in shm)."""
+from __future__ import annotations
+
+NAMES = (
+    "queued",             # target packets read from the NFQUEUE (all dropped: fail-closed)
+    "malformed",          # queued packets that are not TCP/IPv4 (dropped, skipped)
+    "routed",             # reply headers sent to the tcpcopyd that registered the session
+    "delayed",            # reply headers held until their session is registered
+    "delay_expired",      # held reply headers whose session never registered
+    "delay_full",         # reply headers dropped because the delay table was full
+    "slow_peer_dropped",  # reply headers dropped because a tcpcopyd stopped reading
+    "client_add",         # CLIENT_ADD messages
+    "client_del",         # CLIENT_DEL messages
+    "bad_messages",       # control messages of an unknown type (skipped)
+    "peers",              # gauge: connected tcpcopyd control connections
+    "peers_accepted",     # control connections accepted
+    "routes",             # gauge: registered sessions
+    "queue_drops",        # packets the kernel dropped because the queue was full
+)
+INDEX = {name: i for i, name in enumerate(NAMES)}
+GAUGES = frozenset({"peers", "routes"})

@@ -1,0 +1,122 @@
+"""`interceptd`: the target-host daemon (entry point)."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from interceptd import rules
+from shm import segment as shmseg
+from tcpcopyd import wire
+from tcpcopyd.arbiter import WORKER_BOOT_ERROR, Arbiter, allowed_cpus, setup_logging
+from tcpcopyd.options import _choice
+from tcpcopyd.settings import Setting, int_range, ipv4, parse_args, port, port_list, text
+
+PROG = "interceptd"
+# shm segment kind
+KIND = 2
+
+log = logging.getLogger(PROG)
+
+REGISTRY = (
+    Setting("service_port", ("--service-port",), None, port_list,
+            "ports of the server under test whose replies are intercepted, e.g. 80,11211",
+            metavar="PORTS", required=True),
+    Setting("port", ("-p", "--port"), wire.DEFAULT_PORT, port,
+            "control port tcpcopyd connects to", metavar="PORT"),
+    Setting("bind", ("-b", "--bind"), "0.0.0.0", ipv4, "address of the control port",
+            metavar="ADDR"),
+    Setting("no_iptables", ("--no-iptables",), False, lambda v: bool(v),
+            "do not install/remove NFQUEUE rules (the operator manages them)", is_flag=True),
+    Setting("queue_num", ("--queue-num",), 0, int_range(0, 65535),
+            "first NFQUEUE number", metavar="N"),
+    Setting("queues", ("--queues",), 1, int_range(1, 1024),
+            "NFQUEUE numbers (one worker each)", metavar="N"),
+    Setting("log", ("-l", "--log"), None, text, "log to this file instead of stderr",
+            metavar="FILE"),
+    Setting("log_level", ("--log-level",), "info",
+            lambda v: _choice(v, ("debug", "info", "warning", "error")),
+            "debug, info, warning or error", metavar="LEVEL"),
+    Setting("pidfile", ("-P", "--pidfile"), None, text, "write the master's pid here",
+            metavar="FILE"),
+    Setting("instance", ("--instance",), "interceptd", text,
+            "name of the shm segment and tag of the iptables rules", metavar="NAME"),
+)
+
+
+def fail(message: str) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(PROG, "Intercept the target's replies for tcpcopyd (target-host side).",
+                     REGISTRY, argv, "interceptd")
+    if os.geteuid() != 0:
+        return fail("needs root (NFQUEUE and iptables): run it with sudo or as the systemd unit")
+    setup_logging(PROG, cfg.log, cfg.log_level)
+    if cfg.queue_num + cfg.queues > 65536:
+        return fail("--queue-num + --queues exceeds 65535")
+    try:
+        import netfilterqueue  # noqa: F401
+    except ImportError as e:
+        return fail(f"NetfilterQueue is not installed ({e}): pip install NetfilterQueue")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((cfg.bind, cfg.port))
+        listener.listen(128)
+    except OSError as e:
+        listener.close()
+        return fail(f"cannot listen on {cfg.bind}:{cfg.port}: {e.strerror}")
+    tag = f"interceptd:{cfg.instance}"
+    installed: list[list[str]] = []
+    if not cfg.no_iptables:
+        try:
+            installed = rules.install(cfg.service_port, cfg.queue_num, cfg.queues, tag)
+        except rules.RuleError as e:
+            listener.close()
+            return fail(str(e))
+    try:
+        seg = shmseg.create(cfg.instance, KIND, cfg.queues, 0, 64,
+                            label=",".join(map(str, cfg.service_port)))
+    except (shmseg.SegmentError, OSError) as e:
+        rules.remove(installed)
+        listener.close()
+        return fail(f"shared memory: {e}")
+    if cfg.pidfile:
+        with open(cfg.pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    log.info("interceptd: service ports %s, NFQUEUE %d..%d, control %s:%d%s",
+             ",".join(map(str, cfg.service_port)), cfg.queue_num,
+             cfg.queue_num + cfg.queues - 1, cfg.bind, cfg.port,
+             "" if installed else " (rules managed by the operator)")
+
+    def boot(index: int, cpu: int) -> None:
+        from interceptd.worker import Worker
+        try:
+            w = Worker(cfg, index, cpu, seg, listener, cfg.queue_num + index)
+        except Exception as e:  # noqa: BLE001 - reported, then the master stops
+            log.error("worker %d cannot start: %s", index + 1, e)
+            sys.exit(WORKER_BOOT_ERROR)
+        w.run()
+
+    try:
+        return Arbiter(PROG, ",".join(map(str, cfg.service_port)), cfg.queues, seg, boot,
+                       allowed_cpus()).run()
+    finally:
+        rules.remove(installed)
+        listener.close()
+        seg.close()
+        seg.unlink()
+        if cfg.pidfile:
+            try:
+                os.unlink(cfg.pidfile)
+            except FileNotFoundError:
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""An interceptd worker: reads one NFQUEUE (dropping every packet: the target's replies
+must never reach anyone), serves tcpcopyd control connections, and routes reply headers."""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+
+from netfilterqueue import NetfilterQueue
+from setproctitle import setproctitle
+
+from interceptd import counters as C
+from interceptd.router import Peer, Router
+from shm.segment import Segment
+from tcpcopyd import wire
+
+log = logging.getLogger("interceptd.worker")
+
+# packets the kernel may hold for the queue before dropping (fail-closed)
+QUEUE_MAXLEN = 16384
+# bytes of each queued packet copied to us: IPv4 header + the largest TCP header
+COPY_RANGE = 60 + 60
+SYNC_INTERVAL = 0.1
+# NFQUEUE copy mode "packet"
+NFQNL_COPY_PACKET = 2
+
+
+class Worker:
+    def __init__(self, cfg, index: int, cpu: int, seg: Segment, listener: socket.socket,
+                 queue_num: int) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.cpu = cpu
+        self.seg = seg
+        self.listener = listener
+        self.queue_num = queue_num
+        self.stop = False
+        self.counters = [0] * len(C.NAMES)
+        self.router = Router(self.counters)
+        self.peers: dict[int, Peer] = {}
+
+    def init_process(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, self._on_stop)
+        try:
+            os.sched_setaffinity(0, {self.cpu})
+        except OSError as e:
+            log.warning("cannot pin worker %d to cpu %d: %s", self.index + 1, self.cpu, e)
+        setproctitle(f"interceptd: worker {self.index + 1}/{self.cfg.queues} "
+                     f"queue={self.queue_num}")
+
+    def _on_stop(self, _sig: int, _frame: object) -> None:
+        self.stop = True
+
+    def run(self) -> None:
+        self.init_process()
+        nfq = NetfilterQueue()
+        router = self.router
+        cnt = self.counters
+        queued, malformed = C.INDEX["queued"], C.INDEX["malformed"]
+        clock = time.monotonic
+        reply_header = wire.reply_header
+
+        def on_packet(pkt) -> None:
+            payload = pkt.get_payload()
+            pkt.drop()
+            cnt[queued] += 1
+            try:
+                if payload[9] != 6:
+                    raise wire.ProtocolError("not TCP")
+                router.route(reply_header(payload), clock())
+            except (wire.ProtocolError, IndexError):
+                cnt[malformed] += 1
+
+        try:
+            nfq.bind(self.queue_num, on_packet, max_len=QUEUE_MAXLEN, mode=NFQNL_COPY_PACKET,
+                     range=COPY_RANGE, sock_len=8 << 20)
+        except OSError as e:
+            log.error("cannot bind NFQUEUE %d: %s (is another interceptd running? is "
+                      "nfnetlink_queue loaded?)", self.queue_num, e)
+            raise SystemExit(3) from None
+        nfq_fd = nfq.get_fd()
+        ep = select.epoll()
+        ep.register(nfq_fd, select.EPOLLIN)
+        lfd = self.listener.fileno()
+        self.listener.setblocking(False)
+        ep.register(lfd, select.EPOLLIN)
+        started = time.time()
+        next_sync = 0.0
+        log.info("worker %d reading NFQUEUE %d, control port %s:%d", self.index + 1,
+                 self.queue_num, *self.listener.getsockname()[:2])
+        while not self.stop:
+            try:
+                events = ep.poll(SYNC_INTERVAL)
+            except InterruptedError:
+                continue
+            now = clock()
+            for fd, ev in events:
+                if fd == nfq_fd:
+                    try:
+                        nfq.run(block=False)
+                    except OSError as e:
+                        log.warning("NFQUEUE read: %s", e)
+                elif fd == lfd:
+                    self._accept(ep)
+                else:
+                    peer = self.peers.get(fd)
+                    if peer is not None:
+                        self._on_peer(ep, fd, peer, ev, now)
+            for fd, peer in list(self.peers.items()):
+                if peer.pending:
+                    router.frame(peer)
+                if peer.out:
+                    self._send(ep, fd, peer)
+            if now >= next_sync:
+                next_sync = now + SYNC_INTERVAL
+                router.expire(now)
+                cnt[C.INDEX["peers"]] = len(self.peers)
+                cnt[C.INDEX["routes"]] = len(router.routes)
+                cnt[C.INDEX["queue_drops"]] = queue_drops(self.queue_num)
+                self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
+        nfq.unbind()
+        for fd, peer in list(self.peers.items()):
+            self._drop(ep, fd, peer, None)
+        self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
+        log.info("worker %d stopped", self.index + 1)
+
+    def _accept(self, ep: select.epoll) -> None:
+        while True:
+            try:
+                sock, addr = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log.warning("accept: %s", e)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = Peer(sock, f"{addr[0]}:{addr[1]}")
+            self.peers[sock.fileno()] = peer
+            ep.register(sock.fileno(), select.EPOLLIN)
+            self.counters[C.INDEX["peers_accepted"]] += 1
+            log.info("tcpcopyd %s connected", peer.name)
+
+    def _on_peer(self, ep: select.epoll, fd: int, peer: Peer, ev: int, now: float) -> None:
+        if ev & select.EPOLLIN:
+            try:
+                data = peer.sock.recv(65536)
+            except BlockingIOError:
+                data = None
+            except OSError as e:
+                self._drop(ep, fd, peer, e.strerror)
+                return
+            if data == b"":
+                self._drop(ep, fd, peer, "closed the connection")
+                return
+            if data:
+                peer.inbuf += data
+                for kind, cip, cport, _tip, _tport in wire.parse_client_messages(peer.inbuf):
+                    self.router.on_message(peer, kind, cip, cport, now)
+        elif ev & (select.EPOLLERR | select.EPOLLHUP):
+            self._drop(ep, fd, peer, "connection error")
+            return
+        if ev & select.EPOLLOUT:
+            self._send(ep, fd, peer)
+
+    def _send(self, ep: select.epoll, fd: int, peer: Peer) -> None:
+        try:
+            n = peer.sock.send(peer.out)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self._drop(ep, fd, peer, e.strerror)
+            return
+        del peer.out[:n]
+        ep.modify(fd, select.EPOLLIN | (select.EPOLLOUT if peer.out else 0))
+
+    def _drop(self, ep: select.epoll, fd: int, peer: Peer, why: str | None) -> None:
+        if why:
+            log.info("tcpcopyd %s %s", peer.name, why)
+        self.router.drop_peer(peer)
+        self.peers.pop(fd, None)
+        try:
+            ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        peer.sock.close()
+
+
+def queue_drops(queue_num: int) -> int:
+    """Packets the kernel dropped for this queue (queue full + user-space too slow)."""
+    try:
+        with open("/proc/net/netfilter/nfnetlink_queue") as f:
+            for line in f:
+                fields = line.split()
+                if fields and int(fields[0]) == queue_num and len(fields) >= 7:
+                    return int(fields[5]) + int(fields[6])
+    except (OSError, ValueError):
+        pass
+    return 0

@@ -1,0 +1,1 @@
+"""tcpcopyd: live TCP traffic replication, online-host side."""

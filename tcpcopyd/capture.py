@@ -1,0 +1,120 @@
+"""AF_PACKET capture of client->server packets, one socket per worker in a fanout group.
+
+The socket is SOCK_DGRAM (the kernel strips the link header, we read IPv4 packets), bound
+to one interface, ignores packets the host sends itself, and carries a classic BPF filter
+that passes only TCP (non-fragment) packets whose destination port is a service port.
+"""
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+
+# linux/if_ether.h
+ETH_P_IP = 0x0800
+# linux/if_packet.h socket options
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
+PACKET_FANOUT = 18
+PACKET_IGNORE_OUTGOING = 23
+PACKET_FANOUT_HASH = 0
+PACKET_FANOUT_FLAG_DEFRAG = 0x8000
+# asm-generic/socket.h
+SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
+
+# classic BPF opcodes (linux/filter.h)
+BPF_LD_B_ABS = 0x30
+BPF_LD_H_ABS = 0x28
+BPF_LD_H_IND = 0x48
+BPF_LDX_B_MSH = 0xB1
+BPF_JEQ_K = 0x15
+BPF_JSET_K = 0x45
+BPF_RET_K = 0x06
+# snap length returned by an accepting filter: the whole packet
+ACCEPT = 0x40000
+
+
+class CaptureError(OSError):
+    """The capture socket could not be set up."""
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def bpf_program(ports: list[int]) -> list[tuple[int, int, int, int]]:
+    """Instructions (code, jt, jf, k) accepting TCP to any of ``ports`` (network layer)."""
+    if not ports:
+        raise ValueError("no service ports")
+    n = len(ports)
+    prog = [
+        (BPF_LD_B_ABS, 0, 0, 9),             # A = ip protocol
+        (BPF_JEQ_K, 0, 4 + n, 6),            # TCP? else drop
+        (BPF_LD_H_ABS, 0, 0, 6),             # A = flags/fragment offset
+        (BPF_JSET_K, 2 + n, 0, 0x1FFF),      # a fragment (not the first)? drop
+        (BPF_LDX_B_MSH, 0, 0, 0),            # X = ip header length
+        (BPF_LD_H_IND, 0, 0, 2),             # A = tcp destination port
+    ]
+    for i, port in enumerate(ports):
+        # match: jump to accept (n - i - 1 instructions ahead + 0); no match: next port
+        jt = n - i - 1 + 1
+        prog.append((BPF_JEQ_K, jt, 0, port))
+    prog.append((BPF_RET_K, 0, 0, 0))        # drop
+    prog.append((BPF_RET_K, 0, 0, ACCEPT))   # accept
+    # the 'drop' jumps above land on the drop instruction
+    return prog
+
+
+def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) -> None:
+    raw = b"".join(struct.pack("HBBI", *ins) for ins in prog)
+    buf = ctypes.create_string_buffer(raw)
+    fprog = _SockFprog(len(prog), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
+
+
+def open_capture(iface: str, ports: list[int], fanout_group: int | None,
+                 rcvbuf: int = 32 << 20) -> socket.socket:
+    """An AF_PACKET socket on ``iface`` delivering client packets to ``ports``."""
+    try:
+        socket.if_nametoindex(iface)
+    except OSError:
+        raise CaptureError(f"interface {iface!r} does not exist (see `ip link`)") from None
+    try:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+    except PermissionError:
+        raise CaptureError("AF_PACKET capture needs root (or CAP_NET_RAW)") from None
+    try:
+        attach_filter(sock, bpf_program(ports))
+        sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((iface, ETH_P_IP))
+        if fanout_group is not None:
+            join_fanout(sock, fanout_group)
+        # drain what arrived before the filter was attached
+        sock.setblocking(False)
+        try:
+            while True:
+                sock.recv(65536)
+        except BlockingIOError:
+            pass
+        stats(sock)  # reset the kernel's counters
+    except OSError as e:
+        sock.close()
+        raise CaptureError(f"capture on {iface}: {e.strerror or e}") from e
+    return sock
+
+
+def join_fanout(sock: socket.socket, group: int) -> None:
+    mode = PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG
+    sock.setsockopt(SOL_PACKET, PACKET_FANOUT,
+                    struct.pack("I", (group & 0xFFFF) | (mode << 16)))
+
+
+def stats(sock: socket.socket) -> tuple[int, int]:
+    """(packets, drops) since the last call (the kernel resets them on read)."""
+    raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+    return struct.unpack("II", raw)

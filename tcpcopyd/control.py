@@ -1,0 +1,170 @@
+"""tcpcopyd's control connection to one interceptd: registers sessions (CLIENT_ADD/DEL) and
+receives the target's reply headers. Non-blocking; reconnects with backoff, forever."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+
+from tcpcopyd import wire
+from tcpcopyd.session import Session
+
+log = logging.getLogger("tcpcopyd.control")
+
+# reconnect delay bounds, seconds
+RETRY_MIN = 0.2
+RETRY_MAX = 5.0
+# unsent control bytes above this mean interceptd stopped reading: drop the connection
+MAX_PENDING = 8 << 20
+RECV_SIZE = 256 * 1024
+
+
+class ControlLink:
+    def __init__(self, host: str, port: int, epoll: select.epoll) -> None:
+        self.host, self.port = host, port
+        self.epoll = epoll
+        self.sock: socket.socket | None = None
+        self.connecting = False
+        self.up = False
+        self.out = bytearray()
+        self.inbuf = bytearray()
+        self.retry_at = 0.0
+        self.delay = RETRY_MIN
+        self.connects = 0
+        self.errors = 0
+        self._said_down = False
+        self._events = 0
+
+    @property
+    def name(self) -> str:
+        return f"interceptd {self.host}:{self.port}"
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def maybe_connect(self, now: float) -> None:
+        if self.sock is not None or now < self.retry_at:
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex((self.host, self.port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._failed(now, os_error(err))
+            return
+        self.sock = sock
+        self.connecting = True
+        self._events = select.EPOLLOUT
+        self.epoll.register(sock.fileno(), self._events)
+
+    def on_event(self, ev: int, now: float) -> tuple[list[bytes], bool]:
+        """Handle readiness; returns (reply headers received, connection just came up)."""
+        came_up = False
+        if self.sock is None:
+            return [], False
+        if self.connecting:
+            if not ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
+                return [], False
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._failed(now, os_error(err))
+                return [], False
+            self.connecting = False
+            self.up = True
+            came_up = True
+            self.connects += 1
+            self.delay = RETRY_MIN
+            self.out[:0] = wire.version_message()
+            log.info("connected to %s", self.name)
+            self._said_down = False
+            self.flush(now)
+            return [], came_up
+        headers: list[bytes] = []
+        if ev & select.EPOLLIN:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                data = None
+            except OSError as e:
+                self._failed(now, e.strerror or str(e))
+                return [], False
+            if data == b"":
+                self._failed(now, "connection closed by interceptd")
+                return [], False
+            if data:
+                self.inbuf += data
+                try:
+                    headers = wire.split_combined(self.inbuf)
+                except wire.ProtocolError as e:
+                    self._failed(now, f"protocol error: {e}")
+                    return headers, False
+        elif ev & (select.EPOLLERR | select.EPOLLHUP):
+            self._failed(now, "connection error")
+            return [], False
+        if ev & select.EPOLLOUT:
+            self.flush(now)
+        return headers, came_up
+
+    def register(self, s: Session) -> None:
+        if self.up:
+            self.out += wire.client_message(wire.CLIENT_ADD, s.client_ip, s.client_port,
+                                            s.target_ip, s.target_port)
+
+    def unregister(self, s: Session) -> None:
+        if self.up:
+            self.out += wire.client_message(wire.CLIENT_DEL, s.client_ip, s.client_port,
+                                            s.target_ip, s.target_port)
+
+    def flush(self, now: float) -> None:
+        if not self.up or not self.out or self.sock is None:
+            return
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self._failed(now, e.strerror or str(e))
+            return
+        del self.out[:sent]
+        if len(self.out) > MAX_PENDING:
+            self._failed(now, f"{len(self.out)} control bytes unsent: interceptd is not reading")
+            return
+        want = select.EPOLLIN | (select.EPOLLOUT if self.out else 0)
+        if want != self._events:
+            self._events = want
+            self.epoll.modify(self.sock.fileno(), want)
+
+    def _failed(self, now: float, reason: str) -> None:
+        if self.sock is not None:
+            try:
+                self.epoll.unregister(self.sock.fileno())
+            except (OSError, ValueError):
+                pass
+            self.sock.close()
+        self.sock = None
+        self.errors += 1
+        if not self._said_down:
+            log.warning("%s: %s; replication continues, reconnecting", self.name, reason)
+            self._said_down = True
+        self.up = self.connecting = False
+        self.out.clear()
+        self.inbuf.clear()
+        self.retry_at = now + self.delay
+        self.delay = min(RETRY_MAX, self.delay * 2)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.epoll.unregister(self.sock.fileno())
+            except (OSError, ValueError):
+                pass
+            self.sock.close()
+            self.sock = None
+        self.up = False
+
+
+def os_error(err: int) -> str:
+    return os.strerror(err)

@@ -1,0 +1,36 @@
+"""Names of tcpcopyd's per-worker counters (index = position in shm)."""
+from __future__ import annotations
+
+NAMES = (
+    "captured",            # client packets read from the capture socket
+    "malformed",           # captured packets that are not well-formed TCP/IPv4 (skipped)
+    "no_session",          # captured packets without payload for no known session (skipped)
+    "duplicate",           # captured client data already queued (client retransmission)
+    "out_of_order",        # captured client data ahead of a gap, held until the gap fills
+    "sent",                # packets sent to the target
+    "send_errors",         # raw-socket sends that failed
+    "bytes_sent",          # client payload bytes sent to the target (first transmissions)
+    "replies",             # reply headers received from interceptd
+    "replies_no_session",  # reply headers for no live session (late or foreign)
+    "replies_malformed",   # reply headers that could not be parsed (skipped)
+    "sessions_opened",     # sessions started from a captured SYN
+    "sessions_fake",       # sessions started with a fake SYN (opened before we started)
+    "sessions_closed",     # sessions that ended normally (FIN both ways, or client RST)
+    "sessions_expired",    # sessions ended by the idle timeout (-t)
+    "sessions_target_rst",  # sessions the target reset
+    "sessions_reused",     # sessions replaced by a new SYN on the same client port
+    "sessions_overflow",   # sessions reset because their buffer exceeded the limit
+    "sessions_evicted",    # sessions reset because the shm table was full
+    "sessions_gave_up",    # sessions reset after too many retransmissions
+    "sessions_broken",     # sessions reset because a capture gap never filled
+    "sessions_active",     # gauge: live sessions
+    "retransmits",         # segments sent again on timeout
+    "fast_retransmits",    # segments sent again after 3 duplicate ACKs
+    "paced",               # requests held until the target answered the previous one
+    "kernel_drops",        # packets the kernel dropped before we read them
+    "control_connects",    # control connections established to interceptd
+    "control_errors",      # control connections lost or refused
+)
+INDEX = {name: i for i, name in enumerate(NAMES)}
+# gauges are set, not added up over time
+GAUGES = frozenset({"sessions_active"})

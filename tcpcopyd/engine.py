@@ -1,0 +1,632 @@
+"""The session engine: turns captured client packets and intercepted target replies into
+the packets a fake client sends to the target (DESIGN §2).
+
+It does no I/O of its own: a ``sender`` puts packets on the wire, a ``control`` link
+registers sessions with interceptd, and the worker loop feeds it packets and clock ticks.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import socket
+from typing import Protocol
+
+from tcpcopyd import counters as C
+from tcpcopyd.packet import (
+    ACK,
+    FIN,
+    IP_TCP,
+    OPT_MSS,
+    OPT_TIMESTAMP,
+    OPT_WSCALE,
+    PSH,
+    RST,
+    SYN,
+    U32,
+    build,
+    parse_options,
+    seq_add,
+    seq_diff,
+    seq_le,
+    seq_lt,
+    syn_options,
+    timestamp_of,
+    timestamp_option,
+)
+from tcpcopyd.session import (
+    CLIENT_FIN,
+    CLIENT_RST,
+    ESTABLISHED,
+    FAKE,
+    SLOT,
+    SYN_SENT,
+    TARGET_FIN,
+    TIMESTAMPS,
+    Session,
+)
+
+log = logging.getLogger("tcpcopyd.engine")
+
+# retransmission timeout bounds and initial value, seconds (RFC 6298)
+RTO_MIN = 0.2
+RTO_MAX = 30.0
+RTO_INITIAL = 1.0
+# retransmissions of one segment before the session is given up
+MAX_RETRIES = 10
+# a session whose FIN the target acknowledged but which never closes its side is ended
+# after this long, seconds
+CLOSE_LINGER = 5.0
+# a capture gap (missed client segment) not filled within this long breaks the session
+GAP_TIMEOUT = 5.0
+# a session created by a client RST or expiry that cannot drain is reset after this long
+DRAIN_TIMEOUT = 10.0
+
+
+class Sender(Protocol):
+    def send(self, packet: bytearray, dst: bytes) -> bool: ...
+
+
+class Control(Protocol):
+    up: bool
+
+    def register(self, s: Session) -> None: ...
+
+    def unregister(self, s: Session) -> None: ...
+
+
+class Table(Protocol):
+    def write(self, slot: int, values: tuple) -> None: ...
+
+    def clear(self, slot: int) -> None: ...
+
+
+class Engine:
+    def __init__(self, targets: dict[int, tuple[bytes, int]], sender: Sender, control: Control,
+                 table: Table | None, slots: range, *, mtu: int = 1500, fake_mss: int = 1460,
+                 idle_timeout: float = 120.0, pace_timeout: float = 2.0,
+                 max_session_buffer: int = 64 << 20) -> None:
+        self.targets = targets            # local service port -> (target ip, target port)
+        self.sender = sender
+        self.control = control
+        self.table = table
+        self.free_slots = list(reversed(slots))
+        self.mtu = mtu
+        self.fake_mss = fake_mss
+        self.idle_timeout = idle_timeout
+        self.pace_timeout = pace_timeout
+        self.max_session_buffer = max_session_buffer
+        self.sessions: dict[tuple, Session] = {}
+        self.counters = [0] * len(C.NAMES)
+        self.timers: list[tuple[float, int, Session]] = []
+        self._timer_seq = 0
+        self.touched: set[Session] = set()
+        self.dirty: set[Session] = set()
+
+    # ------------------------------------------------------------------ capture side
+    def on_client_packet(self, buf: bytes | bytearray | memoryview, n: int, now: float) -> None:
+        """One IPv4 packet captured from a client (already filtered to our service ports)."""
+        cnt = self.counters
+        cnt[0] += 1  # captured
+        if n < 40:
+            cnt[1] += 1
+            return
+        (vihl, _tos, tot_len, _id, frag, _ttl, proto, _c, src, dst, sport, dport, seq, ack,
+         offflags, window, _tc, _u) = IP_TCP.unpack_from(buf, 0)
+        thl = (offflags >> 12) << 2
+        if vihl != 0x45 or proto != 6 or frag & 0x3FFF or thl < 20 or 20 + thl > n \
+                or tot_len < 20 + thl:
+            if vihl >> 4 == 4 and vihl & 0xF > 5 and proto == 6:
+                self._client_packet_with_ip_options(buf, n, now)
+            else:
+                cnt[1] += 1
+            return
+        end = tot_len if tot_len <= n else n
+        self._client_segment(src, sport, dport, seq, ack, offflags & 0x3F, window,
+                             bytes(buf[40:20 + thl]) if thl > 20 else b"",
+                             bytes(buf[20 + thl:end]) if end > 20 + thl else b"", now)
+
+    def _client_packet_with_ip_options(self, buf, n: int, now: float) -> None:
+        from tcpcopyd.packet import MalformedPacket, parse
+        try:
+            p = parse(buf, n)
+        except MalformedPacket:
+            self.counters[1] += 1
+            return
+        self._client_segment(p.src, p.sport, p.dport, p.seq, p.ack, p.flags, p.window,
+                             p.options, p.payload, now)
+
+    def _client_segment(self, src: bytes, sport: int, dport: int, seq: int, ack: int,
+                        flags: int, window: int, options: bytes, payload: bytes,
+                        now: float) -> None:
+        target = self.targets.get(dport)
+        if target is None:
+            self.counters[C.INDEX["no_session"]] += 1
+            return
+        key = (src, sport, target[0], target[1])
+        s = self.sessions.get(key)
+        if flags & SYN:
+            if flags & (ACK | RST | FIN):
+                self.counters[1] += 1
+                return
+            if s is not None:
+                if s.isn == seq:
+                    return  # the client retransmitted its SYN; ours has its own timer
+                self._reset(s, "sessions_reused")
+            self._open(key, src, sport, target, seq, window, options, now, fake=False)
+            return
+        if s is None:
+            if not payload:
+                self.counters[2] += 1
+                return
+            s = self._open(key, src, sport, target, seq_add(seq, -1), window, options, now,
+                           fake=True)
+            if s is None:
+                return
+        s.last_seen = now
+        if options:
+            ts = timestamp_of(options)
+            if ts is not None and seq_lt(s.client_tsval, ts[0]):
+                s.client_tsval = ts[0]
+        if not s.state & FAKE:
+            s.client_win = window
+        if flags & RST:
+            s.state |= CLIENT_RST
+            s.close_at = now + DRAIN_TIMEOUT
+            self._schedule(s, s.close_at)
+            self.touched.add(s)
+            return
+        if payload or flags & FIN:
+            self._enqueue(s, seq, flags & (FIN | PSH), payload, ack, now)
+            self.touched.add(s)
+
+    def _open(self, key: tuple, src: bytes, sport: int, target: tuple[bytes, int], isn: int,
+              window: int, options: bytes, now: float, fake: bool) -> Session | None:
+        if not self.free_slots:
+            self._evict_oldest()
+        slot = self.free_slots.pop()
+        s = Session(key, src, sport, target[0], target[1], slot, now)
+        s.isn = s.snd_una = isn
+        s.snd_nxt = s.cap_nxt = seq_add(isn, 1)
+        opts = parse_options(options) if options else {}
+        ts = opts.get(OPT_TIMESTAMP)
+        tsval = U32.unpack_from(ts, 0)[0] if ts is not None and len(ts) == 8 else None
+        if fake:
+            s.state = SYN_SENT | FAKE
+            s.client_win = 65535
+            s.syn_options = syn_options(self.fake_mss, None, True,
+                                        (tsval, 0) if tsval is not None else None)
+            s.syn_wscale = False
+            self.counters[C.INDEX["sessions_fake"]] += 1
+        else:
+            s.state = SYN_SENT
+            s.client_win = window
+            s.syn_options = options
+            s.syn_wscale = OPT_WSCALE in opts
+            self.counters[C.INDEX["sessions_opened"]] += 1
+        s.syn_ts = tsval is not None
+        s.client_tsval = tsval or 0
+        self.sessions[key] = s
+        self.control.register(s)
+        self._send_syn(s)
+        s.rtt_seq, s.rtt_time = s.snd_nxt, now
+        self._arm(s, now + RTO_INITIAL)
+        self.dirty.add(s)
+        return s
+
+    def _send_syn(self, s: Session) -> None:
+        self._emit(build(s.client_ip, s.target_ip, s.client_port, s.target_port, s.isn, 0, SYN,
+                         s.client_win, s.syn_options), s)
+
+    def _enqueue(self, s: Session, seq: int, flags: int, payload: bytes, ack: int,
+                 now: float) -> None:
+        if seq != s.cap_nxt:
+            if seq_lt(seq, s.cap_nxt):
+                skip = seq_diff(s.cap_nxt, seq)
+                if skip >= len(payload) + (1 if flags & FIN else 0) or s.state & CLIENT_FIN:
+                    self.counters[3] += 1  # duplicate
+                    return
+                payload, seq = payload[skip:], s.cap_nxt
+            else:
+                if seq not in s.ooo:
+                    s.ooo[seq] = (flags, payload, ack)
+                    s.buffered += len(payload)
+                    self.counters[4] += 1
+                if not s.gap_since:
+                    s.gap_since = now
+                    self._schedule(s, now + GAP_TIMEOUT)
+                return
+        self._append(s, seq, flags, payload, ack)
+        while s.ooo and not s.state & CLIENT_FIN:
+            nxt = s.ooo.pop(s.cap_nxt, None)
+            if nxt is None:
+                # an held segment overlapping what we now have?
+                for oseq in list(s.ooo):
+                    if seq_lt(oseq, s.cap_nxt):
+                        oflags, opay, oack = s.ooo.pop(oseq)
+                        s.buffered -= len(opay)
+                        skip = seq_diff(s.cap_nxt, oseq)
+                        if skip < len(opay):
+                            s.ooo[s.cap_nxt] = (oflags, opay[skip:], oack)
+                            s.buffered += len(opay) - skip
+                if s.cap_nxt not in s.ooo:
+                    break
+                continue
+            oflags, opay, oack = nxt
+            s.buffered -= len(opay)
+            self._append(s, s.cap_nxt, oflags, opay, oack)
+        if not s.ooo:
+            s.gap_since = 0.0
+
+    def _append(self, s: Session, seq: int, flags: int, payload: bytes, ack: int) -> None:
+        new_request = False
+        if payload:
+            prev = s.client_ack
+            new_request = prev is not None and seq_lt(prev, ack)
+            s.client_ack = ack
+        s.unsent.append([seq, flags, payload, new_request])
+        n = len(payload)
+        s.buffered += n
+        s.cap_nxt = seq_add(seq, n + (1 if flags & FIN else 0))
+        if flags & FIN:
+            s.state |= CLIENT_FIN
+        if s.buffered > self.max_session_buffer:
+            log.warning("session %s buffered %d bytes (limit %d): reset", s.describe(),
+                        s.buffered, self.max_session_buffer)
+            self._reset(s, "sessions_overflow")
+
+    # ------------------------------------------------------------------ reply side
+    def on_reply(self, hdr: bytes, now: float) -> None:
+        """One 64-byte reply header of the target, from interceptd."""
+        cnt = self.counters
+        cnt[8] += 1  # replies
+        try:
+            (vihl, _tos, tot_len, _id, _frag, _ttl, proto, _c, src, dst, sport, dport, seq,
+             ack, offflags, window, _tc, _u) = IP_TCP.unpack_from(hdr, 0)
+        except Exception:
+            cnt[10] += 1
+            return
+        thl = (offflags >> 12) << 2
+        if vihl != 0x45 or proto != 6 or thl < 20:
+            cnt[10] += 1
+            return
+        s = self.sessions.get((dst, dport, src, sport))
+        if s is None:
+            cnt[9] += 1
+            return
+        plen = tot_len - 20 - thl
+        if plen < 0:
+            cnt[10] += 1
+            return
+        flags = offflags & 0x3F
+        s.last_seen = now
+        options = hdr[40:20 + thl] if thl > 20 else b""
+        if flags & RST:
+            self._close(s, "sessions_target_rst", send_rst=False)
+            return
+        if flags & SYN:
+            if flags & ACK:
+                self._on_syn_ack(s, seq, ack, window, options, now)
+            return
+        if not s.state & ESTABLISHED:
+            return
+        if s.state & TIMESTAMPS and options:
+            ts = timestamp_of(options)
+            if ts is not None:
+                s.target_tsval = ts[0]
+        if flags & ACK:
+            self._on_ack(s, ack, window << s.wscale, plen, now)
+            if s.freed:
+                return
+        if plen:
+            end = seq_add(seq, plen)
+            if seq_lt(s.rcv_nxt, end):
+                s.rcv_nxt = end
+            s.awaiting = False
+            s.need_ack = True
+        if flags & FIN:
+            fin_end = seq_add(seq, plen + 1)
+            if seq_lt(s.rcv_nxt, fin_end):
+                s.rcv_nxt = fin_end
+            s.state |= TARGET_FIN
+            s.need_ack = True
+        self.touched.add(s)
+
+    def _on_syn_ack(self, s: Session, seq: int, ack: int, window: int, options: bytes,
+                    now: float) -> None:
+        if s.state & ESTABLISHED:
+            s.need_ack = True  # our handshake ACK was lost: the target sent its SYN-ACK again
+            self.touched.add(s)
+            return
+        if ack != seq_add(s.isn, 1):
+            return
+        opts = parse_options(options) if options else {}
+        mss = opts.get(OPT_MSS)
+        target_mss = int.from_bytes(mss, "big") if mss is not None and len(mss) == 2 else 536
+        ws = opts.get(OPT_WSCALE)
+        s.wscale = min(ws[0], 14) if ws and s.syn_wscale else 0
+        ts = opts.get(OPT_TIMESTAMP)
+        if ts is not None and len(ts) == 8 and s.syn_ts:
+            s.state |= TIMESTAMPS
+            s.target_tsval = U32.unpack_from(ts, 0)[0]
+        s.mss = max(64, min(target_mss, self.mtu - 40 - (12 if s.state & TIMESTAMPS else 0)))
+        s.target_isn = seq
+        s.rcv_nxt = seq_add(seq, 1)
+        s.snd_una = seq_add(s.isn, 1)
+        s.wnd = window
+        s.state = (s.state & ~SYN_SENT) | ESTABLISHED
+        if s.rtt_seq is not None:
+            self._rtt_sample(s, now - s.rtt_time)
+            s.rtt_seq = None
+        s.backoff = 0
+        s.rto_at = 0.0
+        s.need_ack = True
+        self.dirty.add(s)
+        self.touched.add(s)
+
+    def _on_ack(self, s: Session, ack: int, wnd: int, plen: int, now: float) -> None:
+        if seq_lt(s.snd_una, ack) and seq_le(ack, s.snd_nxt):
+            q = s.unacked
+            while q:
+                e = q[0]
+                eseq, eflags, epay = e[0], e[1], e[2]
+                n = len(epay)
+                end = seq_add(eseq, n + (1 if eflags & FIN else 0))
+                if seq_le(end, ack):
+                    q.popleft()
+                    s.buffered -= n
+                    continue
+                if seq_lt(eseq, ack):
+                    cut = seq_diff(ack, eseq)
+                    e[0], e[2] = ack, epay[cut:]
+                    s.buffered -= cut
+                break
+            s.snd_una = ack
+            if s.rtt_seq is not None and seq_le(s.rtt_seq, ack):
+                self._rtt_sample(s, now - s.rtt_time)
+                s.rtt_seq = None
+            s.backoff = 0
+            s.dupacks = 0
+            if q:
+                self._arm(s, now + s.rto)
+            else:
+                s.rto_at = 0.0
+            self.dirty.add(s)
+        elif ack == s.snd_una and not plen and s.unacked and wnd == s.wnd:
+            s.dupacks += 1
+            if s.dupacks == 3:
+                self.counters[C.INDEX["fast_retransmits"]] += 1
+                self._retransmit_head(s, now)
+        s.wnd = wnd
+
+    @staticmethod
+    def _rtt_sample(s: Session, r: float) -> None:
+        if r < 0:
+            return
+        if s.srtt == 0.0:
+            s.srtt, s.rttvar = r, r / 2
+        else:
+            s.rttvar = 0.75 * s.rttvar + 0.25 * abs(s.srtt - r)
+            s.srtt = 0.875 * s.srtt + 0.125 * r
+        s.rto = min(RTO_MAX, max(RTO_MIN, s.srtt + max(0.001, 4 * s.rttvar)))
+
+    # ------------------------------------------------------------------ sending
+    def flush(self, now: float) -> None:
+        """Send what the packets just processed allow: queued data, ACKs, session ends."""
+        touched, self.touched = self.touched, set()
+        for s in touched:
+            if s.freed:
+                continue
+            if s.state & ESTABLISHED:
+                self._push(s, now)
+                if s.need_ack:
+                    self._send_ack(s)
+            self._check_end(s, now)
+
+    def _push(self, s: Session, now: float) -> None:
+        q = s.unsent
+        limit = seq_add(s.snd_una, s.wnd)
+        while q:
+            e = q[0]
+            seq, flags, payload, new_request = e
+            if new_request and s.awaiting:
+                if now < s.pace_at:
+                    self.counters[C.INDEX["paced"]] += 1
+                    self._schedule(s, s.pace_at)
+                    break
+            n = len(payload)
+            if n:
+                size = min(n, s.mss)
+                room = seq_diff(limit, seq)
+                if room < size:
+                    if room <= 0 or (s.unacked and room < s.mss):
+                        break
+                    size = room
+                if size < n:
+                    # cut: the head keeps the first part, the FIN stays on the tail
+                    head = [seq, flags & ~FIN, payload[:size], new_request]
+                    e[0], e[2], e[3] = seq_add(seq, size), payload[size:], False
+                    e = head
+                    q.appendleft(e)
+                    seq, flags, payload, n = head[0], head[1], head[2], size
+            q.popleft()
+            self._send_segment(s, seq, flags, payload)
+            self.counters[7] += n
+            s.unacked.append([seq, flags, payload, False])
+            s.snd_nxt = seq_add(seq, n + (1 if flags & FIN else 0))
+            if n:
+                s.awaiting = True
+                s.pace_at = now + self.pace_timeout
+            if s.rtt_seq is None:
+                s.rtt_seq, s.rtt_time = s.snd_nxt, now
+            if not s.rto_at:
+                self._arm(s, now + s.rto)
+        self.dirty.add(s)
+
+    def _send_segment(self, s: Session, seq: int, flags: int, payload: bytes) -> None:
+        opts = timestamp_option(s.client_tsval, s.target_tsval) if s.state & TIMESTAMPS else b""
+        self._emit(build(s.client_ip, s.target_ip, s.client_port, s.target_port, seq, s.rcv_nxt,
+                         ACK | flags, s.client_win, opts, payload), s)
+        s.need_ack = False
+
+    def _send_ack(self, s: Session) -> None:
+        self._send_segment(s, s.snd_nxt, 0, b"")
+
+    def _emit(self, pkt: bytearray, s: Session) -> None:
+        if self.sender.send(pkt, s.target_ip):
+            self.counters[5] += 1
+        else:
+            self.counters[6] += 1
+
+    def _retransmit_head(self, s: Session, now: float) -> None:
+        s.rtt_seq = None
+        s.retransmits += 1
+        if s.state & SYN_SENT:
+            self._send_syn(s)
+        elif s.unacked:
+            e = s.unacked[0]
+            e[3] = True
+            self._send_segment(s, e[0], e[1], e[2])
+        elif s.unsent and s.state & ESTABLISHED:
+            # zero window: probe with one byte of the next segment
+            e = s.unsent[0]
+            if e[2]:
+                probe = [e[0], 0, e[2][:1], True]
+                e[0], e[2] = seq_add(e[0], 1), e[2][1:]
+                if not e[2] and not e[1] & FIN:
+                    s.unsent.popleft()
+                s.unacked.append(probe)
+                s.snd_nxt = seq_add(probe[0], 1)
+                self._send_segment(s, probe[0], 0, probe[2])
+            else:
+                s.unsent.popleft()
+                s.unacked.append(e)
+                s.snd_nxt = seq_add(e[0], 1)
+                self._send_segment(s, e[0], e[1], b"")
+        else:
+            return
+
+    def _on_rto(self, s: Session, now: float) -> None:
+        if s.backoff >= MAX_RETRIES:
+            log.info("session %s: no answer from the target after %d retransmissions",
+                     s.describe(), s.backoff)
+            self._reset(s, "sessions_gave_up")
+            return
+        self.counters[C.INDEX["retransmits"]] += 1
+        self._retransmit_head(s, now)
+        s.backoff += 1
+        self._arm(s, now + min(RTO_MAX, s.rto * (2 ** s.backoff)))
+
+    # ------------------------------------------------------------------ ending sessions
+    def _check_end(self, s: Session, now: float) -> None:
+        st = s.state
+        if st & CLIENT_RST:
+            if not s.unsent and not s.unacked and not s.ooo or not st & ESTABLISHED \
+                    or now >= s.close_at:
+                self._close(s, "sessions_closed", send_rst=True)
+            return
+        if st & CLIENT_FIN and s.snd_una == s.cap_nxt and not s.unacked:
+            if st & TARGET_FIN:
+                self._close(s, "sessions_closed", send_rst=True)
+            elif not s.close_at:
+                s.close_at = now + CLOSE_LINGER
+                self._schedule(s, s.close_at)
+
+    def _close(self, s: Session, reason: str, send_rst: bool) -> None:
+        if s.freed:
+            return
+        if send_rst and s.state & (ESTABLISHED | SYN_SENT):
+            seq = s.snd_nxt if s.state & ESTABLISHED else seq_add(s.isn, 1)
+            self._emit(build(s.client_ip, s.target_ip, s.client_port, s.target_port, seq,
+                             s.rcv_nxt, RST | ACK, 0), s)
+        s.freed = True
+        self.counters[C.INDEX[reason]] += 1
+        del self.sessions[s.key]
+        self.control.unregister(s)
+        if self.table is not None:
+            self.table.clear(s.slot)
+        self.free_slots.append(s.slot)
+        self.dirty.discard(s)
+        s.unsent.clear()
+        s.unacked.clear()
+        s.ooo.clear()
+
+    def _reset(self, s: Session, reason: str) -> None:
+        self._close(s, reason, send_rst=True)
+
+    def _evict_oldest(self) -> None:
+        oldest = min(self.sessions.values(), key=lambda x: x.last_seen)
+        log.warning("session table full: evicting %s", oldest.describe())
+        self._reset(oldest, "sessions_evicted")
+
+    def close_all(self) -> None:
+        """Reset every session toward the target (graceful stop)."""
+        for s in list(self.sessions.values()):
+            self._close(s, "sessions_closed", send_rst=True)
+
+    # ------------------------------------------------------------------ timers
+    def _arm(self, s: Session, when: float) -> None:
+        s.rto_at = when
+        self._schedule(s, when)
+
+    def _schedule(self, s: Session, when: float) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self.timers, (when, self._timer_seq, s))
+
+    def next_timer(self) -> float | None:
+        return self.timers[0][0] if self.timers else None
+
+    def tick(self, now: float) -> None:
+        """Run due timers: retransmissions, paced requests, lingering closes, gaps."""
+        timers = self.timers
+        due: dict[int, Session] = {}
+        while timers and timers[0][0] <= now:
+            _, _, s = heapq.heappop(timers)
+            if not s.freed:
+                due[id(s)] = s
+        for s in due.values():
+            if s.freed:
+                continue
+            if s.rto_at and s.rto_at <= now:
+                self._on_rto(s, now)
+                if s.freed:
+                    continue
+            if s.gap_since and now - s.gap_since >= GAP_TIMEOUT:
+                log.info("session %s: client segment missing from the capture for %.0fs",
+                         s.describe(), now - s.gap_since)
+                self._reset(s, "sessions_broken")
+                continue
+            if s.close_at and now >= s.close_at:
+                self._close(s, "sessions_closed", send_rst=True)
+                continue
+            self.touched.add(s)
+        self.flush(now)
+
+    def expire_idle(self, now: float) -> None:
+        limit = now - self.idle_timeout
+        for s in [s for s in self.sessions.values() if s.last_seen < limit]:
+            self._close(s, "sessions_expired", send_rst=True)
+
+    def sync_table(self) -> None:
+        """Write changed sessions to their shm slots."""
+        if self.table is not None:
+            for s in self.dirty:
+                if not s.freed:
+                    self.table.write(s.slot, s.slot_values())
+        self.dirty.clear()
+        self.counters[C.INDEX["sessions_active"]] = len(self.sessions)
+
+    def on_control_up(self, now: float) -> None:
+        """interceptd (re)connected: re-register sessions and resend what is outstanding."""
+        for s in self.sessions.values():
+            self.control.register(s)
+            if s.state & SYN_SENT or s.unacked:
+                s.backoff = 0
+                self._retransmit_head(s, now)
+                self._arm(s, now + s.rto)
+
+
+def ip_str(addr: bytes) -> str:
+    return socket.inet_ntoa(addr)
+
+
+__all__ = ["Engine", "SLOT"]

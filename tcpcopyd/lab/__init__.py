@@ -1,0 +1,1 @@
+"""The namespace lab: client, online and target hosts on one machine."""

@@ -1,0 +1,181 @@
+"""The lab: namespaces, real servers and the two daemons, started and ended by pid."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import psutil
+
+from tcpcopyd.lab import servers
+from tcpcopyd.lab.net import TARGET_IP, Namespaces
+
+HTTP_PORT = 80
+MEMCACHED_PORT = 11211
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Wait until ``cond()`` holds, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(interval)
+    if cond():
+        return
+    raise LabError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def bin_path(name: str) -> str:
+    """A console script of this installation (next to the running interpreter)."""
+    cand = os.path.join(os.path.dirname(sys.executable), name)
+    return cand if os.path.exists(cand) else (shutil.which(name) or name)
+
+
+class Lab:
+    def __init__(self, prefix: str = "tcl") -> None:
+        self.ns = Namespaces(prefix)
+        self.dir = tempfile.mkdtemp(prefix=f"{prefix}-lab-")
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    # ---------------------------------------------------------------- lifecycle
+    def up(self, memcached: bool = True) -> Lab:
+        self.ns.create()
+        for host in ("online", "target"):
+            root = os.path.join(self.dir, host)
+            os.makedirs(root, exist_ok=True)
+            conf = os.path.join(root, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(servers.nginx_conf(root, HTTP_PORT))
+            self.start(f"nginx-{host}", getattr(self.ns, host), ["nginx", "-c", conf])
+            if memcached:
+                self.start(f"memcached-{host}", getattr(self.ns, host),
+                           servers.memcached_args(MEMCACHED_PORT))
+        for host in ("online", "target"):
+            self.wait_listening(getattr(self.ns, host), HTTP_PORT)
+            if memcached:
+                self.wait_listening(getattr(self.ns, host), MEMCACHED_PORT)
+        return self
+
+    def down(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+        self.ns.destroy()
+
+    def cleanup_files(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+        self.cleanup_files()
+
+    # ---------------------------------------------------------------- processes
+    def start(self, name: str, ns: str, args: list[str]) -> subprocess.Popen:
+        log = open(os.path.join(self.dir, f"{name}.log"), "ab")
+        p = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=log,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        self.procs[name] = p
+        return p
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        p = self.procs.pop(name, None)
+        if p is None:
+            return None
+        if p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                for child in _children(p.pid):
+                    child.kill()
+                p.kill()
+                p.wait()
+        return p.returncode
+
+    def log_path(self, name: str) -> str:
+        return os.path.join(self.dir, f"{name}.log")
+
+    def log_text(self, name: str) -> str:
+        try:
+            with open(self.log_path(name), errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, name: str, text: str, count: int = 1, timeout: float = 20.0) -> None:
+        def seen() -> bool:
+            p = self.procs.get(name)
+            if p is not None and p.poll() is not None:
+                raise LabError(f"{name} exited with {p.returncode}:\n{self.log_text(name)}")
+            return self.log_text(name).count(text) >= count
+        wait_for(seen, timeout, f"{name} to log {text!r} x{count}")
+
+    def wait_listening(self, ns: str, port: int, timeout: float = 20.0) -> None:
+        def listening() -> bool:
+            out = self.ns.run(ns, ["ss", "-Htln", f"sport = :{port}"], check=False).stdout
+            return bool(out.strip())
+        wait_for(listening, timeout, f"port {port} to listen in {ns}")
+
+    # ---------------------------------------------------------------- the daemons
+    def start_interceptd(self, ports: list[int] | None = None, extra: list[str] = ()
+                         ) -> subprocess.Popen:
+        ports = ports or [HTTP_PORT, MEMCACHED_PORT]
+        p = self.start("interceptd", self.ns.target,
+                       [bin_path("interceptd"), "--service-port", ",".join(map(str, ports)),
+                        "--instance", f"{self.ns.prefix}-interceptd", *extra])
+        self.wait_log("interceptd", "reading NFQUEUE")
+        return p
+
+    def start_tcpcopyd(self, ports: list[int] | None = None, extra: list[str] = (),
+                       wait_connected: bool = True) -> subprocess.Popen:
+        ports = ports or [HTTP_PORT, MEMCACHED_PORT]
+        rules = ",".join(f"{p}-{TARGET_IP}:{p}" for p in ports)
+        p = self.start("tcpcopyd", self.ns.online,
+                       [bin_path("tcpcopyd"), "-x", rules, "-s", TARGET_IP, "-i", "eth0",
+                        "--instance", f"{self.ns.prefix}-tcpcopyd", *extra])
+        self.wait_log("tcpcopyd", "capturing on")
+        if wait_connected:
+            self.wait_log("tcpcopyd", "connected to interceptd")
+        return p
+
+    def daemon_cpu_seconds(self, name: str) -> float:
+        """utime+stime of a daemon's master and workers (alive ones)."""
+        p = self.procs.get(name)
+        if p is None or p.poll() is not None:
+            return 0.0
+        total = 0.0
+        for proc in [psutil.Process(p.pid), *_children(p.pid)]:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def nginx_log(self, host: str) -> list[list[str]]:
+        path = os.path.join(self.dir, host, "access.log")
+        try:
+            with open(path) as f:
+                return [line.split() for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []

@@ -1,0 +1,122 @@
+"""Network namespaces of the lab, built with pyroute2.
+
+    client (198.18.1.1) --eth0--  online (eth0 198.18.1.2, eth1 198.18.2.1)  --eth1--
+        target (eth0 198.18.2.2)
+
+The target routes the client network to 198.18.2.254, an address nobody answers: its
+replies to clients are caught by interceptd's NFQUEUE rule on the way out, and if that rule
+is absent they die in ARP resolution, so they never reach the online host or a client.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from pyroute2 import IPRoute, NetNS, netns
+
+CLIENT_IP = "198.18.1.1"
+ONLINE_IP = "198.18.1.2"
+ONLINE_TARGET_SIDE_IP = "198.18.2.1"
+TARGET_IP = "198.18.2.2"
+DEAD_END_IP = "198.18.2.254"
+CLIENT_NET = "198.18.1.0/24"
+# comment of the lab's leak-counting iptables rules
+LEAK_TAG = "tcpcopyd-lab-leak"
+
+
+class Namespaces:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.client = f"{prefix}-client"
+        self.online = f"{prefix}-online"
+        self.target = f"{prefix}-target"
+
+    @property
+    def all(self) -> list[str]:
+        return [self.client, self.online, self.target]
+
+    def create(self) -> None:
+        self.destroy()
+        for ns in self.all:
+            netns.create(ns)
+        self._link(self.client, "eth0", CLIENT_IP, self.online, "eth0", ONLINE_IP)
+        self._link(self.online, "eth1", ONLINE_TARGET_SIDE_IP, self.target, "eth0", TARGET_IP)
+        with NetNS(self.target) as n:
+            n.route("add", dst=CLIENT_NET, gateway=DEAD_END_IP)
+        for ns in self.all:
+            self.sysctl(ns, {
+                "net/ipv4/conf/all/rp_filter": "0",
+                "net/ipv4/conf/default/rp_filter": "0",
+                "net/core/somaxconn": "8192",
+                "net/ipv4/tcp_max_syn_backlog": "8192",
+                "net/ipv4/ip_local_port_range": "10000 65000",
+            })
+        for ns in (self.client, self.online):
+            self.run(ns, ["iptables", "-w", "5", "-t", "raw", "-I", "PREROUTING", "-s",
+                          TARGET_IP, "-p", "tcp", "!", "--sport", "36524", "-m", "comment",
+                          "--comment", LEAK_TAG])
+
+    def _link(self, ns_a: str, if_a: str, ip_a: str, ns_b: str, if_b: str, ip_b: str) -> None:
+        tmp_a, tmp_b = f"{self.prefix[:6]}{os.getpid() % 10000}a", \
+            f"{self.prefix[:6]}{os.getpid() % 10000}b"
+        with IPRoute() as ip:
+            ip.link("add", ifname=tmp_a, kind="veth", peer={"ifname": tmp_b})
+            ip.link("set", index=ip.link_lookup(ifname=tmp_a)[0], net_ns_fd=ns_a)
+            ip.link("set", index=ip.link_lookup(ifname=tmp_b)[0], net_ns_fd=ns_b)
+        for ns, tmp, ifname, addr in ((ns_a, tmp_a, if_a, ip_a), (ns_b, tmp_b, if_b, ip_b)):
+            with NetNS(ns) as n:
+                idx = n.link_lookup(ifname=tmp)[0]
+                n.link("set", index=idx, ifname=ifname)
+                n.addr("add", index=idx, address=addr, prefixlen=24)
+                n.link("set", index=idx, state="up")
+                n.link("set", index=n.link_lookup(ifname="lo")[0], state="up")
+
+    @staticmethod
+    def sysctl(ns: str, values: dict[str, str]) -> None:
+        netns.pushns(ns)
+        try:
+            for key, value in values.items():
+                with open(f"/proc/sys/{key}", "w") as f:
+                    f.write(value)
+        finally:
+            netns.popns()
+
+    @staticmethod
+    def run(ns: str, args: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", ns, *args], check=check,
+                              capture_output=True, text=True, **kw)
+
+    def leaked(self) -> dict[str, int]:
+        """Packets from the target's TCP services seen entering the client / online host."""
+        out = {}
+        for ns in (self.client, self.online):
+            r = self.run(ns, ["iptables", "-w", "5", "-t", "raw", "-L", "PREROUTING", "-v",
+                              "-x", "-n"])
+            pkts = 0
+            for line in r.stdout.splitlines():
+                if LEAK_TAG in line:
+                    pkts += int(line.split()[0])
+            out[ns] = pkts
+        return out
+
+    def destroy(self) -> None:
+        """Remove our namespaces (idempotent), ending any process still inside them."""
+        present = set(netns.listnetns())
+        for ns in self.all:
+            if ns not in present:
+                continue
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                  text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            for _ in range(50):
+                if not subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                      text=True).stdout.split():
+                    break
+                time.sleep(0.05)
+            netns.remove(ns)

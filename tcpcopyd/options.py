@@ -1,0 +1,118 @@
+"""tcpcopyd's settings (tcpcopy's letters where it has them)."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from tcpcopyd import wire
+from tcpcopyd.settings import Setting, SettingError, float_range, int_range, ipv4, port, text
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One -x rule: captured traffic to local ``port`` is copied to ``target_ip:target_port``."""
+    online_ip: str | None
+    port: int
+    target_ip: str
+    target_port: int
+
+
+def transfers(raw: object) -> list[Transfer]:
+    """``[ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...]``"""
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    out = []
+    for item in items:
+        item = str(item).strip()
+        try:
+            local, target = item.split("-")
+            tip, tport = target.rsplit(":", 1)
+            if ":" in local:
+                oip, lport = local.rsplit(":", 1)
+                oip = ipv4(oip)
+            else:
+                oip, lport = None, local
+            out.append(Transfer(oip, port(lport), ipv4(tip), port(tport)))
+        except (ValueError, SettingError):
+            raise SettingError(f"{item!r} is not [ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT, "
+                               "e.g. 80-198.18.2.2:80") from None
+    if not out:
+        raise SettingError("expected at least one PORT-TARGET_IP:TARGET_PORT")
+    ports = [t.port for t in out]
+    if len(set(ports)) != len(ports):
+        raise SettingError("a local port appears twice")
+    return out
+
+
+def servers(raw: object) -> list[tuple[str, int]]:
+    """``IP[:PORT][,...]`` of interceptd control ports."""
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    out = []
+    for item in items:
+        item = str(item).strip()
+        host, _, p = item.partition(":")
+        try:
+            out.append((ipv4(host), port(p) if p else wire.DEFAULT_PORT))
+        except SettingError as e:
+            raise SettingError(f"{item!r}: {e}; expected IP[:PORT], e.g. 198.18.2.2:36524") \
+                from None
+    if not out:
+        raise SettingError("expected an interceptd address")
+    return out
+
+
+def default_workers() -> int:
+    return 1
+
+
+REGISTRY = (
+    Setting("transfer", ("-x", "--transfer"), None, transfers,
+            "what to copy: [ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...]",
+            metavar="RULES", required=True),
+    Setting("server", ("-s", "--server"), None, servers,
+            "interceptd address(es): IP[:PORT], default port 36524", metavar="ADDR",
+            required=True),
+    Setting("interface", ("-i", "--interface"), None, text,
+            "capture interface (client traffic arrives there)", metavar="IFACE", required=True),
+    Setting("timeout", ("-t", "--timeout"), 120.0, float_range(1, 86400),
+            "idle timeout of a session, seconds", metavar="SECONDS"),
+    Setting("mtu", ("-M", "--mtu"), 1500, int_range(576, 65535),
+            "MTU of the path to the target; larger captured frames are cut", metavar="MTU"),
+    Setting("mss", ("-D", "--mss"), 1460, int_range(88, 65495),
+            "MSS announced in a fake SYN", metavar="MSS"),
+    Setting("log", ("-l", "--log"), None, text, "log to this file instead of stderr",
+            metavar="FILE"),
+    Setting("log_level", ("--log-level",), "info",
+            lambda v: _choice(v, ("debug", "info", "warning", "error")),
+            "debug, info, warning or error", metavar="LEVEL"),
+    Setting("pidfile", ("-P", "--pidfile"), None, text, "write the master's pid here",
+            metavar="FILE"),
+    Setting("workers", ("--workers",), 1, int_range(1, 1024),
+            "worker processes (each pinned to a CPU)", metavar="N"),
+    Setting("instance", ("--instance",), None, text,
+            "name of this instance's shm segment (default: tcpcopyd.IFACE)", metavar="NAME"),
+    Setting("session_slots", ("--session-slots",), 65536, int_range(16, 1 << 22),
+            "capacity of the shared session table", metavar="N"),
+    Setting("session_buffer", ("--session-buffer",), 64 << 20, int_range(1 << 16, 1 << 34),
+            "most bytes buffered for one session before it is reset", metavar="BYTES"),
+    Setting("pace_timeout", ("--pace-timeout",), 2.0, float_range(0, 600),
+            "longest wait for the target's answer before the next request goes anyway",
+            metavar="SECONDS"),
+)
+
+
+def _choice(v: object, options: tuple[str, ...]) -> str:
+    if v not in options:
+        raise SettingError(f"expected one of {', '.join(options)}")
+    return str(v)
+
+
+def check_interface(name: str) -> str | None:
+    """An error message if the interface does not exist."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        ifaces = ", ".join(sorted(os.listdir("/sys/class/net"))) if os.path.isdir(
+            "/sys/class/net") else "?"
+        return f"interface {name!r} does not exist (present: {ifaces})"
+    return None

@@ -1,0 +1,202 @@
+"""IPv4/TCP header layouts, parsing and building on bytes (no per-packet objects).
+
+Byte order: every address here is a 4-byte network-order ``bytes``; ports,
+sequence numbers and windows are host ints.
+"""
+from __future__ import annotations
+
+import struct
+
+# IP protocol number of TCP
+IPPROTO_TCP = 6
+# TCP flag bits (low byte of the offset/flags word)
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+URG = 0x20
+# TCP option kinds
+OPT_EOL = 0
+OPT_NOP = 1
+OPT_MSS = 2
+OPT_WSCALE = 3
+OPT_SACK_PERM = 4
+OPT_SACK = 5
+OPT_TIMESTAMP = 8
+# IPv4 "don't fragment" flag in the flags/fragment-offset word
+IP_DF = 0x4000
+# the fragment-offset bits plus "more fragments"
+IP_FRAG_MASK = 0x3FFF
+# sequence space modulus
+SEQ_MOD = 1 << 32
+
+# IPv4 header (no options) followed by the fixed TCP header, read in one call
+IP_TCP = struct.Struct("!BBHHHBBH4s4sHHIIHHHH")
+IP_HDR = struct.Struct("!BBHHHBBH4s4s")
+TCP_HDR = struct.Struct("!HHIIHHHH")
+TS_OPT = struct.Struct("!BBBBII")  # NOP NOP kind=8 len=10 TSval TSecr
+U32 = struct.Struct("!I")
+
+
+class MalformedPacket(ValueError):
+    """A packet too short or inconsistent to be a TCP/IPv4 segment."""
+
+
+def seq_lt(a: int, b: int) -> bool:
+    """a before b in 32-bit sequence space."""
+    return a != b and ((b - a) & 0xFFFFFFFF) < 0x80000000
+
+
+def seq_le(a: int, b: int) -> bool:
+    return ((b - a) & 0xFFFFFFFF) < 0x80000000
+
+
+def seq_add(a: int, n: int) -> int:
+    return (a + n) & 0xFFFFFFFF
+
+
+def seq_diff(a: int, b: int) -> int:
+    """a - b as a signed distance in sequence space."""
+    d = (a - b) & 0xFFFFFFFF
+    return d - SEQ_MOD if d >= 0x80000000 else d
+
+
+class Segment:
+    """Fields of one parsed TCP/IPv4 segment (used off the tightest paths)."""
+
+    __slots__ = ("src", "dst", "sport", "dport", "seq", "ack", "flags", "window",
+                 "options", "payload", "ip_len")
+
+    def __init__(self, src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int,
+                 flags: int, window: int, options: bytes, payload: bytes, ip_len: int) -> None:
+        self.src, self.dst, self.sport, self.dport = src, dst, sport, dport
+        self.seq, self.ack, self.flags, self.window = seq, ack, flags, window
+        self.options, self.payload, self.ip_len = options, payload, ip_len
+
+    @property
+    def payload_len(self) -> int:
+        return len(self.payload)
+
+
+def parse(buf: bytes | memoryview, length: int | None = None) -> Segment:
+    """Parse an IPv4 packet holding TCP. Raises MalformedPacket."""
+    n = len(buf) if length is None else length
+    if n < 40:
+        raise MalformedPacket(f"{n} bytes is shorter than IPv4+TCP headers")
+    (vihl, _tos, tot_len, _id, frag, _ttl, proto, _csum, src, dst,
+     sport, dport, seq, ack, offflags, window, _tcsum, _urg) = IP_TCP.unpack_from(buf, 0)
+    if vihl >> 4 != 4:
+        raise MalformedPacket(f"IP version {vihl >> 4}, not 4")
+    if proto != IPPROTO_TCP:
+        raise MalformedPacket(f"IP protocol {proto}, not TCP")
+    if frag & IP_FRAG_MASK:
+        raise MalformedPacket("IP fragment")
+    ihl = (vihl & 0x0F) * 4
+    if ihl != 20:
+        if ihl < 20 or ihl + 20 > n:
+            raise MalformedPacket(f"bad IP header length {ihl}")
+        sport, dport, seq, ack, offflags, window, _tcsum, _urg = TCP_HDR.unpack_from(buf, ihl)
+    thl = (offflags >> 12) * 4
+    if thl < 20 or ihl + thl > n:
+        raise MalformedPacket(f"bad TCP header length {thl}")
+    end = tot_len if tot_len <= n else n
+    if end < ihl + thl:
+        raise MalformedPacket(f"IP total length {tot_len} shorter than headers")
+    options = bytes(buf[ihl + 20:ihl + thl])
+    payload = bytes(buf[ihl + thl:end])
+    return Segment(src, dst, sport, dport, seq, ack, offflags & 0x3F, window, options,
+                   payload, tot_len)
+
+
+def parse_options(options: bytes) -> dict[int, bytes]:
+    """Option kind -> option body (without kind/length). Tolerates garbage by stopping."""
+    out: dict[int, bytes] = {}
+    i, n = 0, len(options)
+    while i < n:
+        kind = options[i]
+        if kind == OPT_EOL:
+            break
+        if kind == OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= n:
+            break
+        olen = options[i + 1]
+        if olen < 2 or i + olen > n:
+            break
+        out[kind] = options[i + 2:i + olen]
+        i += olen
+    return out
+
+
+def timestamp_of(options: bytes) -> tuple[int, int] | None:
+    """(TSval, TSecr) from a TCP option block, or None."""
+    if not options:
+        return None
+    # fast path: the Linux layout NOP NOP TS at the start
+    if len(options) >= 12 and options[0] == OPT_NOP and options[2] == OPT_TIMESTAMP:
+        _, _, _, _, val, ecr = TS_OPT.unpack_from(options, 0)
+        return val, ecr
+    body = parse_options(options).get(OPT_TIMESTAMP)
+    if body is None or len(body) != 8:
+        return None
+    return U32.unpack_from(body, 0)[0], U32.unpack_from(body, 4)[0]
+
+
+def timestamp_option(tsval: int, tsecr: int) -> bytes:
+    return TS_OPT.pack(OPT_NOP, OPT_NOP, OPT_TIMESTAMP, 10, tsval, tsecr)
+
+
+def syn_options(mss: int, wscale: int | None, sack: bool, ts: tuple[int, int] | None) -> bytes:
+    """An option block for a SYN, padded to a multiple of 4."""
+    out = struct.pack("!BBH", OPT_MSS, 4, mss)
+    if sack:
+        out += bytes((OPT_NOP, OPT_NOP, OPT_SACK_PERM, 2))
+    if ts is not None:
+        out += timestamp_option(*ts)
+    if wscale is not None:
+        out += bytes((OPT_NOP, OPT_WSCALE, 3, wscale))
+    return out
+
+
+def tcp_checksum(src: bytes, dst: bytes, segment: bytes | bytearray | memoryview) -> int:
+    """TCP checksum over pseudo-header + segment (whose checksum field must be 0)."""
+    n = len(segment)
+    s = int.from_bytes(segment, "big")
+    if n & 1:
+        s <<= 8
+    s += (int.from_bytes(src, "big") + int.from_bytes(dst, "big") + IPPROTO_TCP + n)
+    r = s % 0xFFFF
+    # a ones'-complement sum of a non-zero block is never 0: 0 mod 0xffff means 0xffff
+    return 0xFFFF - r if r else 0
+
+
+def build(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int,
+          window: int, options: bytes = b"", payload: bytes | memoryview = b"",
+          ttl: int = 64) -> bytearray:
+    """A complete IPv4+TCP packet with a valid TCP checksum.
+
+    The IP checksum and ID are left 0: the kernel fills both for IPPROTO_RAW sockets.
+    ``options`` must already be padded to a multiple of 4 bytes.
+    """
+    olen = len(options)
+    thl = 20 + olen
+    total = 20 + thl + len(payload)
+    pkt = bytearray(total)
+    IP_HDR.pack_into(pkt, 0, 0x45, 0, total, 0, IP_DF, ttl, IPPROTO_TCP, 0, src, dst)
+    TCP_HDR.pack_into(pkt, 20, sport, dport, seq, ack, (thl << 10) | flags, window, 0, 0)
+    if olen:
+        pkt[40:40 + olen] = options
+    if payload:
+        pkt[20 + thl:] = payload
+    csum = tcp_checksum(src, dst, memoryview(pkt)[20:])
+    pkt[36] = csum >> 8
+    pkt[37] = csum & 0xFF
+    return pkt
+
+
+def ip_checksum(header: bytes | bytearray) -> int:
+    s = int.from_bytes(header, "big")
+    r = s % 0xFFFF
+    return 0xFFFF - r if r else 0

@@ -1,0 +1,104 @@
+"""One replicated TCP session: the fake client's view of its connection to the target.
+
+Sequence numbers are the client's own (kept unchanged toward the target); ``rcv_nxt`` is in
+the target's sequence space (learned from intercepted replies) and is what we acknowledge.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+
+
+class State(enum.IntFlag):
+    SYN_SENT = 1       # SYN (or fake SYN) sent, waiting for the target's SYN-ACK
+    ESTABLISHED = 2    # handshake with the target completed
+    CLIENT_FIN = 4     # the client closed: its FIN is queued after its data
+    CLIENT_RST = 8     # the client reset: deliver what is queued, then reset the target
+    TARGET_FIN = 16    # the target closed its side
+    FAKE = 32          # opened with a fake SYN (the real SYN was never captured)
+    TIMESTAMPS = 64    # TCP timestamps negotiated with the target
+
+
+# plain ints of the same values, for the packet path
+SYN_SENT, ESTABLISHED, CLIENT_FIN, CLIENT_RST, TARGET_FIN, FAKE, TIMESTAMPS = (
+    int(State.SYN_SENT), int(State.ESTABLISHED), int(State.CLIENT_FIN), int(State.CLIENT_RST),
+    int(State.TARGET_FIN), int(State.FAKE), int(State.TIMESTAMPS))
+
+# shm slot record of a session (after the seqlock counter). Numbers little-endian;
+# client_ip/target_ip are network-order bytes.
+SLOT = struct.Struct("<HH4sHH4sIIIIIIIHBBIIddII")
+SLOT_SIZE = 96
+
+
+class Session:
+    """State of one session; segments are lists ``[seq, flags, payload, extra]``."""
+
+    __slots__ = (
+        "key", "client_ip", "client_port", "target_ip", "target_port", "slot", "state",
+        "isn", "snd_una", "snd_nxt", "cap_nxt", "unsent", "unacked", "ooo", "buffered",
+        "target_isn", "rcv_nxt", "wnd", "wscale", "mss", "syn_options", "syn_wscale",
+        "syn_ts", "client_tsval", "target_tsval", "client_win", "client_ack", "awaiting",
+        "pace_at", "need_ack", "rto", "srtt", "rttvar", "rto_at", "backoff", "rtt_seq",
+        "rtt_time", "dupacks", "created", "last_seen", "close_at", "gap_since",
+        "retransmits", "freed",
+    )
+
+    def __init__(self, key: tuple, client_ip: bytes, client_port: int, target_ip: bytes,
+                 target_port: int, slot: int, now: float) -> None:
+        self.key = key
+        self.client_ip = client_ip
+        self.client_port = client_port
+        self.target_ip = target_ip
+        self.target_port = target_port
+        self.slot = slot
+        self.state = 0
+        self.isn = 0              # client ISN (sequence number of the SYN)
+        self.snd_una = 0          # oldest client byte the target has not acknowledged
+        self.snd_nxt = 0          # next client sequence number to send to the target
+        self.cap_nxt = 0          # next client sequence number expected from the capture
+        self.unsent: deque[list] = deque()   # [seq, flags, payload, new_request]
+        self.unacked: deque[list] = deque()  # [seq, flags, payload, retransmitted]
+        self.ooo: dict[int, tuple[int, bytes, int]] = {}  # seq -> (flags, payload, ack)
+        self.buffered = 0         # payload bytes held in unsent + unacked + ooo
+        self.target_isn = 0
+        self.rcv_nxt = 0          # target's next sequence number: what we acknowledge
+        self.wnd = 65535          # target's advertised window, in bytes
+        self.wscale = 0           # shift applied to the target's window field
+        self.mss = 536            # largest payload per segment toward the target
+        self.syn_options = b""    # options of the (fake) SYN, for retransmission
+        self.syn_wscale = False   # our SYN offered window scaling
+        self.syn_ts = False       # our SYN offered timestamps
+        self.client_tsval = 0     # newest TSval seen from the client (used on every send)
+        self.target_tsval = 0     # newest TSval seen from the target (echoed as TSecr)
+        self.client_win = 65535   # client's window field, sent as is
+        self.client_ack: int | None = None  # ack field of the client's last data segment
+        self.awaiting = False     # a request went out; the target has not answered yet
+        self.pace_at = 0.0        # when a held request is sent even without an answer
+        self.need_ack = False     # target data or FIN to acknowledge
+        self.rto = 1.0
+        self.srtt = 0.0
+        self.rttvar = 0.0
+        self.rto_at = 0.0         # retransmission deadline (0: not armed)
+        self.backoff = 0
+        self.rtt_seq: int | None = None   # ack that ends the segment being timed
+        self.rtt_time = 0.0
+        self.dupacks = 0
+        self.created = now
+        self.last_seen = now
+        self.close_at = 0.0       # when a session waiting for the target's FIN is ended
+        self.gap_since = 0.0      # when the capture first missed a client segment
+        self.retransmits = 0
+        self.freed = False
+
+    def slot_values(self) -> tuple:
+        return (self.state, 0, self.client_ip, self.client_port, self.target_port,
+                self.target_ip, self.isn, self.snd_una, self.snd_nxt, self.cap_nxt,
+                self.target_isn, self.rcv_nxt, min(self.wnd, 0xFFFFFFFF), self.mss,
+                self.wscale, 0, self.client_tsval, self.target_tsval, self.created,
+                self.last_seen, self.retransmits, self.buffered & 0xFFFFFFFF)
+
+    def describe(self) -> str:
+        import socket
+        return (f"{socket.inet_ntoa(self.client_ip)}:{self.client_port} -> "
+                f"{socket.inet_ntoa(self.target_ip)}:{self.target_port}")

@@ -1,0 +1,129 @@
+"""A tcpcopyd worker: reads its capture socket, runs the session engine, talks to
+interceptd, and keeps its shm record (counters, heartbeat) fresh."""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+
+from setproctitle import setproctitle
+
+from shm.segment import Segment
+from shm.table import SlotTable
+from tcpcopyd import capture
+from tcpcopyd import counters as C
+from tcpcopyd.control import ControlLink
+from tcpcopyd.engine import Engine
+from tcpcopyd.sender import RawSender
+from tcpcopyd.session import SLOT
+
+log = logging.getLogger("tcpcopyd.worker")
+
+# packets read from the capture socket before the loop looks at anything else
+CAPTURE_BATCH = 512
+# how often counters/heartbeat and the session table reach shm, seconds
+SYNC_INTERVAL = 0.1
+# how often idle sessions are looked for, seconds
+EXPIRE_INTERVAL = 1.0
+
+
+class Worker:
+    def __init__(self, cfg, index: int, cpu: int, seg: Segment, cap: socket.socket) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.cpu = cpu
+        self.seg = seg
+        self.cap = cap
+        self.stop: str | None = None
+
+    def init_process(self) -> None:
+        for sig, how in ((signal.SIGTERM, "graceful"), (signal.SIGINT, "fast"),
+                         (signal.SIGQUIT, "fast")):
+            signal.signal(sig, lambda _s, _f, how=how: self._stop(how))
+        try:
+            os.sched_setaffinity(0, {self.cpu})
+        except OSError as e:
+            log.warning("cannot pin worker %d to cpu %d: %s", self.index + 1, self.cpu, e)
+        setproctitle(f"tcpcopyd: worker {self.index + 1}/{self.cfg.workers} cpu={self.cpu} "
+                     f"[{self.cfg.interface}]")
+
+    def _stop(self, how: str) -> None:
+        if self.stop != "fast":
+            self.stop = how
+
+    def run(self) -> None:
+        cfg = self.cfg
+        self.init_process()
+        ep = select.epoll()
+        table = SlotTable(self.seg, SLOT)
+        host, port = cfg.server[0]
+        control = ControlLink(host, port, ep)
+        targets = {t.port: (socket.inet_aton(t.target_ip), t.target_port) for t in cfg.transfer}
+        engine = Engine(targets, RawSender(), control, table, table.owned_range(self.index),
+                        mtu=cfg.mtu, fake_mss=cfg.mss, idle_timeout=cfg.timeout,
+                        pace_timeout=cfg.pace_timeout, max_session_buffer=cfg.session_buffer)
+        cap = self.cap
+        cap.setblocking(False)
+        capfd = cap.fileno()
+        ep.register(capfd, select.EPOLLIN)
+        buf = bytearray(65536 + 64)
+        recv_into = cap.recv_into
+        on_packet = engine.on_client_packet
+        started = time.time()
+        cnt = engine.counters
+        kdrop = C.INDEX["kernel_drops"]
+        next_sync = next_expire = 0.0
+        log.info("worker %d capturing on %s, copying to %s", self.index + 1, cfg.interface,
+                 ", ".join(f"{t.port}->{t.target_ip}:{t.target_port}" for t in cfg.transfer))
+        while not self.stop:
+            now = time.monotonic()
+            control.maybe_connect(now)
+            nt = engine.next_timer()
+            timeout = SYNC_INTERVAL if nt is None else max(0.0, min(SYNC_INTERVAL, nt - now))
+            try:
+                events = ep.poll(timeout)
+            except InterruptedError:
+                continue
+            now = time.monotonic()
+            for fd, ev in events:
+                if fd == capfd:
+                    for _ in range(CAPTURE_BATCH):
+                        try:
+                            n = recv_into(buf)
+                        except BlockingIOError:
+                            break
+                        on_packet(buf, n, now)
+                elif fd == control.fileno():
+                    headers, came_up = control.on_event(ev, now)
+                    if came_up:
+                        engine.on_control_up(now)
+                    on_reply = engine.on_reply
+                    for h in headers:
+                        on_reply(h, now)
+            engine.flush(now)
+            nt = engine.next_timer()
+            if nt is not None and nt <= now:
+                engine.tick(now)
+            control.flush(now)
+            if now >= next_sync:
+                next_sync = now + SYNC_INTERVAL
+                if now >= next_expire:
+                    next_expire = now + EXPIRE_INTERVAL
+                    engine.expire_idle(now)
+                engine.sync_table()
+                cnt[kdrop] += capture.stats(cap)[1]
+                cnt[C.INDEX["control_connects"]] = control.connects
+                cnt[C.INDEX["control_errors"]] = control.errors
+                self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
+        # stopping
+        if self.stop == "graceful":
+            engine.close_all()
+            control.flush(time.monotonic())
+            log.info("worker %d stopped; reset %d sessions toward the target", self.index + 1,
+                     cnt[C.INDEX["sessions_closed"]])
+        engine.sync_table()
+        self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
+        control.close()
