@@ -71,6 +71,8 @@ class Control(Protocol):
 
     def register(self, s: Session) -> None: ...
 
+    def flush(self, now: float) -> None: ...
+
     def unregister(self, s: Session) -> None: ...
 
 
@@ -101,6 +103,7 @@ class Engine:
         self._timer_seq = 0
         self.touched: set[Session] = set()
         self.dirty: set[Session] = set()
+        self.new: list[Session] = []     # sessions whose SYN waits for their CLIENT_ADD
 
     # ------------------------------------------------------------------ capture side
     def on_client_packet(self, buf: bytes | bytearray | memoryview, n: int, now: float) -> None:
@@ -207,7 +210,7 @@ class Engine:
         s.client_tsval = tsval or 0
         self.sessions[key] = s
         self.control.register(s)
-        self._send_syn(s)
+        self.new.append(s)
         s.rtt_seq, s.rtt_time = s.snd_nxt, now
         self._arm(s, now + RTO_INITIAL)
         self.dirty.add(s)
@@ -258,10 +261,11 @@ class Engine:
             s.gap_since = 0.0
 
     def _append(self, s: Session, seq: int, flags: int, payload: bytes, ack: int) -> None:
-        new_request = False
+        # the client acknowledged more of the online server's answer since its last data:
+        # this segment starts a new request (or closes after an answer), paced on the target
+        prev = s.client_ack
+        new_request = prev is not None and seq_lt(prev, ack)
         if payload:
-            prev = s.client_ack
-            new_request = prev is not None and seq_lt(prev, ack)
             s.client_ack = ack
         s.unsent.append([seq, flags, payload, new_request])
         n = len(payload)
@@ -412,6 +416,13 @@ class Engine:
     # ------------------------------------------------------------------ sending
     def flush(self, now: float) -> None:
         """Send what the packets just processed allow: queued data, ACKs, session ends."""
+        if self.new:
+            # CLIENT_ADD goes out before the SYN, so interceptd knows where the SYN-ACK goes
+            self.control.flush(now)
+            for s in self.new:
+                if not s.freed:
+                    self._send_syn(s)
+            self.new.clear()
         touched, self.touched = self.touched, set()
         for s in touched:
             if s.freed:
@@ -520,8 +531,7 @@ class Engine:
     def _check_end(self, s: Session, now: float) -> None:
         st = s.state
         if st & CLIENT_RST:
-            if not s.unsent and not s.unacked and not s.ooo or not st & ESTABLISHED \
-                    or now >= s.close_at:
+            if not s.unsent and not s.unacked and not s.ooo or now >= s.close_at:
                 self._close(s, "sessions_closed", send_rst=True)
             return
         if st & CLIENT_FIN and s.snd_una == s.cap_nxt and not s.unacked:

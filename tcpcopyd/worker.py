@@ -120,10 +120,11 @@ class Worker:
                 self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
         # stopping
         if self.stop == "graceful":
+            live = len(engine.sessions)
             engine.close_all()
             control.flush(time.monotonic())
-            log.info("worker %d stopped; reset %d sessions toward the target", self.index + 1,
-                     cnt[C.INDEX["sessions_closed"]])
+            log.info("worker %d stopped; reset %d live session(s) toward the target",
+                     self.index + 1, live)
         engine.sync_table()
         self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
         control.close()

@@ -1,0 +1,129 @@
+"""`tcpcopyctl status [--json] [NAME]`: every running tcpcopyd/interceptd on this host, read
+from their shm segments (counters, heartbeats) and psutil (CPU, memory, uptime)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import orjson
+import psutil
+
+from interceptd import counters as icounters
+from shm import segment as shmseg
+from tcpcopyd import counters as tcounters
+
+KINDS = {1: ("tcpcopyd", tcounters), 2: ("interceptd", icounters)}
+# a worker whose heartbeat is older than this is reported stale
+STALE_SECONDS = 5.0
+
+
+def find_segments() -> list[shmseg.Segment]:
+    out = []
+    for name in shmseg.list_segments(""):
+        try:
+            with open(os.path.join(shmseg.SHM_DIR, name), "rb") as f:
+                if f.read(8) != shmseg.MAGIC:
+                    continue
+            out.append(shmseg.attach(name))
+        except (OSError, shmseg.SegmentError):
+            continue
+    return out
+
+
+def proc_info(pid: int) -> dict:
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            return {"pid": pid, "cpu_percent": p.cpu_percent(interval=None),
+                    "rss_bytes": p.memory_info().rss, "uptime_s": time.time() - p.create_time(),
+                    "cpus": sorted(p.cpu_affinity()), "title": " ".join(p.cmdline())}
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return {"pid": pid, "alive": False}
+
+
+def describe(seg: shmseg.Segment) -> dict:
+    prog, counters = KINDS.get(seg.kind, (f"kind{seg.kind}", None))
+    master = proc_info(seg.master_pid)
+    now = time.time()
+    workers, totals = [], {}
+    problems = []
+    if master.get("alive") is False:
+        problems.append(f"master pid {seg.master_pid} is not running")
+    for i in range(seg.n_workers):
+        rec = seg.read_worker(i)
+        info = proc_info(rec.pid) if rec.pid else {"pid": 0, "alive": False}
+        age = now - rec.heartbeat if rec.heartbeat else None
+        names = counters.NAMES if counters else ()
+        vals = dict(zip(names, rec.counters, strict=False))
+        for k, v in vals.items():
+            totals[k] = totals.get(k, 0) + v
+        if age is None or age > STALE_SECONDS:
+            problems.append(f"worker {i + 1} heartbeat "
+                            + ("missing" if age is None else f"{age:.1f}s old"))
+        workers.append({"index": i + 1, "cpu": rec.cpu, "restarts": rec.restarts,
+                        "heartbeat_age_s": age, **info, "counters": vals})
+    # sample CPU% over a short interval for master and workers
+    return {"name": seg.name, "program": prog, "label": seg.label, "master": master,
+            "workers": workers, "totals": totals, "healthy": not problems,
+            "problems": problems}
+
+
+def render(d: dict) -> str:
+    lines = [f"{d['program']} {d['name']} [{d['label']}]: "
+             + ("healthy" if d["healthy"] else "UNHEALTHY: " + "; ".join(d["problems"]))]
+    m = d["master"]
+    lines.append(f"  master   pid {m['pid']:<7} "
+                 + (f"cpu {m.get('cpu_percent', 0):5.1f}%  rss {m.get('rss_bytes', 0) >> 20} MiB"
+                    f"  up {m.get('uptime_s', 0):.0f}s" if m.get("alive", True) else "not running"))
+    for w in d["workers"]:
+        hb = w["heartbeat_age_s"]
+        lines.append(
+            f"  worker {w['index']} pid {w['pid']:<7} cpu={w['cpu']} "
+            + (f"cpu {w.get('cpu_percent', 0):5.1f}%  rss {w.get('rss_bytes', 0) >> 20} MiB  "
+               f"up {w.get('uptime_s', 0):.0f}s" if w.get("alive", True) else "not running")
+            + f"  restarts {w['restarts']}  heartbeat "
+            + ("-" if hb is None else f"{hb:.1f}s ago"))
+    width = max((len(k) for k in d["totals"]), default=0)
+    for k, v in d["totals"].items():
+        if v:
+            lines.append(f"    {k:<{width}} {v}")
+    return "\n".join(lines)
+
+
+def status(args: argparse.Namespace) -> int:
+    segs = [s for s in find_segments() if not args.name or s.name == args.name]
+    if not segs:
+        print("tcpcopyctl: no tcpcopyd or interceptd is running on this host"
+              + (f" under the name {args.name!r}" if args.name else ""), file=sys.stderr)
+        return 3
+    # prime psutil's CPU counters, then measure over a short interval
+    for s in segs:
+        for pid in [s.master_pid] + [s.read_worker(i).pid for i in range(s.n_workers)]:
+            try:
+                psutil.Process(pid).cpu_percent(interval=None)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+                pass
+    time.sleep(0.3)
+    report = [describe(s) for s in segs]
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print("\n\n".join(render(d) for d in report))
+    return 0 if all(d["healthy"] for d in report) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tcpcopyctl", description="Inspect tcpcopyd/interceptd.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("status", help="processes, counters and health of running daemons")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("name", nargs="?", help="only this instance (shm segment name)")
+    args = ap.parse_args(argv)
+    return status(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Fixtures of the namespace lab: a fresh client/online/target trio per test, real nginx and
+memcached, interceptd and tcpcopyd started by pid and checked for leaks at the end."""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+
+import pytest
+
+from shm import segment as shmseg
+from tcpcopyd.lab.lab import Lab, wait_for
+
+_ids = itertools.count()
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def lab(request):
+    """A running lab with interceptd and tcpcopyd connected (``indirect`` parameters
+    ``{"interceptd": False}`` / ``{"tcpcopyd": False}`` leave one out). Asserts at the end
+    that no packet of the target reached the client or the online host, and that both
+    daemons stop cleanly leaving no iptables rule or shm segment."""
+    want = {"interceptd": True, "tcpcopyd": True, "memcached": True,
+            **getattr(request, "param", {})}
+    prefix = f"t{os.getpid() % 1000}x{next(_ids)}"
+    lab = Lab(prefix)
+    try:
+        lab.up(memcached=want["memcached"])
+        if want["interceptd"]:
+            lab.start_interceptd()
+        if want["tcpcopyd"]:
+            lab.start_tcpcopyd(wait_connected=want["interceptd"])
+        yield lab
+        leaked = lab.ns.leaked()
+        rcs = {name: lab.stop(name) for name in ("tcpcopyd", "interceptd")}
+        rules = lab.ns.run(lab.ns.target, ["iptables", "-w", "5", "-S", "OUTPUT"]).stdout
+        assert leaked == {lab.ns.client: 0, lab.ns.online: 0}, \
+            f"target packets reached the client/online host: {leaked}"
+        assert all(rc in (0, None) for rc in rcs.values()), rcs
+        assert "NFQUEUE" not in rules, rules
+        assert not shmseg.list_segments(prefix), "shm segment left behind"
+    finally:
+        lab.down()
+        lab.cleanup_files()
+
+
+def target_caught_up(lab: Lab, expected: int, timeout: float = 60.0) -> list[list[str]]:
+    """Wait until the target's nginx logged ``expected`` requests; return its log."""
+    try:
+        wait_for(lambda: len(lab.nginx_log("target")) >= expected, timeout,
+                 f"{expected} requests in the target's access log")
+    except Exception:
+        pass
+    return lab.nginx_log("target")
+
+
+def ctl_status(name: str) -> subprocess.CompletedProcess:
+    from tcpcopyd.lab.lab import bin_path
+    return subprocess.run([bin_path("tcpcopyctl"), "status", "--json", name],
+                          capture_output=True, text=True)

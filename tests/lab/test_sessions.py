@@ -1,0 +1,101 @@
+"""Sessions open before tcpcopyd started, memcached, and interceptd going away."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from tcpcopyd.lab import load
+from tcpcopyd.lab.lab import MEMCACHED_PORT, wait_for
+from tcpcopyd.lab.net import ONLINE_IP
+from tests.lab.conftest import ctl_status, target_caught_up
+
+pytestmark = pytest.mark.lab
+
+KEEPALIVE_CLIENT = r'''
+import http.client, sys
+c = http.client.HTTPConnection(sys.argv[1], 80, timeout=30)
+c.request("GET", "/?warmup"); r = c.getresponse(); r.read()
+print("ready", flush=True)
+sys.stdin.readline()
+bad = 0
+for i in range(100):
+    c.request("GET", f"/?n={i}"); r = c.getresponse(); r.read(); bad += r.status != 200
+print(f"done bad={bad}", flush=True)
+'''
+
+
+@pytest.mark.parametrize("lab", [{"tcpcopyd": False}], indirect=True)
+def test_keepalive_connection_opened_before_tcpcopyd_started(lab):
+    client = subprocess.Popen(["ip", "netns", "exec", lab.ns.client, sys.executable, "-c",
+                               KEEPALIVE_CLIENT, ONLINE_IP], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        lab.start_tcpcopyd()
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "done bad=0"
+    finally:
+        client.kill()
+        client.wait()
+    target = target_caught_up(lab, 100)
+    assert sorted(f[6] for f in target) == sorted(f"/?n={i}" for i in range(100))
+    assert all(f[2] == "200" for f in target)
+    [status] = orjson.loads(ctl_status(f"{lab.ns.prefix}-tcpcopyd").stdout)
+    assert status["totals"]["sessions_fake"] == 1
+
+
+def test_memcached_sets_reach_the_target(lab):
+    out = load.python_in(lab, lab.ns.client, load.MEMCACHED_SETS, ONLINE_IP, MEMCACHED_PORT,
+                         10000, "lab")
+    assert load.kv(out.stdout) == {"sets": 10000, "failed": 0}, out.stderr
+
+    def target_has_all() -> bool:
+        got = load.python_in(lab, lab.ns.target, load.MEMCACHED_GET, "127.0.0.1",
+                             MEMCACHED_PORT, 10000, "lab")
+        return load.kv(got.stdout).get("ok") == 10000
+    wait_for(target_has_all, 60, "10000 keys with their values in the target's memcached",
+             interval=1.0)
+
+
+def test_interceptd_restart_under_load_loses_nothing(lab):
+    """interceptd stops (its rules go with it) and comes back while clients keep going:
+    tcpcopyd says so, reconnects, re-registers its sessions and resends what is pending."""
+    n = 3000
+    h2 = subprocess.Popen(["ip", "netns", "exec", lab.ns.client, "h2load", "--h1", "-H",
+                           "Connection: close", "-n", str(n), "-c", str(n), "-r", "2",
+                           "--rate-period", "10ms", f"http://{ONLINE_IP}/"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: len(lab.nginx_log("online")) >= 500, 60, "500 requests online")
+        assert lab.stop("interceptd") == 0
+        lab.wait_log("tcpcopyd", "reconnecting")
+        served = len(lab.nginx_log("online"))
+        wait_for(lambda: len(lab.nginx_log("online")) >= served + 300, 60,
+                 "300 more requests online while interceptd is down")
+        lab.start_interceptd()
+        lab.wait_log("tcpcopyd", "connected to interceptd", count=2)
+        out, _ = h2.communicate(timeout=120)
+    finally:
+        if h2.poll() is None:
+            h2.kill()
+            h2.wait()
+    res = load.parse_h2load(out)
+    assert res.succeeded == n and res.failed == res.errored == 0, out
+    target = target_caught_up(lab, n, timeout=90)
+    assert len(target) == n
+    assert all(f[2] == "200" for f in target)
+
+
+@pytest.mark.parametrize("lab", [{"interceptd": False}], indirect=True)
+def test_tcpcopyd_started_before_interceptd_catches_up(lab):
+    lab.wait_log("tcpcopyd", "reconnecting")
+    r = load.h2load(lab, requests=200, rate=200)
+    assert r.succeeded == 200
+    lab.start_interceptd()
+    lab.wait_log("tcpcopyd", "connected to interceptd")
+    target = target_caught_up(lab, 200, timeout=90)
+    assert len(target) == 200

@@ -1,0 +1,297 @@
+"""The session engine against a scripted target: packets in, packets out, no sockets."""
+import socket
+
+import pytest
+
+from tcpcopyd import counters as C
+from tcpcopyd import packet as P
+from tcpcopyd import wire
+from tcpcopyd.engine import Engine
+from tcpcopyd.session import ESTABLISHED, FAKE, TIMESTAMPS
+
+CLIENT = socket.inet_aton("198.18.1.1")
+ONLINE = socket.inet_aton("198.18.1.2")
+TARGET = socket.inet_aton("198.18.2.2")
+CPORT = 40000
+ISN = 1000
+ONLINE_ISN = 5_000_000
+TARGET_ISN = 9_000_000
+
+
+class FakeSender:
+    def __init__(self):
+        self.sent: list[P.Segment] = []
+
+    def send(self, pkt, dst):
+        assert dst == TARGET
+        self.sent.append(P.parse(bytes(pkt)))
+        return True
+
+    def take(self):
+        out, self.sent = self.sent, []
+        return out
+
+
+class FakeControl:
+    up = True
+
+    def __init__(self):
+        self.log = []
+
+    def register(self, s):
+        self.log.append(("add", s.client_port))
+
+    def unregister(self, s):
+        self.log.append(("del", s.client_port))
+
+    def flush(self, now):
+        self.log.append(("flush",))
+
+
+def client_pkt(seq, ack, flags, payload=b"", options=b"", window=502):
+    return P.build(CLIENT, ONLINE, CPORT, 80, seq, ack, flags, window, options, payload)
+
+
+def reply(seq, ack, flags, payload_len=0, window=65535, options=b""):
+    pkt = P.build(TARGET, CLIENT, 80, CPORT, seq, ack, flags, window, options,
+                  bytes(payload_len))
+    return wire.reply_header(pkt)
+
+
+SYN_OPTS = P.syn_options(1460, 7, True, (777, 0))
+SYNACK_OPTS = P.syn_options(1460, 7, True, (3333, 777))
+
+
+@pytest.fixture
+def eng():
+    e = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(100))
+    e.now = 100.0
+    return e
+
+
+def feed(e, pkt, now=100.0):
+    e.on_client_packet(pkt, len(pkt), now)
+    e.flush(now)
+
+
+def answer(e, hdr, now=100.0):
+    e.on_reply(hdr, now)
+    e.flush(now)
+
+
+def handshake(e, now=100.0):
+    feed(e, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS, window=64240), now)
+    answer(e, reply(TARGET_ISN, ISN + 1, P.SYN | P.ACK, options=SYNACK_OPTS), now)
+    return e.sessions[(CLIENT, CPORT, TARGET, 80)]
+
+
+def test_syn_is_rewritten_and_registered_first(eng):
+    feed(eng, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS, window=64240))
+    assert eng.control.log[:2] == [("add", CPORT), ("flush",)]
+    [syn] = eng.sender.take()
+    assert (syn.src, syn.dst, syn.sport, syn.dport) == (CLIENT, TARGET, CPORT, 80)
+    assert syn.flags == P.SYN and syn.seq == ISN and syn.options == SYN_OPTS
+
+
+def test_handshake_completes_from_the_targets_syn_ack(eng):
+    s = handshake(eng)
+    [syn, ack] = eng.sender.take()
+    assert ack.flags == P.ACK and ack.seq == ISN + 1 and ack.ack == TARGET_ISN + 1
+    assert s.state & ESTABLISHED and s.state & TIMESTAMPS
+    assert s.wscale == 7
+    # TSecr of what we send is the target's TSval, never the online server's
+    assert P.timestamp_of(ack.options) == (777, 3333)
+
+
+def test_data_acks_the_target_sequence_space_not_the_online_one(eng):
+    handshake(eng)
+    eng.sender.take()
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"GET / HTTP/1.1\r\n\r\n"))
+    [data] = eng.sender.take()
+    assert data.seq == ISN + 1
+    assert data.ack == TARGET_ISN + 1
+    assert data.payload == b"GET / HTTP/1.1\r\n\r\n"
+
+
+def test_data_before_the_syn_ack_waits_for_the_handshake(eng):
+    feed(eng, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS))
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"hello"))
+    assert len(eng.sender.take()) == 1  # only the SYN
+    answer(eng, reply(TARGET_ISN, ISN + 1, P.SYN | P.ACK, options=SYNACK_OPTS))
+    [data] = eng.sender.take()  # the handshake ACK rides on the data
+    assert data.payload == b"hello" and data.ack == TARGET_ISN + 1
+
+
+def test_next_request_waits_for_the_targets_response(eng):
+    handshake(eng)
+    eng.sender.take()
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"req1"))
+    # the client got the online response (its ACK moved) and sends request 2
+    feed(eng, client_pkt(ISN + 5, ONLINE_ISN + 101, P.ACK | P.PSH, b"req2"))
+    assert [p.payload for p in eng.sender.take()] == [b"req1"]
+    assert eng.counters[C.INDEX["paced"]] >= 1
+    # the target acknowledges and answers request 1
+    answer(eng, reply(TARGET_ISN + 1, ISN + 5, P.ACK | P.PSH, payload_len=50))
+    out = eng.sender.take()
+    assert [p.payload for p in out] == [b"req2"]
+    assert out[0].ack == TARGET_ISN + 51
+
+
+def test_paced_request_goes_anyway_after_the_pace_timeout(eng):
+    handshake(eng)
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"req1"))
+    feed(eng, client_pkt(ISN + 5, ONLINE_ISN + 101, P.ACK | P.PSH, b"req2"))
+    eng.sender.take()
+    answer(eng, reply(TARGET_ISN + 1, ISN + 5, P.ACK))  # acked, but no answer
+    eng.tick(100.0 + eng.pace_timeout + 0.01)
+    assert [p.payload for p in eng.sender.take()] == [b"req2"]
+
+
+def test_retransmits_unacknowledged_data_on_timeout(eng):
+    handshake(eng)
+    eng.sender.take()
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"x" * 100))
+    eng.sender.take()
+    eng.tick(100.0 + 5)
+    [again] = eng.sender.take()
+    assert again.seq == ISN + 1 and again.payload == b"x" * 100
+    assert eng.counters[C.INDEX["retransmits"]] == 1
+
+
+def test_fast_retransmit_after_three_duplicate_acks(eng):
+    handshake(eng)
+    for i in range(4):
+        feed(eng, client_pkt(ISN + 1 + i * 1000, ONLINE_ISN + 1, P.ACK, b"y" * 1000))
+    eng.sender.take()
+    for _ in range(4):  # one ACK that advances, then three duplicates
+        answer(eng, reply(TARGET_ISN + 1, ISN + 1001, P.ACK))
+    out = eng.sender.take()
+    assert [p.seq for p in out if p.payload] == [ISN + 1001]
+    assert eng.counters[C.INDEX["fast_retransmits"]] == 1
+
+
+def test_never_sends_beyond_the_targets_window(eng):
+    feed(eng, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS))
+    # window field 10 with scale 7 = 1280 bytes
+    answer(eng, reply(TARGET_ISN, ISN + 1, P.SYN | P.ACK, window=10, options=SYNACK_OPTS))
+    eng.sender.take()
+    s = eng.sessions[(CLIENT, CPORT, TARGET, 80)]
+    s.wnd = 1280  # the SYN-ACK's window is never scaled; later ACKs are
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK, b"z" * 4000))
+    sent = sum(len(p.payload) for p in eng.sender.take())
+    assert sent == 1280
+    acked = ISN + 1 + 1280
+    while acked != ISN + 1 + 4000:  # each ACK opens 2560 bytes beyond what it acknowledges
+        answer(eng, reply(TARGET_ISN + 1, acked, P.ACK, window=20))
+        out = eng.sender.take()
+        assert out and all(P.seq_le(p.seq + len(p.payload), acked + 2560) for p in out)
+        acked = max(p.seq + len(p.payload) for p in out)
+
+
+def test_large_captured_frames_are_cut_to_the_mss(eng):
+    eng.mtu = 1000
+    handshake(eng)
+    eng.sender.take()
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK, b"q" * 5000))
+    sizes = [len(p.payload) for p in eng.sender.take()]
+    assert sum(sizes) == 5000 and max(sizes) <= 1000 - 40 - 12
+
+
+def test_fake_syn_for_a_session_seen_mid_connection(eng):
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"GET /",
+                         options=P.timestamp_option(50, 60)))
+    [syn] = eng.sender.take()
+    assert syn.flags == P.SYN and syn.seq == ISN
+    assert int.from_bytes(P.parse_options(syn.options)[P.OPT_MSS], "big") == 1460
+    s = eng.sessions[(CLIENT, CPORT, TARGET, 80)]
+    assert s.state & FAKE
+    answer(eng, reply(TARGET_ISN, ISN + 1, P.SYN | P.ACK, options=SYNACK_OPTS))
+    [data] = eng.sender.take()  # the fake third ACK carries the data
+    assert data.payload == b"GET /" and data.ack == TARGET_ISN + 1
+    assert eng.counters[C.INDEX["sessions_fake"]] == 1
+
+
+def test_orderly_close_ends_with_a_reset_that_frees_the_target(eng):
+    handshake(eng)
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"req"))
+    answer(eng, reply(TARGET_ISN + 1, ISN + 4, P.ACK | P.PSH | P.FIN, payload_len=10))
+    feed(eng, client_pkt(ISN + 4, ONLINE_ISN + 12, P.ACK | P.FIN))
+    eng.sender.take()
+    answer(eng, reply(TARGET_ISN + 12, ISN + 5, P.ACK))
+    [rst] = eng.sender.take()
+    assert rst.flags & P.RST and rst.seq == ISN + 5
+    assert not eng.sessions
+    assert ("del", CPORT) in eng.control.log
+    assert eng.counters[C.INDEX["sessions_closed"]] == 1
+
+
+def test_client_reset_still_delivers_queued_data(eng):
+    feed(eng, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS))
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"last words"))
+    feed(eng, client_pkt(ISN + 11, ONLINE_ISN + 1, P.RST | P.ACK))
+    assert eng.sessions  # not yet: the data has not reached the target
+    answer(eng, reply(TARGET_ISN, ISN + 1, P.SYN | P.ACK, options=SYNACK_OPTS))
+    assert [p.payload for p in eng.sender.take() if p.payload] == [b"last words"]
+    answer(eng, reply(TARGET_ISN + 1, ISN + 11, P.ACK))
+    assert eng.sender.take()[-1].flags & P.RST
+    assert not eng.sessions
+
+
+def test_target_reset_ends_the_session(eng):
+    handshake(eng)
+    answer(eng, reply(TARGET_ISN + 1, ISN + 1, P.RST | P.ACK))
+    assert not eng.sessions
+    assert eng.counters[C.INDEX["sessions_target_rst"]] == 1
+
+
+def test_client_retransmissions_and_reordering_are_repaired(eng):
+    handshake(eng)
+    eng.sender.take()
+    feed(eng, client_pkt(ISN + 11, ONLINE_ISN + 1, P.ACK, b"B" * 10))  # ahead of a gap
+    assert not [p for p in eng.sender.take() if p.payload]
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK, b"A" * 10))
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK, b"A" * 10))  # duplicate
+    out = [p for p in eng.sender.take() if p.payload]
+    assert [(p.seq, p.payload) for p in out] == [(ISN + 1, b"A" * 10), (ISN + 11, b"B" * 10)]
+    assert eng.counters[C.INDEX["duplicate"]] == 1
+
+
+def test_unfilled_capture_gap_breaks_the_session_instead_of_hanging(eng):
+    handshake(eng)
+    feed(eng, client_pkt(ISN + 11, ONLINE_ISN + 1, P.ACK, b"B" * 10))
+    eng.tick(100.0 + 6)
+    assert not eng.sessions
+    assert eng.counters[C.INDEX["sessions_broken"]] == 1
+
+
+def test_idle_sessions_expire_with_a_reset(eng):
+    handshake(eng)
+    eng.sender.take()
+    eng.expire_idle(100.0 + eng.idle_timeout + 1)
+    assert not eng.sessions
+    assert eng.sender.take()[-1].flags & P.RST
+    assert eng.counters[C.INDEX["sessions_expired"]] == 1
+
+
+def test_new_syn_on_a_reused_client_port_replaces_the_session(eng):
+    handshake(eng)
+    eng.sender.take()
+    feed(eng, client_pkt(ISN + 50000, 0, P.SYN, options=SYN_OPTS))
+    out = eng.sender.take()
+    assert out[0].flags & P.RST and out[1].flags == P.SYN and out[1].seq == ISN + 50000
+    assert eng.counters[C.INDEX["sessions_reused"]] == 1
+
+
+@pytest.mark.parametrize("junk", [b"", b"\x45" * 10, b"\x60" + bytes(59),
+                                  bytes.fromhex("450000280000400040110000") + bytes(28)])
+def test_malformed_captured_packets_are_counted_and_skipped(eng, junk):
+    eng.on_client_packet(junk, len(junk), 100.0)
+    assert eng.counters[C.INDEX["malformed"]] == 1
+    assert not eng.sessions
+
+
+def test_malformed_and_foreign_replies_are_counted(eng):
+    eng.on_reply(bytes(64), 100.0)
+    assert eng.counters[C.INDEX["replies_malformed"]] == 1
+    eng.on_reply(reply(1, 1, P.ACK), 100.0)
+    assert eng.counters[C.INDEX["replies_no_session"]] == 1

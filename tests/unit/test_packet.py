@@ -1,0 +1,103 @@
+import socket
+import struct
+
+import pytest
+
+from tcpcopyd import packet as P
+
+# A SYN laid out as Linux sends one (198.18.1.1:46000 -> 198.18.1.2:80), IP checksum 0
+SYN = bytes.fromhex(
+    "4500003c0000400040060000c6120101c6120102"  # IPv4, total 60, DF, TTL 64, TCP
+    "b3b00050" "0a0b0c0d" "00000000" "a002faf0" "0000" "0000"  # ports, seq, ack, off=10 SYN
+    "020405b40402080a0001e24000000000" "01030307")
+
+
+def ones_complement_sum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def reference_tcp_checksum(src: bytes, dst: bytes, seg: bytes) -> int:
+    pseudo = src + dst + struct.pack("!BBH", 0, 6, len(seg))
+    return (~ones_complement_sum(pseudo + seg)) & 0xFFFF
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 150, 1460, 1461])
+def test_checksum_matches_reference(size):
+    src, dst = socket.inet_aton("198.18.1.1"), socket.inet_aton("198.18.2.2")
+    payload = bytes((i * 7 + 3) & 0xFF for i in range(size))
+    pkt = P.build(src, dst, 40000, 80, 123456, 654321, P.ACK | P.PSH, 502, b"", payload)
+    seg = bytearray(pkt[20:])
+    got = int.from_bytes(seg[16:18], "big")
+    seg[16:18] = b"\0\0"
+    assert got == reference_tcp_checksum(src, dst, bytes(seg))
+    # and a receiver's check: the sum over the segment including its checksum is 0xffff
+    pseudo = src + dst + struct.pack("!BBH", 0, 6, len(pkt) - 20)
+    assert ones_complement_sum(pseudo + bytes(pkt[20:])) == 0xFFFF
+
+
+def test_checksum_of_zero_sum_block():
+    # a segment whose ones'-complement sum is 0xffff must get checksum 0x0000
+    src = dst = b"\0\0\0\0"
+    seg = bytearray(20)
+    # choose a word so the total (incl. pseudo-header proto 6 + length 20) is 0xffff
+    struct.pack_into("!H", seg, 0, 0xFFFF - 6 - 20)
+    assert P.tcp_checksum(src, dst, bytes(seg)) == 0
+
+
+def test_parse_literal_syn():
+    s = P.parse(SYN)
+    assert socket.inet_ntoa(s.src) == "198.18.1.1"
+    assert socket.inet_ntoa(s.dst) == "198.18.1.2"
+    assert (s.sport, s.dport, s.seq, s.ack) == (46000, 80, 0x0A0B0C0D, 0)
+    assert s.flags == P.SYN
+    assert s.window == 64240
+    opts = P.parse_options(s.options)
+    assert int.from_bytes(opts[P.OPT_MSS], "big") == 1460
+    assert opts[P.OPT_WSCALE] == b"\x07"
+    assert P.OPT_SACK_PERM in opts
+    assert P.timestamp_of(s.options) == (0x1E240, 0)
+    assert s.payload == b""
+
+
+@pytest.mark.parametrize("bad,reason", [
+    (SYN[:30], "shorter"),
+    (b"\x65" + SYN[1:], "version"),
+    (SYN[:9] + b"\x11" + SYN[10:], "protocol"),
+    (SYN[:6] + b"\x20\x10" + SYN[8:], "fragment"),
+    (SYN[:32] + b"\x10\x02" + SYN[34:], "TCP header length"),
+])
+def test_parse_rejects_malformed(bad, reason):
+    with pytest.raises(P.MalformedPacket, match=reason):
+        P.parse(bad)
+
+
+def test_build_parse_round_trip_with_options_and_payload():
+    src, dst = socket.inet_aton("198.18.1.1"), socket.inet_aton("198.18.2.2")
+    opts = P.timestamp_option(111, 222)
+    pkt = P.build(src, dst, 1234, 80, 0xFFFFFFF0, 5, P.ACK | P.FIN, 1000, opts, b"hello")
+    s = P.parse(pkt)
+    assert (s.sport, s.dport, s.seq, s.ack, s.flags, s.window) == \
+        (1234, 80, 0xFFFFFFF0, 5, P.ACK | P.FIN, 1000)
+    assert s.payload == b"hello"
+    assert P.timestamp_of(s.options) == (111, 222)
+    assert pkt[6] & 0x40  # DF
+
+
+def test_sequence_arithmetic_wraps():
+    assert P.seq_lt(0xFFFFFFF0, 5)
+    assert not P.seq_lt(5, 0xFFFFFFF0)
+    assert P.seq_le(7, 7)
+    assert P.seq_add(0xFFFFFFFF, 2) == 1
+    assert P.seq_diff(3, 0xFFFFFFFE) == 5
+    assert P.seq_diff(0xFFFFFFFE, 3) == -5
+
+
+def test_options_parser_stops_on_garbage():
+    assert P.parse_options(b"\x02\x00\x05\xb4") == {}           # length 0
+    assert P.parse_options(b"\x02\x04\x05") == {}               # truncated
+    assert P.parse_options(b"\x01\x01\x00\x02\x04\x05\xb4") == {}  # after EOL

@@ -1,0 +1,108 @@
+import multiprocessing as mp
+import os
+import struct
+import time
+
+import pytest
+
+from shm import segment as shmseg
+from shm import seqlock
+from shm.table import SlotTable
+
+LAYOUT = struct.Struct("<QQQQQQQQ")  # eight copies of one value: a torn read mixes them
+
+
+@pytest.fixture
+def seg():
+    name = f"tcpcopyd-test-{os.getpid()}"
+    s = shmseg.create(name, 1, 4, 64, 96, label="test")
+    yield s
+    s.close()
+    s.unlink()
+
+
+def test_create_attach_and_layout(seg):
+    other = shmseg.attach(seg.name)
+    assert (other.n_workers, other.n_slots, other.slot_size, other.label) == (4, 64, 96, "test")
+    assert other.master_pid == os.getpid()
+    other.close()
+
+
+def test_create_refuses_a_live_owner(seg):
+    # the segment's master pid is ours: another create from a different process must fail
+    def child():
+        try:
+            shmseg.create(seg.name, 1, 1, 1, 96)
+        except shmseg.SegmentError as e:
+            os._exit(0 if "belongs to running process" in str(e) else 2)
+        os._exit(1)
+    p = mp.get_context("fork").Process(target=child)
+    p.start()
+    p.join()
+    assert p.exitcode == 0
+
+
+def test_stale_segment_is_replaced(seg):
+    struct.pack_into("<I", seg.mm, 32, 999999)  # master pid field -> a pid that does not exist
+    again = shmseg.create(seg.name, 1, 2, 8, 96)
+    assert again.n_workers == 2
+    again.close()
+
+
+def test_slot_partition_covers_every_slot_once(seg):
+    t = SlotTable(seg, LAYOUT)
+    ranges = [t.owned_range(w) for w in range(4)]
+    assert sorted(i for r in ranges for i in r) == list(range(64))
+
+
+def test_worker_records_and_restarts(seg):
+    seg.write_worker(2, 1234, 1, 100.0, [5, 6, 7])
+    seg.add_restart(2)
+    rec = seg.read_worker(2)
+    assert (rec.pid, rec.cpu, rec.started, rec.counters[:4], rec.restarts) == \
+        (1234, 1, 100.0, (5, 6, 7, 0), 1)
+
+
+def _writer(name: str, worker: int, stop_at: float) -> None:
+    seg = shmseg.attach(name)
+    t = SlotTable(seg, LAYOUT)
+    v = 0
+    slots = t.owned_range(worker)
+    while time.time() < stop_at:
+        v += 1
+        for slot in slots:
+            t.write(slot, (v,) * 8)
+    os._exit(0)
+
+
+def _reader(name: str, stop_at: float, q) -> None:
+    seg = shmseg.attach(name)
+    t = SlotTable(seg, LAYOUT)
+    reads = torn = 0
+    while time.time() < stop_at:
+        for slot in range(seg.n_slots):
+            try:
+                vals = t.read(slot)
+            except seqlock.TornRead:
+                continue  # never returned a mixed record: that is the point
+            reads += 1
+            if len(set(vals)) != 1:
+                torn += 1
+    q.put((reads, torn))
+    os._exit(0)
+
+
+def test_concurrent_writers_and_readers_never_tear(seg):
+    ctx = mp.get_context("fork")
+    stop_at = time.time() + 2.0
+    q = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_writer, args=(seg.name, w, stop_at)) for w in range(4)]
+    procs += [ctx.Process(target=_reader, args=(seg.name, stop_at, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get() for _ in range(2)]
+    for p in procs:
+        p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    assert sum(r for r, _ in results) > 1000
+    assert sum(t for _, t in results) == 0

@@ -1,0 +1,81 @@
+import pytest
+
+from tcpcopyd import wire
+
+CIP = bytes([198, 18, 1, 1])
+TIP = bytes([198, 18, 2, 2])
+
+
+def test_version_message_literal():
+    assert wire.version_message() == bytes.fromhex("00000000" "0000" "0006" "00000000" "0000")
+
+
+def test_client_add_literal():
+    msg = wire.client_message(wire.CLIENT_ADD, CIP, 46000, TIP, 80)
+    assert msg == bytes.fromhex("c6120101" "b3b0" "0001" "c6120202" "0050")
+    assert len(msg) == wire.CLIENT_MSG_SIZE == 14
+
+
+def test_parse_client_messages_keeps_partial():
+    buf = bytearray(wire.version_message()
+                    + wire.client_message(wire.CLIENT_DEL, CIP, 1, TIP, 2) + b"\xc6\x12")
+    msgs = wire.parse_client_messages(buf)
+    assert msgs == [(wire.VERSION, b"\0" * 4, 0, b"\0" * 4, 0), (wire.CLIENT_DEL, CIP, 1, TIP, 2)]
+    assert buf == bytearray(b"\xc6\x12")
+
+
+def _ip_tcp(ihl_words=5, tcp_len=32, payload=100):
+    ip_opts = bytes((ihl_words - 5) * 4)
+    tot = ihl_words * 4 + tcp_len + payload
+    ip = bytes([0x40 | ihl_words, 0]) + tot.to_bytes(2, "big") + bytes(5) + b"\x06" \
+        + bytes(2) + TIP + CIP + ip_opts
+    tcp = (80).to_bytes(2, "big") + (46000).to_bytes(2, "big") + bytes(8) \
+        + bytes([(tcp_len // 4) << 4, 0x18]) + bytes(tcp_len - 14)
+    return ip + tcp + bytes(payload)
+
+
+def test_reply_header_is_64_bytes_and_pads_short_tcp_headers():
+    h = wire.reply_header(_ip_tcp(tcp_len=20, payload=0))
+    assert len(h) == wire.REPLY_SIZE
+    assert h[40:] == bytes(24)
+
+
+def test_reply_header_cuts_long_tcp_headers_and_keeps_total_length():
+    pkt = _ip_tcp(tcp_len=60, payload=1000)
+    h = wire.reply_header(pkt)
+    assert len(h) == 64
+    assert int.from_bytes(h[2:4], "big") == 20 + 60 + 1000
+
+
+def test_reply_header_strips_ip_options():
+    pkt = _ip_tcp(ihl_words=7, tcp_len=20, payload=10)
+    h = wire.reply_header(pkt)
+    assert h[0] == 0x45
+    assert int.from_bytes(h[2:4], "big") == 20 + 20 + 10
+    assert h[20:22] == (80).to_bytes(2, "big")
+
+
+def test_combined_frames_round_trip_in_pieces():
+    headers = [bytes([i]) * 64 for i in range(40)]
+    stream = wire.combine(headers)
+    # 16 + 16 + 8
+    assert stream[:2] == b"\x00\x10"
+    assert len(stream) == 3 * 2 + 40 * 64
+    buf, got = bytearray(), []
+    for i in range(0, len(stream), 100):
+        buf += stream[i:i + 100]
+        got += wire.split_combined(buf)
+    assert got == headers
+    assert buf == bytearray()
+
+
+@pytest.mark.parametrize("count", [0, 17])
+def test_bad_combined_count_is_a_protocol_error(count):
+    buf = bytearray(count.to_bytes(2, "big") + bytes(64 * 17))
+    with pytest.raises(wire.ProtocolError):
+        wire.split_combined(buf)
+
+
+def test_too_short_reply_packet():
+    with pytest.raises(wire.ProtocolError):
+        wire.reply_header(b"\x45" + bytes(20))
