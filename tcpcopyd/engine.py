@@ -60,6 +60,9 @@ CLOSE_LINGER = 5.0
 GAP_TIMEOUT = 5.0
 # a session created by a client RST or expiry that cannot drain is reset after this long
 DRAIN_TIMEOUT = 10.0
+# delayed ACK: target data is acknowledged at once every second segment, else after this
+# long, unless a packet of ours carries the ACK sooner (seconds)
+ACK_DELAY = 0.02
 
 
 class Sender(Protocol):
@@ -326,19 +329,28 @@ class Engine:
             if seq_lt(s.rcv_nxt, end):
                 s.rcv_nxt = end
             s.awaiting = False
-            s.need_ack = True
+            self._ack_later(s, now)
         if flags & FIN:
             fin_end = seq_add(seq, plen + 1)
             if seq_lt(s.rcv_nxt, fin_end):
                 s.rcv_nxt = fin_end
             s.state |= TARGET_FIN
-            s.need_ack = True
+            self._ack_later(s, now)
         self.touched.add(s)
+
+    def _ack_later(self, s: Session, now: float) -> None:
+        if s.need_ack:
+            s.ack_at = now  # a second segment unacknowledged: at once
+        else:
+            s.need_ack = True
+            s.ack_at = now + ACK_DELAY
+            self._schedule(s, s.ack_at)
 
     def _on_syn_ack(self, s: Session, seq: int, ack: int, window: int, options: bytes,
                     now: float) -> None:
         if s.state & ESTABLISHED:
             s.need_ack = True  # our handshake ACK was lost: the target sent its SYN-ACK again
+            s.ack_at = now
             self.touched.add(s)
             return
         if ack != seq_add(s.isn, 1):
@@ -363,7 +375,8 @@ class Engine:
             s.rtt_seq = None
         s.backoff = 0
         s.rto_at = 0.0
-        s.need_ack = True
+        # the third ACK of the handshake rides on the client's first data if that comes soon
+        self._ack_later(s, now)
         self.dirty.add(s)
         self.touched.add(s)
 
@@ -429,9 +442,9 @@ class Engine:
                 continue
             if s.state & ESTABLISHED:
                 self._push(s, now)
-                if s.need_ack:
-                    self._send_ack(s)
             self._check_end(s, now)
+            if s.need_ack and not s.freed and now >= s.ack_at:
+                self._send_ack(s)
 
     def _push(self, s: Session, now: float) -> None:
         q = s.unsent
@@ -445,6 +458,8 @@ class Engine:
                     self._schedule(s, s.pace_at)
                     break
             n = len(payload)
+            if not n and flags & FIN and s.state & TARGET_FIN and not s.unacked:
+                break  # only the FIN is left and the target closed too: _check_end resets
             if n:
                 size = min(n, s.mss)
                 room = seq_diff(limit, seq)
@@ -533,6 +548,12 @@ class Engine:
         if st & CLIENT_RST:
             if not s.unsent and not s.unacked and not s.ooo or now >= s.close_at:
                 self._close(s, "sessions_closed", send_rst=True)
+            return
+        if st & CLIENT_FIN and st & TARGET_FIN and not s.unacked and len(s.unsent) == 1 \
+                and not s.unsent[0][2]:
+            # both sides are done and only the client's FIN is left: a reset (at the FIN's
+            # sequence number) ends the target's connection at once, with one packet less
+            self._close(s, "sessions_closed", send_rst=True)
             return
         if st & CLIENT_FIN and s.snd_una == s.cap_nxt and not s.unacked:
             if st & TARGET_FIN:

@@ -184,13 +184,19 @@ def build(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, fl
     thl = 20 + olen
     total = 20 + thl + len(payload)
     pkt = bytearray(total)
-    IP_HDR.pack_into(pkt, 0, 0x45, 0, total, 0, IP_DF, ttl, IPPROTO_TCP, 0, src, dst)
-    TCP_HDR.pack_into(pkt, 20, sport, dport, seq, ack, (thl << 10) | flags, window, 0, 0)
+    IP_TCP.pack_into(pkt, 0, 0x45, 0, total, 0, IP_DF, ttl, IPPROTO_TCP, 0, src, dst,
+                     sport, dport, seq, ack, (thl << 10) | flags, window, 0, 0)
     if olen:
         pkt[40:40 + olen] = options
     if payload:
         pkt[20 + thl:] = payload
-    csum = tcp_checksum(src, dst, memoryview(pkt)[20:])
+    # TCP checksum over pseudo-header + segment (see tcp_checksum), inlined: hot path
+    n = total - 20
+    sm = int.from_bytes(memoryview(pkt)[20:], "big")
+    if n & 1:
+        sm <<= 8
+    r = (sm + int.from_bytes(src, "big") + int.from_bytes(dst, "big") + IPPROTO_TCP + n) % 0xFFFF
+    csum = 0xFFFF - r if r else 0
     pkt[36] = csum >> 8
     pkt[37] = csum & 0xFF
     return pkt

@@ -39,7 +39,7 @@ class Session:
         "isn", "snd_una", "snd_nxt", "cap_nxt", "unsent", "unacked", "ooo", "buffered",
         "target_isn", "rcv_nxt", "wnd", "wscale", "mss", "syn_options", "syn_wscale",
         "syn_ts", "client_tsval", "target_tsval", "client_win", "client_ack", "awaiting",
-        "pace_at", "need_ack", "rto", "srtt", "rttvar", "rto_at", "backoff", "rtt_seq",
+        "pace_at", "need_ack", "ack_at", "rto", "srtt", "rttvar", "rto_at", "backoff", "rtt_seq",
         "rtt_time", "dupacks", "created", "last_seen", "close_at", "gap_since",
         "retransmits", "freed",
     )
@@ -76,6 +76,7 @@ class Session:
         self.awaiting = False     # a request went out; the target has not answered yet
         self.pace_at = 0.0        # when a held request is sent even without an answer
         self.need_ack = False     # target data or FIN to acknowledge
+        self.ack_at = 0.0         # when that acknowledgement is due (delayed ACK)
         self.rto = 1.0
         self.srtt = 0.0
         self.rttvar = 0.0

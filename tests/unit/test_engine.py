@@ -95,7 +95,9 @@ def test_syn_is_rewritten_and_registered_first(eng):
 
 def test_handshake_completes_from_the_targets_syn_ack(eng):
     s = handshake(eng)
-    [syn, ack] = eng.sender.take()
+    assert len(eng.sender.take()) == 1  # the SYN; the third ACK waits for data a moment
+    eng.tick(100.0 + 0.05)
+    [ack] = eng.sender.take()
     assert ack.flags == P.ACK and ack.seq == ISN + 1 and ack.ack == TARGET_ISN + 1
     assert s.state & ESTABLISHED and s.state & TIMESTAMPS
     assert s.wscale == 7
@@ -211,18 +213,46 @@ def test_fake_syn_for_a_session_seen_mid_connection(eng):
     assert eng.counters[C.INDEX["sessions_fake"]] == 1
 
 
-def test_orderly_close_ends_with_a_reset_that_frees_the_target(eng):
+def test_client_closes_first_then_a_reset_frees_the_target(eng):
     handshake(eng)
     feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"req"))
-    answer(eng, reply(TARGET_ISN + 1, ISN + 4, P.ACK | P.PSH | P.FIN, payload_len=10))
-    feed(eng, client_pkt(ISN + 4, ONLINE_ISN + 12, P.ACK | P.FIN))
-    eng.sender.take()
-    answer(eng, reply(TARGET_ISN + 12, ISN + 5, P.ACK))
+    answer(eng, reply(TARGET_ISN + 1, ISN + 4, P.ACK | P.PSH, payload_len=10))
+    feed(eng, client_pkt(ISN + 4, ONLINE_ISN + 11, P.ACK | P.FIN))
+    [fin] = [p for p in eng.sender.take() if p.flags & P.FIN]
+    assert fin.seq == ISN + 4 and fin.ack == TARGET_ISN + 11
+    answer(eng, reply(TARGET_ISN + 11, ISN + 5, P.ACK | P.FIN))
     [rst] = eng.sender.take()
     assert rst.flags & P.RST and rst.seq == ISN + 5
     assert not eng.sessions
     assert ("del", CPORT) in eng.control.log
     assert eng.counters[C.INDEX["sessions_closed"]] == 1
+
+
+def test_target_closes_first_then_the_clients_fin_becomes_a_reset(eng):
+    handshake(eng)
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"req"))
+    answer(eng, reply(TARGET_ISN + 1, ISN + 4, P.ACK | P.PSH | P.FIN, payload_len=10))
+    eng.sender.take()
+    feed(eng, client_pkt(ISN + 4, ONLINE_ISN + 12, P.ACK | P.FIN))
+    [rst] = eng.sender.take()  # no FIN, no separate ACK: one reset at the FIN's place
+    assert rst.flags & P.RST and rst.seq == ISN + 4
+    assert not eng.sessions
+    assert eng.counters[C.INDEX["sessions_closed"]] == 1
+
+
+def test_target_data_is_acknowledged_every_second_segment_or_after_a_delay(eng):
+    handshake(eng)
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"GET /big"))
+    eng.sender.take()
+    answer(eng, reply(TARGET_ISN + 1, ISN + 9, P.ACK, payload_len=1000))
+    assert eng.sender.take() == []
+    answer(eng, reply(TARGET_ISN + 1001, ISN + 9, P.ACK, payload_len=1000))
+    [ack] = eng.sender.take()
+    assert ack.ack == TARGET_ISN + 2001
+    answer(eng, reply(TARGET_ISN + 2001, ISN + 9, P.ACK, payload_len=500))
+    eng.tick(100.0 + 0.05)
+    [ack] = eng.sender.take()
+    assert ack.ack == TARGET_ISN + 2501
 
 
 def test_client_reset_still_delivers_queued_data(eng):
@@ -295,3 +325,14 @@ def test_malformed_and_foreign_replies_are_counted(eng):
     assert eng.counters[C.INDEX["replies_malformed"]] == 1
     eng.on_reply(reply(1, 1, P.ACK), 100.0)
     assert eng.counters[C.INDEX["replies_no_session"]] == 1
+
+
+def test_client_fin_after_an_answer_waits_for_the_targets_answer(eng):
+    handshake(eng)
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"POST"))
+    # the online server answered; the client acknowledges it and closes
+    feed(eng, client_pkt(ISN + 5, ONLINE_ISN + 100, P.ACK | P.FIN))
+    assert not [p for p in eng.sender.take() if p.flags & P.FIN]
+    answer(eng, reply(TARGET_ISN + 1, ISN + 5, P.ACK | P.PSH, payload_len=20))
+    [fin] = [p for p in eng.sender.take() if p.flags & P.FIN]
+    assert fin.seq == ISN + 5

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need, once: Debian packages (real servers, load
+# tools, iptables, the NetfilterQueue build deps) and a virtualenv in .venv with tcpcopyd.
+# Sourced by tools/demo and tools/test; safe to run again (it only adds what is missing).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ "$(id -u)" != 0 ]; then
+    echo "run this as root (it installs packages and builds network namespaces)" >&2
+    exit 1
+fi
+APT_PACKAGES=(python3 python3-venv python3-dev gcc libnetfilter-queue-dev iptables iproute2
+              nginx-light memcached nghttp2-client curl wrk apache2-utils util-linux procps
+              kmod)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # do not start the packaged nginx/memcached services: the lab runs its own
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d.tcpcopyd
+    chmod +x /usr/sbin/policy-rc.d.tcpcopyd
+    had_policy=0; [ -e /usr/sbin/policy-rc.d ] && had_policy=1
+    [ $had_policy = 0 ] && cp /usr/sbin/policy-rc.d.tcpcopyd /usr/sbin/policy-rc.d
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+    [ $had_policy = 0 ] && rm -f /usr/sbin/policy-rc.d
+    rm -f /usr/sbin/policy-rc.d.tcpcopyd
+fi
+# the kernel's NFQUEUE support (built in on some kernels, modules on others)
+modprobe -q nfnetlink_queue 2>/dev/null || true
+modprobe -q xt_NFQUEUE 2>/dev/null || true
+PY="${PYTHON:-python3}"
+VENV="$ROOT/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "creating $VENV"
+    "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.tcpcopyd-installed"
+if [ ! -e "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+    echo "installing tcpcopyd and its test tools into $VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+    touch "$stamp"
+fi
