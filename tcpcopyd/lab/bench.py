@@ -1,0 +1,79 @@
+"""Replication benchmark in the lab: request loss and CPU of each daemon at given rates.
+
+For each rate, ``--runs`` runs on a fresh lab; each run offers ``--requests`` short HTTP
+requests (h2load, one request per connection) and counts what the online and the target
+nginx logged. CPU is utime+stime of each daemon's master and workers over the run, from
+/proc. Prints medians as a Markdown table for BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+from tcpcopyd.lab import load
+from tcpcopyd.lab.lab import Lab, wait_for
+
+
+def one_run(rate: int, requests: int, per_connection: int) -> dict:
+    lab = Lab(f"bench{os.getpid() % 1000}")
+    try:
+        lab.up(memcached=False)
+        lab.start_interceptd([80])
+        lab.start_tcpcopyd([80])
+        cpu0 = {d: lab.daemon_cpu_seconds(d) for d in ("tcpcopyd", "interceptd")}
+        t0 = time.monotonic()
+        r = load.h2load(lab, requests=requests, rate=rate, per_connection=per_connection)
+        online = len(lab.nginx_log("online"))
+        try:
+            wait_for(lambda: len(lab.nginx_log("target")) >= online, 30, "target")
+        except Exception:
+            pass
+        wall = time.monotonic() - t0
+        cpu = {d: lab.daemon_cpu_seconds(d) - cpu0[d] for d in cpu0}
+        target = sum(1 for f in lab.nginx_log("target") if f[2] == "200")
+        leaked = sum(lab.ns.leaked().values())
+    finally:
+        lab.down()
+        lab.cleanup_files()
+    return {"offered": requests, "online": online, "target": target,
+            "loss_pct": 100.0 * (online - target) / online if online else 100.0,
+            "load_s": r.seconds, "client_errors": r.failed + r.errored, "leaked": leaked,
+            **{f"{d}_cpu_pct": 100.0 * c / max(r.seconds, wall) for d, c in cpu.items()},
+            **{f"{d}_us_per_req": 1e6 * c / max(1, online) for d, c in cpu.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tcpcopyd-bench", description=__doc__)
+    ap.add_argument("--rates", default="1000,2000,5000")
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--per-connection", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the benchmark builds network namespaces: run it as root", file=sys.stderr)
+        return 1
+    rows = []
+    for rate in [int(x) for x in args.rates.split(",")]:
+        runs = [one_run(rate, args.requests, args.per_connection) for _ in range(args.runs)]
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        rows.append((rate, med, runs))
+        print(f"rate {rate}: " + "; ".join(
+            f"loss {r['loss_pct']:.3f}% tcpcopyd {r['tcpcopyd_cpu_pct']:.0f}% "
+            f"interceptd {r['interceptd_cpu_pct']:.0f}%" for r in runs), flush=True)
+    print()
+    print("| offered req/s | requests | loss % (median) | worst loss % | tcpcopyd CPU % | "
+          "tcpcopyd µs/req | interceptd CPU % | interceptd µs/req | leaked |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for rate, m, runs in rows:
+        print(f"| {rate} | {args.requests} | {m['loss_pct']:.3f} | "
+              f"{max(r['loss_pct'] for r in runs):.3f} | {m['tcpcopyd_cpu_pct']:.0f} | "
+              f"{m['tcpcopyd_us_per_req']:.0f} | {m['interceptd_cpu_pct']:.0f} | "
+              f"{m['interceptd_us_per_req']:.0f} | {max(r['leaked'] for r in runs)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

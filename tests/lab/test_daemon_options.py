@@ -1,0 +1,63 @@
+"""Operator-facing options of the daemons, in the lab: log file, pid file, config file,
+interceptd with rules managed by the operator."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tcpcopyd.lab import load
+from tcpcopyd.lab.lab import bin_path
+from tcpcopyd.lab.net import TARGET_IP
+from tests.lab.conftest import target_caught_up
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.mark.parametrize("lab", [{"tcpcopyd": False, "memcached": False}], indirect=True)
+def test_log_file_pid_file_and_config_file(lab):
+    conf = os.path.join(lab.dir, "tcpcopyd.conf")
+    logf = os.path.join(lab.dir, "copy.log")
+    pidf = os.path.join(lab.dir, "copy.pid")
+    with open(conf, "w") as f:
+        f.write(f'[tcpcopyd]\ntransfer = "80-{TARGET_IP}:80"\nserver = "{TARGET_IP}"\n'
+                f'interface = "eth0"\ntimeout = 30\n')
+    p = lab.start("tcpcopyd", lab.ns.online,
+                  [bin_path("tcpcopyd"), "--config", conf, "-l", logf, "-P", pidf,
+                   "--instance", f"{lab.ns.prefix}-tcpcopyd"])
+
+    def logged(text):
+        with open(logf) as f:
+            return text in f.read()
+    from tcpcopyd.lab.lab import wait_for
+    wait_for(lambda: os.path.exists(logf) and logged("connected to interceptd"), 20,
+             "tcpcopyd to log to its file")
+    with open(pidf) as f:
+        assert int(f.read()) == p.pid
+    assert lab.log_text("tcpcopyd") == ""  # nothing on stderr
+    r = load.h2load(lab, requests=100, rate=100)
+    assert r.succeeded == 100
+    assert len(target_caught_up(lab, 100)) == 100
+    assert lab.stop("tcpcopyd") == 0
+    assert not os.path.exists(pidf)
+
+
+@pytest.mark.parametrize("lab", [{"interceptd": False, "tcpcopyd": False, "memcached": False}],
+                         indirect=True)
+def test_interceptd_with_operator_managed_rules(lab):
+    rule = ["-p", "tcp", "--sport", "80", "-j", "NFQUEUE", "--queue-num", "3"]
+    lab.ns.run(lab.ns.target, ["iptables", "-w", "5", "-I", "OUTPUT", *rule])
+    try:
+        lab.start_interceptd([80], extra=["--no-iptables", "--queue-num", "3"])
+        rules = lab.ns.run(lab.ns.target, ["iptables", "-S", "OUTPUT"]).stdout
+        assert rules.count("NFQUEUE") == 1  # only the operator's
+        lab.start_tcpcopyd([80])
+        r = load.h2load(lab, requests=300, rate=300)
+        assert r.succeeded == 300
+        assert len(target_caught_up(lab, 300)) == 300
+        assert lab.stop("tcpcopyd") == 0
+        assert lab.stop("interceptd") == 0
+        rules = lab.ns.run(lab.ns.target, ["iptables", "-S", "OUTPUT"]).stdout
+        assert rules.count("NFQUEUE") == 1  # left in place for its owner
+    finally:
+        lab.ns.run(lab.ns.target, ["iptables", "-w", "5", "-D", "OUTPUT", *rule], check=False)
