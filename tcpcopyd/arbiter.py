@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from setproctitle import setproctitle
 
+from shm import seqlock
 from shm.segment import Segment
 
 log = logging.getLogger("arbiter")
@@ -26,7 +27,7 @@ GRACEFUL_TIMEOUT = 4.0
 # a worker whose heartbeat is older than this is killed and replaced
 HEARTBEAT_TIMEOUT = 10.0
 # a worker younger than this gets no heartbeat check yet
-BOOT_GRACE = 10.0
+BOOT_GRACE = 5.0
 
 
 class Arbiter:
@@ -168,12 +169,18 @@ class Arbiter:
     def check_heartbeats(self) -> None:
         now = time.time()
         for pid, index in list(self.workers.items()):
-            if now - self.started.get(pid, now) < BOOT_GRACE:
+            started = self.started.get(pid, now)
+            if now - started < BOOT_GRACE:
                 continue
-            hb = self.seg.read_worker(index).heartbeat
-            if hb and now - hb > HEARTBEAT_TIMEOUT:
+            try:
+                rec = self.seg.read_worker(index)
+            except seqlock.TornRead:
+                continue  # stopped in the middle of a write: judged on the next round
+            # a heartbeat of an earlier worker of this index does not count for this one
+            last = rec.heartbeat if rec.pid == pid else started
+            if now - last > HEARTBEAT_TIMEOUT:
                 log.warning("worker %d (pid %d) silent for %.0fs: killing it", index + 1, pid,
-                            now - hb)
+                            now - last)
                 _kill(pid, signal.SIGKILL)
 
     def finish(self) -> int:

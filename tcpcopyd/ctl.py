@@ -13,6 +13,7 @@ import psutil
 
 from interceptd import counters as icounters
 from shm import segment as shmseg
+from shm import seqlock
 from tcpcopyd import counters as tcounters
 
 KINDS = {1: ("tcpcopyd", tcounters), 2: ("interceptd", icounters)}
@@ -53,7 +54,11 @@ def describe(seg: shmseg.Segment) -> dict:
     if master.get("alive") is False:
         problems.append(f"master pid {seg.master_pid} is not running")
     for i in range(seg.n_workers):
-        rec = seg.read_worker(i)
+        try:
+            rec = seg.read_worker(i)
+        except seqlock.TornRead:
+            problems.append(f"worker {i + 1} stopped in the middle of updating its record")
+            continue
         info = proc_info(rec.pid) if rec.pid else {"pid": 0, "alive": False}
         age = now - rec.heartbeat if rec.heartbeat else None
         names = counters.NAMES if counters else ()

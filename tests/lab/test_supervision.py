@@ -1,0 +1,76 @@
+"""The arbiter: a killed or silent worker is replaced, tcpcopyctl sees it, a killed
+interceptd's rules are cleaned by the next one."""
+from __future__ import annotations
+
+import os
+import signal
+
+import orjson
+import psutil
+import pytest
+
+from tcpcopyd.lab import load
+from tcpcopyd.lab.lab import wait_for
+from tests.lab.conftest import ctl_status, target_caught_up
+
+pytestmark = pytest.mark.lab
+
+
+def worker_pid(lab, name: str) -> int:
+    [w] = psutil.Process(lab.procs[name].pid).children()
+    return w.pid
+
+
+def status(lab, name: str) -> tuple[int, dict]:
+    r = ctl_status(f"{lab.ns.prefix}-{name}")
+    [d] = orjson.loads(r.stdout)
+    return r.returncode, d
+
+
+@pytest.mark.parametrize("lab", [{"memcached": False}], indirect=True)
+def test_killed_worker_is_replaced_and_status_shows_it(lab):
+    rc, d = status(lab, "tcpcopyd")
+    assert rc == 0 and d["healthy"]
+    assert d["workers"][0]["title"].startswith("tcpcopyd: worker 1/1 cpu=")
+    old = worker_pid(lab, "tcpcopyd")
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: status(lab, "tcpcopyd")[1]["workers"][0]["restarts"] == 1, 10,
+             "a restart in tcpcopyctl status")
+    wait_for(lambda: status(lab, "tcpcopyd")[0] == 0, 10, "a healthy status again")
+    assert worker_pid(lab, "tcpcopyd") != old
+    lab.wait_log("tcpcopyd", "killed by SIGKILL")
+    lab.wait_log("tcpcopyd", "connected to interceptd", count=2)
+    r = load.h2load(lab, requests=200, rate=200)
+    assert r.succeeded == 200
+    assert len(target_caught_up(lab, 200)) == 200
+
+
+@pytest.mark.parametrize("lab", [{"memcached": False, "tcpcopyd": False}], indirect=True)
+def test_silent_worker_is_killed_and_replaced(lab):
+    old = worker_pid(lab, "interceptd")
+    os.kill(old, signal.SIGSTOP)
+    wait_for(lambda: status(lab, "interceptd")[0] == 1, 15, "tcpcopyctl to report it stale")
+    lab.wait_log("interceptd", "silent for", timeout=30)
+    wait_for(lambda: status(lab, "interceptd")[0] == 0, 15, "a healthy status again")
+    assert worker_pid(lab, "interceptd") != old
+
+
+@pytest.mark.parametrize("lab", [{"memcached": False, "tcpcopyd": False}], indirect=True)
+def test_rules_of_a_killed_interceptd_are_removed_by_the_next(lab):
+    p = lab.procs["interceptd"]
+    for proc in [*psutil.Process(p.pid).children(), psutil.Process(p.pid)]:
+        proc.kill()
+    p.wait()
+    rules = lab.ns.run(lab.ns.target, ["iptables", "-S", "OUTPUT"]).stdout
+    assert rules.count("NFQUEUE") == 2  # left behind: fail-closed while nobody reads
+    lab.procs.pop("interceptd")
+    lab.start_interceptd()
+    rules = lab.ns.run(lab.ns.target, ["iptables", "-S", "OUTPUT"]).stdout
+    assert rules.count("NFQUEUE") == 2
+    lab.wait_log("interceptd", "removed 2 stale rule(s)")
+
+
+def test_status_exit_code_when_nothing_runs():
+    r = ctl_status("no-such-instance")
+    assert r.returncode == 3
+    assert "no tcpcopyd or interceptd is running" in r.stderr
