@@ -32,5 +32,9 @@ NAMES = (
     "control_errors",      # control connections lost or refused
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
+# indexes of the counters bumped on the packet path
+CAPTURED, MALFORMED, NO_SESSION, DUPLICATE, OUT_OF_ORDER, SENT, SEND_ERRORS, BYTES_SENT, \
+    REPLIES, REPLIES_NO_SESSION, REPLIES_MALFORMED = range(11)
+assert NAMES[REPLIES_MALFORMED] == "replies_malformed"
 # gauges are set, not added up over time
 GAUGES = frozenset({"sessions_active"})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import socket
 from typing import Protocol
 
 from tcpcopyd import counters as C
@@ -38,7 +37,6 @@ from tcpcopyd.session import (
     CLIENT_RST,
     ESTABLISHED,
     FAKE,
-    SLOT,
     SYN_SENT,
     TARGET_FIN,
     TIMESTAMPS,
@@ -86,11 +84,13 @@ class Table(Protocol):
 
 
 class Engine:
-    def __init__(self, targets: dict[int, tuple[bytes, int]], sender: Sender, control: Control,
+    def __init__(self, targets: dict, sender: Sender, control: Control,
                  table: Table | None, slots: range, *, mtu: int = 1500, fake_mss: int = 1460,
                  idle_timeout: float = 120.0, pace_timeout: float = 2.0,
                  max_session_buffer: int = 64 << 20) -> None:
-        self.targets = targets            # local service port -> (target ip, target port)
+        # local service port, or (online ip, port) for rules bound to one address
+        #   -> (target ip, target port)
+        self.targets = targets
         self.sender = sender
         self.control = control
         self.table = table
@@ -112,9 +112,9 @@ class Engine:
     def on_client_packet(self, buf: bytes | bytearray | memoryview, n: int, now: float) -> None:
         """One IPv4 packet captured from a client (already filtered to our service ports)."""
         cnt = self.counters
-        cnt[0] += 1  # captured
+        cnt[C.CAPTURED] += 1
         if n < 40:
-            cnt[1] += 1
+            cnt[C.MALFORMED] += 1
             return
         (vihl, _tos, tot_len, _id, frag, _ttl, proto, _c, src, dst, sport, dport, seq, ack,
          offflags, window, _tc, _u) = IP_TCP.unpack_from(buf, 0)
@@ -124,10 +124,10 @@ class Engine:
             if vihl >> 4 == 4 and vihl & 0xF > 5 and proto == 6:
                 self._client_packet_with_ip_options(buf, n, now)
             else:
-                cnt[1] += 1
+                cnt[C.MALFORMED] += 1
             return
         end = tot_len if tot_len <= n else n
-        self._client_segment(src, sport, dport, seq, ack, offflags & 0x3F, window,
+        self._client_segment(src, dst, sport, dport, seq, ack, offflags & 0x3F, window,
                              bytes(buf[40:20 + thl]) if thl > 20 else b"",
                              bytes(buf[20 + thl:end]) if end > 20 + thl else b"", now)
 
@@ -136,23 +136,23 @@ class Engine:
         try:
             p = parse(buf, n)
         except MalformedPacket:
-            self.counters[1] += 1
+            self.counters[C.MALFORMED] += 1
             return
-        self._client_segment(p.src, p.sport, p.dport, p.seq, p.ack, p.flags, p.window,
+        self._client_segment(p.src, p.dst, p.sport, p.dport, p.seq, p.ack, p.flags, p.window,
                              p.options, p.payload, now)
 
-    def _client_segment(self, src: bytes, sport: int, dport: int, seq: int, ack: int,
-                        flags: int, window: int, options: bytes, payload: bytes,
+    def _client_segment(self, src: bytes, dst: bytes, sport: int, dport: int, seq: int,
+                        ack: int, flags: int, window: int, options: bytes, payload: bytes,
                         now: float) -> None:
-        target = self.targets.get(dport)
+        target = self.targets.get(dport) or self.targets.get((dst, dport))
         if target is None:
-            self.counters[C.INDEX["no_session"]] += 1
+            self.counters[C.NO_SESSION] += 1
             return
         key = (src, sport, target[0], target[1])
         s = self.sessions.get(key)
         if flags & SYN:
             if flags & (ACK | RST | FIN):
-                self.counters[1] += 1
+                self.counters[C.MALFORMED] += 1
                 return
             if s is not None:
                 if s.isn == seq:
@@ -162,7 +162,7 @@ class Engine:
             return
         if s is None:
             if not payload:
-                self.counters[2] += 1
+                self.counters[C.NO_SESSION] += 1
                 return
             s = self._open(key, src, sport, target, seq_add(seq, -1), window, options, now,
                            fake=True)
@@ -229,14 +229,14 @@ class Engine:
             if seq_lt(seq, s.cap_nxt):
                 skip = seq_diff(s.cap_nxt, seq)
                 if skip >= len(payload) + (1 if flags & FIN else 0) or s.state & CLIENT_FIN:
-                    self.counters[3] += 1  # duplicate
+                    self.counters[C.DUPLICATE] += 1
                     return
                 payload, seq = payload[skip:], s.cap_nxt
             else:
                 if seq not in s.ooo:
                     s.ooo[seq] = (flags, payload, ack)
                     s.buffered += len(payload)
-                    self.counters[4] += 1
+                    self.counters[C.OUT_OF_ORDER] += 1
                 if not s.gap_since:
                     s.gap_since = now
                     self._schedule(s, now + GAP_TIMEOUT)
@@ -285,24 +285,24 @@ class Engine:
     def on_reply(self, hdr: bytes, now: float) -> None:
         """One 64-byte reply header of the target, from interceptd."""
         cnt = self.counters
-        cnt[8] += 1  # replies
+        cnt[C.REPLIES] += 1
         try:
             (vihl, _tos, tot_len, _id, _frag, _ttl, proto, _c, src, dst, sport, dport, seq,
              ack, offflags, window, _tc, _u) = IP_TCP.unpack_from(hdr, 0)
         except Exception:
-            cnt[10] += 1
+            cnt[C.REPLIES_MALFORMED] += 1
             return
         thl = (offflags >> 12) << 2
         if vihl != 0x45 or proto != 6 or thl < 20:
-            cnt[10] += 1
+            cnt[C.REPLIES_MALFORMED] += 1
             return
         s = self.sessions.get((dst, dport, src, sport))
         if s is None:
-            cnt[9] += 1
+            cnt[C.REPLIES_NO_SESSION] += 1
             return
         plen = tot_len - 20 - thl
         if plen < 0:
-            cnt[10] += 1
+            cnt[C.REPLIES_MALFORMED] += 1
             return
         flags = offflags & 0x3F
         s.last_seen = now
@@ -476,7 +476,7 @@ class Engine:
                     seq, flags, payload, n = head[0], head[1], head[2], size
             q.popleft()
             self._send_segment(s, seq, flags, payload)
-            self.counters[7] += n
+            self.counters[C.BYTES_SENT] += n
             s.unacked.append([seq, flags, payload, False])
             s.snd_nxt = seq_add(seq, n + (1 if flags & FIN else 0))
             if n:
@@ -499,9 +499,9 @@ class Engine:
 
     def _emit(self, pkt: bytearray, s: Session) -> None:
         if self.sender.send(pkt, s.target_ip):
-            self.counters[5] += 1
+            self.counters[C.SENT] += 1
         else:
-            self.counters[6] += 1
+            self.counters[C.SEND_ERRORS] += 1
 
     def _retransmit_head(self, s: Session, now: float) -> None:
         s.rtt_seq = None
@@ -655,9 +655,3 @@ class Engine:
                 self._retransmit_head(s, now)
                 self._arm(s, now + s.rto)
 
-
-def ip_str(addr: bytes) -> str:
-    return socket.inet_ntoa(addr)
-
-
-__all__ = ["Engine", "SLOT"]

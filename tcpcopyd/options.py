@@ -38,9 +38,12 @@ def transfers(raw: object) -> list[Transfer]:
                                "e.g. 80-198.18.2.2:80") from None
     if not out:
         raise SettingError("expected at least one PORT-TARGET_IP:TARGET_PORT")
-    ports = [t.port for t in out]
-    if len(set(ports)) != len(ports):
-        raise SettingError("a local port appears twice")
+    keys = [(t.online_ip, t.port) for t in out]
+    if len(set(keys)) != len(keys):
+        raise SettingError("the same local address and port appear twice")
+    any_address = {t.port for t in out if t.online_ip is None}
+    if any(t.online_ip is not None and t.port in any_address for t in out):
+        raise SettingError("a port is copied both for every address and for one address")
     return out
 
 
@@ -59,10 +62,6 @@ def servers(raw: object) -> list[tuple[str, int]]:
     if not out:
         raise SettingError("expected an interceptd address")
     return out
-
-
-def default_workers() -> int:
-    return 1
 
 
 REGISTRY = (

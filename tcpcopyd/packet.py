@@ -33,7 +33,6 @@ SEQ_MOD = 1 << 32
 
 # IPv4 header (no options) followed by the fixed TCP header, read in one call
 IP_TCP = struct.Struct("!BBHHHBBH4s4sHHIIHHHH")
-IP_HDR = struct.Struct("!BBHHHBBH4s4s")
 TCP_HDR = struct.Struct("!HHIIHHHH")
 TS_OPT = struct.Struct("!BBBBII")  # NOP NOP kind=8 len=10 TSval TSecr
 U32 = struct.Struct("!I")
@@ -73,10 +72,6 @@ class Segment:
         self.src, self.dst, self.sport, self.dport = src, dst, sport, dport
         self.seq, self.ack, self.flags, self.window = seq, ack, flags, window
         self.options, self.payload, self.ip_len = options, payload, ip_len
-
-    @property
-    def payload_len(self) -> int:
-        return len(self.payload)
 
 
 def parse(buf: bytes | memoryview, length: int | None = None) -> Segment:
@@ -201,8 +196,3 @@ def build(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, fl
     pkt[37] = csum & 0xFF
     return pkt
 
-
-def ip_checksum(header: bytes | bytearray) -> int:
-    s = int.from_bytes(header, "big")
-    r = s % 0xFFFF
-    return 0xFFFF - r if r else 0

@@ -6,6 +6,7 @@ the target's sequence space (learned from intercepted replies) and is what we ac
 from __future__ import annotations
 
 import enum
+import socket
 import struct
 from collections import deque
 
@@ -100,6 +101,5 @@ class Session:
                 self.last_seen, self.retransmits, self.buffered & 0xFFFFFFFF)
 
     def describe(self) -> str:
-        import socket
         return (f"{socket.inet_ntoa(self.client_ip)}:{self.client_port} -> "
                 f"{socket.inet_ntoa(self.target_ip)}:{self.target_port}")

@@ -61,7 +61,8 @@ class Worker:
         table = SlotTable(self.seg, SLOT)
         host, port = cfg.server[0]
         control = ControlLink(host, port, ep)
-        targets = {t.port: (socket.inet_aton(t.target_ip), t.target_port) for t in cfg.transfer}
+        targets = {t.port if t.online_ip is None else (socket.inet_aton(t.online_ip), t.port):
+                   (socket.inet_aton(t.target_ip), t.target_port) for t in cfg.transfer}
         engine = Engine(targets, RawSender(), control, table, table.owned_range(self.index),
                         mtu=cfg.mtu, fake_mss=cfg.mss, idle_timeout=cfg.timeout,
                         pace_timeout=cfg.pace_timeout, max_session_buffer=cfg.session_buffer)

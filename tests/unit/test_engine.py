@@ -336,3 +336,16 @@ def test_client_fin_after_an_answer_waits_for_the_targets_answer(eng):
     answer(eng, reply(TARGET_ISN + 1, ISN + 5, P.ACK | P.PSH, payload_len=20))
     [fin] = [p for p in eng.sender.take() if p.flags & P.FIN]
     assert fin.seq == ISN + 5
+
+
+def test_rules_bound_to_an_online_address_copy_only_that_address():
+    other = socket.inet_aton("198.18.1.3")
+    e = Engine({(ONLINE, 80): (TARGET, 80), (other, 80): (TARGET, 8080)}, FakeSender(),
+               FakeControl(), None, range(10))
+    feed(e, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS))
+    [syn] = e.sender.take()
+    assert syn.dport == 80
+    pkt = P.build(CLIENT, socket.inet_aton("198.18.1.9"), CPORT + 1, 80, ISN, 0, P.SYN, 5)
+    feed(e, pkt)
+    assert e.sender.take() == []
+    assert e.counters[C.NO_SESSION] == 1
