@@ -16,6 +16,10 @@ NAMES = (
     "peers_accepted",     # control connections accepted
     "routes",             # gauge: registered sessions
     "queue_drops",        # packets the kernel dropped because the queue was full
+    "handed_off",         # reply headers handed to the worker holding their connection
+    "handed_in",          # reply headers received from other workers
+    "handoff_full",       # reply headers dropped because a hand-off ring was full
+    "route_table_full",   # sessions not published in the shared route table (full)
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 GAUGES = frozenset({"peers", "routes"})

@@ -7,7 +7,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from interceptd import rules
+from interceptd import rules, shared
 from shm import segment as shmseg
 from tcpcopyd import wire
 from tcpcopyd.arbiter import WORKER_BOOT_ERROR, Arbiter, allowed_cpus, setup_logging
@@ -19,6 +19,13 @@ PROG = "interceptd"
 KIND = 2
 
 log = logging.getLogger(PROG)
+
+# packets the kernel may hold for a queue before dropping them (fail-closed)
+QUEUE_MAXLEN = 16384
+# bytes of each queued packet copied to us: IPv4 header + the largest TCP header
+COPY_RANGE = 60 + 60
+# NFQUEUE copy mode "packet"
+NFQNL_COPY_PACKET = 2
 
 REGISTRY = (
     Setting("service_port", ("--service-port",), None, port_list,
@@ -32,8 +39,9 @@ REGISTRY = (
             "do not install/remove NFQUEUE rules (the operator manages them)", is_flag=True),
     Setting("queue_num", ("--queue-num",), 0, int_range(0, 65535),
             "first NFQUEUE number", metavar="N"),
-    Setting("queues", ("--queues",), 1, int_range(1, 1024),
-            "NFQUEUE numbers (one worker each)", metavar="N"),
+    Setting("queues", ("--queues",), None, int_range(1, 1024),
+            "NFQUEUE numbers, one worker each, pinned to its CPU (default: one per CPU this "
+            "process may use)", metavar="N"),
     Setting("log", ("-l", "--log"), None, text, "log to this file instead of stderr",
             metavar="FILE"),
     Setting("log_level", ("--log-level",), "info",
@@ -57,12 +65,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         return fail("needs root (NFQUEUE and iptables): run it with sudo or as the systemd unit")
     setup_logging(PROG, cfg.log, cfg.log_level)
+    if cfg.queues is None:
+        cfg.values["queues"] = len(allowed_cpus())
     if cfg.queue_num + cfg.queues > 65536:
         return fail("--queue-num + --queues exceeds 65535")
     try:
-        import netfilterqueue  # noqa: F401
+        from netfilterqueue import NetfilterQueue
     except ImportError as e:
         return fail(f"NetfilterQueue is not installed ({e}): pip install NetfilterQueue")
+    from interceptd.worker import dispatch
+    # the master binds every queue and keeps the bindings: a worker that dies does not
+    # unbind its queue, packets wait in the kernel for its successor
+    queues = []
+    for q in range(cfg.queue_num, cfg.queue_num + cfg.queues):
+        nfq = NetfilterQueue()
+        try:
+            nfq.bind(q, dispatch, max_len=QUEUE_MAXLEN, mode=NFQNL_COPY_PACKET,
+                     range=COPY_RANGE, sock_len=8 << 20)
+        except OSError as e:
+            for other in queues:
+                other.unbind()
+            return fail(f"cannot bind NFQUEUE {q}: {e} (is another interceptd using it? "
+                        f"choose other numbers with --queue-num)")
+        queues.append(nfq)
+    wakeups = [os.eventfd(0, os.EFD_NONBLOCK) for _ in queues]
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -81,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fail(str(e))
     try:
         seg = shmseg.create(cfg.instance, KIND, cfg.queues, 0, 64,
-                            label=",".join(map(str, cfg.service_port)))
+                            label=",".join(map(str, cfg.service_port)),
+                            extra_size=shared.extra_size(cfg.queues))
     except (shmseg.SegmentError, OSError) as e:
         rules.remove(installed)
         listener.close()
@@ -97,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def boot(index: int, cpu: int) -> None:
         from interceptd.worker import Worker
         try:
-            w = Worker(cfg, index, cpu, seg, listener, cfg.queue_num + index)
+            w = Worker(cfg, index, cpu, seg, listener, queues[index], wakeups)
         except Exception as e:  # noqa: BLE001 - reported, then the master stops
             log.error("worker %d cannot start: %s", index + 1, e)
             sys.exit(WORKER_BOOT_ERROR)
@@ -108,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        allowed_cpus()).run()
     finally:
         rules.remove(installed)
+        for nfq in queues:
+            nfq.unbind()
         listener.close()
         seg.close()
         seg.unlink()

@@ -28,7 +28,10 @@ def iptables_path() -> str:
 
 def rule_specs(ports: list[int], first_queue: int, queues: int, tag: str) -> list[list[str]]:
     if queues > 1:
-        target = ["-j", "NFQUEUE", "--queue-balance", f"{first_queue}:{first_queue + queues - 1}"]
+        # --queue-cpu-fanout: the reply goes to the queue of the CPU that produced it (the
+        # plain balance hashes addresses only, so one busy client would use a single queue)
+        target = ["-j", "NFQUEUE", "--queue-balance", f"{first_queue}:{first_queue + queues - 1}",
+                  "--queue-cpu-fanout"]
     else:
         target = ["-j", "NFQUEUE", "--queue-num", str(first_queue)]
     return [["-p", "tcp", "--sport", str(p), "!", "-d", "127.0.0.0/8",

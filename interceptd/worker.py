@@ -1,5 +1,7 @@
-"""An interceptd worker: reads one NFQUEUE (dropping every packet: the target's replies
-must never reach anyone), serves tcpcopyd control connections, and routes reply headers."""
+"""An interceptd worker: reads its NFQUEUE (dropping every packet: the target's replies must
+never reach anyone), serves the tcpcopyd control connections it accepts, and routes reply
+headers — to its own connections, or through a shm ring to the worker holding the session's
+connection."""
 from __future__ import annotations
 
 import logging
@@ -8,39 +10,51 @@ import select
 import signal
 import socket
 import time
+from collections.abc import Callable
 
-from netfilterqueue import NetfilterQueue
 from setproctitle import setproctitle
 
 from interceptd import counters as C
 from interceptd.router import Peer, Router
+from interceptd.shared import Shared
 from shm.segment import Segment
 from tcpcopyd import wire
 
 log = logging.getLogger("interceptd.worker")
 
-# packets the kernel may hold for the queue before dropping (fail-closed)
-QUEUE_MAXLEN = 16384
-# bytes of each queued packet copied to us: IPv4 header + the largest TCP header
-COPY_RANGE = 60 + 60
 SYNC_INTERVAL = 0.1
-# NFQUEUE copy mode "packet"
-NFQNL_COPY_PACKET = 2
+
+# The NFQUEUE bindings are made by the master (so a dying worker does not unbind its queue:
+# packets wait in the kernel for the next one). Their callback is this trampoline, pointed
+# at the worker's handler after the fork.
+_handler: Callable | None = None
+
+
+def dispatch(pkt) -> None:
+    if _handler is None:
+        pkt.drop()
+    else:
+        _handler(pkt)
 
 
 class Worker:
     def __init__(self, cfg, index: int, cpu: int, seg: Segment, listener: socket.socket,
-                 queue_num: int) -> None:
+                 nfq, wakeups: list[int]) -> None:
         self.cfg = cfg
         self.index = index
         self.cpu = cpu
         self.seg = seg
         self.listener = listener
-        self.queue_num = queue_num
+        self.nfq = nfq
+        self.queue_num = cfg.queue_num + index
+        self.wakeups = wakeups           # one eventfd per worker: "your ring has records"
         self.stop = False
         self.counters = [0] * len(C.NAMES)
-        self.router = Router(self.counters)
+        self.shared = Shared(seg) if seg.n_workers > 1 else None
+        self.router = Router(self.counters, index,
+                             self.shared.table if self.shared else None)
         self.peers: dict[int, Peer] = {}
+        self._next_peer_id = (index << 24) + 1
 
     def init_process(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
@@ -49,15 +63,15 @@ class Worker:
             os.sched_setaffinity(0, {self.cpu})
         except OSError as e:
             log.warning("cannot pin worker %d to cpu %d: %s", self.index + 1, self.cpu, e)
-        setproctitle(f"interceptd: worker {self.index + 1}/{self.cfg.queues} "
+        setproctitle(f"interceptd: worker {self.index + 1}/{self.seg.n_workers} "
                      f"queue={self.queue_num}")
 
     def _on_stop(self, _sig: int, _frame: object) -> None:
         self.stop = True
 
     def run(self) -> None:
+        global _handler
         self.init_process()
-        nfq = NetfilterQueue()
         router = self.router
         cnt = self.counters
         queued, malformed = C.INDEX["queued"], C.INDEX["malformed"]
@@ -75,23 +89,26 @@ class Worker:
             except (wire.ProtocolError, IndexError):
                 cnt[malformed] += 1
 
-        try:
-            nfq.bind(self.queue_num, on_packet, max_len=QUEUE_MAXLEN, mode=NFQNL_COPY_PACKET,
-                     range=COPY_RANGE, sock_len=8 << 20)
-        except OSError as e:
-            log.error("cannot bind NFQUEUE %d: %s (is another interceptd running? is "
-                      "nfnetlink_queue loaded?)", self.queue_num, e)
-            raise SystemExit(3) from None
+        _handler = on_packet
+        nfq = self.nfq
         nfq_fd = nfq.get_fd()
         ep = select.epoll()
         ep.register(nfq_fd, select.EPOLLIN)
         lfd = self.listener.fileno()
-        self.listener.setblocking(False)
+        self.listener.setblocking(False)  # shared by all workers: accept never waits
         ep.register(lfd, select.EPOLLIN)
+        my_wakeup = self.wakeups[self.index]
+        ep.register(my_wakeup, select.EPOLLIN)
+        inbound = [self.shared.ring(src, self.index) for src in range(self.seg.n_workers)
+                   if src != self.index] if self.shared else []
+        outbound = {dst: self.shared.ring(self.index, dst) for dst in range(self.seg.n_workers)
+                    if dst != self.index} if self.shared else {}
         started = time.time()
         next_sync = 0.0
+        self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
         log.info("worker %d reading NFQUEUE %d, control port %s:%d", self.index + 1,
                  self.queue_num, *self.listener.getsockname()[:2])
+        self._drain(inbound, clock())   # what a previous worker of this index left
         while not self.stop:
             try:
                 events = ep.poll(SYNC_INTERVAL)
@@ -104,12 +121,20 @@ class Worker:
                         nfq.run(block=False)
                     except OSError as e:
                         log.warning("NFQUEUE read: %s", e)
+                elif fd == my_wakeup:
+                    try:
+                        os.eventfd_read(my_wakeup)
+                    except BlockingIOError:
+                        pass
+                    self._drain(inbound, now)
                 elif fd == lfd:
                     self._accept(ep)
                 else:
                     peer = self.peers.get(fd)
                     if peer is not None:
                         self._on_peer(ep, fd, peer, ev, now)
+            if router.outbox:
+                self._hand_off(outbound)
             for fd, peer in list(self.peers.items()):
                 if peer.pending:
                     router.frame(peer)
@@ -117,16 +142,36 @@ class Worker:
                     self._send(ep, fd, peer)
             if now >= next_sync:
                 next_sync = now + SYNC_INTERVAL
-                router.expire(now)
+                router.retry_delayed(now)
                 cnt[C.INDEX["peers"]] = len(self.peers)
                 cnt[C.INDEX["routes"]] = len(router.routes)
                 cnt[C.INDEX["queue_drops"]] = queue_drops(self.queue_num)
                 self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
-        nfq.unbind()
         for fd, peer in list(self.peers.items()):
             self._drop(ep, fd, peer, None)
         self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
         log.info("worker %d stopped", self.index + 1)
+
+    def _drain(self, inbound, now: float) -> None:
+        deliver = self.router.deliver
+        for ring in inbound:
+            records = ring.pop_all()
+            self.counters[C.INDEX["handed_in"]] += len(records)
+            for h in records:
+                deliver(h, now)
+
+    def _hand_off(self, outbound) -> None:
+        for dst, headers in self.router.outbox.items():
+            n = outbound[dst].push(headers)
+            self.counters[C.INDEX["handed_off"]] += n
+            if n < len(headers):
+                self.counters[C.INDEX["handoff_full"]] += len(headers) - n
+            if n:
+                try:
+                    os.eventfd_write(self.wakeups[dst], 1)
+                except BlockingIOError:
+                    pass
+        self.router.outbox.clear()
 
     def _accept(self, ep: select.epoll) -> None:
         while True:
@@ -139,11 +184,12 @@ class Worker:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = Peer(sock, f"{addr[0]}:{addr[1]}")
+            peer = Peer(sock, f"{addr[0]}:{addr[1]}", self._next_peer_id)
+            self._next_peer_id += 1
             self.peers[sock.fileno()] = peer
             ep.register(sock.fileno(), select.EPOLLIN)
             self.counters[C.INDEX["peers_accepted"]] += 1
-            log.info("tcpcopyd %s connected", peer.name)
+            log.info("tcpcopyd %s connected to worker %d", peer.name, self.index + 1)
 
     def _on_peer(self, ep: select.epoll, fd: int, peer: Peer, ev: int, now: float) -> None:
         if ev & select.EPOLLIN:

@@ -5,6 +5,7 @@ Layout (little-endian numbers; addresses inside records are network order):
   restarts one u32 per worker, written by the master only
   workers  one seqlock record per worker: pid, cpu, started, heartbeat, counters
   slots    ``n_slots`` seqlock records of ``slot_size`` bytes (session table)
+  extra    ``extra_size`` bytes laid out by the daemon (interceptd: routes and rings)
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class Segment:
         self.mm = mm
         self.owner = owner
         (magic, version, self.kind, self.n_workers, self.n_slots, self.slot_size,
-         self.master_pid, _pad, self.created, label) = HEADER.unpack_from(mm, 0)
+         self.master_pid, self.extra_size, self.created, label) = HEADER.unpack_from(mm, 0)
         if magic != MAGIC or version != LAYOUT_VERSION:
             raise SegmentError(f"{path}: not a tcpcopyd segment of layout {LAYOUT_VERSION}")
         self.label = label.rstrip(b"\0").decode(errors="replace")
@@ -57,6 +58,8 @@ class Segment:
         self.workers_off = self.restarts_off + 4 * self.n_workers
         self.workers_off += (-self.workers_off) % 8
         self.slots_off = self.workers_off + WORKER_SIZE * self.n_workers
+        self.extra_off = self.slots_off + self.slot_size * self.n_slots
+        self.extra_off += (-self.extra_off) % 64
 
     @property
     def name(self) -> str:
@@ -103,7 +106,7 @@ def _path(name: str) -> str:
 
 
 def create(name: str, kind: int, n_workers: int, n_slots: int, slot_size: int,
-           label: str = "") -> Segment:
+           label: str = "", extra_size: int = 0) -> Segment:
     """Create (or replace a stale) segment. Fails if a live master owns it."""
     path = _path(name)
     if os.path.exists(path):
@@ -121,6 +124,7 @@ def create(name: str, kind: int, n_workers: int, n_slots: int, slot_size: int,
     workers_off = HEADER_SIZE + 4 * n_workers
     workers_off += (-workers_off) % 8
     size = workers_off + WORKER_SIZE * n_workers + slot_size * n_slots
+    size += (-size) % 64 + extra_size
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, size)
@@ -128,7 +132,7 @@ def create(name: str, kind: int, n_workers: int, n_slots: int, slot_size: int,
     finally:
         os.close(fd)
     HEADER.pack_into(mm, 0, MAGIC, LAYOUT_VERSION, kind, n_workers, n_slots, slot_size,
-                     os.getpid(), 0, time.time(), label.encode()[:24])
+                     os.getpid(), extra_size, time.time(), label.encode()[:24])
     return Segment(path, mm, owner=True)
 
 

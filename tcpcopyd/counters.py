@@ -30,6 +30,9 @@ NAMES = (
     "kernel_drops",        # packets the kernel dropped before we read them
     "control_connects",    # control connections established to interceptd
     "control_errors",      # control connections lost or refused
+    "sessions_restored",   # sessions a new worker carried on from the shm table
+    "sessions_resynced",   # restored sessions whose lost data made us reopen them at the
+                           # client's next request (fake SYN at its sequence number)
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 # indexes of the counters bumped on the packet path

@@ -45,7 +45,21 @@ def proc_info(pid: int) -> dict:
         return {"pid": pid, "alive": False}
 
 
-def describe(seg: shmseg.Segment) -> dict:
+def totals(seg: shmseg.Segment) -> dict[str, int]:
+    _, counters = KINDS.get(seg.kind, ("", None))
+    out: dict[str, int] = {}
+    for i in range(seg.n_workers):
+        try:
+            rec = seg.read_worker(i)
+        except seqlock.TornRead:
+            continue
+        for k, v in zip(counters.NAMES if counters else (), rec.counters, strict=False):
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
+             elapsed: float = 0.0) -> dict:
     prog, counters = KINDS.get(seg.kind, (f"kind{seg.kind}", None))
     master = proc_info(seg.master_pid)
     now = time.time()
@@ -71,9 +85,12 @@ def describe(seg: shmseg.Segment) -> dict:
         workers.append({"index": i + 1, "cpu": rec.cpu, "restarts": rec.restarts,
                         "heartbeat_age_s": age, **info, "counters": vals})
     # sample CPU% over a short interval for master and workers
+    gauges = counters.GAUGES if counters else frozenset()
+    rates = {k: (v - before.get(k, 0)) / elapsed for k, v in totals.items()
+             if before is not None and elapsed > 0 and k not in gauges}
     return {"name": seg.name, "program": prog, "label": seg.label, "master": master,
-            "workers": workers, "totals": totals, "healthy": not problems,
-            "problems": problems}
+            "workers": workers, "totals": totals, "rates_per_s": rates,
+            "healthy": not problems, "problems": problems}
 
 
 def render(d: dict) -> str:
@@ -94,7 +111,8 @@ def render(d: dict) -> str:
     width = max((len(k) for k in d["totals"]), default=0)
     for k, v in d["totals"].items():
         if v:
-            lines.append(f"    {k:<{width}} {v}")
+            rate = d["rates_per_s"].get(k)
+            lines.append(f"    {k:<{width}} {v:>12}" + (f"  {rate:10.1f}/s" if rate else ""))
     return "\n".join(lines)
 
 
@@ -111,8 +129,11 @@ def status(args: argparse.Namespace) -> int:
                 psutil.Process(pid).cpu_percent(interval=None)
             except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
                 pass
-    time.sleep(0.3)
-    report = [describe(s) for s in segs]
+    before = [totals(s) for s in segs]
+    t0 = time.monotonic()
+    time.sleep(0.5)
+    elapsed = time.monotonic() - t0
+    report = [describe(s, b, elapsed) for s, b in zip(segs, before, strict=True)]
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     else:

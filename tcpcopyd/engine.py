@@ -37,6 +37,7 @@ from tcpcopyd.session import (
     CLIENT_RST,
     ESTABLISHED,
     FAKE,
+    RESYNC,
     SYN_SENT,
     TARGET_FIN,
     TIMESTAMPS,
@@ -168,6 +169,17 @@ class Engine:
                            fake=True)
             if s is None:
                 return
+        elif s.state & RESYNC and payload:
+            if seq != s.cap_nxt or s.snd_una != s.snd_nxt:
+                # the old worker took data of this session with it: start the target's side
+                # afresh at this segment (a fake SYN just before it)
+                self._close(s, "sessions_resynced", send_rst=True)
+                s = self._open(key, src, sport, target, seq_add(seq, -1), window, options, now,
+                               fake=True)
+                if s is None:
+                    return
+            else:
+                s.state &= ~RESYNC
         s.last_seen = now
         if options:
             ts = timestamp_of(options)
@@ -437,6 +449,7 @@ class Engine:
                     self._send_syn(s)
             self.new.clear()
         touched, self.touched = self.touched, set()
+        self.dirty |= touched
         for s in touched:
             if s.freed:
                 continue
@@ -645,6 +658,25 @@ class Engine:
                     self.table.write(s.slot, s.slot_values())
         self.dirty.clear()
         self.counters[C.INDEX["sessions_active"]] = len(self.sessions)
+
+    def restore(self, now: float) -> int:
+        """Carry on the sessions an earlier worker left in our slots of the shm table."""
+        if self.table is None:
+            return 0
+        free = []
+        for slot in self.free_slots:
+            v = self.table.read(slot)
+            if not v[0]:
+                free.append(slot)
+                continue
+            s = Session.from_slot(slot, v)
+            self.sessions[s.key] = s
+            if s.state & SYN_SENT:
+                self._arm(s, now + RTO_INITIAL)
+        self.free_slots = free
+        n = len(self.sessions)
+        self.counters[C.INDEX["sessions_restored"]] += n
+        return n
 
     def on_control_up(self, now: float) -> None:
         """interceptd (re)connected: re-register sessions and resend what is outstanding."""

@@ -35,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if err:
         return fail(err)
     setup_logging(PROG, cfg.log, cfg.log_level)
+    if cfg.workers is None:
+        cfg.values["workers"] = len(allowed_cpus())
     try:
         open_raw_socket().close()
     except SendError as e:

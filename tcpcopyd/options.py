@@ -86,8 +86,9 @@ REGISTRY = (
             "debug, info, warning or error", metavar="LEVEL"),
     Setting("pidfile", ("-P", "--pidfile"), None, text, "write the master's pid here",
             metavar="FILE"),
-    Setting("workers", ("--workers",), 1, int_range(1, 1024),
-            "worker processes (each pinned to a CPU)", metavar="N"),
+    Setting("workers", ("--workers",), None, int_range(1, 1024),
+            "worker processes, each pinned to a CPU and reading its own capture socket "
+            "(default: one per CPU this process may use)", metavar="N"),
     Setting("instance", ("--instance",), None, text,
             "name of this instance's shm segment (default: tcpcopyd.IFACE)", metavar="NAME"),
     Setting("session_slots", ("--session-slots",), 65536, int_range(16, 1 << 22),

@@ -19,17 +19,22 @@ class State(enum.IntFlag):
     TARGET_FIN = 16    # the target closed its side
     FAKE = 32          # opened with a fake SYN (the real SYN was never captured)
     TIMESTAMPS = 64    # TCP timestamps negotiated with the target
+    RESYNC = 128       # restored from shm by a new worker: buffers were lost with the old one
 
 
 # plain ints of the same values, for the packet path
-SYN_SENT, ESTABLISHED, CLIENT_FIN, CLIENT_RST, TARGET_FIN, FAKE, TIMESTAMPS = (
+SYN_SENT, ESTABLISHED, CLIENT_FIN, CLIENT_RST, TARGET_FIN, FAKE, TIMESTAMPS, RESYNC = (
     int(State.SYN_SENT), int(State.ESTABLISHED), int(State.CLIENT_FIN), int(State.CLIENT_RST),
-    int(State.TARGET_FIN), int(State.FAKE), int(State.TIMESTAMPS))
+    int(State.TARGET_FIN), int(State.FAKE), int(State.TIMESTAMPS), int(State.RESYNC))
 
-# shm slot record of a session (after the seqlock counter). Numbers little-endian;
-# client_ip/target_ip are network-order bytes.
-SLOT = struct.Struct("<HH4sHH4sIIIIIIIHBBIIddII")
-SLOT_SIZE = 96
+# shm slot record of a session (after the seqlock counter): everything a new worker needs
+# to carry the session on. Numbers little-endian; client_ip/target_ip network-order bytes.
+#   state, client_win, client_ip, client_port, target_port, target_ip, isn, snd_una,
+#   snd_nxt, cap_nxt, target_isn, rcv_nxt, wnd, mss, wscale, syn flags (1: wscale offered,
+#   2: timestamps offered), client_tsval, target_tsval, created, last_seen (monotonic),
+#   retransmits, buffered, SYN option length, SYN options
+SLOT = struct.Struct("<HH4sHH4sIIIIIIIHBBIIddIIB40s")
+SLOT_SIZE = 128
 
 
 class Session:
@@ -94,11 +99,32 @@ class Session:
         self.freed = False
 
     def slot_values(self) -> tuple:
-        return (self.state, 0, self.client_ip, self.client_port, self.target_port,
-                self.target_ip, self.isn, self.snd_una, self.snd_nxt, self.cap_nxt,
-                self.target_isn, self.rcv_nxt, min(self.wnd, 0xFFFFFFFF), self.mss,
-                self.wscale, 0, self.client_tsval, self.target_tsval, self.created,
-                self.last_seen, self.retransmits, self.buffered & 0xFFFFFFFF)
+        return (self.state, self.client_win, self.client_ip, self.client_port,
+                self.target_port, self.target_ip, self.isn, self.snd_una, self.snd_nxt,
+                self.cap_nxt, self.target_isn, self.rcv_nxt, min(self.wnd, 0xFFFFFFFF),
+                self.mss, self.wscale, self.syn_wscale | (self.syn_ts << 1), self.client_tsval,
+                self.target_tsval, self.created, self.last_seen, self.retransmits,
+                self.buffered & 0xFFFFFFFF, len(self.syn_options), self.syn_options)
+
+    @classmethod
+    def from_slot(cls, slot: int, v: tuple) -> Session:
+        """A session carried on by a new worker from its shm record. Data that the old
+        worker held (not yet sent, or sent and not yet acknowledged) is gone: the session
+        is marked RESYNC."""
+        (state, client_win, client_ip, client_port, target_port, target_ip, isn, snd_una,
+         snd_nxt, cap_nxt, target_isn, rcv_nxt, wnd, mss, wscale, synflags, client_tsval,
+         target_tsval, created, last_seen, retransmits, _buffered, optlen, opts) = v
+        s = cls((client_ip, client_port, target_ip, target_port), client_ip, client_port,
+                target_ip, target_port, slot, created)
+        s.state = state | RESYNC
+        s.client_win = client_win
+        s.isn, s.snd_una, s.snd_nxt, s.cap_nxt = isn, snd_una, snd_nxt, cap_nxt
+        s.target_isn, s.rcv_nxt, s.wnd, s.mss, s.wscale = target_isn, rcv_nxt, wnd, mss, wscale
+        s.syn_wscale, s.syn_ts = bool(synflags & 1), bool(synflags & 2)
+        s.client_tsval, s.target_tsval = client_tsval, target_tsval
+        s.last_seen, s.retransmits = last_seen, retransmits
+        s.syn_options = opts[:optlen]
+        return s
 
     def describe(self) -> str:
         return (f"{socket.inet_ntoa(self.client_ip)}:{self.client_port} -> "

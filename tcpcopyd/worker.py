@@ -75,6 +75,10 @@ class Worker:
         on_packet = engine.on_client_packet
         started = time.time()
         cnt = engine.counters
+        restored = engine.restore(time.monotonic())
+        if restored:
+            log.info("worker %d carries on %d session(s) from the shm table", self.index + 1,
+                     restored)
         kdrop = C.INDEX["kernel_drops"]
         next_sync = next_expire = 0.0
         log.info("worker %d capturing on %s, copying to %s", self.index + 1, cfg.interface,
@@ -109,12 +113,13 @@ class Worker:
             if nt is not None and nt <= now:
                 engine.tick(now)
             control.flush(now)
+            # the session table is kept current, so a new worker can carry sessions on
+            engine.sync_table()
             if now >= next_sync:
                 next_sync = now + SYNC_INTERVAL
                 if now >= next_expire:
                     next_expire = now + EXPIRE_INTERVAL
                     engine.expire_idle(now)
-                engine.sync_table()
                 cnt[kdrop] += capture.stats(cap)[1]
                 cnt[C.INDEX["control_connects"]] = control.connects
                 cnt[C.INDEX["control_errors"]] = control.errors

@@ -17,12 +17,12 @@ from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import Lab, wait_for
 
 
-def one_run(rate: int, requests: int, per_connection: int) -> dict:
+def one_run(rate: int, requests: int, per_connection: int, workers: int) -> dict:
     lab = Lab(f"bench{os.getpid() % 1000}")
     try:
         lab.up(memcached=False)
-        lab.start_interceptd([80])
-        lab.start_tcpcopyd([80])
+        lab.start_interceptd([80], extra=["--queues", str(workers)])
+        lab.start_tcpcopyd([80], extra=["--workers", str(workers)])
         cpu0 = {d: lab.daemon_cpu_seconds(d) for d in ("tcpcopyd", "interceptd")}
         t0 = time.monotonic()
         r = load.h2load(lab, requests=requests, rate=rate, per_connection=per_connection)
@@ -51,24 +51,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--per-connection", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workers", default="1", help="worker counts per side, e.g. 1,2")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark builds network namespaces: run it as root", file=sys.stderr)
         return 1
     rows = []
+    counts = [int(x) for x in args.workers.split(",")]
     for rate in [int(x) for x in args.rates.split(",")]:
-        runs = [one_run(rate, args.requests, args.per_connection) for _ in range(args.runs)]
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        rows.append((rate, med, runs))
-        print(f"rate {rate}: " + "; ".join(
-            f"loss {r['loss_pct']:.3f}% tcpcopyd {r['tcpcopyd_cpu_pct']:.0f}% "
-            f"interceptd {r['interceptd_cpu_pct']:.0f}%" for r in runs), flush=True)
+        # the worker counts alternate run by run, so each meets the same machine noise
+        runs: dict[int, list[dict]] = {w: [] for w in counts}
+        for _ in range(args.runs):
+            for w in counts:
+                runs[w].append(one_run(rate, args.requests, args.per_connection, w))
+        for w in counts:
+            med = {k: statistics.median(r[k] for r in runs[w]) for k in runs[w][0]}
+            rows.append((rate, w, med, runs[w]))
+            print(f"rate {rate} workers {w}: " + "; ".join(
+                f"loss {r['loss_pct']:.3f}% tcpcopyd {r['tcpcopyd_cpu_pct']:.0f}% "
+                f"interceptd {r['interceptd_cpu_pct']:.0f}%" for r in runs[w]), flush=True)
     print()
-    print("| offered req/s | requests | loss % (median) | worst loss % | tcpcopyd CPU % | "
-          "tcpcopyd µs/req | interceptd CPU % | interceptd µs/req | leaked |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for rate, m, runs in rows:
-        print(f"| {rate} | {args.requests} | {m['loss_pct']:.3f} | "
+    print("| offered req/s | workers per side | requests | loss % (median) | worst loss % | "
+          "tcpcopyd CPU % | tcpcopyd µs/req | interceptd CPU % | interceptd µs/req | leaked |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for rate, workers, m, runs in rows:
+        print(f"| {rate} | {workers} | {args.requests} | {m['loss_pct']:.3f} | "
               f"{max(r['loss_pct'] for r in runs):.3f} | {m['tcpcopyd_cpu_pct']:.0f} | "
               f"{m['tcpcopyd_us_per_req']:.0f} | {m['interceptd_cpu_pct']:.0f} | "
               f"{m['interceptd_us_per_req']:.0f} | {max(r['leaked'] for r in runs)} |")

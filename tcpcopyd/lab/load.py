@@ -102,3 +102,51 @@ def python_in(lab, ns: str, script: str, *args: str, timeout: float = 300
 
 def kv(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", text)}
+
+
+# Keep-alive HTTP clients that each send one request every `interval` seconds: a steady
+# request rate over long-lived connections (h2load sends a connection's requests back to
+# back). Prints ok=, errors=.
+PACED_KEEPALIVE = r'''
+import asyncio, sys, time
+host, conns, per_conn, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+interval = conns / rate
+ok = errors = 0
+async def client(i):
+    global ok, errors
+    await asyncio.sleep(interval * i / conns)
+    try:
+        r, w = await asyncio.open_connection(host, 80)
+    except OSError:
+        errors += per_conn
+        return
+    start = time.monotonic()
+    for n in range(per_conn):
+        try:
+            w.write(f"GET /?c={i}&n={n} HTTP/1.1\r\nHost: lab\r\n\r\n".encode())
+            head = await r.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await r.readexactly(length)
+            ok += head.startswith(b"HTTP/1.1 200")
+            errors += not head.startswith(b"HTTP/1.1 200")
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            errors += per_conn - n
+            return
+        delay = start + (n + 1) * interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    w.close()
+async def main():
+    await asyncio.gather(*(client(i) for i in range(conns)))
+asyncio.run(main())
+print(f"ok={ok} errors={errors}")
+'''
+
+
+def paced_keepalive(lab, *, connections: int, per_connection: int, rate: int):
+    """Start the paced keep-alive load in the client namespace (a Popen; read its stdout)."""
+    import sys
+    return subprocess.Popen(["ip", "netns", "exec", lab.ns.client, sys.executable, "-c",
+                             PACED_KEEPALIVE, ONLINE_IP, str(connections), str(per_connection),
+                             str(rate)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)

@@ -349,3 +349,46 @@ def test_rules_bound_to_an_online_address_copy_only_that_address():
     feed(e, pkt)
     assert e.sender.take() == []
     assert e.counters[C.NO_SESSION] == 1
+
+
+def test_a_new_worker_carries_sessions_on_from_the_shm_table(tmp_path):
+    import os
+
+    from shm import segment as shmseg
+    from shm.table import SlotTable
+    from tcpcopyd.session import SLOT, SLOT_SIZE
+    seg = shmseg.create(f"tcpcopyd-test-restore-{os.getpid()}", 1, 1, 16, SLOT_SIZE)
+    try:
+        table = SlotTable(seg, SLOT)
+        old = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), table, range(16))
+        handshake(old)
+        feed(old, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"req1"))
+        answer(old, reply(TARGET_ISN + 1, ISN + 5, P.ACK | P.PSH, payload_len=30))
+        old.sync_table()
+        # the old worker dies; a new one reads the table
+        new = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), table, range(16))
+        assert new.restore(200.0) == 1
+        feed(new, client_pkt(ISN + 5, ONLINE_ISN + 100, P.ACK | P.PSH, b"req2"))
+        [data] = new.sender.take()
+        assert (data.seq, data.ack, data.payload) == (ISN + 5, TARGET_ISN + 31, b"req2")
+        assert P.timestamp_of(data.options) == (777, 3333)
+        # a session whose next data is missing (the old worker had it) is reopened there
+        new.sync_table()
+        newer = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), table, range(16))
+        assert newer.restore(300.0) == 1
+        feed(newer, client_pkt(ISN + 20, ONLINE_ISN + 300, P.ACK | P.PSH, b"req4"))
+        rst, syn = newer.sender.take()
+        assert rst.flags & P.RST and syn.flags == P.SYN and syn.seq == ISN + 19
+        assert newer.counters[C.INDEX["sessions_resynced"]] == 1
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+def test_a_full_session_table_evicts_the_oldest_idle_session():
+    e = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(2))
+    for i, now in enumerate((10.0, 20.0, 30.0)):
+        pkt = P.build(CLIENT, ONLINE, CPORT + i, 80, ISN, 0, P.SYN, 100, SYN_OPTS)
+        feed(e, pkt, now)
+    assert sorted(s.client_port for s in e.sessions.values()) == [CPORT + 1, CPORT + 2]
+    assert e.counters[C.INDEX["sessions_evicted"]] == 1

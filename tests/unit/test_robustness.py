@@ -74,7 +74,7 @@ def test_random_control_messages_at_interceptd(data):
         for kind, cip, cport, _tip, _tport in wire.parse_client_messages(buf):
             r.on_message(peer, kind, cip, cport, 1.0)
         r.route(bytes(64), 1.0)
-        r.expire(10.0)
+        r.retry_delayed(10.0)
         r.frame(peer)
     finally:
         peer.sock.close()

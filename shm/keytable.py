@@ -1,0 +1,122 @@
+"""A key -> value table in shared memory, partitioned by writer.
+
+Each writer (an interceptd worker) owns one region of ``buckets`` open-addressing buckets
+and is the only process that writes it; any process looks keys up in any region without
+locks. A bucket is a seqlock record: key (6 bytes: IPv4 address + port, network order),
+state (empty / used / deleted) and a u32 value. Deleted buckets keep probe chains intact;
+the owner rebuilds its region when they pile up.
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+
+from shm import seqlock
+
+BUCKET = struct.Struct("<6sBxI")     # key, state, value
+BUCKET_SIZE = 16                      # seq (4) + body (12)
+EMPTY, USED, DELETED = 0, 1, 2
+
+
+def region_size(buckets: int) -> int:
+    return buckets * BUCKET_SIZE
+
+
+class KeyTable:
+    def __init__(self, mm: mmap.mmap, offset: int, regions: int, buckets: int) -> None:
+        if buckets & (buckets - 1):
+            raise ValueError("buckets must be a power of two")
+        self.mm = mm
+        self.offset = offset
+        self.regions = regions
+        self.buckets = buckets
+        self.mask = buckets - 1
+
+    def _bucket(self, region: int, i: int) -> int:
+        return self.offset + (region * self.buckets + (i & self.mask)) * BUCKET_SIZE
+
+    @staticmethod
+    def _hash(key: bytes) -> int:
+        """The same in every process (unlike hash(), which is salted per interpreter)."""
+        h = int.from_bytes(key, "big")
+        h ^= h >> 17
+        return (h * 0x9E3779B1) >> 16
+
+    def lookup(self, region: int, key: bytes) -> int | None:
+        h = self._hash(key)
+        for i in range(h, h + self.buckets):
+            try:
+                k, state, value = seqlock.read(self.mm, self._bucket(region, i), BUCKET)
+            except seqlock.TornRead:
+                return None
+            if state == EMPTY:
+                return None
+            if state == USED and k == key:
+                return value
+        return None
+
+    def find(self, key: bytes, skip: int = -1) -> tuple[int, int] | None:
+        """(region, value) of ``key`` in any region but ``skip``."""
+        for r in range(self.regions):
+            if r != skip:
+                v = self.lookup(r, key)
+                if v is not None:
+                    return r, v
+        return None
+
+
+class OwnedRegion:
+    """The writer's side of one region (it also keeps a local index of where keys are)."""
+
+    def __init__(self, table: KeyTable, region: int) -> None:
+        self.t = table
+        self.region = region
+        self.where: dict[bytes, int] = {}   # key -> bucket index
+        self.deleted = 0
+        self.clear()
+
+    def clear(self) -> None:
+        t = self.t
+        start = t._bucket(self.region, 0)
+        t.mm[start:start + t.buckets * BUCKET_SIZE] = bytes(t.buckets * BUCKET_SIZE)
+        self.where.clear()
+        self.deleted = 0
+
+    def put(self, key: bytes, value: int) -> bool:
+        t = self.t
+        i = self.where.get(key)
+        if i is None:
+            if len(self.where) + self.deleted >= t.buckets * 3 // 4:
+                self._rebuild()
+                if len(self.where) >= t.buckets * 3 // 4:
+                    return False  # full
+            h = t._hash(key)
+            for j in range(h, h + t.buckets):
+                off = t._bucket(self.region, j)
+                state = t.mm[off + 4 + 6]
+                if state != USED:
+                    if state == DELETED:
+                        self.deleted -= 1
+                    i = j & t.mask
+                    break
+            else:
+                return False
+            self.where[key] = i
+        seqlock.write(t.mm, t._bucket(self.region, i), BUCKET, (key, USED, value))
+        return True
+
+    def remove(self, key: bytes) -> None:
+        i = self.where.pop(key, None)
+        if i is None:
+            return
+        seqlock.write(self.t.mm, self.t._bucket(self.region, i), BUCKET, (key, DELETED, 0))
+        self.deleted += 1
+
+    def _rebuild(self) -> None:
+        entries = []
+        for key, i in self.where.items():
+            _, _, value = seqlock.read(self.t.mm, self.t._bucket(self.region, i), BUCKET)
+            entries.append((key, value))
+        self.clear()
+        for key, value in entries:
+            self.put(key, value)
