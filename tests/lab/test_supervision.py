@@ -17,8 +17,8 @@ pytestmark = pytest.mark.lab
 
 
 def worker_pid(lab, name: str) -> int:
-    [w] = psutil.Process(lab.procs[name].pid).children()
-    return w.pid
+    """The pid of worker 1 (as tcpcopyctl reports it)."""
+    return status(lab, name)[1]["workers"][0]["pid"]
 
 
 def status(lab, name: str) -> tuple[int, dict]:
@@ -31,7 +31,10 @@ def status(lab, name: str) -> tuple[int, dict]:
 def test_killed_worker_is_replaced_and_status_shows_it(lab):
     rc, d = status(lab, "tcpcopyd")
     assert rc == 0 and d["healthy"]
-    assert d["workers"][0]["title"].startswith("tcpcopyd: worker 1/1 cpu=")
+    n = len(d["workers"])
+    assert [w["title"].split(" [")[0] for w in d["workers"]] == \
+        [f"tcpcopyd: worker {i + 1}/{n} cpu={w['cpu']}" for i, w in enumerate(d["workers"])]
+    assert [w["cpus"] for w in d["workers"]] == [[w["cpu"]] for w in d["workers"]]
     old = worker_pid(lab, "tcpcopyd")
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: status(lab, "tcpcopyd")[1]["workers"][0]["restarts"] == 1, 10,
@@ -39,7 +42,7 @@ def test_killed_worker_is_replaced_and_status_shows_it(lab):
     wait_for(lambda: status(lab, "tcpcopyd")[0] == 0, 10, "a healthy status again")
     assert worker_pid(lab, "tcpcopyd") != old
     lab.wait_log("tcpcopyd", "killed by SIGKILL")
-    lab.wait_log("tcpcopyd", "connected to interceptd", count=2)
+    lab.wait_log("tcpcopyd", "connected to interceptd", count=n + 1)
     r = load.h2load(lab, requests=200, rate=200)
     assert r.succeeded == 200
     assert len(target_caught_up(lab, 200)) == 200
