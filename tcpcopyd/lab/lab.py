@@ -35,15 +35,30 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: floa
     raise LabError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+MODULES = {"tcpcopyd": "tcpcopyd.main", "interceptd": "interceptd.main",
+           "tcpcopyctl": "tcpcopyd.ctl"}
+
+
 def bin_path(name: str) -> str:
     """A console script of this installation (next to the running interpreter)."""
     cand = os.path.join(os.path.dirname(sys.executable), name)
     return cand if os.path.exists(cand) else (shutil.which(name) or name)
 
 
+def command(name: str) -> list[str]:
+    """How to run one of our programs: its console script, or ``python -m`` where the
+    package is on PYTHONPATH without being installed."""
+    path = bin_path(name)
+    return [path] if os.path.isabs(path) and os.path.isfile(path) \
+        else [sys.executable, "-m", MODULES[name]]
+
+
 class Lab:
-    def __init__(self, prefix: str = "tcl") -> None:
+    def __init__(self, prefix: str = "tcl", nginx_workers: int = 1,
+                 cpus: dict[str, str] | None = None) -> None:
         self.ns = Namespaces(prefix)
+        self.nginx_workers = nginx_workers
+        self.cpus = cpus or {}   # daemon -> CPU list for taskset (its workers pin inside it)
         self.dir = tempfile.mkdtemp(prefix=f"{prefix}-lab-")
         self.procs: dict[str, subprocess.Popen] = {}
 
@@ -55,8 +70,9 @@ class Lab:
             os.makedirs(root, exist_ok=True)
             conf = os.path.join(root, "nginx.conf")
             with open(conf, "w") as f:
-                f.write(servers.nginx_conf(root, HTTP_PORT))
-            self.start(f"nginx-{host}", getattr(self.ns, host), ["nginx", "-c", conf])
+                f.write(servers.nginx_conf(root, HTTP_PORT, self.nginx_workers))
+            self.start(f"nginx-{host}", getattr(self.ns, host),
+                       ["nginx", "-c", conf, "-e", os.path.join(root, "error.log")])
             if memcached:
                 self.start(f"memcached-{host}", getattr(self.ns, host),
                            servers.memcached_args(MEMCACHED_PORT))
@@ -83,6 +99,8 @@ class Lab:
 
     # ---------------------------------------------------------------- processes
     def start(self, name: str, ns: str, args: list[str]) -> subprocess.Popen:
+        if name in self.cpus:
+            args = ["taskset", "-c", self.cpus[name], *args]
         log = open(os.path.join(self.dir, f"{name}.log"), "ab")
         p = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=log,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -134,7 +152,7 @@ class Lab:
                          ) -> subprocess.Popen:
         ports = ports or [HTTP_PORT, MEMCACHED_PORT]
         p = self.start("interceptd", self.ns.target,
-                       [bin_path("interceptd"), "--service-port", ",".join(map(str, ports)),
+                       [*command("interceptd"), "--service-port", ",".join(map(str, ports)),
                         "--instance", f"{self.ns.prefix}-interceptd", *extra])
         self.wait_log("interceptd", "reading NFQUEUE")
         return p
@@ -144,7 +162,7 @@ class Lab:
         ports = ports or [HTTP_PORT, MEMCACHED_PORT]
         rules = ",".join(f"{p}-{TARGET_IP}:{p}" for p in ports)
         p = self.start("tcpcopyd", self.ns.online,
-                       [bin_path("tcpcopyd"), "-x", rules, "-s", TARGET_IP, "-i", "eth0",
+                       [*command("tcpcopyd"), "-x", rules, "-s", TARGET_IP, "-i", "eth0",
                         "--instance", f"{self.ns.prefix}-tcpcopyd", *extra])
         self.wait_log("tcpcopyd", "capturing on")
         if wait_connected:

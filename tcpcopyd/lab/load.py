@@ -26,6 +26,7 @@ def h2load(lab, *, requests: int, rate: int, per_connection: int = 1, path: str 
     (1 = short connections), new connections opened at rate/per_connection per second."""
     conns = max(1, requests // per_connection)
     # new connections every 10 ms, so the load is smooth rather than a burst each second
+    # (-r is the total over all threads)
     conn_rate = max(1, rate // per_connection // 100)
     args = ["h2load", "--h1", "-n", str(conns * per_connection), "-c", str(conns),
             "-r", str(conn_rate), "--rate-period", "10ms", "-t", str(threads),

@@ -8,14 +8,14 @@ LOG_FORMAT = ("$remote_addr $remote_port $status $request_length $bytes_sent "
               "$request_method $request_uri")
 
 
-def nginx_conf(root: str, port: int = 80) -> str:
+def nginx_conf(root: str, port: int = 80, workers: int = 1) -> str:
     """An nginx configuration running in the foreground with everything under ``root``."""
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi", "www"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     with open(os.path.join(root, "www", "index.html"), "w") as f:
         f.write("hello from the lab\n")
     return f"""
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {root}/nginx.pid;
 error_log {root}/error.log warn;
