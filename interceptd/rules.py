@@ -27,15 +27,25 @@ def iptables_path() -> str:
 
 
 def rule_specs(ports: list[int], first_queue: int, queues: int, tag: str) -> list[list[str]]:
-    if queues > 1:
-        # --queue-cpu-fanout: the reply goes to the queue of the CPU that produced it (the
-        # plain balance hashes addresses only, so one busy client would use a single queue)
-        target = ["-j", "NFQUEUE", "--queue-balance", f"{first_queue}:{first_queue + queues - 1}",
-                  "--queue-cpu-fanout"]
-    else:
-        target = ["-j", "NFQUEUE", "--queue-num", str(first_queue)]
-    return [["-p", "tcp", "--sport", str(p), "!", "-d", "127.0.0.0/8",
-             "-m", "comment", "--comment", tag, *target] for p in ports]
+    """The rules for ``ports``. With several queues, a reply goes to the queue chosen by
+    bits 1.. of its destination (the client's) port, so every reply of one session goes to
+    one queue, in order. (--queue-balance hashes the addresses only: one busy client would
+    use a single queue; --queue-cpu-fanout follows the CPU, and scatters a session's
+    replies over queues, out of order.) Linux clients use even ports, so bit 0 is skipped.
+    """
+    base = ["!", "-d", "127.0.0.0/8", "-m", "comment", "--comment", tag]
+    if queues == 1:
+        return [["-p", "tcp", "--sport", str(p), *base, "-j", "NFQUEUE", "--queue-num",
+                 str(first_queue)] for p in ports]
+    bits = (queues - 1).bit_length()
+    specs = []
+    for p in ports:
+        for r in range(1 << bits):
+            # u32: skip the IP header, take the TCP ports word, >> 1, low bits = r
+            match = f"0>>22&0x3C@0>>1&{(1 << bits) - 1:#x}={r}"
+            specs.append(["-p", "tcp", "--sport", str(p), "-m", "u32", "--u32", match, *base,
+                          "-j", "NFQUEUE", "--queue-num", str(first_queue + r % queues)])
+    return specs
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:

@@ -33,6 +33,8 @@ NAMES = (
     "sessions_restored",   # sessions a new worker carried on from the shm table
     "sessions_resynced",   # restored sessions whose lost data made us reopen them at the
                            # client's next request (fake SYN at its sequence number)
+    "handshake_restarts",  # handshakes started again because the target refused our ACK
+                           # of an old SYN-ACK
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 # indexes of the counters bumped on the packet path

@@ -42,6 +42,7 @@ from tcpcopyd.session import (
     TARGET_FIN,
     TIMESTAMPS,
     Session,
+    State,
 )
 
 log = logging.getLogger("tcpcopyd.engine")
@@ -232,8 +233,9 @@ class Engine:
         return s
 
     def _send_syn(self, s: Session) -> None:
+        # a SYN's window is never scaled: offer the largest unscaled one
         self._emit(build(s.client_ip, s.target_ip, s.client_port, s.target_port, s.isn, 0, SYN,
-                         s.client_win, s.syn_options), s)
+                         65535, s.syn_options), s)
 
     def _enqueue(self, s: Session, seq: int, flags: int, payload: bytes, ack: int,
                  now: float) -> None:
@@ -320,6 +322,17 @@ class Engine:
         s.last_seen = now
         options = hdr[40:20 + thl] if thl > 20 else b""
         if flags & RST:
+            if not flags & ACK and seq == s.rcv_nxt and s.state & ESTABLISHED \
+                    and s.snd_una == seq_add(s.isn, 1) and s.retransmits < MAX_RETRIES:
+                # the target refused the ACK of our handshake: the SYN-ACK we answered was
+                # an old one (delayed on the way, the target has since made a new one)
+                self._restart_handshake(s, now)
+                return
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("session %s reset by the target (state %s, seq %d, ack %d; "
+                          "isn %d snd_una %d snd_nxt %d target_isn %d rcv_nxt %d, age %.3fs)",
+                          s.describe(), State(s.state & 0xFF), seq, ack, s.isn, s.snd_una,
+                          s.snd_nxt, s.target_isn, s.rcv_nxt, now - s.created)
             self._close(s, "sessions_target_rst", send_rst=False)
             return
         if flags & SYN:
@@ -357,6 +370,21 @@ class Engine:
             s.need_ack = True
             s.ack_at = now + ACK_DELAY
             self._schedule(s, s.ack_at)
+
+    def _restart_handshake(self, s: Session, now: float) -> None:
+        self.counters[C.INDEX["handshake_restarts"]] += 1
+        s.retransmits += 1
+        # what was sent goes back in front of what was not, in order
+        s.unsent.extendleft(reversed([[e[0], e[1], e[2], False] for e in s.unacked]))
+        s.unacked.clear()
+        s.state = (s.state & ~ESTABLISHED) | SYN_SENT
+        s.snd_una = s.isn
+        s.snd_nxt = seq_add(s.isn, 1)
+        s.need_ack = False
+        s.rtt_seq = None
+        self._send_syn(s)
+        self._arm(s, now + max(s.rto, RTO_MIN))
+        self.dirty.add(s)
 
     def _on_syn_ack(self, s: Session, seq: int, ack: int, window: int, options: bytes,
                     now: float) -> None:

@@ -12,8 +12,8 @@ export LD_LIBRARY_PATH=$X/usr/lib/x86_64-linux-gnu:$X/lib/x86_64-linux-gnu
 export XTABLES_LIBDIR=$X/usr/lib/x86_64-linux-gnu/xtables
 printf '#!/bin/sh\nexec %s/usr/sbin/xtables-nft-multi iptables "$@"\n' $X > /tmp/bin/iptables
 chmod +x /tmp/bin/iptables
-export PATH=/tmp/bin:$X/usr/sbin:$X/usr/bin:$PATH
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl
+export PATH=/tmp/bin:$PATH:$X/usr/sbin:$X/usr/bin:$X/bin:$X/sbin
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
 modprobe -q nfnetlink_queue 2>/dev/null; modprobe -q xt_NFQUEUE 2>/dev/null
 echo "== $(nproc) cpus, $(python3 -V), $(nginx -v 2>&1), $(h2load --version | head -1)"
@@ -23,6 +23,6 @@ python3 -c "import netfilterqueue, pyroute2, psutil, orjson, setproctitle; print
 RATES=${RATES:-10000,20000,40000}
 WORKERS=${WORKERS:-1,2,4,8}
 python3 -u -m tcpcopyd.lab.bench --rates "$RATES" --workers "$WORKERS" --runs "${RUNS:-1}" \
-    --requests "${REQUESTS:-100000}" --threads "${THREADS:-8}" --nginx-workers 4 --settle 5 \
+    --requests "${REQUESTS:-100000}" --threads "${THREADS:-8}" --nginx-workers 4 --settle "${SETTLE:-5}" \
     --tcpcopyd-cpus "${TCPCOPYD_CPUS:-0-7}" --interceptd-cpus "${INTERCEPTD_CPUS:-8-15}" \
     | tee "${OUT:-/tmp}/scaling.txt"

@@ -392,3 +392,18 @@ def test_a_full_session_table_evicts_the_oldest_idle_session():
         feed(e, pkt, now)
     assert sorted(s.client_port for s in e.sessions.values()) == [CPORT + 1, CPORT + 2]
     assert e.counters[C.INDEX["sessions_evicted"]] == 1
+
+
+def test_a_refused_handshake_ack_starts_the_handshake_again(eng):
+    feed(eng, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS))
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"GET /"))
+    # an old SYN-ACK (the target has replaced that half-open connection since)
+    answer(eng, reply(TARGET_ISN, ISN + 1, P.SYN | P.ACK, options=SYNACK_OPTS))
+    eng.sender.take()
+    answer(eng, reply(TARGET_ISN + 1, 0, P.RST))       # "bad ACK" reset, no ACK flag
+    [syn] = eng.sender.take()
+    assert syn.flags == P.SYN and syn.seq == ISN
+    assert eng.counters[C.INDEX["handshake_restarts"]] == 1
+    answer(eng, reply(TARGET_ISN + 5000, ISN + 1, P.SYN | P.ACK, options=SYNACK_OPTS))
+    [data] = eng.sender.take()
+    assert (data.seq, data.ack, data.payload) == (ISN + 1, TARGET_ISN + 5001, b"GET /")
