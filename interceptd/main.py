@@ -10,9 +10,15 @@ from collections.abc import Sequence
 from interceptd import rules, shared
 from shm import segment as shmseg
 from tcpcopyd import wire
-from tcpcopyd.arbiter import WORKER_BOOT_ERROR, Arbiter, allowed_cpus, setup_logging
-from tcpcopyd.options import _choice
-from tcpcopyd.settings import Setting, int_range, ipv4, parse_args, port, port_list, text
+from tcpcopyd.arbiter import (
+    WORKER_BOOT_ERROR,
+    Arbiter,
+    allowed_cpus,
+    remove_pidfile,
+    setup_logging,
+    write_pidfile,
+)
+from tcpcopyd.settings import COMMON, Setting, int_range, ipv4, parse_args, port, port_list, text
 
 PROG = "interceptd"
 # shm segment kind
@@ -42,13 +48,7 @@ REGISTRY = (
     Setting("queues", ("--queues",), None, int_range(1, 1024),
             "NFQUEUE numbers, one worker each, pinned to its CPU (default: one per CPU this "
             "process may use)", metavar="N"),
-    Setting("log", ("-l", "--log"), None, text, "log to this file instead of stderr",
-            metavar="FILE"),
-    Setting("log_level", ("--log-level",), "info",
-            lambda v: _choice(v, ("debug", "info", "warning", "error")),
-            "debug, info, warning or error", metavar="LEVEL"),
-    Setting("pidfile", ("-P", "--pidfile"), None, text, "write the master's pid here",
-            metavar="FILE"),
+    *COMMON,
     Setting("instance", ("--instance",), "interceptd", text,
             "name of the shm segment and tag of the iptables rules", metavar="NAME"),
 )
@@ -113,9 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rules.remove(installed)
         listener.close()
         return fail(f"shared memory: {e}")
-    if cfg.pidfile:
-        with open(cfg.pidfile, "w") as f:
-            f.write(f"{os.getpid()}\n")
+    write_pidfile(cfg.pidfile)
     log.info("interceptd: service ports %s, NFQUEUE %d..%d, control %s:%d%s",
              ",".join(map(str, cfg.service_port)), cfg.queue_num,
              cfg.queue_num + cfg.queues - 1, cfg.bind, cfg.port,
@@ -140,11 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         listener.close()
         seg.close()
         seg.unlink()
-        if cfg.pidfile:
-            try:
-                os.unlink(cfg.pidfile)
-            except FileNotFoundError:
-                pass
+        remove_pidfile(cfg.pidfile)
 
 
 if __name__ == "__main__":

@@ -209,6 +209,20 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
+def write_pidfile(path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def remove_pidfile(path: str | None) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def allowed_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 

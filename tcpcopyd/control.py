@@ -138,18 +138,12 @@ class ControlLink:
             self.epoll.modify(self.sock.fileno(), want)
 
     def _failed(self, now: float, reason: str) -> None:
-        if self.sock is not None:
-            try:
-                self.epoll.unregister(self.sock.fileno())
-            except (OSError, ValueError):
-                pass
-            self.sock.close()
-        self.sock = None
+        self.close()
         self.errors += 1
         if not self._said_down:
             log.warning("%s: %s; replication continues, reconnecting", self.name, reason)
             self._said_down = True
-        self.up = self.connecting = False
+        self.connecting = False
         self.out.clear()
         self.inbuf.clear()
         self.retry_at = now + self.delay

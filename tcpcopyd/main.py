@@ -8,7 +8,14 @@ from collections.abc import Sequence
 
 from shm import segment as shmseg
 from tcpcopyd import capture, options
-from tcpcopyd.arbiter import WORKER_BOOT_ERROR, Arbiter, allowed_cpus, setup_logging
+from tcpcopyd.arbiter import (
+    WORKER_BOOT_ERROR,
+    Arbiter,
+    allowed_cpus,
+    remove_pidfile,
+    setup_logging,
+    write_pidfile,
+)
 from tcpcopyd.sender import SendError, open_raw_socket
 from tcpcopyd.session import SLOT_SIZE
 from tcpcopyd.settings import parse_args
@@ -57,9 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             label=cfg.interface)
     except (shmseg.SegmentError, OSError) as e:
         return fail(f"shared memory: {e}")
-    if cfg.pidfile:
-        with open(cfg.pidfile, "w") as f:
-            f.write(f"{os.getpid()}\n")
+    write_pidfile(cfg.pidfile)
     log.info("tcpcopyd %s on %s -> interceptd %s; %d worker(s), shm %s", _version(),
              cfg.interface, ",".join(f"{h}:{p}" for h, p in cfg.server), cfg.workers,
              seg.path)
@@ -83,11 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             s.close()
         seg.close()
         seg.unlink()
-        if cfg.pidfile:
-            try:
-                os.unlink(cfg.pidfile)
-            except FileNotFoundError:
-                pass
+        remove_pidfile(cfg.pidfile)
 
 
 def _version() -> str:

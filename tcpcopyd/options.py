@@ -6,7 +6,16 @@ import socket
 from dataclasses import dataclass
 
 from tcpcopyd import wire
-from tcpcopyd.settings import Setting, SettingError, float_range, int_range, ipv4, port, text
+from tcpcopyd.settings import (
+    COMMON,
+    Setting,
+    SettingError,
+    float_range,
+    int_range,
+    ipv4,
+    port,
+    text,
+)
 
 
 @dataclass(frozen=True)
@@ -79,13 +88,7 @@ REGISTRY = (
             "MTU of the path to the target; larger captured frames are cut", metavar="MTU"),
     Setting("mss", ("-D", "--mss"), 1460, int_range(88, 65495),
             "MSS announced in a fake SYN", metavar="MSS"),
-    Setting("log", ("-l", "--log"), None, text, "log to this file instead of stderr",
-            metavar="FILE"),
-    Setting("log_level", ("--log-level",), "info",
-            lambda v: _choice(v, ("debug", "info", "warning", "error")),
-            "debug, info, warning or error", metavar="LEVEL"),
-    Setting("pidfile", ("-P", "--pidfile"), None, text, "write the master's pid here",
-            metavar="FILE"),
+    *COMMON,
     Setting("workers", ("--workers",), None, int_range(1, 1024),
             "worker processes, each pinned to a CPU and reading its own capture socket "
             "(default: one per CPU this process may use)", metavar="N"),
@@ -99,12 +102,6 @@ REGISTRY = (
             "longest wait for the target's answer before the next request goes anyway",
             metavar="SECONDS"),
 )
-
-
-def _choice(v: object, options: tuple[str, ...]) -> str:
-    if v not in options:
-        raise SettingError(f"expected one of {', '.join(options)}")
-    return str(v)
 
 
 def check_interface(name: str) -> str | None:

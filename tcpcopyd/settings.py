@@ -176,3 +176,23 @@ def port_list(raw: Any) -> list[int]:
     if not out:
         raise SettingError("expected at least one port")
     return out
+
+
+def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        if raw not in options:
+            raise SettingError(f"expected one of {', '.join(options)}")
+        return str(raw)
+    return parse
+
+
+# settings both daemons have
+COMMON = (
+    Setting("log", ("-l", "--log"), None, text, "log to this file instead of stderr",
+            metavar="FILE"),
+    Setting("log_level", ("--log-level",), "info",
+            choice(("debug", "info", "warning", "error")), "debug, info, warning or error",
+            metavar="LEVEL"),
+    Setting("pidfile", ("-P", "--pidfile"), None, text, "write the master's pid here",
+            metavar="FILE"),
+)
