@@ -162,3 +162,46 @@ class ControlLink:
 
 def os_error(err: int) -> str:
     return os.strerror(err)
+
+
+class ControlGroup:
+    """Links to every interceptd of ``-s``: each session is registered with all of them
+    (whichever sees the target's replies routes them to us); replies come from any."""
+
+    def __init__(self, servers: list[tuple[str, int]], epoll: select.epoll) -> None:
+        self.links = [ControlLink(host, port, epoll) for host, port in servers]
+
+    @property
+    def up(self) -> bool:
+        return any(link.up for link in self.links)
+
+    @property
+    def connects(self) -> int:
+        return sum(link.connects for link in self.links)
+
+    @property
+    def errors(self) -> int:
+        return sum(link.errors for link in self.links)
+
+    def by_fd(self) -> dict[int, ControlLink]:
+        return {link.fileno(): link for link in self.links if link.sock is not None}
+
+    def maybe_connect(self, now: float) -> None:
+        for link in self.links:
+            link.maybe_connect(now)
+
+    def register(self, s: Session) -> None:
+        for link in self.links:
+            link.register(s)
+
+    def unregister(self, s: Session) -> None:
+        for link in self.links:
+            link.unregister(s)
+
+    def flush(self, now: float) -> None:
+        for link in self.links:
+            link.flush(now)
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()

@@ -15,7 +15,7 @@ from shm.segment import Segment
 from shm.table import SlotTable
 from tcpcopyd import capture
 from tcpcopyd import counters as C
-from tcpcopyd.control import ControlLink
+from tcpcopyd.control import ControlGroup
 from tcpcopyd.engine import Engine
 from tcpcopyd.sender import RawSender
 from tcpcopyd.session import SLOT
@@ -59,8 +59,7 @@ class Worker:
         self.init_process()
         ep = select.epoll()
         table = SlotTable(self.seg, SLOT)
-        host, port = cfg.server[0]
-        control = ControlLink(host, port, ep)
+        control = ControlGroup(cfg.server, ep)
         targets = {t.port if t.online_ip is None else (socket.inet_aton(t.online_ip), t.port):
                    (socket.inet_aton(t.target_ip), t.target_port) for t in cfg.transfer}
         engine = Engine(targets, RawSender(), control, table, table.owned_range(self.index),
@@ -101,8 +100,11 @@ class Worker:
                         except BlockingIOError:
                             break
                         on_packet(buf, n, now)
-                elif fd == control.fileno():
-                    headers, came_up = control.on_event(ev, now)
+                else:
+                    link = control.by_fd().get(fd)
+                    if link is None:
+                        continue
+                    headers, came_up = link.on_event(ev, now)
                     if came_up:
                         engine.on_control_up(now)
                     on_reply = engine.on_reply

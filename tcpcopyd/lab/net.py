@@ -22,6 +22,8 @@ ONLINE_TARGET_SIDE_IP = "198.18.2.1"
 TARGET_IP = "198.18.2.2"
 DEAD_END_IP = "198.18.2.254"
 CLIENT_NET = "198.18.1.0/24"
+# the lab's replicated services (nginx, memcached)
+SERVICE_PORTS = (80, 11211)
 # comment of the lab's leak-counting iptables rules
 LEAK_TAG = "tcpcopyd-lab-leak"
 
@@ -54,9 +56,12 @@ class Namespaces:
                 "net/ipv4/ip_local_port_range": "10000 65000",
             })
         for ns in (self.client, self.online):
+            # count what the target's services send toward the client / online host: with
+            # interception working that is nothing at all
             self.run(ns, ["iptables", "-w", "5", "-t", "raw", "-I", "PREROUTING", "-s",
-                          TARGET_IP, "-p", "tcp", "!", "--sport", "36524", "-m", "comment",
-                          "--comment", LEAK_TAG])
+                          TARGET_IP, "-p", "tcp", "-m", "multiport", "--sports",
+                          ",".join(map(str, SERVICE_PORTS)), "-m", "comment", "--comment",
+                          LEAK_TAG])
 
     def _link(self, ns_a: str, if_a: str, ip_a: str, ns_b: str, if_b: str, ip_b: str) -> None:
         tmp_a, tmp_b = f"{self.prefix[:6]}{os.getpid() % 10000}a", \
@@ -89,7 +94,7 @@ class Namespaces:
                               capture_output=True, text=True, **kw)
 
     def leaked(self) -> dict[str, int]:
-        """Packets from the target's TCP services seen entering the client / online host."""
+        """Packets from the target's services seen entering the client / online host."""
         out = {}
         for ns in (self.client, self.online):
             r = self.run(ns, ["iptables", "-w", "5", "-t", "raw", "-L", "PREROUTING", "-v",

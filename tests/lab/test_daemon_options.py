@@ -61,3 +61,12 @@ def test_interceptd_with_operator_managed_rules(lab):
         assert rules.count("NFQUEUE") == 1  # left in place for its owner
     finally:
         lab.ns.run(lab.ns.target, ["iptables", "-w", "5", "-D", "OUTPUT", *rule], check=False)
+
+
+@pytest.mark.parametrize("lab", [{"tcpcopyd": False, "memcached": False}], indirect=True)
+def test_several_interceptds_one_of_them_down(lab):
+    lab.start_tcpcopyd([80], extra=["-s", f"{TARGET_IP},{TARGET_IP}:36599"])
+    lab.wait_log("tcpcopyd", "interceptd 198.18.2.2:36599: Connection refused")
+    r = load.h2load(lab, requests=200, rate=200)
+    assert r.succeeded == 200
+    assert len(target_caught_up(lab, 200)) == 200
