@@ -2,7 +2,18 @@
 # Worker-pool scaling on the lent many-core machine (see ../shared/recipes/DEVICE.md): it has
 # no registry, so everything comes in .devcarry/ (ignored by git): Debian .debs of nginx,
 # h2load, iptables and their libraries, unpacked into /tmp/x (never into /), and cp312
-# wheels of our dependencies. Prepare .devcarry here, then run this script there once.
+# wheels of our dependencies. Prepare .devcarry here, then run this script there once:
+#   echo /.devcarry/ >> .git/info/exclude; mkdir -p .devcarry/debs .devcarry/whl
+#   (cd .devcarry/debs && apt-get download nginx nghttp2-client libnghttp2-14 libev4 \
+#     libjemalloc2 iptables libxtables12 libip4tc2 libip6tc2 libnftnl11 libmnl0 \
+#     libnetfilter-conntrack3 libnfnetlink0 libnetfilter-queue1 libjansson4 iproute2 \
+#     libbpf1 libelf1 libcap2 libtirpc3 libtirpc-common libdb5.3)
+#   python3.12 -m pip wheel --no-deps -w .devcarry/whl NetfilterQueue   # needs gcc + headers
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 \
+#     -d .devcarry/whl orjson setproctitle psutil pyroute2 dpkt
+# and call it with carry [".devcarry"].
 set -u
 exec 2>&1
 X=/tmp/x
