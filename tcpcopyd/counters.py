@@ -35,11 +35,13 @@ NAMES = (
                            # client's next request (fake SYN at its sequence number)
     "handshake_restarts",  # handshakes started again because the target refused our ACK
                            # of an old SYN-ACK
+    "oversize_frames",     # captured frames larger than the MTU (GRO/TSO), cut to the MSS
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 # indexes of the counters bumped on the packet path
 CAPTURED, MALFORMED, NO_SESSION, DUPLICATE, OUT_OF_ORDER, SENT, SEND_ERRORS, BYTES_SENT, \
     REPLIES, REPLIES_NO_SESSION, REPLIES_MALFORMED = range(11)
 assert NAMES[REPLIES_MALFORMED] == "replies_malformed"
+OVERSIZE = INDEX["oversize_frames"]
 # gauges are set, not added up over time
 GAUGES = frozenset({"sessions_active"})

@@ -60,6 +60,9 @@ CLOSE_LINGER = 5.0
 GAP_TIMEOUT = 5.0
 # a session created by a client RST or expiry that cannot drain is reset after this long
 DRAIN_TIMEOUT = 10.0
+# the client's FIN, and the reset of a session the client ended, wait until the target has
+# sent no data for this long (it may still be sending a long answer), seconds
+TARGET_BUSY = 1.0
 # delayed ACK: target data is acknowledged at once every second segment, else after this
 # long, unless a packet of ours carries the ACK sooner (seconds)
 ACK_DELAY = 0.02
@@ -129,6 +132,8 @@ class Engine:
                 cnt[C.MALFORMED] += 1
             return
         end = tot_len if tot_len <= n else n
+        if end > self.mtu:
+            cnt[C.OVERSIZE] += 1
         self._client_segment(src, dst, sport, dport, seq, ack, offflags & 0x3F, window,
                              bytes(buf[40:20 + thl]) if thl > 20 else b"",
                              bytes(buf[20 + thl:end]) if end > 20 + thl else b"", now)
@@ -354,6 +359,7 @@ class Engine:
             if seq_lt(s.rcv_nxt, end):
                 s.rcv_nxt = end
             s.awaiting = False
+            s.target_seen = now
             self._ack_later(s, now)
         if flags & FIN:
             fin_end = seq_add(seq, plen + 1)
@@ -438,6 +444,10 @@ class Engine:
                     s.buffered -= cut
                 break
             s.snd_una = ack
+            if s.awaiting:
+                # the target is still taking in the request: the wait for its answer starts
+                # over (a long upload is not cut short by --pace-timeout)
+                s.pace_at = now + self.pace_timeout
             if s.rtt_seq is not None and seq_le(s.rtt_seq, ack):
                 self._rtt_sample(s, now - s.rtt_time)
                 s.rtt_seq = None
@@ -499,8 +509,14 @@ class Engine:
                     self._schedule(s, s.pace_at)
                     break
             n = len(payload)
-            if not n and flags & FIN and s.state & TARGET_FIN and not s.unacked:
-                break  # only the FIN is left and the target closed too: _check_end resets
+            if not n and flags & FIN:
+                if s.state & TARGET_FIN and not s.unacked:
+                    break  # only the FIN is left and the target closed too: _check_end resets
+                if now - s.target_seen < TARGET_BUSY:
+                    # the target is still sending its answer: a half-close now would make
+                    # servers (nginx) abort it; the FIN waits until the target goes quiet
+                    self._schedule(s, s.target_seen + TARGET_BUSY)
+                    break
             if n:
                 size = min(n, s.mss)
                 room = seq_diff(limit, seq)
@@ -587,8 +603,15 @@ class Engine:
     def _check_end(self, s: Session, now: float) -> None:
         st = s.state
         if st & CLIENT_RST:
-            if not s.unsent and not s.unacked and not s.ooo or now >= s.close_at:
+            if now >= s.close_at:
                 self._close(s, "sessions_closed", send_rst=True)
+            elif not s.unsent and not s.unacked and not s.ooo:
+                if st & TARGET_FIN or now - s.target_seen >= TARGET_BUSY:
+                    self._close(s, "sessions_closed", send_rst=True)
+                else:
+                    # delivered; the target is still answering (a download): let it finish
+                    s.close_at = now + TARGET_BUSY
+                    self._schedule(s, s.close_at)
             return
         if st & CLIENT_FIN and st & TARGET_FIN and not s.unacked and len(s.unsent) == 1 \
                 and not s.unsent[0][2]:
@@ -611,6 +634,9 @@ class Engine:
             self._emit(build(s.client_ip, s.target_ip, s.client_port, s.target_port, seq,
                              s.rcv_nxt, RST | ACK, 0), s)
         s.freed = True
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session %s ends: %s (state %s)", s.describe(), reason,
+                      State(s.state & 0xFF))
         self.counters[C.INDEX[reason]] += 1
         del self.sessions[s.key]
         self.control.unregister(s)
@@ -668,8 +694,13 @@ class Engine:
                 self._reset(s, "sessions_broken")
                 continue
             if s.close_at and now >= s.close_at:
-                self._close(s, "sessions_closed", send_rst=True)
-                continue
+                if now - s.target_seen < TARGET_BUSY:
+                    # the target is still answering (a long download): wait while it lasts
+                    s.close_at = s.target_seen + TARGET_BUSY
+                    self._schedule(s, s.close_at)
+                else:
+                    self._close(s, "sessions_closed", send_rst=True)
+                    continue
             self.touched.add(s)
         self.flush(now)
 

@@ -46,7 +46,7 @@ class Session:
         "target_isn", "rcv_nxt", "wnd", "wscale", "mss", "syn_options", "syn_wscale",
         "syn_ts", "client_tsval", "target_tsval", "client_win", "client_ack", "awaiting",
         "pace_at", "need_ack", "ack_at", "rto", "srtt", "rttvar", "rto_at", "backoff", "rtt_seq",
-        "rtt_time", "dupacks", "created", "last_seen", "close_at", "gap_since",
+        "rtt_time", "dupacks", "created", "last_seen", "target_seen", "close_at", "gap_since",
         "retransmits", "freed",
     )
 
@@ -93,6 +93,7 @@ class Session:
         self.dupacks = 0
         self.created = now
         self.last_seen = now
+        self.target_seen = 0.0    # when the target last sent us data
         self.close_at = 0.0       # when a session waiting for the target's FIN is ended
         self.gap_since = 0.0      # when the capture first missed a client segment
         self.retransmits = 0

@@ -5,7 +5,11 @@ import os
 
 # nginx access log: one line per request, with what the tests compare
 LOG_FORMAT = ("$remote_addr $remote_port $status $request_length $bytes_sent "
-              "$request_method $request_uri")
+              "$request_method $request_uri $request_body_file")
+
+
+# size of /big.bin served by both nginx
+BIG_FILE_SIZE = 50 * 1024 * 1024
 
 
 def nginx_conf(root: str, port: int = 80, workers: int = 1) -> str:
@@ -14,8 +18,12 @@ def nginx_conf(root: str, port: int = 80, workers: int = 1) -> str:
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     with open(os.path.join(root, "www", "index.html"), "w") as f:
         f.write("hello from the lab\n")
+    # a large file for download tests, sparse (no disk used)
+    with open(os.path.join(root, "www", "big.bin"), "wb") as f:
+        f.truncate(BIG_FILE_SIZE)
     return f"""
 worker_processes {workers};
+user root;  # the lab's files belong to root
 daemon off;
 pid {root}/nginx.pid;
 error_log {root}/error.log warn;
@@ -28,6 +36,7 @@ http {{
     fastcgi_temp_path {root}/fastcgi;
     uwsgi_temp_path {root}/uwsgi;
     scgi_temp_path {root}/scgi;
+    client_max_body_size 1g;
     keepalive_requests 1000000;
     keepalive_timeout 120s;
     server {{
@@ -35,7 +44,8 @@ http {{
         root {root}/www;
         location = / {{ return 200 "hello from the lab\\n"; }}
         location /upload {{
-            client_max_body_size 1g;
+            # every request body is kept in a file of its own, named in the access log
+            client_body_in_file_only on;
             client_body_buffer_size 1m;
             proxy_pass http://127.0.0.1:8081;
         }}

@@ -218,6 +218,9 @@ def test_client_closes_first_then_a_reset_frees_the_target(eng):
     feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"req"))
     answer(eng, reply(TARGET_ISN + 1, ISN + 4, P.ACK | P.PSH, payload_len=10))
     feed(eng, client_pkt(ISN + 4, ONLINE_ISN + 11, P.ACK | P.FIN))
+    # the FIN waits until the target has been quiet for a moment (its answer is complete)
+    assert not [p for p in eng.sender.take() if p.flags & P.FIN]
+    eng.tick(100.0 + 1.5)
     [fin] = [p for p in eng.sender.take() if p.flags & P.FIN]
     assert fin.seq == ISN + 4 and fin.ack == TARGET_ISN + 11
     answer(eng, reply(TARGET_ISN + 11, ISN + 5, P.ACK | P.FIN))
@@ -334,6 +337,10 @@ def test_client_fin_after_an_answer_waits_for_the_targets_answer(eng):
     feed(eng, client_pkt(ISN + 5, ONLINE_ISN + 100, P.ACK | P.FIN))
     assert not [p for p in eng.sender.take() if p.flags & P.FIN]
     answer(eng, reply(TARGET_ISN + 1, ISN + 5, P.ACK | P.PSH, payload_len=20))
+    answer(eng, reply(TARGET_ISN + 21, ISN + 5, P.ACK | P.PSH, payload_len=20), now=100.5)
+    eng.tick(101.0)
+    assert not [p for p in eng.sender.take() if p.flags & P.FIN]  # still answering
+    eng.tick(101.6)
     [fin] = [p for p in eng.sender.take() if p.flags & P.FIN]
     assert fin.seq == ISN + 5
 
