@@ -1,0 +1,89 @@
+"""Long-transfer benchmark: uploads through the online nginx, copied packets dropped at
+random on the target; reports how many bodies reached the target byte-exact and how long
+the copies took (from the first upload to the last body logged by the target)."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+
+from shm import segment as shmseg
+from tcpcopyd import ctl
+from tcpcopyd.lab.lab import Lab, wait_for
+from tcpcopyd.lab.net import CLIENT_NET, ONLINE_IP
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run(size_mib: int, count: int, drop: float) -> dict:
+    lab = Lab(f"xfer{os.getpid() % 1000}")
+    try:
+        lab.up(memcached=False)
+        lab.start_interceptd([80])
+        lab.start_tcpcopyd([80], extra=["--session-buffer", str(max(64, 3 * size_mib) << 20)])
+        if drop:
+            lab.ns.run(lab.ns.target, ["iptables", "-w", "5", "-t", "raw", "-I", "PREROUTING",
+                                       "-s", CLIENT_NET, "-p", "tcp", "-m", "statistic",
+                                       "--mode", "random", "--probability", str(drop), "-j",
+                                       "DROP"])
+        body = os.path.join(lab.dir, "body")
+        with open(body, "wb") as f:
+            for _ in range(size_mib):
+                f.write(os.urandom(1 << 20))
+        want = sha256(body)
+        t0 = time.monotonic()
+        ok_online = 0
+        for i in range(count):
+            r = lab.ns.run(lab.ns.client, ["curl", "-sS", "-o", "/dev/null", "-w",
+                                           "%{http_code}", "--data-binary", f"@{body}", "-H",
+                                           "Expect:", f"http://{ONLINE_IP}/upload?{i}"],
+                           timeout=600)
+            ok_online += r.stdout == "200"
+        try:
+            wait_for(lambda: len(lab.nginx_log("target")) >= count, 300, "target")
+        except Exception:
+            pass
+        took = time.monotonic() - t0
+        exact = sum(1 for f in lab.nginx_log("target")
+                    if f[2] == "200" and f[7] != "-" and sha256(f[7]) == want)
+        seg = shmseg.attach(f"{lab.ns.prefix}-tcpcopyd")
+        totals = ctl.totals(seg)
+        seg.close()
+    finally:
+        lab.down()
+        lab.cleanup_files()
+    return {"size_mib": size_mib, "count": count, "drop": drop, "online_200": ok_online,
+            "exact": exact, "seconds": took,
+            "retransmits": totals.get("retransmits", 0) + totals.get("fast_retransmits", 0)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tcpcopyd-transfers", description=__doc__)
+    ap.add_argument("--cases", default="10x10@0,10x10@0.001,10x10@0.01,100x1@0.001",
+                    help="SIZE_MiBxCOUNT@DROP,...")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("run it as root (it builds network namespaces)", file=sys.stderr)
+        return 1
+    print("| uploads | drop toward target | client 200 | byte-exact on target | "
+          "time (s) | retransmissions |")
+    print("|---|---|---|---|---|---|")
+    for case in args.cases.split(","):
+        sizes, drop = case.split("@")
+        size, count = (int(x) for x in sizes.split("x"))
+        r = run(size, count, float(drop))
+        print(f"| {count} × {size} MiB | {100 * r['drop']:g} % | {r['online_200']}/{count} | "
+              f"{r['exact']}/{count} | {r['seconds']:.1f} | {r['retransmits']} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
