@@ -92,7 +92,7 @@ class Engine:
     def __init__(self, targets: dict, sender: Sender, control: Control,
                  table: Table | None, slots: range, *, mtu: int = 1500, fake_mss: int = 1460,
                  idle_timeout: float = 120.0, pace_timeout: float = 2.0,
-                 max_session_buffer: int = 64 << 20) -> None:
+                 max_session_buffer: int = 64 << 20, max_total_buffer: int = 512 << 20) -> None:
         # local service port, or (online ip, port) for rules bound to one address
         #   -> (target ip, target port)
         self.targets = targets
@@ -105,6 +105,8 @@ class Engine:
         self.idle_timeout = idle_timeout
         self.pace_timeout = pace_timeout
         self.max_session_buffer = max_session_buffer
+        self.max_total_buffer = max_total_buffer
+        self.buffered_total = 0           # bytes buffered over all sessions
         self.sessions: dict[tuple, Session] = {}
         self.counters = [0] * len(C.NAMES)
         self.timers: list[tuple[float, int, Session]] = []
@@ -254,7 +256,7 @@ class Engine:
             else:
                 if seq not in s.ooo:
                     s.ooo[seq] = (flags, payload, ack)
-                    s.buffered += len(payload)
+                    self._grow(s, len(payload))
                     self.counters[C.OUT_OF_ORDER] += 1
                 if not s.gap_since:
                     s.gap_since = now
@@ -268,19 +270,23 @@ class Engine:
                 for oseq in list(s.ooo):
                     if seq_lt(oseq, s.cap_nxt):
                         oflags, opay, oack = s.ooo.pop(oseq)
-                        s.buffered -= len(opay)
+                        self._grow(s, -len(opay))
                         skip = seq_diff(s.cap_nxt, oseq)
                         if skip < len(opay):
                             s.ooo[s.cap_nxt] = (oflags, opay[skip:], oack)
-                            s.buffered += len(opay) - skip
+                            self._grow(s, len(opay) - skip)
                 if s.cap_nxt not in s.ooo:
                     break
                 continue
             oflags, opay, oack = nxt
-            s.buffered -= len(opay)
+            self._grow(s, -len(opay))
             self._append(s, s.cap_nxt, oflags, opay, oack)
         if not s.ooo:
             s.gap_since = 0.0
+
+    def _grow(self, s: Session, n: int) -> None:
+        s.buffered += n
+        self.buffered_total += n
 
     def _append(self, s: Session, seq: int, flags: int, payload: bytes, ack: int) -> None:
         # the client acknowledged more of the online server's answer since its last data:
@@ -291,13 +297,14 @@ class Engine:
             s.client_ack = ack
         s.unsent.append([seq, flags, payload, new_request])
         n = len(payload)
-        s.buffered += n
+        self._grow(s, n)
         s.cap_nxt = seq_add(seq, n + (1 if flags & FIN else 0))
         if flags & FIN:
             s.state |= CLIENT_FIN
-        if s.buffered > self.max_session_buffer:
-            log.warning("session %s buffered %d bytes (limit %d): reset", s.describe(),
-                        s.buffered, self.max_session_buffer)
+        if s.buffered > self.max_session_buffer or self.buffered_total > self.max_total_buffer:
+            log.warning("session %s: %d bytes buffered (limit %d), %d in all (limit %d): reset",
+                        s.describe(), s.buffered, self.max_session_buffer,
+                        self.buffered_total, self.max_total_buffer)
             self._reset(s, "sessions_overflow")
 
     # ------------------------------------------------------------------ reply side
@@ -436,12 +443,12 @@ class Engine:
                 end = seq_add(eseq, n + (1 if eflags & FIN else 0))
                 if seq_le(end, ack):
                     q.popleft()
-                    s.buffered -= n
+                    self._grow(s, -n)
                     continue
                 if seq_lt(eseq, ack):
                     cut = seq_diff(ack, eseq)
                     e[0], e[2] = ack, epay[cut:]
-                    s.buffered -= cut
+                    self._grow(s, -cut)
                 break
             s.snd_una = ack
             if s.awaiting:
@@ -522,6 +529,8 @@ class Engine:
                 room = seq_diff(limit, seq)
                 if room < size:
                     if room <= 0 or (s.unacked and room < s.mss):
+                        if not s.unacked and not s.rto_at:
+                            self._arm(s, now + s.rto)  # persist timer: probe the window
                         break
                     size = room
                 if size < n:
@@ -644,6 +653,7 @@ class Engine:
             self.table.clear(s.slot)
         self.free_slots.append(s.slot)
         self.dirty.discard(s)
+        self.buffered_total -= s.buffered
         s.unsent.clear()
         s.unacked.clear()
         s.ooo.clear()

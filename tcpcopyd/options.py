@@ -98,6 +98,9 @@ REGISTRY = (
             "capacity of the shared session table", metavar="N"),
     Setting("session_buffer", ("--session-buffer",), 64 << 20, int_range(1 << 16, 1 << 34),
             "most bytes buffered for one session before it is reset", metavar="BYTES"),
+    Setting("total_buffer", ("--total-buffer",), 512 << 20, int_range(1 << 20, 1 << 40),
+            "most bytes one worker buffers over all its sessions (above: the session that "
+            "grows is reset)", metavar="BYTES"),
     Setting("pace_timeout", ("--pace-timeout",), 2.0, float_range(0, 600),
             "longest wait for the target's answer before the next request goes anyway",
             metavar="SECONDS"),

@@ -64,7 +64,8 @@ class Worker:
                    (socket.inet_aton(t.target_ip), t.target_port) for t in cfg.transfer}
         engine = Engine(targets, RawSender(), control, table, table.owned_range(self.index),
                         mtu=cfg.mtu, fake_mss=cfg.mss, idle_timeout=cfg.timeout,
-                        pace_timeout=cfg.pace_timeout, max_session_buffer=cfg.session_buffer)
+                        pace_timeout=cfg.pace_timeout, max_session_buffer=cfg.session_buffer,
+                        max_total_buffer=cfg.total_buffer)
         cap = self.cap
         cap.setblocking(False)
         capfd = cap.fileno()

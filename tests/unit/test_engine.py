@@ -414,3 +414,29 @@ def test_a_refused_handshake_ack_starts_the_handshake_again(eng):
     answer(eng, reply(TARGET_ISN + 5000, ISN + 1, P.SYN | P.ACK, options=SYNACK_OPTS))
     [data] = eng.sender.take()
     assert (data.seq, data.ack, data.payload) == (ISN + 1, TARGET_ISN + 5001, b"GET /")
+
+
+def test_the_total_buffer_limit_resets_the_session_that_grows_past_it():
+    e = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(10),
+               max_total_buffer=5000)
+    for i in range(2):
+        feed(e, P.build(CLIENT, ONLINE, CPORT + i, 80, ISN, 0, P.SYN, 100, SYN_OPTS))
+        # no SYN-ACK: the data stays buffered
+        feed(e, P.build(CLIENT, ONLINE, CPORT + i, 80, ISN + 1, ONLINE_ISN, P.ACK, 100, b"",
+                        b"d" * 3000))
+    assert [s.client_port for s in e.sessions.values()] == [CPORT]
+    assert e.counters[C.INDEX["sessions_overflow"]] == 1
+    assert e.buffered_total == 3000
+
+
+def test_a_zero_window_is_probed(eng):
+    handshake(eng)
+    eng.sender.take()
+    answer(eng, reply(TARGET_ISN + 1, ISN + 1, P.ACK, window=0))  # the target is full
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"q" * 100))
+    assert not [p for p in eng.sender.take() if p.payload]
+    eng.tick(100.0 + 5)
+    [probe] = [p for p in eng.sender.take() if p.payload]
+    assert probe.seq == ISN + 1 and len(probe.payload) == 1
+    answer(eng, reply(TARGET_ISN + 1, ISN + 2, P.ACK, window=100), now=106.0)  # open again
+    assert [len(p.payload) for p in eng.sender.take() if p.payload] == [99]

@@ -53,6 +53,7 @@ def test_random_tcp_fields_both_ways(flags, seq, ack, win, payload, opts, reply_
         e.tick(t)
     e.expire_idle(1000.0)
     assert not e.sessions
+    assert e.buffered_total == 0
 
 
 @settings(max_examples=300, deadline=None)
