@@ -3,7 +3,6 @@ random on the target (iptables statistic, online side untouched); uploads must r
 target's nginx byte-exact, downloads must complete there."""
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from tcpcopyd.lab.lab import wait_for
 from tcpcopyd.lab.net import CLIENT_NET, ONLINE_IP
 from tcpcopyd.lab.servers import BIG_FILE_SIZE
+from tcpcopyd.lab.transfers import sha256
 from tests.lab.conftest import ctl_status, target_caught_up
 
 pytestmark = pytest.mark.lab
@@ -32,14 +32,6 @@ def upload(lab, path: str, n: int) -> None:
                                        "--data-binary", f"@{path}", "-H", "Expect:",
                                        f"http://{ONLINE_IP}/upload?{i}"], timeout=300)
         assert r.stdout == "200", r
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def assert_bodies_exact(lab, body: str, n: int) -> None:
