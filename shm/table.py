@@ -17,7 +17,7 @@ class SlotTable:
             raise ValueError(f"slot layout of {layout.size} bytes exceeds {seg.slot_size}")
         self.seg = seg
         self.layout = layout
-        self.empty = tuple(0 if c not in "s" else b"" for c in _codes(layout))
+        self.empty = layout.unpack(bytes(layout.size))   # the all-zero record: a free slot
 
     def owned_range(self, worker: int) -> range:
         """The slots worker ``worker`` of ``n_workers`` may write."""
@@ -33,19 +33,3 @@ class SlotTable:
     def read(self, slot: int) -> tuple:
         return seqlock.read(self.seg.mm, self.seg.slot_offset(slot), self.layout)
 
-
-def _codes(layout: struct.Struct) -> list[str]:
-    """The field codes of a struct format, repeat counts of 's' folded into one field."""
-    fmt = layout.format.lstrip("<>!=@")
-    out, num = [], ""
-    for ch in fmt:
-        if ch.isdigit():
-            num += ch
-            continue
-        if ch == "s" or ch == "x":
-            if ch == "s":
-                out.append("s")
-        else:
-            out.extend(ch * int(num or 1))
-        num = ""
-    return out

@@ -53,7 +53,7 @@ class ControlLink:
         err = sock.connect_ex((self.host, self.port))
         if err not in (0, errno.EINPROGRESS):
             sock.close()
-            self._failed(now, os_error(err))
+            self._failed(now, os.strerror(err))
             return
         self.sock = sock
         self.connecting = True
@@ -70,7 +70,7 @@ class ControlLink:
                 return [], False
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                self._failed(now, os_error(err))
+                self._failed(now, os.strerror(err))
                 return [], False
             self.connecting = False
             self.up = True
@@ -160,10 +160,6 @@ class ControlLink:
         self.up = False
 
 
-def os_error(err: int) -> str:
-    return os.strerror(err)
-
-
 class ControlGroup:
     """Links to every interceptd of ``-s``: each session is registered with all of them
     (whichever sees the target's replies routes them to us); replies come from any."""
@@ -183,8 +179,11 @@ class ControlGroup:
     def errors(self) -> int:
         return sum(link.errors for link in self.links)
 
-    def by_fd(self) -> dict[int, ControlLink]:
-        return {link.fileno(): link for link in self.links if link.sock is not None}
+    def link_of(self, fd: int) -> ControlLink | None:
+        for link in self.links:
+            if link.sock is not None and link.sock.fileno() == fd:
+                return link
+        return None
 
     def maybe_connect(self, now: float) -> None:
         for link in self.links:

@@ -185,13 +185,7 @@ def build(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, fl
         pkt[40:40 + olen] = options
     if payload:
         pkt[20 + thl:] = payload
-    # TCP checksum over pseudo-header + segment (see tcp_checksum), inlined: hot path
-    n = total - 20
-    sm = int.from_bytes(memoryview(pkt)[20:], "big")
-    if n & 1:
-        sm <<= 8
-    r = (sm + int.from_bytes(src, "big") + int.from_bytes(dst, "big") + IPPROTO_TCP + n) % 0xFFFF
-    csum = 0xFFFF - r if r else 0
+    csum = tcp_checksum(src, dst, memoryview(pkt)[20:])
     pkt[36] = csum >> 8
     pkt[37] = csum & 0xFF
     return pkt

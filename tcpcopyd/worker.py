@@ -102,7 +102,7 @@ class Worker:
                             break
                         on_packet(buf, n, now)
                 else:
-                    link = control.by_fd().get(fd)
+                    link = control.link_of(fd)
                     if link is None:
                         continue
                     headers, came_up = link.on_event(ev, now)
