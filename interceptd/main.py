@@ -9,16 +9,29 @@ from collections.abc import Sequence
 
 from interceptd import rules, shared
 from shm import segment as shmseg
-from tcpcopyd import wire
+from tcpcopyd import capabilities, logs, wire
 from tcpcopyd.arbiter import (
     WORKER_BOOT_ERROR,
     Arbiter,
     allowed_cpus,
     remove_pidfile,
-    setup_logging,
     write_pidfile,
 )
-from tcpcopyd.settings import COMMON, Setting, int_range, ipv4, parse_args, port, port_list, text
+from tcpcopyd.daemon import Reloader, StatusLine, version
+from tcpcopyd.daemon import fail as _fail
+from tcpcopyd.settings import (
+    COMMON,
+    EX_CONFIG,
+    Layout,
+    Setting,
+    boolean,
+    int_range,
+    ipv4,
+    parse_args,
+    port,
+    port_list,
+    text,
+)
 
 PROG = "interceptd"
 # shm segment kind
@@ -36,35 +49,45 @@ NFQNL_COPY_PACKET = 2
 REGISTRY = (
     Setting("service_port", ("--service-port",), None, port_list,
             "ports of the server under test whose replies are intercepted, e.g. 80,11211",
-            metavar="PORTS", required=True),
+            metavar="PORTS", required=True, example=[80, 11211]),
     Setting("port", ("-p", "--port"), wire.DEFAULT_PORT, port,
-            "control port tcpcopyd connects to", metavar="PORT"),
+            "control port tcpcopyd connects to", metavar="PORT", example=wire.DEFAULT_PORT),
     Setting("bind", ("-b", "--bind"), "0.0.0.0", ipv4, "address of the control port",
-            metavar="ADDR"),
-    Setting("no_iptables", ("--no-iptables",), False, lambda v: bool(v),
-            "do not install/remove NFQUEUE rules (the operator manages them)", is_flag=True),
+            metavar="ADDR", example="0.0.0.0"),
+    Setting("no_iptables", ("--no-iptables",), False, boolean,
+            "do not install/remove NFQUEUE rules (the operator manages them)", is_flag=True,
+            example=False),
     Setting("queue_num", ("--queue-num",), 0, int_range(0, 65535),
-            "first NFQUEUE number", metavar="N"),
+            "first NFQUEUE number", metavar="N", example=0),
     Setting("queues", ("--queues",), None, int_range(1, 1024),
-            "NFQUEUE numbers, one worker each, pinned to its CPU (default: one per CPU this "
-            "process may use)", metavar="N"),
+            "NFQUEUE numbers, one worker each, pinned to its CPU", metavar="N", example=2,
+            default_text="one per usable CPU"),
     *COMMON,
     Setting("instance", ("--instance",), "interceptd", text,
-            "name of the shm segment and tag of the iptables rules", metavar="NAME"),
+            "name of the shm segment and tag of the iptables rules", metavar="NAME",
+            example="interceptd"),
 )
+LAYOUT = Layout(lambda _cli, _parsed: ["interceptd"], lambda name: name == "interceptd",
+                "table [interceptd]")
 
 
-def fail(message: str) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return 1
+DESCRIPTION = "Intercept the target's replies for tcpcopyd (target-host side)."
+
+
+def fail(message: str, code: int = 1) -> int:
+    return _fail(PROG, message, code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(PROG, "Intercept the target's replies for tcpcopyd (target-host side).",
-                     REGISTRY, argv, "interceptd")
-    if os.geteuid() != 0:
-        return fail("needs root (NFQUEUE and iptables): run it with sudo or as the systemd unit")
-    setup_logging(PROG, cfg.log, cfg.log_level)
+    cfg = parse_args(PROG, DESCRIPTION, REGISTRY, argv, LAYOUT)
+    missing = capabilities.missing(("CAP_NET_ADMIN", "CAP_NET_RAW"))
+    if missing:
+        return fail(f"needs {', '.join(missing)} (NFQUEUE and iptables): run it as root, "
+                    "with sudo or as the systemd unit")
+    try:
+        logs.setup(PROG, cfg.log, cfg.log_level)
+    except OSError as e:
+        return fail(f"cannot open log file {cfg.log}: {e.strerror}", EX_CONFIG)
     if cfg.queues is None:
         cfg.values["queues"] = len(allowed_cpus())
     if cfg.queue_num + cfg.queues > 65536:
@@ -72,7 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from netfilterqueue import NetfilterQueue
     except ImportError as e:
-        return fail(f"NetfilterQueue is not installed ({e}): pip install NetfilterQueue")
+        return fail(f"NetfilterQueue is not installed ({e}): apt install "
+                    "python3-netfilterqueue (built by tools/build-debs) or pip install "
+                    "NetfilterQueue")
     from interceptd.worker import dispatch
     # the master binds every queue and keeps the bindings: a worker that dies does not
     # unbind its queue, packets wait in the kernel for its successor
@@ -114,8 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         listener.close()
         return fail(f"shared memory: {e}")
     write_pidfile(cfg.pidfile)
-    log.info("interceptd: service ports %s, NFQUEUE %d..%d, control %s:%d%s",
-             ",".join(map(str, cfg.service_port)), cfg.queue_num,
+    reload = Reloader(PROG, DESCRIPTION, REGISTRY, LAYOUT, cfg, seg)
+    reload.publish()
+    log.info("interceptd %s: service ports %s, NFQUEUE %d..%d, control %s:%d%s",
+             version(), ",".join(map(str, cfg.service_port)), cfg.queue_num,
              cfg.queue_num + cfg.queues - 1, cfg.bind, cfg.port,
              "" if installed else " (rules managed by the operator)")
 
@@ -129,8 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         w.run()
 
     try:
+        status = StatusLine(seg, ("queued", "routed"), ("routes", "peers", "queue_drops"))
         return Arbiter(PROG, ",".join(map(str, cfg.service_port)), cfg.queues, seg, boot,
-                       allowed_cpus()).run()
+                       allowed_cpus(), status=status, reload=reload).run()
     finally:
         rules.remove(installed)
         for nfq in queues:

@@ -81,6 +81,12 @@ class Router:
             peer.keys.discard(key)
         elif kind == wire.VERSION and client_ip == b"\0\0\0\0" and client_port == 0:
             peer.versioned = True
+        elif client_ip == b"\0\0\0\0" and client_port == 0 and not peer.versioned:
+            # a version message of another protocol version (its type is the version)
+            cnt[C.INDEX["bad_messages"]] += 1
+            raise wire.ProtocolError(f"speaks protocol version {kind}, this interceptd "
+                                     f"speaks {wire.VERSION}: install the same release on "
+                                     "both hosts")
         else:
             cnt[C.INDEX["bad_messages"]] += 1
 

@@ -19,6 +19,7 @@ from interceptd.router import Peer, Router
 from interceptd.shared import Shared
 from shm.segment import Segment
 from tcpcopyd import wire
+from tcpcopyd.daemon import SettingsWatch
 
 log = logging.getLogger("interceptd.worker")
 
@@ -105,6 +106,7 @@ class Worker:
                     if dst != self.index} if self.shared else {}
         started = time.time()
         next_sync = 0.0
+        watch = SettingsWatch("interceptd", self.seg, self.cfg)
         self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
         log.info("worker %d reading NFQUEUE %d, control port %s:%d", self.index + 1,
                  self.queue_num, *self.listener.getsockname()[:2])
@@ -143,6 +145,7 @@ class Worker:
             if now >= next_sync:
                 next_sync = now + SYNC_INTERVAL
                 router.retry_delayed(now)
+                watch.poll()   # only logging is live here; applied by the watch itself
                 cnt[C.INDEX["peers"]] = len(self.peers)
                 cnt[C.INDEX["routes"]] = len(router.routes)
                 cnt[C.INDEX["queue_drops"]] = queue_drops(self.queue_num)
@@ -205,8 +208,13 @@ class Worker:
                 return
             if data:
                 peer.inbuf += data
-                for kind, cip, cport, _tip, _tport in wire.parse_client_messages(peer.inbuf):
-                    self.router.on_message(peer, kind, cip, cport, now)
+                try:
+                    for kind, cip, cport, _tip, _tport in wire.parse_client_messages(
+                            peer.inbuf):
+                        self.router.on_message(peer, kind, cip, cport, now)
+                except wire.ProtocolError as e:
+                    self._drop(ep, fd, peer, str(e))
+                    return
         elif ev & (select.EPOLLERR | select.EPOLLHUP):
             self._drop(ep, fd, peer, "connection error")
             return

@@ -2,6 +2,7 @@
 
 Layout (little-endian numbers; addresses inside records are network order):
   header   HEADER_SIZE bytes: magic, layout version, kind, sizes, master pid, created
+  settings one seqlock record: the master's live settings as JSON (changed by a reload)
   restarts one u32 per worker, written by the master only
   workers  one seqlock record per worker: pid, cpu, started, heartbeat, counters
   slots    ``n_slots`` seqlock records of ``slot_size`` bytes (session table)
@@ -10,6 +11,7 @@ Layout (little-endian numbers; addresses inside records are network order):
 from __future__ import annotations
 
 import glob
+import json
 import mmap
 import os
 import struct
@@ -20,13 +22,16 @@ from shm import seqlock
 
 SHM_DIR = "/dev/shm"
 MAGIC = b"TCPCSHM1"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 HEADER = struct.Struct("<8sIIIIIIId24s")
 HEADER_SIZE = 64
 # per-worker counters kept in shm (unused ones stay 0)
 N_COUNTERS = 40
 WORKER = struct.Struct(f"<Iidd{N_COUNTERS}Q")
 WORKER_SIZE = 4 + WORKER.size + 4  # seq + body, padded to 8
+# live settings: length + JSON text, written by the master only
+SETTINGS = struct.Struct("<I2040s")
+SETTINGS_SIZE = 4 + SETTINGS.size + 4
 
 
 class SegmentError(RuntimeError):
@@ -54,12 +59,9 @@ class Segment:
         if magic != MAGIC or version != LAYOUT_VERSION:
             raise SegmentError(f"{path}: not a tcpcopyd segment of layout {LAYOUT_VERSION}")
         self.label = label.rstrip(b"\0").decode(errors="replace")
-        self.restarts_off = HEADER_SIZE
-        self.workers_off = self.restarts_off + 4 * self.n_workers
-        self.workers_off += (-self.workers_off) % 8
-        self.slots_off = self.workers_off + WORKER_SIZE * self.n_workers
-        self.extra_off = self.slots_off + self.slot_size * self.n_slots
-        self.extra_off += (-self.extra_off) % 64
+        self.settings_off = HEADER_SIZE
+        (self.restarts_off, self.workers_off, self.slots_off, self.extra_off,
+         _size) = _layout(self.n_workers, self.n_slots, self.slot_size, self.extra_size)
 
     @property
     def name(self) -> str:
@@ -80,6 +82,21 @@ class Segment:
         restarts = struct.unpack_from("<I", self.mm, self.restarts_off + 4 * index)[0]
         return WorkerRecord(index, pid, cpu, started, hb, tuple(counters), restarts)
 
+    # live settings: written by the master only
+    def write_settings(self, values: dict) -> None:
+        blob = json.dumps(values, sort_keys=True).encode()
+        if len(blob) > SETTINGS.size - 4:
+            raise SegmentError(f"settings of {len(blob)} bytes do not fit in the segment")
+        seqlock.write(self.mm, self.settings_off, SETTINGS, (len(blob), blob))
+
+    def settings_version(self) -> int:
+        """Changes whenever the settings do (a reader compares it with the last seen)."""
+        return seqlock.SEQ.unpack_from(self.mm, self.settings_off)[0]
+
+    def read_settings(self) -> dict:
+        n, blob = seqlock.read(self.mm, self.settings_off, SETTINGS)
+        return json.loads(blob[:n]) if n else {}
+
     # restarts: written by the master only
     def add_restart(self, index: int) -> None:
         off = self.restarts_off + 4 * index
@@ -97,6 +114,18 @@ class Segment:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _layout(n_workers: int, n_slots: int, slot_size: int, extra_size: int
+            ) -> tuple[int, int, int, int, int]:
+    """Offsets of restarts, workers, slots and extra, and the segment's size."""
+    restarts = HEADER_SIZE + SETTINGS_SIZE
+    workers = restarts + 4 * n_workers
+    workers += (-workers) % 8
+    slots = workers + WORKER_SIZE * n_workers
+    extra = slots + slot_size * n_slots
+    extra += (-extra) % 64
+    return restarts, workers, slots, extra, extra + extra_size
 
 
 def _path(name: str) -> str:
@@ -121,10 +150,7 @@ def create(name: str, kind: int, n_workers: int, n_slots: int, slot_size: int,
                 raise SegmentError(f"{path} belongs to running process {pid}; "
                                    f"stop it first or choose another --instance")
         os.unlink(path)
-    workers_off = HEADER_SIZE + 4 * n_workers
-    workers_off += (-workers_off) % 8
-    size = workers_off + WORKER_SIZE * n_workers + slot_size * n_slots
-    size += (-size) % 64 + extra_size
+    size = _layout(n_workers, n_slots, slot_size, extra_size)[-1]
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, size)

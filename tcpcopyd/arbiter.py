@@ -1,6 +1,9 @@
 """The master process of either daemon: forks pinned workers, reaps and respawns them,
 watches their heartbeats in shm, and stops them (gracefully on SIGTERM, fast on
-SIGINT/SIGQUIT). Signal handlers only queue the signal; the main loop does the work."""
+SIGINT/SIGQUIT). SIGHUP reloads the settings, SIGUSR1 reopens the log files (the master's
+and, forwarded, the workers'). Under systemd (``Type=notify``) it says READY once every
+worker serves, keeps a STATUS line current and feeds the watchdog.
+Signal handlers only queue the signal; the main loop does the work."""
 from __future__ import annotations
 
 import errno
@@ -8,7 +11,6 @@ import logging
 import os
 import select
 import signal
-import sys
 import time
 from collections.abc import Callable
 
@@ -16,6 +18,8 @@ from setproctitle import setproctitle
 
 from shm import seqlock
 from shm.segment import Segment
+from tcpcopyd import logs
+from tcpcopyd.sdnotify import Notifier
 
 log = logging.getLogger("arbiter")
 
@@ -28,12 +32,19 @@ GRACEFUL_TIMEOUT = 4.0
 HEARTBEAT_TIMEOUT = 10.0
 # a worker younger than this gets no heartbeat check yet
 BOOT_GRACE = 5.0
+# seconds between two STATUS lines sent to systemd
+STATUS_INTERVAL = 5.0
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP,
+           signal.SIGUSR1)
 
 
 class Arbiter:
     def __init__(self, prog: str, label: str, n_workers: int, seg: Segment,
-                 boot: Callable[[int, int], None], cpus: list[int]) -> None:
-        """``boot(index, cpu)`` runs in the forked child and never returns normally."""
+                 boot: Callable[[int, int], None], cpus: list[int],
+                 status: Callable[[], str] | None = None,
+                 reload: Callable[[], None] | None = None) -> None:
+        """``boot(index, cpu)`` runs in the forked child and never returns normally;
+        ``status()`` gives systemd's STATUS line, ``reload()`` applies a SIGHUP."""
         self.prog = prog
         self.label = label
         self.n_workers = n_workers
@@ -47,6 +58,11 @@ class Arbiter:
         self.exit_code = 0
         self.reason = ""
         self._pipe_r, self._pipe_w = os.pipe()
+        self.status = status
+        self.reload = reload
+        self.notifier = Notifier()
+        self.ready = False
+        self._next_status = 0.0
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> int:
@@ -54,8 +70,7 @@ class Arbiter:
         os.set_blocking(self._pipe_r, False)
         os.set_blocking(self._pipe_w, False)
         signal.set_wakeup_fd(self._pipe_w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-                    signal.SIGHUP):
+        for sig in HANDLED:
             signal.signal(sig, self._queue_signal)
         for i in range(self.n_workers):
             self.spawn(i)
@@ -65,9 +80,40 @@ class Arbiter:
                 self.handle(self.signals.pop(0))
             self.reap()
             if self.stopping:
+                self.notifier.send("STOPPING=1")
                 return self.finish()
             self.check_heartbeats()
             self.spawn_missing()
+            self.tell_systemd()
+
+    def tell_systemd(self) -> None:
+        now = time.monotonic()
+        if not self.ready and self.all_serving():
+            self.ready = True
+            log.info("ready: %d worker(s) serving", self.n_workers)
+            self.notifier.send("READY=1", f"STATUS={self._status()}")
+            self._next_status = now + STATUS_INTERVAL
+        elif self.ready and now >= self._next_status:
+            self._next_status = now + STATUS_INTERVAL
+            self.notifier.send(f"STATUS={self._status()}")
+        self.notifier.feed_watchdog()
+
+    def _status(self) -> str:
+        head = f"{len(self.workers)}/{self.n_workers} workers"
+        return f"{head}; {self.status()}" if self.status else head
+
+    def all_serving(self) -> bool:
+        """Every worker is up and has written its first heartbeat (socket/queue bound)."""
+        if len(self.workers) < self.n_workers:
+            return False
+        for pid, index in self.workers.items():
+            try:
+                rec = self.seg.read_worker(index)
+            except seqlock.TornRead:
+                return False
+            if rec.pid != pid or rec.heartbeat < self.started[pid] - 1:
+                return False
+        return True
 
     def _queue_signal(self, sig: int, _frame: object) -> None:
         self.signals.append(sig)
@@ -90,7 +136,16 @@ class Arbiter:
         if sig == signal.SIGCHLD:
             return
         if sig == signal.SIGHUP:
-            log.info("SIGHUP: nothing to reload in this version")
+            if self.reload and not self.stopping:
+                usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+                self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+                self.reload()
+                self.notifier.send("READY=1")
+            return
+        if sig == signal.SIGUSR1:
+            logs.reopen()
+            for pid in self.workers:
+                _kill(pid, signal.SIGUSR1)
             return
         if self.stopping:
             if sig in (signal.SIGINT, signal.SIGQUIT):
@@ -107,9 +162,12 @@ class Arbiter:
             code = WORKER_BOOT_ERROR
             try:
                 signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-                            signal.SIGHUP):
+                for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
+                # reloads are the master's; log reopens are forwarded by the master
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                signal.signal(signal.SIGUSR1, lambda _s, _f: logs.reopen())
+                self.notifier.close()
                 os.close(self._pipe_r)
                 os.close(self._pipe_w)
                 self.boot(index, cpu)
@@ -225,16 +283,3 @@ def remove_pidfile(path: str | None) -> None:
 
 def allowed_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
-
-
-def setup_logging(prog: str, path: str | None, level: str) -> None:
-    handler: logging.Handler
-    if path:
-        handler = logging.FileHandler(path)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s {prog}[%(process)d] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())

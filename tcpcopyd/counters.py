@@ -36,6 +36,7 @@ NAMES = (
     "handshake_restarts",  # handshakes started again because the target refused our ACK
                            # of an old SYN-ACK
     "oversize_frames",     # captured frames larger than the MTU (GRO/TSO), cut to the MSS
+    "not_sampled",         # captured packets of sessions -r leaves out (not copied)
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 # indexes of the counters bumped on the packet path

@@ -1,5 +1,6 @@
 """`tcpcopyctl status [--json] [NAME]`: every running tcpcopyd/interceptd on this host, read
-from their shm segments (counters, heartbeats) and psutil (CPU, memory, uptime)."""
+from their shm segments (counters, heartbeats, live settings) and psutil (CPU, memory,
+uptime). `tcpcopyctl doctor`: see tcpcopyd.doctor."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-import orjson
 import psutil
 
 from interceptd import counters as icounters
@@ -19,6 +19,16 @@ from tcpcopyd import counters as tcounters
 KINDS = {1: ("tcpcopyd", tcounters), 2: ("interceptd", icounters)}
 # a worker whose heartbeat is older than this is reported stale
 STALE_SECONDS = 5.0
+
+
+def dumps(obj: object) -> str:
+    """JSON, with orjson when it is installed (the Debian packages make it optional)."""
+    try:
+        import orjson
+    except ImportError:
+        import json
+        return json.dumps(obj, indent=2)
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode()
 
 
 def find_segments() -> list[shmseg.Segment]:
@@ -88,7 +98,12 @@ def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
     gauges = counters.GAUGES if counters else frozenset()
     rates = {k: (v - before.get(k, 0)) / elapsed for k, v in totals.items()
              if before is not None and elapsed > 0 and k not in gauges}
+    try:
+        live = seg.read_settings()
+    except seqlock.TornRead:
+        live = {}
     return {"name": seg.name, "program": prog, "label": seg.label, "master": master,
+            "settings": live,
             "workers": workers, "totals": totals, "rates_per_s": rates,
             "healthy": not problems, "problems": problems}
 
@@ -108,12 +123,22 @@ def render(d: dict) -> str:
                f"up {w.get('uptime_s', 0):.0f}s" if w.get("alive", True) else "not running")
             + f"  restarts {w['restarts']}  heartbeat "
             + ("-" if hb is None else f"{hb:.1f}s ago"))
+    if d.get("settings"):
+        lines.append("  settings " + " ".join(f"{k}={_short(v)}" for k, v in
+                                              sorted(d["settings"].items())))
     width = max((len(k) for k in d["totals"]), default=0)
     for k, v in d["totals"].items():
         if v:
             rate = d["rates_per_s"].get(k)
             lines.append(f"    {k:<{width}} {v:>12}" + (f"  {rate:10.1f}/s" if rate else ""))
     return "\n".join(lines)
+
+
+def _short(v: object) -> str:
+    if isinstance(v, list) and v and isinstance(v[0], dict):
+        return ",".join(f"{t['port']}-{t['target_ip']}:{t['target_port']}" if "target_ip" in t
+                        else str(t) for t in v)
+    return "-" if v is None else str(v)
 
 
 def status(args: argparse.Namespace) -> int:
@@ -135,7 +160,7 @@ def status(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - t0
     report = [describe(s, b, elapsed) for s, b in zip(segs, before, strict=True)]
     if args.json:
-        sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.write(dumps(report) + "\n")
     else:
         print("\n\n".join(render(d) for d in report))
     return 0 if all(d["healthy"] for d in report) else 1
@@ -147,7 +172,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     st = sub.add_parser("status", help="processes, counters and health of running daemons")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("name", nargs="?", help="only this instance (shm segment name)")
+    dr = sub.add_parser("doctor", help="check this host's set-up; prints the fix of each "
+                        "problem (exit 0: all checks passed)")
+    dr.add_argument("--client", default="", metavar="ADDR[,ADDR]",
+                    help="client address(es) whose copies the target must answer through "
+                    "interceptd (on the target host: checks the return route and rp_filter)")
+    dr.add_argument("role", choices=("tcpcopyd", "interceptd"),
+                    help="which daemon's host this is")
+    dr.add_argument("args", nargs=argparse.REMAINDER,
+                    help="the daemon's own flags, or --config FILE [-i IFACE]")
     args = ap.parse_args(argv)
+    if args.command == "doctor":
+        from tcpcopyd import doctor
+        clients = [c.strip() for c in args.client.split(",") if c.strip()]
+        return doctor.run(args.role, args.args, clients)
     return status(args)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import zlib
 from typing import Protocol
 
 from tcpcopyd import counters as C
@@ -88,11 +89,18 @@ class Table(Protocol):
     def clear(self, slot: int) -> None: ...
 
 
+def sampled(src: bytes, sport: int, rate: int) -> bool:
+    """Whether -r RATE copies the sessions of this client address and port: a hash, the same
+    in every worker and after every restart, so a session is copied whole or not at all."""
+    return zlib.crc32(src + sport.to_bytes(2, "big")) % 100 < rate
+
+
 class Engine:
     def __init__(self, targets: dict, sender: Sender, control: Control,
                  table: Table | None, slots: range, *, mtu: int = 1500, fake_mss: int = 1460,
                  idle_timeout: float = 120.0, pace_timeout: float = 2.0,
-                 max_session_buffer: int = 64 << 20, max_total_buffer: int = 512 << 20) -> None:
+                 max_session_buffer: int = 64 << 20, max_total_buffer: int = 512 << 20,
+                 sample_rate: int = 100) -> None:
         # local service port, or (online ip, port) for rules bound to one address
         #   -> (target ip, target port)
         self.targets = targets
@@ -106,6 +114,7 @@ class Engine:
         self.pace_timeout = pace_timeout
         self.max_session_buffer = max_session_buffer
         self.max_total_buffer = max_total_buffer
+        self.sample_rate = sample_rate    # percent of sessions copied (-r)
         self.buffered_total = 0           # bytes buffered over all sessions
         self.sessions: dict[tuple, Session] = {}
         self.counters = [0] * len(C.NAMES)
@@ -159,6 +168,10 @@ class Engine:
             return
         key = (src, sport, target[0], target[1])
         s = self.sessions.get(key)
+        if (s is None or flags & SYN) and self.sample_rate < 100 \
+                and not sampled(src, sport, self.sample_rate):
+            self.counters[C.INDEX["not_sampled"]] += 1
+            return
         if flags & SYN:
             if flags & (ACK | RST | FIN):
                 self.counters[C.MALFORMED] += 1

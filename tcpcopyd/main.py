@@ -7,18 +7,19 @@ import sys
 from collections.abc import Sequence
 
 from shm import segment as shmseg
-from tcpcopyd import capture, options
+from tcpcopyd import capabilities, capture, logs, options
 from tcpcopyd.arbiter import (
     WORKER_BOOT_ERROR,
     Arbiter,
     allowed_cpus,
     remove_pidfile,
-    setup_logging,
     write_pidfile,
 )
+from tcpcopyd.daemon import Reloader, StatusLine, version
+from tcpcopyd.daemon import fail as _fail
 from tcpcopyd.sender import SendError, open_raw_socket
 from tcpcopyd.session import SLOT_SIZE
-from tcpcopyd.settings import parse_args
+from tcpcopyd.settings import EX_CONFIG, Config, parse_args
 
 PROG = "tcpcopyd"
 # shm segment kind
@@ -27,21 +28,33 @@ KIND = 1
 log = logging.getLogger(PROG)
 
 
-def fail(message: str) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return 1
+DESCRIPTION = "Copy live TCP traffic to a target server (online-host side)."
+
+
+def fail(message: str, code: int = 1) -> int:
+    return _fail(PROG, message, code)
+
+
+def not_live(old: Config, new: Config) -> list[str]:
+    """A reload may send the same ports to new targets, not capture other ports."""
+    same_ports = ({(t.online_ip, t.port) for t in old.transfer}
+                  == {(t.online_ip, t.port) for t in new.transfer})
+    return [] if same_ports else ["transfer"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(PROG, "Copy live TCP traffic to a target server (online-host side).",
-                     options.REGISTRY, argv, "tcpcopyd")
-    if os.geteuid() != 0:
-        return fail("needs root (AF_PACKET capture and raw sockets): run it with sudo or as "
-                    "the systemd unit")
+    cfg = parse_args(PROG, DESCRIPTION, options.REGISTRY, argv, options.LAYOUT)
+    missing = capabilities.missing(("CAP_NET_RAW",))
+    if missing:
+        return fail(f"needs {', '.join(missing)} (AF_PACKET capture and raw sockets): run it "
+                    "as root, with sudo or as the systemd unit")
     err = options.check_interface(cfg.interface)
     if err:
-        return fail(err)
-    setup_logging(PROG, cfg.log, cfg.log_level)
+        return fail(err, EX_CONFIG)
+    try:
+        logs.setup(PROG, cfg.log, cfg.log_level)
+    except OSError as e:
+        return fail(f"cannot open log file {cfg.log}: {e.strerror}", EX_CONFIG)
     if cfg.workers is None:
         cfg.values["workers"] = len(allowed_cpus())
     try:
@@ -65,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (shmseg.SegmentError, OSError) as e:
         return fail(f"shared memory: {e}")
     write_pidfile(cfg.pidfile)
-    log.info("tcpcopyd %s on %s -> interceptd %s; %d worker(s), shm %s", _version(),
+    reload = Reloader(PROG, DESCRIPTION, options.REGISTRY, options.LAYOUT, cfg, seg, not_live)
+    reload.publish()
+    log.info("tcpcopyd %s on %s -> interceptd %s; %d worker(s), shm %s", version(),
              cfg.interface, ",".join(f"{h}:{p}" for h, p in cfg.server), cfg.workers,
              seg.path)
 
@@ -82,21 +97,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         w.run()
 
     try:
-        return Arbiter(PROG, cfg.interface, cfg.workers, seg, boot, allowed_cpus()).run()
+        status = StatusLine(seg, ("captured", "sent"), ("sessions_active", "kernel_drops"))
+        return Arbiter(PROG, cfg.interface, cfg.workers, seg, boot, allowed_cpus(),
+                       status=status, reload=reload).run()
     finally:
         for s in sockets:
             s.close()
         seg.close()
         seg.unlink()
         remove_pidfile(cfg.pidfile)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("tcpcopyd")
-    except PackageNotFoundError:
-        return "dev"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from tcpcopyd import wire
 from tcpcopyd.settings import (
     COMMON,
+    Layout,
     Setting,
     SettingError,
     float_range,
@@ -73,38 +74,62 @@ def servers(raw: object) -> list[tuple[str, int]]:
     return out
 
 
+def percent(raw: object) -> int:
+    return int_range(1, 100)(raw)
+
+
 REGISTRY = (
     Setting("transfer", ("-x", "--transfer"), None, transfers,
-            "what to copy: [ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...]",
-            metavar="RULES", required=True),
+            "what to copy: [ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...]; a reload may change "
+            "the targets of the same ports (new sessions go there)",
+            metavar="RULES", required=True, example="80-198.18.2.2:80", live=True),
     Setting("server", ("-s", "--server"), None, servers,
-            "interceptd address(es): IP[:PORT], default port 36524", metavar="ADDR",
-            required=True),
+            "interceptd address(es): IP[:PORT][,...], default port 36524", metavar="ADDR",
+            required=True, example="198.18.2.2:36524"),
     Setting("interface", ("-i", "--interface"), None, text,
-            "capture interface (client traffic arrives there)", metavar="IFACE", required=True),
+            "capture interface (client traffic arrives there); the systemd unit's instance "
+            "name", metavar="IFACE", required=True, example="eth0"),
+    Setting("sample_rate", ("-r", "--sample-rate"), 100, percent,
+            "percentage of sessions copied: whole sessions, chosen by a hash of the client "
+            "address and port", metavar="PERCENT", example=100, live=True),
     Setting("timeout", ("-t", "--timeout"), 120.0, float_range(1, 86400),
-            "idle timeout of a session, seconds", metavar="SECONDS"),
+            "idle timeout of a session, seconds", metavar="SECONDS", example=120, live=True),
     Setting("mtu", ("-M", "--mtu"), 1500, int_range(576, 65535),
-            "MTU of the path to the target; larger captured frames are cut", metavar="MTU"),
+            "MTU of the path to the target; larger captured frames are cut", metavar="MTU",
+            example=1500),
     Setting("mss", ("-D", "--mss"), 1460, int_range(88, 65495),
-            "MSS announced in a fake SYN", metavar="MSS"),
+            "MSS announced in a fake SYN", metavar="MSS", example=1460),
     *COMMON,
     Setting("workers", ("--workers",), None, int_range(1, 1024),
-            "worker processes, each pinned to a CPU and reading its own capture socket "
-            "(default: one per CPU this process may use)", metavar="N"),
+            "worker processes, each pinned to a CPU and reading its own capture socket",
+            metavar="N", example=2, default_text="one per usable CPU"),
     Setting("instance", ("--instance",), None, text,
-            "name of this instance's shm segment (default: tcpcopyd.IFACE)", metavar="NAME"),
+            "name of this instance's shm segment in /dev/shm", metavar="NAME",
+            example="tcpcopyd.eth0", default_text="tcpcopyd.IFACE"),
     Setting("session_slots", ("--session-slots",), 65536, int_range(16, 1 << 22),
-            "capacity of the shared session table", metavar="N"),
+            "capacity of the shared session table (full: the oldest session is evicted, "
+            "counted)", metavar="N", example=65536),
     Setting("session_buffer", ("--session-buffer",), 64 << 20, int_range(1 << 16, 1 << 34),
-            "most bytes buffered for one session before it is reset", metavar="BYTES"),
+            "most bytes buffered for one session before it is reset (counted)",
+            metavar="BYTES", example=64 << 20),
     Setting("total_buffer", ("--total-buffer",), 512 << 20, int_range(1 << 20, 1 << 40),
             "most bytes one worker buffers over all its sessions (above: the session that "
-            "grows is reset)", metavar="BYTES"),
+            "grows is reset, counted)", metavar="BYTES", example=512 << 20),
     Setting("pace_timeout", ("--pace-timeout",), 2.0, float_range(0, 600),
             "longest wait for the target's answer before the next request goes anyway",
-            metavar="SECONDS"),
+            metavar="SECONDS", example=2, live=True),
 )
+# tables of interceptd in a shared file are not ours
+OTHER_DAEMON_TABLES = ("interceptd",)
+
+
+def _tables(cli: dict, parsed: dict[str, dict]) -> list[str]:
+    iface = cli.get("interface") or parsed.get("default", {}).get("interface")
+    return ["default"] + ([iface] if iface and iface != "default" else [])
+
+
+LAYOUT = Layout(_tables, lambda name: name not in OTHER_DAEMON_TABLES,
+                "table [default], then the table named after the interface, e.g. [eth0]")
 
 
 def check_interface(name: str) -> str | None:

@@ -1,8 +1,15 @@
 """One registry of settings: each declared once with its CLI flag (tcpcopy's letter where it
-has one), config-file key, default, parser and help. Used by both daemons.
+has one), config-file key, default, parser, help, an example and whether a reload (SIGHUP)
+may change it. Used by both daemons, by the README's option tables and by the shipped
+config files (``tcpcopyd.docs`` writes both from the registry).
 
-Errors: a bad command-line value exits 2 (usage); a bad config file exits 78 (EX_CONFIG),
-naming the file, the key and the reason. Nothing is started before all of it is valid.
+Config files are TOML. tcpcopyd reads the ``[default]`` table and then the table named after
+its capture interface (``[eth0]``), which overrides it; interceptd reads the ``[interceptd]``
+table. Flags on the command line override the file.
+
+Errors: a bad command-line value exits 2 (usage); a bad config file exits 78 (EX_CONFIG)
+with one line naming the file, the table and key and the reason. Nothing is started before
+all of it is valid.
 """
 from __future__ import annotations
 
@@ -21,6 +28,14 @@ class SettingError(ValueError):
     """A value that does not parse; the message says what was expected."""
 
 
+class ConfigError(Exception):
+    """A command line or config file that cannot be used; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str                       # attribute and config key
@@ -31,12 +46,16 @@ class Setting:
     metavar: str | None = None
     required: bool = False
     is_flag: bool = False           # a boolean switch without an argument
+    example: Any = None             # a TOML value for the shipped config and the tests
+    live: bool = False              # a reload (SIGHUP) applies a new value
+    default_text: str | None = None  # how the docs show the default, where not repr-able
 
 
 @dataclass
 class Config:
     values: dict[str, Any] = field(default_factory=dict)
     source: dict[str, str] = field(default_factory=dict)  # name -> "cli" / file path
+    argv: list[str] = field(default_factory=list)         # what was parsed (for a reload)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -45,17 +64,40 @@ class Config:
             raise AttributeError(name) from None
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Which tables of a config file a daemon reads.
+
+    ``tables(cli, parsed)`` gives the tables to apply in order, given the command-line values
+    and the file's parsed tables (tcpcopyd's interface comes from the command line or
+    ``[default]``); ``checked(name)``
+    says whether a table of the file belongs to this daemon (its keys are validated even
+    when it is not applied, so a typo under ``[eth1]`` is found while eth0 starts)."""
+    tables: Callable[[dict[str, Any], dict[str, dict[str, Any]]], list[str]]
+    checked: Callable[[str], bool]
+    describe: str
+
+
 def die(prog: str, message: str, code: int) -> NoReturn:
     print(f"{prog}: {message}", file=sys.stderr)
     sys.exit(code)
 
 
 def parse_args(prog: str, description: str, registry: Sequence[Setting],
-               argv: Sequence[str] | None, config_section: str) -> Config:
-    """Parse the command line (and ``--config FILE`` if given) into a validated Config."""
+               argv: Sequence[str] | None, layout: Layout) -> Config:
+    """Parse the command line (and ``--config FILE`` if given) into a validated Config;
+    exit 2 or 78 with one line on stderr if it cannot be used."""
+    try:
+        return load(prog, description, registry, argv, layout)
+    except ConfigError as e:
+        die(prog, str(e), e.code)
+
+
+def load(prog: str, description: str, registry: Sequence[Setting],
+         argv: Sequence[str] | None, layout: Layout) -> Config:
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--config", metavar="FILE", help="read settings from this TOML file "
-                    f"(table [{config_section}]); command-line flags override it")
+                    f"({layout.describe}); command-line flags override it")
     for s in registry:
         kw: dict[str, Any] = {"dest": s.name, "help": s.help, "default": None}
         if s.is_flag:
@@ -64,51 +106,100 @@ def parse_args(prog: str, description: str, registry: Sequence[Setting],
         else:
             kw["metavar"] = s.metavar
         ap.add_argument(*s.flags, **kw)
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = ap.parse_args(argv)
-    cfg = Config()
-    if ns.config:
-        load_file(prog, ns.config, config_section, registry, cfg)
+    cfg = Config(argv=argv)
+    cli: dict[str, Any] = {}
     for s in registry:
         raw = getattr(ns, s.name)
         if raw is None:
             continue
         try:
-            cfg.values[s.name] = s.parse(raw)
+            cli[s.name] = s.parse(raw)
         except SettingError as e:
-            die(prog, f"{s.flags[0]} {raw!r}: {e}", EX_USAGE)
-        cfg.source[s.name] = "cli"
+            raise ConfigError(f"{s.flags[0]} {raw!r}: {e}", EX_USAGE) from None
+    if ns.config:
+        data = read_file(ns.config)
+        tables = check_file(ns.config, data, registry, layout)
+        applied = layout.tables(cli, tables)
+        for name in applied:
+            for key, value in tables.get(name, {}).items():
+                cfg.values[key] = value
+                cfg.source[key] = f"{ns.config} [{name}]"
+    for name, value in cli.items():
+        cfg.values[name] = value
+        cfg.source[name] = "cli"
     for s in registry:
         if s.name not in cfg.values:
             if s.required:
-                die(prog, f"{' / '.join(s.flags)} is required ({s.help})", EX_USAGE)
+                if ns.config:
+                    raise ConfigError(f"{ns.config}: {s.name} is not set (put it in "
+                                      f"{' or '.join(f'[{t}]' for t in applied)} or give "
+                                      f"{s.flags[0]}): {s.help}", EX_CONFIG)
+                raise ConfigError(f"{' / '.join(s.flags)} is required ({s.help})", EX_USAGE)
             cfg.values[s.name] = s.default
     return cfg
 
 
-def load_file(prog: str, path: str, section: str, registry: Sequence[Setting],
-              cfg: Config) -> None:
+def read_file(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
-        die(prog, f"{path}: no such file", EX_CONFIG)
+        raise ConfigError(f"{path}: no such file", EX_CONFIG) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file", EX_CONFIG) from None
     except OSError as e:
-        die(prog, f"{path}: {e.strerror}", EX_CONFIG)
+        raise ConfigError(f"{path}: {e.strerror}", EX_CONFIG) from None
     except tomllib.TOMLDecodeError as e:
-        die(prog, f"{path}: {e}", EX_CONFIG)
-    table = data.get(section, {})
-    if not isinstance(table, dict):
-        die(prog, f"{path}: [{section}] must be a table", EX_CONFIG)
+        raise ConfigError(f"{path}: not valid TOML: {e}", EX_CONFIG) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text", EX_CONFIG) from None
+
+
+def check_file(path: str, data: dict[str, Any], registry: Sequence[Setting],
+               layout: Layout) -> dict[str, dict[str, Any]]:
+    """Every table of the file that belongs to this daemon, parsed and validated."""
     by_name = {s.name: s for s in registry}
-    for key, raw in table.items():
-        s = by_name.get(key)
-        if s is None:
-            die(prog, f"{path}: [{section}] {key}: unknown key", EX_CONFIG)
-        try:
-            cfg.values[key] = s.parse(raw)
-        except SettingError as e:
-            die(prog, f"{path}: [{section}] {key} = {raw!r}: {e}", EX_CONFIG)
-        cfg.source[key] = path
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in data.items():
+        if not layout.checked(name):
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {name} = {table!r}: settings belong in a table "
+                              f"({layout.describe})", EX_CONFIG)
+        parsed = out[name] = {}
+        for key, raw in table.items():
+            s = by_name.get(key)
+            if s is None:
+                near = [k for k in by_name if k.replace("_", "") == key.replace("_", "")
+                        .replace("-", "")]
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                raise ConfigError(f"{path}: [{name}] {key}: unknown key{hint}", EX_CONFIG)
+            if isinstance(raw, dict):
+                raise ConfigError(f"{path}: [{name}] {key}: a table, expected a value",
+                                  EX_CONFIG)
+            try:
+                parsed[key] = s.parse(raw)
+            except SettingError as e:
+                raise ConfigError(f"{path}: [{name}] {key} = {raw!r}: {e}", EX_CONFIG) \
+                    from None
+    return out
+
+
+def live_changes(registry: Sequence[Setting], old: Config, new: Config
+                 ) -> tuple[dict[str, Any], list[str]]:
+    """What a reload may apply (name -> new value) and what needs a restart (names)."""
+    live, restart = {}, []
+    for s in registry:
+        a, b = old.values.get(s.name), new.values.get(s.name)
+        if a == b:
+            continue
+        if s.live:
+            live[s.name] = b
+        else:
+            restart.append(s.name)
+    return live, restart
 
 
 # ---------------------------------------------------------------- value parsers
@@ -188,11 +279,13 @@ def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
 
 # settings both daemons have
 COMMON = (
-    Setting("log", ("-l", "--log"), None, text, "log to this file instead of stderr",
-            metavar="FILE"),
+    Setting("log", ("-l", "--log"), None, text,
+            "log to this file instead of stderr/journald; SIGUSR1 reopens it (log rotation)",
+            metavar="FILE", example="/var/log/tcpcopyd.log", live=True, default_text="stderr"),
     Setting("log_level", ("--log-level",), "info",
             choice(("debug", "info", "warning", "error")), "debug, info, warning or error",
-            metavar="LEVEL"),
-    Setting("pidfile", ("-P", "--pidfile"), None, text, "write the master's pid here",
-            metavar="FILE"),
+            metavar="LEVEL", example="info", live=True),
+    Setting("pidfile", ("-P", "--pidfile"), None, text,
+            "write the master's pid here (removed at exit)", metavar="FILE",
+            example="/run/tcpcopyd.pid"),
 )

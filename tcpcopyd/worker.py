@@ -16,7 +16,9 @@ from shm.table import SlotTable
 from tcpcopyd import capture
 from tcpcopyd import counters as C
 from tcpcopyd.control import ControlGroup
+from tcpcopyd.daemon import SettingsWatch
 from tcpcopyd.engine import Engine
+from tcpcopyd.options import Transfer
 from tcpcopyd.sender import RawSender
 from tcpcopyd.session import SLOT
 
@@ -28,6 +30,23 @@ CAPTURE_BATCH = 512
 SYNC_INTERVAL = 0.1
 # how often idle sessions are looked for, seconds
 EXPIRE_INTERVAL = 1.0
+
+
+def targets_of(rules: list[Transfer]) -> dict:
+    """The engine's map: local port, or (online address, port) -> (target address, port)."""
+    return {t.port if t.online_ip is None else (socket.inet_aton(t.online_ip), t.port):
+            (socket.inet_aton(t.target_ip), t.target_port) for t in rules}
+
+
+def apply_live(engine: Engine, cfg) -> None:
+    """Settings a reload changed; they apply to new sessions (timeouts to all)."""
+    engine.idle_timeout = cfg.timeout
+    engine.pace_timeout = cfg.pace_timeout
+    engine.sample_rate = cfg.sample_rate
+    engine.targets = targets_of([t if isinstance(t, Transfer) else Transfer(**t)
+                                 for t in cfg.transfer])
+    log.info("worker applied the reloaded settings: sample_rate=%d%%, timeout=%gs",
+             cfg.sample_rate, cfg.timeout)
 
 
 class Worker:
@@ -60,12 +79,12 @@ class Worker:
         ep = select.epoll()
         table = SlotTable(self.seg, SLOT)
         control = ControlGroup(cfg.server, ep)
-        targets = {t.port if t.online_ip is None else (socket.inet_aton(t.online_ip), t.port):
-                   (socket.inet_aton(t.target_ip), t.target_port) for t in cfg.transfer}
-        engine = Engine(targets, RawSender(), control, table, table.owned_range(self.index),
+        engine = Engine(targets_of(cfg.transfer), RawSender(), control, table,
+                        table.owned_range(self.index),
                         mtu=cfg.mtu, fake_mss=cfg.mss, idle_timeout=cfg.timeout,
                         pace_timeout=cfg.pace_timeout, max_session_buffer=cfg.session_buffer,
-                        max_total_buffer=cfg.total_buffer)
+                        max_total_buffer=cfg.total_buffer, sample_rate=cfg.sample_rate)
+        watch = SettingsWatch("tcpcopyd", self.seg, cfg)
         cap = self.cap
         cap.setblocking(False)
         capfd = cap.fileno()
@@ -123,6 +142,8 @@ class Worker:
                 if now >= next_expire:
                     next_expire = now + EXPIRE_INTERVAL
                     engine.expire_idle(now)
+                if watch.poll() is not None:
+                    apply_live(engine, cfg)
                 cnt[kdrop] += capture.stats(cap)[1]
                 cnt[C.INDEX["control_connects"]] = control.connects
                 cnt[C.INDEX["control_errors"]] = control.errors

@@ -79,3 +79,19 @@ def test_bad_combined_count_is_a_protocol_error(count):
 def test_too_short_reply_packet():
     with pytest.raises(wire.ProtocolError):
         wire.reply_header(b"\x45" + bytes(20))
+
+
+def test_interceptd_refuses_a_peer_of_another_protocol_version():
+    import socket
+
+    from interceptd import counters as IC
+    from interceptd.router import Peer, Router
+    r = Router([0] * len(IC.NAMES))
+    peer = Peer(socket.socket(), "test")
+    try:
+        [(kind, cip, cport, _, _)] = wire.parse_client_messages(
+            bytearray(bytes.fromhex("00000000" "0000" "0005" "00000000" "0000")))
+        with pytest.raises(wire.ProtocolError, match="speaks protocol version 5"):
+            r.on_message(peer, kind, cip, cport, 1.0)
+    finally:
+        peer.sock.close()

@@ -1,0 +1,315 @@
+"""`tcpcopyctl doctor`: checks the set-up of either host and says, for each thing that is
+wrong, how to fix it. Most reports of "the SYN reaches the target but the handshake never
+completes" are one of these: no return route, strict rp_filter, no NFQUEUE rule or no
+reader behind it, an unreachable control port, or two releases of another protocol.
+
+    tcpcopyctl doctor tcpcopyd [tcpcopyd's flags or --config FILE -i IFACE]
+    tcpcopyctl doctor --client ADDR[,ADDR] interceptd [interceptd's flags or --config FILE]
+
+Exit code 0 when every check passed (a skipped check does not fail), 1 otherwise.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from tcpcopyd import capabilities, wire
+from tcpcopyd.settings import Config, ConfigError, load
+
+CONNECT_TIMEOUT = 3.0
+# how long a peer has to refuse our version message by closing the connection
+VERSION_WAIT = 1.0
+NFQUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str          # OK, FAIL or SKIP
+    detail: str
+    fix: str = ""
+
+
+def ok(name: str, detail: str) -> Check:
+    return Check(name, "OK", detail)
+
+
+def fail(name: str, detail: str, fix: str) -> Check:
+    return Check(name, "FAIL", detail, fix)
+
+
+# ------------------------------------------------------------------ host facts
+def route_get(dst: str) -> dict | None:
+    """The kernel's route for ``dst`` (``ip -j route get``), None if it has none."""
+    r = subprocess.run(["ip", "-j", "route", "get", dst], capture_output=True, text=True,
+                       timeout=10)
+    if r.returncode != 0:
+        return None
+    routes = json.loads(r.stdout or "[]")
+    return routes[0] if routes else None
+
+
+def default_gateway() -> str | None:
+    r = subprocess.run(["ip", "-j", "route", "show", "default"], capture_output=True,
+                       text=True, timeout=10)
+    routes = json.loads(r.stdout or "[]") if r.returncode == 0 else []
+    return routes[0].get("gateway") if routes else None
+
+
+def sysctl(path: str) -> str | None:
+    try:
+        with open(f"/proc/sys/{path}") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def interfaces_up() -> list[str]:
+    out = []
+    for name in sorted(os.listdir("/sys/class/net")):
+        try:
+            with open(f"/sys/class/net/{name}/flags") as f:
+                if int(f.read(), 16) & 1 and name != "lo":
+                    out.append(name)
+        except OSError:
+            continue
+    return out
+
+
+def read_sys(iface: str, attr: str) -> str | None:
+    try:
+        with open(f"/sys/class/net/{iface}/{attr}") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def gro(iface: str) -> str:
+    if not shutil.which("ethtool"):
+        return "GRO unknown (no ethtool)"
+    r = subprocess.run(["ethtool", "-k", iface], capture_output=True, text=True, timeout=10)
+    m = re.search(r"generic-receive-offload: (\w+)", r.stdout)
+    return f"GRO {m.group(1)}" if m else "GRO unknown"
+
+
+def iptables_output_rules() -> list[str] | None:
+    if not shutil.which("iptables"):
+        return None
+    r = subprocess.run(["iptables", "-w", "5", "-S", "OUTPUT"], capture_output=True,
+                       text=True, timeout=20)
+    return r.stdout.splitlines() if r.returncode == 0 else None
+
+
+def bound_queues() -> set[int] | None:
+    """NFQUEUE numbers some process reads in this network namespace."""
+    try:
+        with open(NFQUEUE_PROC) as f:
+            return {int(line.split()[0]) for line in f if line.strip()}
+    except FileNotFoundError:
+        return set()   # the module is not loaded: nobody reads any queue
+    except OSError:
+        return None
+
+
+def version_probe(host: str, port: int) -> tuple[str, str]:
+    """("unreachable"|"refused"|"accepted", detail): connects and sends our version
+    message; an interceptd of another protocol version closes the connection."""
+    try:
+        s = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except OSError as e:
+        return "unreachable", e.strerror or str(e)
+    with s:
+        try:
+            s.sendall(wire.version_message())
+            s.settimeout(VERSION_WAIT)
+            data = s.recv(1)
+        except TimeoutError:
+            return "accepted", f"protocol version {wire.VERSION}"
+        except OSError as e:
+            return "refused", e.strerror or str(e)
+        if data == b"":
+            return "refused", "closed the connection after our version message"
+        return "accepted", f"protocol version {wire.VERSION}"
+
+
+# ------------------------------------------------------------------ checks
+def check_privileges(needed: tuple[str, ...], why: str) -> Check:
+    missing = capabilities.missing(needed)
+    if missing:
+        return fail("privileges", f"missing {', '.join(missing)} ({why})",
+                    "run as root (sudo), or as the systemd unit that grants them")
+    return ok("privileges", ", ".join(needed))
+
+
+def check_control(host: str, port: int, where: str) -> Iterator[Check]:
+    state, detail = version_probe(host, port)
+    if state == "unreachable":
+        yield fail("control port", f"{host}:{port}: {detail}",
+                   f"start interceptd {where}(systemctl start interceptd), or open tcp port "
+                   f"{port} in its firewall")
+        yield Check("protocol version", "SKIP", "no connection")
+        return
+    yield ok("control port", f"{host}:{port} accepts connections")
+    if state == "refused":
+        yield fail("protocol version", f"interceptd at {host}:{port} {detail}: it speaks "
+                   f"another protocol than version {wire.VERSION}",
+                   "install the same tcpcopyd release on the online and the target host")
+    else:
+        yield ok("protocol version", f"interceptd at {host}:{port} takes {detail}")
+
+
+def online_checks(cfg: Config) -> Iterator[Check]:
+    yield check_privileges(("CAP_NET_RAW",), "AF_PACKET capture and raw sockets")
+    iface = cfg.interface
+    flags = read_sys(iface, "flags")
+    if flags is None:
+        yield fail("interface", f"{iface} does not exist",
+                   "name an existing interface (ip -br link): tcpcopyd@IFACE / -i IFACE")
+    elif not int(flags, 16) & 1:
+        yield fail("interface", f"{iface} is down", f"ip link set {iface} up")
+    else:
+        yield ok("interface", f"{iface} is up")
+        mtu = int(read_sys(iface, "mtu") or 0)
+        yield ok("mtu/gro", f"{iface} mtu {mtu}, -M {cfg.mtu}; {gro(iface)} (frames merged "
+                 "by GRO are cut to -M and counted as oversize_frames)")
+    for t in cfg.transfer:
+        r = route_get(t.target_ip)
+        if r is None:
+            yield fail("target route", f"no route to the target {t.target_ip}",
+                       f"ip route add {t.target_ip} via GATEWAY")
+        else:
+            yield ok("target route", f"{t.target_ip} via {r.get('gateway', 'direct')} dev "
+                     f"{r.get('dev')}")
+    for host, port in cfg.server:
+        yield from check_control(host, port, f"on {host} ")
+
+
+def target_checks(cfg: Config, clients: list[str]) -> Iterator[Check]:
+    yield check_privileges(("CAP_NET_ADMIN", "CAP_NET_RAW"), "NFQUEUE and iptables")
+    yield from return_route_checks(clients)
+    yield from rule_checks(cfg)
+    host = "127.0.0.1" if cfg.bind == "0.0.0.0" else cfg.bind
+    yield from check_control(host, cfg.port, "")
+
+
+def return_route_checks(clients: list[str]) -> Iterator[Check]:
+    if not clients:
+        yield Check("return route", "SKIP", "give --client ADDR (a client address) to check "
+                    "how the replies leave")
+        yield Check("rp_filter", "SKIP", "needs --client")
+        return
+    leave: set[str] = set()
+    gateway = default_gateway()
+    for c in clients:
+        r = route_get(c)
+        if r is None or r.get("type", "unicast") != "unicast":
+            yield fail("return route", f"the target has no route to the client {c}: it "
+                       "cannot send its SYN-ACK, so no handshake completes",
+                       f"ip route add {net24(c)} via DEAD_END, a next hop on the target's "
+                       "network that never answers (interceptd takes the replies in OUTPUT "
+                       "before they leave)")
+            continue
+        dev = r.get("dev", "?")
+        leave.add(dev)
+        via = r.get("gateway")
+        note = ""
+        if via and via == gateway:
+            note = "; it is the default gateway: should interceptd stop, replies reach the " \
+                   "real clients (a dead-end next hop is safer)"
+        yield ok("return route", f"replies to {c} leave via {via or 'direct'} dev {dev}"
+                 f"{note}")
+    all_rp = int(sysctl("net/ipv4/conf/all/rp_filter") or 0)
+    strict = [i for i in interfaces_up()
+              if i not in leave and max(all_rp, int(sysctl(f"net/ipv4/conf/{i}/rp_filter")
+                                                    or 0)) == 1]
+    if leave and strict:
+        names = ", ".join(strict)
+        yield fail("rp_filter", f"strict rp_filter on {names}: copies from the clients "
+                   f"arriving there are dropped, their return route leaves via "
+                   f"{', '.join(sorted(leave))}",
+                   "sysctl -w net.ipv4.conf.all.rp_filter=2 "
+                   + " ".join(f"net.ipv4.conf.{i}.rp_filter=2" for i in strict)
+                   + " (loose mode; 0 also works)")
+    elif leave:
+        yield ok("rp_filter", f"all={all_rp}; no interface drops copies by strict reverse-"
+                 "path filtering")
+
+
+def rule_checks(cfg: Config) -> Iterator[Check]:
+    rules = iptables_output_rules()
+    if rules is None:
+        yield fail("nfqueue rule", "cannot list the OUTPUT chain (iptables missing?)",
+                   "apt install iptables")
+        return
+    queues: set[int] = set()
+    for p in cfg.service_port:
+        mine = [r for r in rules if "NFQUEUE" in r and f"--sport {p} " in r + " "]
+        if not mine:
+            yield fail("nfqueue rule", f"no NFQUEUE rule takes the replies of port {p}: they "
+                       "reach the real clients, which reset the sessions",
+                       "start interceptd (it installs the rules), or add them: iptables -I "
+                       f"OUTPUT -p tcp --sport {p} ! -d 127.0.0.0/8 -j NFQUEUE --queue-num "
+                       f"{cfg.queue_num}")
+            continue
+        for r in mine:
+            queues.update(int(q) for q in re.findall(r"--queue-num (\d+)", r))
+        yield ok("nfqueue rule", f"port {p}: {len(mine)} rule(s) in OUTPUT")
+    if not queues:
+        return
+    bound = bound_queues()
+    if bound is None:
+        yield Check("nfqueue reader", "SKIP", f"cannot read {NFQUEUE_PROC}")
+        return
+    idle = sorted(queues - bound)
+    if idle:
+        yield fail("nfqueue reader", f"nobody reads NFQUEUE {', '.join(map(str, idle))}: the "
+                   "kernel drops those replies (fail-closed), no session completes",
+                   "start interceptd (systemctl start interceptd)")
+    else:
+        yield ok("nfqueue reader", f"NFQUEUE {', '.join(map(str, sorted(queues)))} read")
+
+
+# ------------------------------------------------------------------ command
+def net24(addr: str) -> str:
+    return str(ipaddress.ip_network(f"{addr}/24", strict=False))
+
+
+def render(checks: Sequence[Check]) -> str:
+    lines = []
+    for c in checks:
+        lines.append(f"{c.status:<5} {c.name}: {c.detail}")
+        if c.fix:
+            lines.append(f"      fix: {c.fix}")
+    return "\n".join(lines)
+
+
+def run(role: str, argv: list[str], clients: list[str],
+        out: Callable[[str], None] = print) -> int:
+    if role == "tcpcopyd":
+        from tcpcopyd.options import LAYOUT, REGISTRY
+        checks: Callable[[Config], Iterator[Check]] = online_checks
+    else:
+        from interceptd.main import LAYOUT, REGISTRY
+
+        def checks(cfg: Config) -> Iterator[Check]:
+            return target_checks(cfg, clients)
+    try:
+        cfg = load(f"tcpcopyctl doctor {role}", "", REGISTRY, argv, LAYOUT)
+    except ConfigError as e:
+        out(f"FAIL  config: {e}")
+        return 1
+    results = []
+    for c in checks(cfg):
+        results.append(c)
+        out(render([c]))
+    failed = sum(c.status == "FAIL" for c in results)
+    skipped = sum(c.status == "SKIP" for c in results)
+    out(f"{failed} failed, {len(results) - failed - skipped} passed, {skipped} skipped")
+    return 1 if failed else 0
