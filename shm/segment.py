@@ -23,8 +23,9 @@ from shm import seqlock
 SHM_DIR = "/dev/shm"
 MAGIC = b"TCPCSHM1"
 LAYOUT_VERSION = 2
-HEADER = struct.Struct("<8sIIIIIIId24s")
+HEADER = struct.Struct("<8sIIIIIIId20s")
 HEADER_SIZE = 64
+assert HEADER.size <= HEADER_SIZE
 # per-worker counters kept in shm (unused ones stay 0)
 N_COUNTERS = 40
 WORKER = struct.Struct(f"<Iidd{N_COUNTERS}Q")
@@ -158,7 +159,7 @@ def create(name: str, kind: int, n_workers: int, n_slots: int, slot_size: int,
     finally:
         os.close(fd)
     HEADER.pack_into(mm, 0, MAGIC, LAYOUT_VERSION, kind, n_workers, n_slots, slot_size,
-                     os.getpid(), extra_size, time.time(), label.encode()[:24])
+                     os.getpid(), extra_size, time.time(), label.encode()[:20])
     return Segment(path, mm, owner=True)
 
 

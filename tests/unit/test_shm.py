@@ -106,3 +106,21 @@ def test_concurrent_writers_and_readers_never_tear(seg):
     assert all(p.exitcode == 0 for p in procs)
     assert sum(r for r, _ in results) > 1000
     assert sum(t for _, t in results) == 0
+
+
+def test_header_label_settings_and_restarts_do_not_overlap():
+    name = f"test-hdr-{os.getpid()}"
+    seg = shmseg.create(name, 1, 2, 4, 64, label="x" * 40)
+    try:
+        seg.write_settings({"sample_rate": 20})
+        seg.add_restart(0)
+        seg.add_restart(0)
+        other = shmseg.attach(name)
+        assert other.label == "x" * 20
+        assert other.read_settings() == {"sample_rate": 20}
+        assert other.read_worker(0).restarts == 2
+        assert other.read_worker(1).restarts == 0
+        other.close()
+    finally:
+        seg.close()
+        seg.unlink()

@@ -1,0 +1,140 @@
+#!/bin/sh
+# Runs inside the booted guest of tools/boot-test (Debian 12, systemd as PID 1, the built
+# packages installed), as a unit after multi-user.target. Writes PASS/FAIL lines to
+# /root/guest-checks.out and ends with "GUEST-CHECKS-DONE failures=N".
+exec >/root/guest-checks.out 2>&1
+failures=0
+
+check() {
+    name=$1
+    shift
+    if "$@"; then
+        echo "PASS $name"
+    else
+        echo "FAIL $name"
+        failures=$((failures + 1))
+    fi
+}
+
+# wait_until SECONDS COMMAND...: true once COMMAND succeeds, false after SECONDS
+wait_until() {
+    limit=$(($1 * 10))
+    shift
+    i=0
+    while [ $i -lt $limit ]; do
+        if "$@" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.1
+        i=$((i + 1))
+    done
+    return 1
+}
+
+json_check() {  # json_check INSTANCE PYTHON-EXPRESSION-ON-d
+    tcpcopyctl status --json "$1" | python3 -c "
+import json, sys
+d = json.load(sys.stdin)[0]
+sys.exit(0 if ($2) else 1)"
+}
+
+journal_has() {  # journal_has UNIT TEXT
+    journalctl -b -u "$1" --no-pager -o cat | grep -qF -- "$2"
+}
+
+no_process() {  # no_process TITLE-PREFIX
+    ! ps -eo args= | grep -q "^$1"
+}
+
+no_nfqueue_rule() {
+    ! iptables -w 5 -S OUTPUT | grep -q NFQUEUE
+}
+
+systemctl is-system-running --wait >/dev/null
+echo "GUEST-CHECKS-BEGIN state=$(systemctl is-system-running)"
+ip -br link
+
+cat >/etc/interceptd.conf <<'EOF'
+[interceptd]
+service_port = [80]
+queues = 2
+EOF
+cat >/etc/tcpcopyd.conf <<'EOF'
+[default]
+transfer = "80-198.18.3.2:80"
+server = "127.0.0.1"
+workers = 2
+sample_rate = 100
+
+[eth0]
+timeout = 60
+EOF
+
+# ---------------------------------------------------------------- interceptd.service
+check "interceptd: systemctl start" systemctl start interceptd
+check "interceptd: active" systemctl is-active --quiet interceptd
+check "interceptd: NFQUEUE rules installed" sh -c 'iptables -w 5 -S OUTPUT | grep -q NFQUEUE'
+check "interceptd: master and 2 workers in tcpcopyctl status" \
+    json_check interceptd "d['master']['pid'] == $(systemctl show -p MainPID --value interceptd) and len(d['workers']) == 2 and d['healthy']"
+
+# ---------------------------------------------------------------- tcpcopyd@eth0
+check "tcpcopyd@eth0: systemctl start (READY after the workers)" systemctl start tcpcopyd@eth0
+check "tcpcopyd@eth0: active" systemctl is-active --quiet tcpcopyd@eth0
+MAINPID=$(systemctl show -p MainPID --value tcpcopyd@eth0)
+check "tcpcopyd@eth0: master and 2 workers in tcpcopyctl status" \
+    json_check tcpcopyd.eth0 "d['master']['pid'] == $MAINPID and len(d['workers']) == 2 and d['healthy']"
+check "tcpcopyd@eth0: process titles" sh -c 'ps -eo args= | grep -q "^tcpcopyd: master \[eth0\]" && [ "$(ps -eo args= | grep -c "^tcpcopyd: worker")" = 2 ]'
+check "tcpcopyd@eth0: STATUS line" wait_until 15 sh -c 'systemctl show -p StatusText --value tcpcopyd@eth0 | grep -q "2/2 workers; captured"'
+check "tcpcopyd@eth0: connected to interceptd" wait_until 15 journal_has tcpcopyd@eth0 "connected to interceptd"
+tcpcopyctl status
+check "tcpcopyctl status: exit 0 when all healthy" tcpcopyctl status
+
+# ---------------------------------------------------------------- reload
+sed -i 's/^sample_rate = 100/sample_rate = 20/; s/^timeout = 60/timeout = 60\nmtu = 1400/' /etc/tcpcopyd.conf
+check "reload: systemctl reload" systemctl reload tcpcopyd@eth0
+check "reload: sample_rate 20 published" wait_until 10 json_check tcpcopyd.eth0 "d['settings']['sample_rate'] == 20"
+check "reload: both workers applied it" wait_until 10 sh -c '[ "$(journalctl -b -u tcpcopyd@eth0 -o cat | grep -c "worker applied the reloaded settings: sample_rate=20%")" = 2 ]'
+check "reload: mtu named as needing a restart" journal_has tcpcopyd@eth0 "changed but needs a restart to apply: mtu"
+check "reload: same master" [ "$(systemctl show -p MainPID --value tcpcopyd@eth0)" = "$MAINPID" ]
+echo 'sample_rate = "lots"' >>/etc/tcpcopyd.conf
+systemctl reload tcpcopyd@eth0
+check "reload: a bad file changes nothing" wait_until 10 journal_has tcpcopyd@eth0 "reload failed, the running settings stay: /etc/tcpcopyd.conf: [eth0] sample_rate = 'lots'"
+check "reload: still active after a bad file" systemctl is-active --quiet tcpcopyd@eth0
+sed -i '$d' /etc/tcpcopyd.conf
+
+# ---------------------------------------------------------------- log file and SIGUSR1
+systemctl kill -s USR1 tcpcopyd@eth0
+check "SIGUSR1: service survives" systemctl is-active --quiet tcpcopyd@eth0
+
+# ---------------------------------------------------------------- stop
+check "tcpcopyd@eth0: systemctl stop" systemctl stop tcpcopyd@eth0
+check "tcpcopyd@eth0: no process left" no_process "tcpcopyd:"
+check "tcpcopyd@eth0: no shm segment left" [ ! -e /dev/shm/tcpcopyd.eth0 ]
+check "tcpcopyd@eth0: stopped cleanly" [ "$(systemctl show -p Result --value tcpcopyd@eth0)" = success ]
+check "interceptd: systemctl stop" systemctl stop interceptd
+check "interceptd: no process left" no_process "interceptd:"
+check "interceptd: no NFQUEUE rule left" no_nfqueue_rule
+check "interceptd: no shm segment left" [ ! -e /dev/shm/interceptd ]
+
+# ---------------------------------------------------------------- failures
+if systemctl start tcpcopyd@nosuch0; then
+    echo "FAIL tcpcopyd@nosuch0: start should fail"
+    failures=$((failures + 1))
+else
+    echo "PASS tcpcopyd@nosuch0: start fails"
+fi
+check "tcpcopyd@nosuch0: clear message" journal_has tcpcopyd@nosuch0 "tcpcopyd: interface 'nosuch0' does not exist"
+check "tcpcopyd@nosuch0: exit 78, no restart loop" sh -c '[ "$(systemctl show -p ExecMainStatus --value tcpcopyd@nosuch0)" = 78 ] && [ "$(systemctl show -p NRestarts --value tcpcopyd@nosuch0)" = 0 ]'
+echo 'frobnicate = 1' >>/etc/tcpcopyd.conf
+if systemctl start tcpcopyd@eth0; then
+    echo "FAIL bad config: start should fail"
+    failures=$((failures + 1))
+else
+    echo "PASS bad config: start fails"
+fi
+check "bad config: file, key and reason" journal_has tcpcopyd@eth0 "tcpcopyd: /etc/tcpcopyd.conf: [eth0] frobnicate: unknown key"
+check "bad config: nothing started" no_process "tcpcopyd:"
+
+echo "--- journal"
+journalctl -b -u interceptd -u 'tcpcopyd@*' --no-pager -o short-monotonic | tail -80
+echo "GUEST-CHECKS-DONE failures=$failures"
