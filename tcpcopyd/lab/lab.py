@@ -151,22 +151,26 @@ class Lab:
     def start_interceptd(self, ports: list[int] | None = None, extra: list[str] = ()
                          ) -> subprocess.Popen:
         ports = ports or [HTTP_PORT, MEMCACHED_PORT]
+        seen = self.log_text("interceptd").count("reading NFQUEUE")
         p = self.start("interceptd", self.ns.target,
                        [*command("interceptd"), "--service-port", ",".join(map(str, ports)),
                         "--instance", f"{self.ns.prefix}-interceptd", *extra])
-        self.wait_log("interceptd", "reading NFQUEUE")
+        self.wait_log("interceptd", "reading NFQUEUE", count=seen + 1)
         return p
 
     def start_tcpcopyd(self, ports: list[int] | None = None, extra: list[str] = (),
                        wait_connected: bool = True) -> subprocess.Popen:
         ports = ports or [HTTP_PORT, MEMCACHED_PORT]
         rules = ",".join(f"{p}-{TARGET_IP}:{p}" for p in ports)
+        seen = {text: self.log_text("tcpcopyd").count(text)
+                for text in ("capturing on", "connected to interceptd")}
         p = self.start("tcpcopyd", self.ns.online,
                        [*command("tcpcopyd"), "-x", rules, "-s", TARGET_IP, "-i", "eth0",
                         "--instance", f"{self.ns.prefix}-tcpcopyd", *extra])
-        self.wait_log("tcpcopyd", "capturing on")
+        self.wait_log("tcpcopyd", "capturing on", count=seen["capturing on"] + 1)
         if wait_connected:
-            self.wait_log("tcpcopyd", "connected to interceptd")
+            self.wait_log("tcpcopyd", "connected to interceptd",
+                          count=seen["connected to interceptd"] + 1)
         return p
 
     def daemon_cpu_seconds(self, name: str) -> float:

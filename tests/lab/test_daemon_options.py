@@ -20,7 +20,7 @@ def test_log_file_pid_file_and_config_file(lab):
     logf = os.path.join(lab.dir, "copy.log")
     pidf = os.path.join(lab.dir, "copy.pid")
     with open(conf, "w") as f:
-        f.write(f'[tcpcopyd]\ntransfer = "80-{TARGET_IP}:80"\nserver = "{TARGET_IP}"\n'
+        f.write(f'[default]\ntransfer = "80-{TARGET_IP}:80"\nserver = "{TARGET_IP}"\n'
                 f'interface = "eth0"\ntimeout = 30\n')
     p = lab.start("tcpcopyd", lab.ns.online,
                   [bin_path("tcpcopyd"), "--config", conf, "-l", logf, "-P", pidf,

@@ -102,6 +102,17 @@ check "reload: a bad file changes nothing" wait_until 10 journal_has tcpcopyd@et
 check "reload: still active after a bad file" systemctl is-active --quiet tcpcopyd@eth0
 sed -i '$d' /etc/tcpcopyd.conf
 
+# ---------------------------------------------------------------- upgrade
+check "upgrade: configs are conffiles" sh -c 'dpkg-query -W -f="\${Conffiles}" tcpcopyd | grep -q "/etc/tcpcopyd.conf " && dpkg-query -W -f="\${Conffiles}" interceptd | grep -q "/etc/interceptd.conf "'
+IPID=$(systemctl show -p MainPID --value interceptd)
+# the packages the guest was made with (tools/boot-test put them in /root/debs)
+check "upgrade: the packages reinstall over themselves" \
+    sh -c 'dpkg -i /root/debs/tcpcopyd_*.deb /root/debs/interceptd_*.deb >/root/upgrade.log 2>&1 || { cat /root/upgrade.log; false; }'
+check "upgrade: tcpcopyd@eth0 restarted" wait_until 20 sh -c "systemctl is-active --quiet tcpcopyd@eth0 && [ \"\$(systemctl show -p MainPID --value tcpcopyd@eth0)\" != $MAINPID ]"
+check "upgrade: interceptd restarted" wait_until 20 sh -c "systemctl is-active --quiet interceptd && [ \"\$(systemctl show -p MainPID --value interceptd)\" != $IPID ]"
+check "upgrade: the edited config stays" grep -q "^sample_rate = 20" /etc/tcpcopyd.conf
+MAINPID=$(systemctl show -p MainPID --value tcpcopyd@eth0)
+
 # ---------------------------------------------------------------- log file and SIGUSR1
 systemctl kill -s USR1 tcpcopyd@eth0
 check "SIGUSR1: service survives" systemctl is-active --quiet tcpcopyd@eth0
@@ -134,6 +145,17 @@ else
 fi
 check "bad config: file, key and reason" journal_has tcpcopyd@eth0 "tcpcopyd: /etc/tcpcopyd.conf: [eth0] frobnicate: unknown key"
 check "bad config: nothing started" no_process "tcpcopyd:"
+
+# ---------------------------------------------------------------- purge
+sed -i '$d' /etc/tcpcopyd.conf
+echo 'log = "/var/log/tcpcopyd/eth0.log"' >>/etc/tcpcopyd.conf
+check "log file: tcpcopyd@eth0 starts with log = FILE" systemctl start tcpcopyd@eth0
+check "log file: written under LogsDirectory" wait_until 10 grep -q "ready: 2 worker" /var/log/tcpcopyd/eth0.log
+systemctl start interceptd
+check "purge: dpkg --purge tcpcopyd interceptd" sh -c 'dpkg --purge tcpcopyd interceptd >/root/purge.log 2>&1'
+check "purge: no process left" sh -c '! ps -eo args= | grep -q "^tcpcopyd:\|^interceptd:"'
+check "purge: no rule, no shm segment left" sh -c '! iptables -w 5 -S OUTPUT | grep -q NFQUEUE && ! ls /dev/shm | grep -q "tcpcopyd\|interceptd"'
+check "purge: config files and logs gone" sh -c '[ ! -e /etc/tcpcopyd.conf ] && [ ! -e /etc/interceptd.conf ] && [ ! -e /var/log/tcpcopyd ]'
 
 echo "--- journal"
 journalctl -b -u interceptd -u 'tcpcopyd@*' --no-pager -o short-monotonic | tail -80

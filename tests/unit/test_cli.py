@@ -49,12 +49,12 @@ def test_transfer_and_server_parsing():
 
 def test_config_file_errors_name_file_key_and_reason(tmp_path):
     cfg = tmp_path / "tcpcopyd.conf"
-    cfg.write_text('[tcpcopyd]\ntransfer = "80-198.18.2.2:80"\nmtu = "big"\n')
+    cfg.write_text('[default]\ntransfer = "80-198.18.2.2:80"\nmtu = "big"\n')
     r = run("tcpcopyd", "--config", str(cfg), "-s", "198.18.2.2", "-i", "lo")
     assert r.returncode == 78
-    assert r.stderr.strip() == (f"tcpcopyd: {cfg}: [tcpcopyd] mtu = 'big': expected an "
+    assert r.stderr.strip() == (f"tcpcopyd: {cfg}: [default] mtu = 'big': expected an "
                                 "integer from 576 to 65535")
-    cfg.write_text('[tcpcopyd]\nmtuu = 1500\n')
+    cfg.write_text('[default]\nmtuu = 1500\n')
     r = run("tcpcopyd", "--config", str(cfg), *GOOD)
     assert r.returncode == 78 and "mtuu: unknown key" in r.stderr
     r = run("tcpcopyd", "--config", str(tmp_path / "nope.conf"), *GOOD)

@@ -193,3 +193,13 @@ def test_sampling_is_a_stable_share_of_client_ports():
     assert 0.18 < len(picked) / 20000 < 0.22
     assert picked == [p for p in range(1024, 21024) if sampled(src, p, 20)]
     assert all(sampled(src, p, 100) for p in range(1024, 2048))
+
+
+def test_a_reload_may_retarget_ports_but_not_capture_new_ones():
+    from tcpcopyd.main import not_live
+    base = ["-s", "198.18.2.2", "-i", "lo", "-x"]
+
+    def cfg(rules: str):
+        return load("tcpcopyd", "", options.REGISTRY, [*base, rules], options.LAYOUT)
+    assert not_live(cfg("80-198.18.2.2:80"), cfg("80-198.18.2.3:8080")) == []
+    assert not_live(cfg("80-198.18.2.2:80"), cfg("81-198.18.2.2:80")) == ["transfer"]
