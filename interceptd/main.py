@@ -14,6 +14,7 @@ from tcpcopyd.arbiter import (
     WORKER_BOOT_ERROR,
     Arbiter,
     allowed_cpus,
+    catch_early_signals,
     remove_pidfile,
     write_pidfile,
 )
@@ -80,6 +81,7 @@ def fail(message: str, code: int = 1) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(PROG, DESCRIPTION, REGISTRY, argv, LAYOUT)
+    catch_early_signals()
     missing = capabilities.missing(("CAP_NET_ADMIN", "CAP_NET_RAW"))
     if missing:
         return fail(f"needs {', '.join(missing)} (NFQUEUE and iptables): run it as root, "

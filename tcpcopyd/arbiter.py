@@ -38,6 +38,18 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal
            signal.SIGUSR1)
 
 
+# stop signals that arrived before the arbiter ran: the master had resources to release
+EARLY_SIGNALS: list[int] = []
+
+
+def catch_early_signals() -> None:
+    """Called first thing by a daemon: SIGTERM/SIGINT/SIGQUIT during start-up are kept for
+    the arbiter (which then stops at once, cleaning up) instead of killing the master with
+    its iptables rules and shm segment left behind."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, lambda s, _f: EARLY_SIGNALS.append(s))
+
+
 class Arbiter:
     def __init__(self, prog: str, label: str, n_workers: int, seg: Segment,
                  boot: Callable[[int, int], None], cpus: list[int],
@@ -72,8 +84,12 @@ class Arbiter:
         signal.set_wakeup_fd(self._pipe_w)
         for sig in HANDLED:
             signal.signal(sig, self._queue_signal)
-        for i in range(self.n_workers):
-            self.spawn(i)
+        # a stop asked for while the daemon was starting (see catch_early_signals)
+        self.signals.extend(EARLY_SIGNALS)
+        EARLY_SIGNALS.clear()
+        if not self.signals:
+            for i in range(self.n_workers):
+                self.spawn(i)
         while True:
             self.wait(1.0)
             while self.signals:

@@ -162,10 +162,14 @@ class ControlLink:
 
 class ControlGroup:
     """Links to every interceptd of ``-s``: each session is registered with all of them
-    (whichever sees the target's replies routes them to us); replies come from any."""
+    (whichever sees the target's replies routes them to us); replies come from any. With
+    ``per_server`` links to each (-C), a session always uses the same one of them."""
 
-    def __init__(self, servers: list[tuple[str, int]], epoll: select.epoll) -> None:
-        self.links = [ControlLink(host, port, epoll) for host, port in servers]
+    def __init__(self, servers: list[tuple[str, int]], epoll: select.epoll,
+                 per_server: int = 1) -> None:
+        self.per_server = per_server
+        self.links = [ControlLink(host, port, epoll) for host, port in servers
+                      for _ in range(per_server)]
 
     @property
     def up(self) -> bool:
@@ -189,12 +193,18 @@ class ControlGroup:
         for link in self.links:
             link.maybe_connect(now)
 
+    def _links_of(self, s: Session) -> list[ControlLink]:
+        n = self.per_server
+        if n == 1:
+            return self.links
+        return self.links[s.client_port % n::n]
+
     def register(self, s: Session) -> None:
-        for link in self.links:
+        for link in self._links_of(s):
             link.register(s)
 
     def unregister(self, s: Session) -> None:
-        for link in self.links:
+        for link in self._links_of(s):
             link.unregister(s)
 
     def flush(self, now: float) -> None:

@@ -37,6 +37,8 @@ NAMES = (
                            # of an old SYN-ACK
     "oversize_frames",     # captured frames larger than the MTU (GRO/TSO), cut to the MSS
     "not_sampled",         # captured packets of sessions -r leaves out (not copied)
+    "not_from_syn",        # captured packets of sessions whose SYN was not seen (-O)
+    "sessions_refused",    # sessions not opened: the buffers reached -m
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 # indexes of the counters bumped on the packet path

@@ -100,7 +100,9 @@ class Engine:
                  table: Table | None, slots: range, *, mtu: int = 1500, fake_mss: int = 1460,
                  idle_timeout: float = 120.0, pace_timeout: float = 2.0,
                  max_session_buffer: int = 64 << 20, max_total_buffer: int = 512 << 20,
-                 sample_rate: int = 100) -> None:
+                 sample_rate: int = 100, keepalive_timeout: float | None = None,
+                 only_syn: bool = False, initial_rtt: float | None = None,
+                 max_memory: int | None = None) -> None:
         # local service port, or (online ip, port) for rules bound to one address
         #   -> (target ip, target port)
         self.targets = targets
@@ -115,6 +117,11 @@ class Engine:
         self.max_session_buffer = max_session_buffer
         self.max_total_buffer = max_total_buffer
         self.sample_rate = sample_rate    # percent of sessions copied (-r)
+        # idle limit of a session with nothing outstanding (-k); None: idle_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.only_syn = only_syn          # -O: no session without its SYN
+        self.initial_rtt = initial_rtt    # -R: RTT assumed before the first measurement
+        self.max_memory = max_memory      # -m (this worker's share): new sessions refused
         self.buffered_total = 0           # bytes buffered over all sessions
         self.sessions: dict[tuple, Session] = {}
         self.counters = [0] * len(C.NAMES)
@@ -186,6 +193,9 @@ class Engine:
             if not payload:
                 self.counters[C.NO_SESSION] += 1
                 return
+            if self.only_syn:
+                self.counters[C.INDEX["not_from_syn"]] += 1
+                return
             s = self._open(key, src, sport, target, seq_add(seq, -1), window, options, now,
                            fake=True)
             if s is None:
@@ -220,10 +230,17 @@ class Engine:
 
     def _open(self, key: tuple, src: bytes, sport: int, target: tuple[bytes, int], isn: int,
               window: int, options: bytes, now: float, fake: bool) -> Session | None:
+        if self.max_memory is not None and self.buffered_total >= self.max_memory:
+            self.counters[C.INDEX["sessions_refused"]] += 1
+            return None
         if not self.free_slots:
             self._evict_oldest()
         slot = self.free_slots.pop()
         s = Session(key, src, sport, target[0], target[1], slot, now)
+        if self.initial_rtt is not None:
+            r = self.initial_rtt
+            s.srtt, s.rttvar = r, r / 2
+            s.rto = min(RTO_MAX, max(RTO_MIN, 3 * r))
         s.isn = s.snd_una = isn
         s.snd_nxt = s.cap_nxt = seq_add(isn, 1)
         opts = parse_options(options) if options else {}
@@ -248,7 +265,7 @@ class Engine:
         self.control.register(s)
         self.new.append(s)
         s.rtt_seq, s.rtt_time = s.snd_nxt, now
-        self._arm(s, now + RTO_INITIAL)
+        self._arm(s, now + s.rto)
         self.dirty.add(s)
         return s
 
@@ -727,9 +744,15 @@ class Engine:
             self.touched.add(s)
         self.flush(now)
 
-    def expire_idle(self, now: float) -> None:
-        limit = now - self.idle_timeout
-        for s in [s for s in self.sessions.values() if s.last_seen < limit]:
+    def expire_idle(self, now: float, timeout: float | None = None) -> None:
+        """Reset the sessions idle for longer than ``timeout`` (default: -t, or -k for a
+        session with nothing outstanding: a keep-alive connection between requests)."""
+        busy = now - (self.idle_timeout if timeout is None else timeout)
+        keepalive = self.keepalive_timeout
+        calm = busy if keepalive is None or timeout is not None else now - keepalive
+        for s in [s for s in self.sessions.values()
+                  if s.last_seen < (calm if not (s.unsent or s.unacked or s.awaiting)
+                                    else busy)]:
             self._close(s, "sessions_expired", send_rst=True)
 
     def sync_table(self) -> None:

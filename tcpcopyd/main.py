@@ -12,6 +12,7 @@ from tcpcopyd.arbiter import (
     WORKER_BOOT_ERROR,
     Arbiter,
     allowed_cpus,
+    catch_early_signals,
     remove_pidfile,
     write_pidfile,
 )
@@ -19,7 +20,7 @@ from tcpcopyd.daemon import Reloader, StatusLine, version
 from tcpcopyd.daemon import fail as _fail
 from tcpcopyd.sender import SendError, open_raw_socket
 from tcpcopyd.session import SLOT_SIZE
-from tcpcopyd.settings import EX_CONFIG, Config, parse_args
+from tcpcopyd.settings import EX_CONFIG, EX_USAGE, Config, parse_args
 
 PROG = "tcpcopyd"
 # shm segment kind
@@ -42,19 +43,44 @@ def not_live(old: Config, new: Config) -> list[str]:
     return [] if same_ports else ["transfer"]
 
 
+def replay(cfg: Config) -> int:
+    """`-i FILE`: replay a capture file offline, in this process."""
+    from tcpcopyd.pcapfile import CaptureFileError
+    from tcpcopyd.replay import Replay
+    try:
+        open_raw_socket().close()
+        idle_cut = None if cfg.idle_cut is None else cfg.idle_cut / 1000
+        return Replay(cfg, cfg.interface).run(cfg.accelerate, idle_cut, cfg.repeat)
+    except SendError as e:
+        return fail(str(e))
+    except CaptureFileError as e:
+        return fail(f"{cfg.interface}: {e}", EX_CONFIG)
+    except ImportError as e:
+        return fail(f"offline replay needs dpkt ({e}): apt install python3-dpkt")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(PROG, DESCRIPTION, options.REGISTRY, argv, options.LAYOUT)
+    catch_early_signals()
     missing = capabilities.missing(("CAP_NET_RAW",))
     if missing:
         return fail(f"needs {', '.join(missing)} (AF_PACKET capture and raw sockets): run it "
                     "as root, with sudo or as the systemd unit")
-    err = options.check_interface(cfg.interface)
+    offline = os.path.isfile(cfg.interface)
+    replay_only = [name for name in ("accelerate", "idle_cut", "repeat")
+                   if cfg.source.get(name) and not offline]
+    if replay_only:
+        return fail(f"{', '.join(replay_only)} only apply to an offline replay (-i FILE.pcap)",
+                    EX_USAGE)
+    err = None if offline else options.check_interface(cfg.interface)
     if err:
         return fail(err, EX_CONFIG)
     try:
         logs.setup(PROG, cfg.log, cfg.log_level)
     except OSError as e:
         return fail(f"cannot open log file {cfg.log}: {e.strerror}", EX_CONFIG)
+    if offline:
+        return replay(cfg)
     if cfg.workers is None:
         cfg.values["workers"] = len(allowed_cpus())
     try:

@@ -11,6 +11,7 @@ from tcpcopyd.settings import (
     Layout,
     Setting,
     SettingError,
+    boolean,
     float_range,
     int_range,
     ipv4,
@@ -74,6 +75,13 @@ def servers(raw: object) -> list[tuple[str, int]]:
     return out
 
 
+def always_on(raw: object) -> bool:
+    if not boolean(raw):
+        raise SettingError("tcpcopyd always keeps running without interceptd; the key "
+                           "only accepts true")
+    return True
+
+
 def percent(raw: object) -> int:
     return int_range(1, 100)(raw)
 
@@ -87,13 +95,47 @@ REGISTRY = (
             "interceptd address(es): IP[:PORT][,...], default port 36524", metavar="ADDR",
             required=True, example="198.18.2.2:36524"),
     Setting("interface", ("-i", "--interface"), None, text,
-            "capture interface (client traffic arrives there); the systemd unit's instance "
-            "name", metavar="IFACE", required=True, example="eth0"),
+            "capture interface (client traffic arrives there; the systemd unit's instance "
+            "name), or a pcap/pcapng file to replay offline", metavar="IFACE|FILE",
+            required=True, example="eth0"),
     Setting("sample_rate", ("-r", "--sample-rate"), 100, percent,
             "percentage of sessions copied: whole sessions, chosen by a hash of the client "
             "address and port", metavar="PERCENT", example=100, live=True),
     Setting("timeout", ("-t", "--timeout"), 120.0, float_range(1, 86400),
             "idle timeout of a session, seconds", metavar="SECONDS", example=120, live=True),
+    Setting("keepalive_timeout", ("-k", "--keepalive-timeout"), None, float_range(1, 86400),
+            "idle timeout of a session with nothing outstanding (a keep-alive connection "
+            "between requests), seconds", metavar="SECONDS", example=120, live=True,
+            default_text="-t"),
+    Setting("only_syn", ("-O", "--only-syn"), False, boolean,
+            "copy only the sessions seen from their SYN (no fake SYN for sessions that were "
+            "open before tcpcopyd started)", is_flag=True, example=False),
+    Setting("no_wait", ("-W", "--no-wait"), False, boolean,
+            "do not wait for the target's answer before sending the next request (same as "
+            "--pace-timeout 0)", is_flag=True, example=False, live=True),
+    Setting("rtt", ("-R", "--rtt"), None, float_range(0.1, 60000),
+            "RTT to the target assumed until measured, milliseconds (the first "
+            "retransmission timeout is 3x it; default 1 s)", metavar="MS", example=10,
+            default_text="measured"),
+    Setting("memory", ("-m", "--memory"), None, int_range(1, 1 << 20),
+            "MiB all workers may buffer; above it new sessions are refused (counted "
+            "sessions_refused) while the open ones go on", metavar="MB", example=1024,
+            default_text="no limit"),
+    Setting("connections", ("-C", "--connections"), 1, int_range(1, 16),
+            "control connections of each worker to each interceptd (a session uses one)",
+            metavar="N", example=1),
+    Setting("lonely", ("-L", "--lonely"), True, always_on,
+            "keep running when no interceptd is reachable, reconnecting with backoff; always "
+            "on (tcpcopy's -L): a restarted interceptd must not end the copy, and sessions "
+            "are buffered meanwhile", is_flag=True, example=True, default_text="on"),
+    Setting("accelerate", ("-a", "--accelerate"), 1.0, float_range(0.001, 1000),
+            "offline replay (-i FILE): this many times faster than captured", metavar="N",
+            example=1),
+    Setting("idle_cut", ("-I", "--idle-cut"), None, float_range(0, 3600000),
+            "offline replay: gaps between packets longer than this are cut to it, "
+            "milliseconds", metavar="MS", example=1000, default_text="none"),
+    Setting("repeat", ("-T", "--repeat"), 1, int_range(1, 1000000),
+            "offline replay: play the file this many times", metavar="N", example=1),
     Setting("mtu", ("-M", "--mtu"), 1500, int_range(576, 65535),
             "MTU of the path to the target; larger captured frames are cut", metavar="MTU",
             example=1500),

@@ -38,10 +38,38 @@ def targets_of(rules: list[Transfer]) -> dict:
             (socket.inet_aton(t.target_ip), t.target_port) for t in rules}
 
 
+def on_control_event(engine: Engine, control: ControlGroup, fd: int, ev: int,
+                     now: float) -> None:
+    """An epoll event of a control link: reply headers go to the engine; a link that came
+    up gets the live sessions registered again."""
+    link = control.link_of(fd)
+    if link is None:
+        return
+    headers, came_up = link.on_event(ev, now)
+    if came_up:
+        engine.on_control_up(now)
+    on_reply = engine.on_reply
+    for h in headers:
+        on_reply(h, now)
+
+
+def engine_for(cfg, control: ControlGroup, table, slots: range, workers: int) -> Engine:
+    """The session engine with the settings of ``cfg`` (online capture and offline replay)."""
+    return Engine(targets_of(cfg.transfer), RawSender(), control, table, slots,
+                  mtu=cfg.mtu, fake_mss=cfg.mss, idle_timeout=cfg.timeout,
+                  keepalive_timeout=cfg.keepalive_timeout,
+                  pace_timeout=0.0 if cfg.no_wait else cfg.pace_timeout,
+                  max_session_buffer=cfg.session_buffer, max_total_buffer=cfg.total_buffer,
+                  sample_rate=cfg.sample_rate, only_syn=cfg.only_syn,
+                  initial_rtt=cfg.rtt / 1000 if cfg.rtt else None,
+                  max_memory=(cfg.memory << 20) // workers if cfg.memory else None)
+
+
 def apply_live(engine: Engine, cfg) -> None:
     """Settings a reload changed; they apply to new sessions (timeouts to all)."""
     engine.idle_timeout = cfg.timeout
-    engine.pace_timeout = cfg.pace_timeout
+    engine.keepalive_timeout = cfg.keepalive_timeout
+    engine.pace_timeout = 0.0 if cfg.no_wait else cfg.pace_timeout
     engine.sample_rate = cfg.sample_rate
     engine.targets = targets_of([t if isinstance(t, Transfer) else Transfer(**t)
                                  for t in cfg.transfer])
@@ -78,12 +106,8 @@ class Worker:
         self.init_process()
         ep = select.epoll()
         table = SlotTable(self.seg, SLOT)
-        control = ControlGroup(cfg.server, ep)
-        engine = Engine(targets_of(cfg.transfer), RawSender(), control, table,
-                        table.owned_range(self.index),
-                        mtu=cfg.mtu, fake_mss=cfg.mss, idle_timeout=cfg.timeout,
-                        pace_timeout=cfg.pace_timeout, max_session_buffer=cfg.session_buffer,
-                        max_total_buffer=cfg.total_buffer, sample_rate=cfg.sample_rate)
+        control = ControlGroup(cfg.server, ep, cfg.connections)
+        engine = engine_for(cfg, control, table, table.owned_range(self.index), cfg.workers)
         watch = SettingsWatch("tcpcopyd", self.seg, cfg)
         cap = self.cap
         cap.setblocking(False)
@@ -121,15 +145,7 @@ class Worker:
                             break
                         on_packet(buf, n, now)
                 else:
-                    link = control.link_of(fd)
-                    if link is None:
-                        continue
-                    headers, came_up = link.on_event(ev, now)
-                    if came_up:
-                        engine.on_control_up(now)
-                    on_reply = engine.on_reply
-                    for h in headers:
-                        on_reply(h, now)
+                    on_control_event(engine, control, fd, ev, now)
             engine.flush(now)
             nt = engine.next_timer()
             if nt is not None and nt <= now:

@@ -1,6 +1,7 @@
 """Sessions open before tcpcopyd started, memcached, and interceptd going away."""
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 
@@ -99,3 +100,19 @@ def test_tcpcopyd_started_before_interceptd_catches_up(lab):
     lab.wait_log("tcpcopyd", "connected to interceptd")
     target = target_caught_up(lab, 200, timeout=90)
     assert len(target) == 200
+
+
+def test_keepalive_at_5000_per_second_with_client_ports_reused(lab):
+    """100 000 requests, 10 per connection, from 1 000 client ports: each port carries
+    about ten connections one after the other, every one of them copied whole."""
+    lab.ns.sysctl(lab.ns.client, {"net/ipv4/ip_local_port_range": "20000 20999",
+                                  "net/ipv4/tcp_tw_reuse": "1"})
+    r = load.h2load(lab, requests=100_000, rate=5000, per_connection=10)
+    assert r.succeeded == 100_000, r.output
+    online = collections.Counter(f[1] for f in lab.nginx_log("online"))
+    assert sum(online.values()) == 100_000
+    # 10 000 connections on at most 1 000 ports: each port carried several in turn
+    assert len(online) <= 1000 and sum(n for n in online.values() if n > 10) > 50_000
+    target = target_caught_up(lab, 100_000, timeout=120)
+    assert len(target) == 100_000
+    assert collections.Counter(f[1] for f in target) == online

@@ -1,14 +1,18 @@
 """The arbiter with stand-in workers: a worker that cannot boot stops the service."""
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 
 from shm import segment as shmseg
-from tcpcopyd.arbiter import WORKER_BOOT_ERROR, Arbiter
+from tcpcopyd.arbiter import WORKER_BOOT_ERROR, Arbiter, catch_early_signals
 
 
-def _run_arbiter(name: str, spawn_log: str) -> None:
+def _run_arbiter(name: str, spawn_log: str, early_stop: bool = False) -> None:
+    if early_stop:
+        catch_early_signals()
+        os.kill(os.getpid(), signal.SIGTERM)   # as if systemd stopped us while starting
     seg = shmseg.create(name, 1, 2, 0, 64)
 
     def boot(index: int, cpu: int) -> None:
@@ -36,3 +40,14 @@ def test_a_worker_that_cannot_boot_stops_the_service_instead_of_fork_looping(tmp
     assert time.monotonic() - t0 < 10
     with open(spawn_log, "rb") as f:
         assert 1 <= len(f.read()) <= 4  # the two workers, perhaps once more each: no loop
+
+
+def test_a_stop_during_start_up_is_kept_for_the_arbiter_which_cleans_up(tmp_path):
+    spawn_log = str(tmp_path / "spawned")
+    name = f"tcpcopyd-test-early-{os.getpid()}"
+    p = mp.get_context("fork").Process(target=_run_arbiter, args=(name, spawn_log, True))
+    p.start()
+    p.join(20)
+    assert p.exitcode == 0                    # not killed by the signal
+    assert not os.path.exists(spawn_log)      # no worker started
+    assert name not in shmseg.list_segments("tcpcopyd-test-early")   # segment removed

@@ -440,3 +440,70 @@ def test_a_zero_window_is_probed(eng):
     assert probe.seq == ISN + 1 and len(probe.payload) == 1
     answer(eng, reply(TARGET_ISN + 1, ISN + 2, P.ACK, window=100), now=106.0)  # open again
     assert [len(p.payload) for p in eng.sender.take() if p.payload] == [99]
+
+
+def test_only_syn_leaves_out_sessions_seen_mid_connection():
+    e = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(10), only_syn=True)
+    feed(e, client_pkt(ISN + 1, ONLINE_ISN, P.ACK | P.PSH, b"GET / HTTP/1.1\r\n\r\n"))
+    assert not e.sessions and not e.sender.take()
+    assert e.counters[C.INDEX["not_from_syn"]] == 1
+    handshake(e)
+    assert len(e.sessions) == 1
+
+
+def test_assumed_rtt_sets_the_first_retransmission_timeout():
+    e = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(10),
+               initial_rtt=0.1)
+    feed(e, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS))
+    e.sender.take()
+    e.tick(100.0 + 0.29)
+    assert not e.sender.take()
+    e.tick(100.0 + 0.31)
+    [syn] = e.sender.take()
+    assert syn.flags == P.SYN   # sent again after 3 x 100 ms, not after 1 s
+
+
+def test_keepalive_timeout_ends_quiet_sessions_sooner_than_busy_ones():
+    e = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(10),
+               idle_timeout=120, keepalive_timeout=10)
+    s = handshake(e)
+    e.expire_idle(100.0 + 5)
+    assert e.sessions
+    s.awaiting = True            # a request the target has not answered yet: -t applies
+    e.expire_idle(100.0 + 11)
+    assert e.sessions
+    s.awaiting = False           # between requests: -k applies
+    e.expire_idle(100.0 + 11)
+    assert not e.sessions
+
+
+def test_memory_cap_refuses_new_sessions_and_keeps_the_open_ones():
+    e = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(10),
+               max_memory=2000)
+    feed(e, P.build(CLIENT, ONLINE, CPORT, 80, ISN, 0, P.SYN, 100, SYN_OPTS))
+    feed(e, P.build(CLIENT, ONLINE, CPORT, 80, ISN + 1, ONLINE_ISN, P.ACK, 100, b"",
+                    b"d" * 3000))
+    feed(e, P.build(CLIENT, ONLINE, CPORT + 1, 80, ISN, 0, P.SYN, 100, SYN_OPTS))
+    assert [s.client_port for s in e.sessions.values()] == [CPORT]
+    assert e.counters[C.INDEX["sessions_refused"]] == 1
+    feed(e, P.build(CLIENT, ONLINE, CPORT, 80, ISN + 3001, ONLINE_ISN, P.ACK, 100, b"",
+                    b"e" * 10))
+    assert e.sessions[(CLIENT, CPORT, TARGET, 80)].buffered == 3010
+
+
+def test_several_connections_per_interceptd_give_a_session_always_the_same_one():
+    import select
+
+    from tcpcopyd.control import ControlGroup
+    from tcpcopyd.session import Session
+    ep = select.epoll()
+    g = ControlGroup([("198.18.2.2", 36524), ("198.18.2.3", 36524)], ep, per_server=3)
+    for link in g.links:
+        link.up = True
+    s = Session((CLIENT, 40001, TARGET, 80), CLIENT, 40001, TARGET, 80, 0, 100.0)
+    g.register(s)
+    g.unregister(s)
+    used = [(link.host, i % 3) for i, link in enumerate(g.links) if link.out]
+    assert used == [("198.18.2.2", 40001 % 3), ("198.18.2.3", 40001 % 3)]
+    assert all(len(link.out) == 2 * wire.CLIENT_MSG_SIZE for link in g.links if link.out)
+    ep.close()

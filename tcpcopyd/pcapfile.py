@@ -1,0 +1,89 @@
+"""Reading a capture file for offline replay (`tcpcopyd -i FILE.pcap`): pcap or pcapng as
+tcpdump writes them, Ethernet (VLAN tags too), Linux cooked (`tcpdump -i any`, v1 and v2),
+raw IP and BSD loopback links. Yields the IPv4 packets with their capture time; what cannot
+be replayed is counted, never fatal."""
+from __future__ import annotations
+
+import collections
+import struct
+from collections.abc import Iterator
+
+# link types (pcap LINKTYPE_* values)
+ETHERNET = 1
+NULL = 0
+LOOP = 108
+RAW = (101, 12, 14)
+IPV4 = 228
+LINUX_SLL = 113
+LINUX_SLL2 = 276
+ETH_IPV4 = 0x0800
+ETH_VLAN = (0x8100, 0x88A8, 0x9100)
+
+
+class CaptureFileError(RuntimeError):
+    """A file that is not a capture this reader knows."""
+
+
+def _open_reader(f):
+    import dpkt
+    try:
+        return dpkt.pcap.Reader(f)
+    except ValueError:
+        f.seek(0)
+    try:
+        return dpkt.pcapng.Reader(f)
+    except ValueError:
+        raise CaptureFileError("not a pcap or pcapng file (write one with tcpdump -w FILE)") \
+            from None
+
+
+def ip_payload(link: int, frame: bytes) -> bytes | None:
+    """The IPv4 packet in a frame of this link type, None if it carries something else."""
+    if link == ETHERNET:
+        off, ethertype = 14, struct.unpack_from("!H", frame, 12)[0] if len(frame) >= 14 else 0
+        while ethertype in ETH_VLAN and len(frame) >= off + 4:
+            ethertype = struct.unpack_from("!H", frame, off + 2)[0]
+            off += 4
+        return frame[off:] if ethertype == ETH_IPV4 else None
+    if link in RAW or link == IPV4:
+        return frame if frame[:1] and frame[0] >> 4 == 4 else None
+    if link == LINUX_SLL:
+        return frame[16:] if len(frame) >= 16 and frame[14:16] == b"\x08\x00" else None
+    if link == LINUX_SLL2:
+        return frame[20:] if len(frame) >= 20 and frame[0:2] == b"\x08\x00" else None
+    if link in (NULL, LOOP):
+        if len(frame) < 4:
+            return None
+        family = struct.unpack_from("<I", frame)[0]
+        if family > 0xFFFF:
+            family = struct.unpack_from(">I", frame)[0]
+        return frame[4:] if family == 2 else None
+    raise CaptureFileError(f"link type {link} is not supported (capture on an Ethernet "
+                           "interface, or with tcpdump -i any)")
+
+
+def packets(path: str, skipped: collections.Counter) -> Iterator[tuple[float, bytes]]:
+    """(capture time, IPv4 packet) of every IPv4 frame in the file; ``skipped`` counts the
+    rest by reason ("not_ipv4", "truncated")."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise CaptureFileError(f"{path}: {e.strerror}") from None
+    with f:
+        reader = _open_reader(f)
+        link = reader.datalink()
+        ip_payload(link, b"")   # unknown link types fail here, before any packet
+        snaplen = getattr(reader, "snaplen", 0) or 0
+        for ts, frame in reader:
+            pkt = ip_payload(link, frame)
+            if pkt is None or len(pkt) < 20:
+                skipped["not_ipv4"] += 1
+                continue
+            total = struct.unpack_from("!H", pkt, 2)[0]
+            if total > len(pkt):
+                # cut by the capture's snap length: the payload is incomplete
+                skipped["truncated"] += 1
+                if snaplen and skipped["truncated"] == 1:
+                    skipped["snaplen"] = snaplen
+                continue
+            yield float(ts), pkt[:total]
