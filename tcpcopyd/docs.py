@@ -57,8 +57,9 @@ def options_table(registry: Sequence[Setting]) -> str:
     rows = ["| flag | config key | default | reload | meaning |", "|---|---|---|---|---|"]
     for s in registry:
         flag = ", ".join(s.flags) + ("" if s.is_flag else f" {s.metavar}")
+        text = s.help.replace("|", "/").replace("%%", "%")
         rows.append(f"| `{flag}` | `{s.name}` | {show_default(s)} | "
-                    f"{'live' if s.live else 'restart'} | {s.help.replace('|', '/')} |")
+                    f"{'live' if s.live else 'restart'} | {text} |")
     return "\n".join(rows) + "\n"
 
 
@@ -70,7 +71,7 @@ def _commented(registry: Sequence[Setting], with_help: bool) -> list[str]:
                      f"flag {s.flags[0]}"]
             if s.live:
                 notes.append("a reload applies it")
-            out += textwrap.wrap(f"{s.help} ({'; '.join(notes)})", 78,
+            out += textwrap.wrap(f"{s.help.replace('%%', '%')} ({'; '.join(notes)})", 78,
                                  initial_indent="# ", subsequent_indent="# ")
         out.append(f"# {s.name} = {toml_value(s.example)}")
         if with_help:

@@ -33,6 +33,7 @@ from tcpcopyd.packet import (
     timestamp_of,
     timestamp_option,
 )
+from tcpcopyd.rewrite import Rewrite
 from tcpcopyd.session import (
     CLIENT_FIN,
     CLIENT_RST,
@@ -102,7 +103,8 @@ class Engine:
                  max_session_buffer: int = 64 << 20, max_total_buffer: int = 512 << 20,
                  sample_rate: int = 100, keepalive_timeout: float | None = None,
                  only_syn: bool = False, initial_rtt: float | None = None,
-                 max_memory: int | None = None) -> None:
+                 max_memory: int | None = None, rewrite: Rewrite | None = None,
+                 ramp_from: float | None = None) -> None:
         # local service port, or (online ip, port) for rules bound to one address
         #   -> (target ip, target port)
         self.targets = targets
@@ -122,6 +124,9 @@ class Engine:
         self.only_syn = only_syn          # -O: no session without its SYN
         self.initial_rtt = initial_rtt    # -R: RTT assumed before the first measurement
         self.max_memory = max_memory      # -m (this worker's share): new sessions refused
+        self.rewrite = rewrite            # -n/-f/-c/-H: who the target sees; None: the client
+        self.copies_of: dict[tuple, list[Session | None]] = {}  # captured key -> copies
+        self.ramp_from = ramp_from        # -g: the copied share grows from 1 % at this time
         self.buffered_total = 0           # bytes buffered over all sessions
         self.sessions: dict[tuple, Session] = {}
         self.counters = [0] * len(C.NAMES)
@@ -130,6 +135,15 @@ class Engine:
         self.touched: set[Session] = set()
         self.dirty: set[Session] = set()
         self.new: list[Session] = []     # sessions whose SYN waits for their CLIENT_ADD
+
+    def rate(self, now: float) -> int:
+        """Percent of sessions copied now (-r, and while -g ramps up, 1 % more a second)."""
+        if self.ramp_from is None:
+            return self.sample_rate
+        ramp = 1 + int(max(0.0, now - self.ramp_from))
+        if ramp >= self.sample_rate:
+            self.ramp_from = None
+        return min(ramp, self.sample_rate)
 
     # ------------------------------------------------------------------ capture side
     def on_client_packet(self, buf: bytes | bytearray | memoryview, n: int, now: float) -> None:
@@ -173,11 +187,26 @@ class Engine:
         if target is None:
             self.counters[C.NO_SESSION] += 1
             return
-        key = (src, sport, target[0], target[1])
-        s = self.sessions.get(key)
-        if (s is None or flags & SYN) and self.sample_rate < 100 \
-                and not sampled(src, sport, self.sample_rate):
-            self.counters[C.INDEX["not_sampled"]] += 1
+        cap = (src, sport, target[0], target[1])
+        if self.rewrite is None:
+            self._segment(self.sessions.get(cap), cap, 0, target, seq, ack, flags, window,
+                          options, payload, now)
+            return
+        group = self.copies_of.get(cap)
+        for k in range(self.rewrite.copies):
+            self._segment(group[k] if group else None, cap, k, target, seq, ack, flags,
+                          window, options, payload, now)
+            group = self.copies_of.get(cap)
+
+    def _segment(self, s: Session | None, cap: tuple, copy: int, target: tuple[bytes, int],
+                 seq: int, ack: int, flags: int, window: int, options: bytes, payload: bytes,
+                 now: float) -> None:
+        """One captured segment applied to one copy ``s`` of the captured session ``cap``
+        (None: that copy is not open)."""
+        if (s is None or flags & SYN) and (self.sample_rate < 100 or self.ramp_from) \
+                and not sampled(cap[0], cap[1], self.rate(now)):
+            if copy == 0:
+                self.counters[C.INDEX["not_sampled"]] += 1
             return
         if flags & SYN:
             if flags & (ACK | RST | FIN):
@@ -187,7 +216,7 @@ class Engine:
                 if s.isn == seq:
                     return  # the client retransmitted its SYN; ours has its own timer
                 self._reset(s, "sessions_reused")
-            self._open(key, src, sport, target, seq, window, options, now, fake=False)
+            self._open(cap, copy, target, seq, window, options, now, fake=False)
             return
         if s is None:
             if not payload:
@@ -196,7 +225,7 @@ class Engine:
             if self.only_syn:
                 self.counters[C.INDEX["not_from_syn"]] += 1
                 return
-            s = self._open(key, src, sport, target, seq_add(seq, -1), window, options, now,
+            s = self._open(cap, copy, target, seq_add(seq, -1), window, options, now,
                            fake=True)
             if s is None:
                 return
@@ -205,7 +234,7 @@ class Engine:
                 # the old worker took data of this session with it: start the target's side
                 # afresh at this segment (a fake SYN just before it)
                 self._close(s, "sessions_resynced", send_rst=True)
-                s = self._open(key, src, sport, target, seq_add(seq, -1), window, options, now,
+                s = self._open(cap, copy, target, seq_add(seq, -1), window, options, now,
                                fake=True)
                 if s is None:
                     return
@@ -228,15 +257,32 @@ class Engine:
             self._enqueue(s, seq, flags & (FIN | PSH), payload, ack, now)
             self.touched.add(s)
 
-    def _open(self, key: tuple, src: bytes, sport: int, target: tuple[bytes, int], isn: int,
+    def _open(self, cap: tuple, copy: int, target: tuple[bytes, int], isn: int,
               window: int, options: bytes, now: float, fake: bool) -> Session | None:
         if self.max_memory is not None and self.buffered_total >= self.max_memory:
             self.counters[C.INDEX["sessions_refused"]] += 1
             return None
+        rw = self.rewrite
+        if rw is None:
+            key, src, sport = cap, cap[0], cap[1]
+        else:
+            src = rw.address(cap[0])
+            sessions, tip, tport = self.sessions, target[0], target[1]
+            sport = rw.port(src, lambda p: (src, p, tip, tport) in sessions)
+            if sport is None:
+                self.counters[C.INDEX["sessions_refused"]] += 1
+                return None
+            key = (src, sport, tip, tport)
         if not self.free_slots:
             self._evict_oldest()
         slot = self.free_slots.pop()
         s = Session(key, src, sport, target[0], target[1], slot, now)
+        if rw is not None:
+            s.cap, s.copy = cap, copy
+            group = self.copies_of.get(cap)
+            if group is None:
+                group = self.copies_of[cap] = [None] * rw.copies
+            group[copy] = s
         if self.initial_rtt is not None:
             r = self.initial_rtt
             s.srtt, s.rttvar = r, r / 2
@@ -678,6 +724,12 @@ class Engine:
                       State(s.state & 0xFF))
         self.counters[C.INDEX[reason]] += 1
         del self.sessions[s.key]
+        if s.cap is not None:
+            group = self.copies_of.get(s.cap)
+            if group is not None and group[s.copy] is s:
+                group[s.copy] = None
+                if not any(group):
+                    del self.copies_of[s.cap]
         self.control.unregister(s)
         if self.table is not None:
             self.table.clear(s.slot)

@@ -75,6 +75,21 @@ def servers(raw: object) -> list[tuple[str, int]]:
     return out
 
 
+def client_pool(raw: object) -> list[str]:
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    out = []
+    for item in items:
+        item = str(item).strip()
+        try:
+            ipv4(item[:-1] + "1" if item.endswith(".x") else item)
+        except SettingError:
+            raise SettingError(f"{item!r} is not an IPv4 address or A.B.C.x") from None
+        out.append(item)
+    if not out:
+        raise SettingError("expected at least one address")
+    return out
+
+
 def always_on(raw: object) -> bool:
     if not boolean(raw):
         raise SettingError("tcpcopyd always keeps running without interceptd; the key "
@@ -103,6 +118,23 @@ REGISTRY = (
             "address and port", metavar="PERCENT", example=100, live=True),
     Setting("timeout", ("-t", "--timeout"), 120.0, float_range(1, 86400),
             "idle timeout of a session, seconds", metavar="SECONDS", example=120, live=True),
+    Setting("copies", ("-n", "--copies"), 1, int_range(1, 64),
+            "copies of every session sent to the target, each from its own port (see -f)",
+            metavar="N", example=1),
+    Setting("port_block", ("-f", "--port-block"), None, int_range(0, 7),
+            "block of source ports (0-7) this instance's copies use toward the target: give "
+            "each tcpcopyd copying to the same target its own (with -n, -c or -H the copies "
+            "use block 0 unless told)", metavar="K", example=0, default_text="client's ports"),
+    Setting("client_pool", ("-c", "--client-pool"), None, client_pool,
+            "source addresses of the copies instead of the clients' (an x as last octet: "
+            ".1-.254; the target must route them back to the interception point)",
+            metavar="IP[,IP...]", example="198.18.6.x", default_text="client's address"),
+    Setting("localhost_as", ("-H", "--localhost-as"), None, ipv4,
+            "source address of copies of sessions from 127.0.0.1", metavar="IP",
+            example="198.18.1.9", default_text="none"),
+    Setting("ramp", ("-g", "--ramp"), False, boolean,
+            "at start, copy 1 %% of the sessions and 1 %% more every second up to -r",
+            is_flag=True, example=False),
     Setting("keepalive_timeout", ("-k", "--keepalive-timeout"), None, float_range(1, 86400),
             "idle timeout of a session with nothing outstanding (a keep-alive connection "
             "between requests), seconds", metavar="SECONDS", example=120, live=True,

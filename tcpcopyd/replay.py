@@ -35,7 +35,7 @@ class Replay:
         self.ports = {t.port for t in cfg.transfer}
         self.ep = select.epoll()
         self.control = ControlGroup(cfg.server, self.ep, cfg.connections)
-        self.engine = engine_for(cfg, self.control, None, range(cfg.session_slots), 1)
+        self.engine = engine_for(cfg, self.control, None, range(cfg.session_slots), 0, 1)
         self.skipped: collections.Counter = collections.Counter()
         self.replayed = 0
         self.stop = False

@@ -47,12 +47,14 @@ class Session:
         "syn_ts", "client_tsval", "target_tsval", "client_win", "client_ack", "awaiting",
         "pace_at", "need_ack", "ack_at", "rto", "srtt", "rttvar", "rto_at", "backoff", "rtt_seq",
         "rtt_time", "dupacks", "created", "last_seen", "target_seen", "close_at", "gap_since",
-        "retransmits", "freed",
+        "retransmits", "freed", "cap", "copy",
     )
 
     def __init__(self, key: tuple, client_ip: bytes, client_port: int, target_ip: bytes,
                  target_port: int, slot: int, now: float) -> None:
         self.key = key
+        self.cap: tuple | None = None   # the captured session, when the target sees another
+        self.copy = 0                   # which copy of it (-n)
         self.client_ip = client_ip
         self.client_port = client_port
         self.target_ip = target_ip

@@ -19,6 +19,7 @@ from tcpcopyd.control import ControlGroup
 from tcpcopyd.daemon import SettingsWatch
 from tcpcopyd.engine import Engine
 from tcpcopyd.options import Transfer
+from tcpcopyd.rewrite import Rewrite, expand_pool
 from tcpcopyd.sender import RawSender
 from tcpcopyd.session import SLOT
 
@@ -53,9 +54,24 @@ def on_control_event(engine: Engine, control: ControlGroup, fd: int, ev: int,
         on_reply(h, now)
 
 
-def engine_for(cfg, control: ControlGroup, table, slots: range, workers: int) -> Engine:
+def rewrite_for(cfg, worker: int, workers: int) -> Rewrite | None:
+    """Who the target sees (-n, -f, -c, -H); None: the clients themselves."""
+    if cfg.copies == 1 and cfg.port_block is None and not cfg.client_pool \
+            and not cfg.localhost_as:
+        return None
+    targets = {t.target_ip for t in cfg.transfer}
+    return Rewrite(cfg.copies, cfg.port_block or 0,
+                   expand_pool(cfg.client_pool or [], targets),
+                   socket.inet_aton(cfg.localhost_as) if cfg.localhost_as else None,
+                   worker, workers)
+
+
+def engine_for(cfg, control: ControlGroup, table, slots: range, worker: int,
+               workers: int) -> Engine:
     """The session engine with the settings of ``cfg`` (online capture and offline replay)."""
     return Engine(targets_of(cfg.transfer), RawSender(), control, table, slots,
+                  rewrite=rewrite_for(cfg, worker, workers),
+                  ramp_from=time.monotonic() if cfg.ramp else None,
                   mtu=cfg.mtu, fake_mss=cfg.mss, idle_timeout=cfg.timeout,
                   keepalive_timeout=cfg.keepalive_timeout,
                   pace_timeout=0.0 if cfg.no_wait else cfg.pace_timeout,
@@ -107,7 +123,8 @@ class Worker:
         ep = select.epoll()
         table = SlotTable(self.seg, SLOT)
         control = ControlGroup(cfg.server, ep, cfg.connections)
-        engine = engine_for(cfg, control, table, table.owned_range(self.index), cfg.workers)
+        engine = engine_for(cfg, control, table, table.owned_range(self.index), self.index,
+                            cfg.workers)
         watch = SettingsWatch("tcpcopyd", self.seg, cfg)
         cap = self.cap
         cap.setblocking(False)

@@ -55,8 +55,8 @@ def command(name: str) -> list[str]:
 
 class Lab:
     def __init__(self, prefix: str = "tcl", nginx_workers: int = 1,
-                 cpus: dict[str, str] | None = None) -> None:
-        self.ns = Namespaces(prefix)
+                 cpus: dict[str, str] | None = None, second_online: bool = False) -> None:
+        self.ns = Namespaces(prefix, second_online)
         self.nginx_workers = nginx_workers
         self.cpus = cpus or {}   # daemon -> CPU list for taskset (its workers pin inside it)
         self.dir = tempfile.mkdtemp(prefix=f"{prefix}-lab-")
@@ -65,7 +65,7 @@ class Lab:
     # ---------------------------------------------------------------- lifecycle
     def up(self, memcached: bool = True) -> Lab:
         self.ns.create()
-        for host in ("online", "target"):
+        for host in ("online", "target", *(("online2",) if self.ns.second_online else ())):
             root = os.path.join(self.dir, host)
             os.makedirs(root, exist_ok=True)
             conf = os.path.join(root, "nginx.conf")
@@ -73,12 +73,12 @@ class Lab:
                 f.write(servers.nginx_conf(root, HTTP_PORT, self.nginx_workers))
             self.start(f"nginx-{host}", getattr(self.ns, host),
                        ["nginx", "-c", conf, "-e", os.path.join(root, "error.log")])
-            if memcached:
+            if memcached and host != "online2":
                 self.start(f"memcached-{host}", getattr(self.ns, host),
                            servers.memcached_args(MEMCACHED_PORT))
-        for host in ("online", "target"):
+        for host in ("online", "target", *(("online2",) if self.ns.second_online else ())):
             self.wait_listening(getattr(self.ns, host), HTTP_PORT)
-            if memcached:
+            if memcached and host != "online2":
                 self.wait_listening(getattr(self.ns, host), MEMCACHED_PORT)
         return self
 

@@ -21,7 +21,8 @@ class LoadResult:
 
 
 def h2load(lab, *, requests: int, rate: int, per_connection: int = 1, path: str = "/",
-           threads: int = 1, timeout: float = 600) -> LoadResult:
+           threads: int = 1, timeout: float = 600, ns: str | None = None,
+           host: str = ONLINE_IP) -> LoadResult:
     """HTTP/1.1 load at ``rate`` requests/s: ``per_connection`` requests on each connection
     (1 = short connections), new connections opened at rate/per_connection per second."""
     conns = max(1, requests // per_connection)
@@ -30,10 +31,10 @@ def h2load(lab, *, requests: int, rate: int, per_connection: int = 1, path: str 
     conn_rate = max(1, rate // per_connection // 100)
     args = ["h2load", "--h1", "-n", str(conns * per_connection), "-c", str(conns),
             "-r", str(conn_rate), "--rate-period", "10ms", "-t", str(threads),
-            "-T", "30", f"http://{ONLINE_IP}{path}"]
+            "-T", "30", f"http://{host}{path}"]
     if per_connection == 1:
         args[1:1] = ["-H", "Connection: close"]
-    r = lab.ns.run(lab.ns.client, args, check=False, timeout=timeout)
+    r = lab.ns.run(ns or lab.ns.client, args, check=False, timeout=timeout)
     return parse_h2load(r.stdout + r.stderr)
 
 

@@ -3,6 +3,11 @@
     client (198.18.1.1) --eth0--  online (eth0 198.18.1.2, eth1 198.18.2.1)  --eth1--
         target (eth0 198.18.2.2)
 
+With a second online host (``second_online``), for tests of several online hosts:
+
+    client2 (198.18.4.1) --eth0-- online2 (eth0 198.18.4.2, eth1 198.18.5.1) --eth1--
+        target (eth1 198.18.5.2)
+
 The target routes the client network to 198.18.2.254, an address nobody answers: its
 replies to clients are caught by interceptd's NFQUEUE rule on the way out, and if that rule
 is absent they die in ARP resolution, so they never reach the online host or a client.
@@ -22,6 +27,12 @@ ONLINE_TARGET_SIDE_IP = "198.18.2.1"
 TARGET_IP = "198.18.2.2"
 DEAD_END_IP = "198.18.2.254"
 CLIENT_NET = "198.18.1.0/24"
+CLIENT2_IP = "198.18.4.1"
+ONLINE2_IP = "198.18.4.2"
+ONLINE2_TARGET_SIDE_IP = "198.18.5.1"
+TARGET2_IP = "198.18.5.2"
+DEAD_END2_IP = "198.18.5.254"
+CLIENT2_NET = "198.18.4.0/24"
 # the lab's replicated services (nginx, memcached)
 SERVICE_PORTS = (80, 11211)
 # comment of the lab's leak-counting iptables rules
@@ -29,15 +40,27 @@ LEAK_TAG = "tcpcopyd-lab-leak"
 
 
 class Namespaces:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, second_online: bool = False) -> None:
         self.prefix = prefix
         self.client = f"{prefix}-client"
         self.online = f"{prefix}-online"
         self.target = f"{prefix}-target"
+        self.second_online = second_online
+        self.client2 = f"{prefix}-client2"
+        self.online2 = f"{prefix}-online2"
 
     @property
     def all(self) -> list[str]:
-        return [self.client, self.online, self.target]
+        second = [self.client2, self.online2] if self.second_online else []
+        return [self.client, self.online, self.target, *second]
+
+    @property
+    def watched(self) -> dict[str, str]:
+        """namespace -> the target address whose packets must never enter it"""
+        out = {self.client: TARGET_IP, self.online: TARGET_IP}
+        if self.second_online:
+            out.update({self.client2: TARGET2_IP, self.online2: TARGET2_IP})
+        return out
 
     def create(self) -> None:
         self.destroy()
@@ -47,6 +70,12 @@ class Namespaces:
         self._link(self.online, "eth1", ONLINE_TARGET_SIDE_IP, self.target, "eth0", TARGET_IP)
         with NetNS(self.target) as n:
             n.route("add", dst=CLIENT_NET, gateway=DEAD_END_IP)
+        if self.second_online:
+            self._link(self.client2, "eth0", CLIENT2_IP, self.online2, "eth0", ONLINE2_IP)
+            self._link(self.online2, "eth1", ONLINE2_TARGET_SIDE_IP, self.target, "eth1",
+                       TARGET2_IP)
+            with NetNS(self.target) as n:
+                n.route("add", dst=CLIENT2_NET, gateway=DEAD_END2_IP)
         for ns in self.all:
             self.sysctl(ns, {
                 "net/ipv4/conf/all/rp_filter": "0",
@@ -55,11 +84,11 @@ class Namespaces:
                 "net/ipv4/tcp_max_syn_backlog": "8192",
                 "net/ipv4/ip_local_port_range": "10000 65000",
             })
-        for ns in (self.client, self.online):
+        for ns, target_ip in self.watched.items():
             # count what the target's services send toward the client / online host: with
             # interception working that is nothing at all
             self.run(ns, ["iptables", "-w", "5", "-t", "raw", "-I", "PREROUTING", "-s",
-                          TARGET_IP, "-p", "tcp", "-m", "multiport", "--sports",
+                          target_ip, "-p", "tcp", "-m", "multiport", "--sports",
                           ",".join(map(str, SERVICE_PORTS)), "-m", "comment", "--comment",
                           LEAK_TAG])
 
@@ -96,7 +125,7 @@ class Namespaces:
     def leaked(self) -> dict[str, int]:
         """Packets from the target's services seen entering the client / online host."""
         out = {}
-        for ns in (self.client, self.online):
+        for ns in self.watched:
             r = self.run(ns, ["iptables", "-w", "5", "-t", "raw", "-L", "PREROUTING", "-v",
                               "-x", "-n"])
             pkts = 0

@@ -507,3 +507,77 @@ def test_several_connections_per_interceptd_give_a_session_always_the_same_one()
     assert used == [("198.18.2.2", 40001 % 3), ("198.18.2.3", 40001 % 3)]
     assert all(len(link.out) == 2 * wire.CLIENT_MSG_SIZE for link in g.links if link.out)
     ep.close()
+
+
+def test_port_classes_of_workers_and_blocks_never_overlap():
+    from tcpcopyd.rewrite import Rewrite
+    classes = []
+    for block in (0, 1, 7):
+        for worker in range(3):
+            rw = Rewrite(2, block, worker=worker, workers=3)
+            taken: set[int] = set()
+            ports = set()
+            for _ in range(rw.count):
+                p = rw.port(CLIENT, taken.__contains__)
+                taken.add(p)
+                ports.add(p)
+            assert rw.port(CLIENT, taken.__contains__) is None   # full: refused
+            assert min(ports) >= 1024 and max(ports) <= 65535
+            classes.append(ports)
+    for i, a in enumerate(classes):
+        for b in classes[i + 1:]:
+            assert not a & b
+
+
+def test_freed_ports_are_not_handed_out_again_at_once():
+    from tcpcopyd.rewrite import Rewrite
+    rw = Rewrite(1, 0)
+    first = rw.port(CLIENT, lambda p: False)
+    assert rw.port(CLIENT, lambda p: False) != first
+
+
+def copies_engine(**kw):
+    from tcpcopyd.rewrite import Rewrite
+    return Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(30),
+                  rewrite=Rewrite(**kw))
+
+
+def test_three_copies_of_a_session_each_complete_on_its_own_port():
+    e = copies_engine(copies=3, block=2)
+    feed(e, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS, window=64240))
+    syns = e.sender.take()
+    ports = [p.sport for p in syns]
+    assert len(set(ports)) == 3 and all(p.flags == P.SYN and p.src == CLIENT for p in syns)
+    assert all(1024 + 2 * 8064 <= p < 1024 + 3 * 8064 for p in ports)
+    for i, port in enumerate(ports):
+        hdr = wire.reply_header(P.build(TARGET, CLIENT, 80, port, TARGET_ISN + i, ISN + 1,
+                                        P.SYN | P.ACK, 65535, SYNACK_OPTS))
+        answer(e, hdr)
+    feed(e, client_pkt(ISN + 1, ONLINE_ISN, P.ACK | P.PSH, b"GET / HTTP/1.1\r\n\r\n"))
+    data = [p for p in e.sender.take() if p.payload]
+    assert sorted((p.sport, p.ack) for p in data) == sorted(
+        (port, TARGET_ISN + i + 1) for i, port in enumerate(ports))
+    assert len(e.copies_of) == 1
+    for i, port in enumerate(ports):
+        answer(e, wire.reply_header(P.build(TARGET, CLIENT, 80, port, TARGET_ISN + i + 1,
+                                            ISN + 1, P.RST | P.ACK, 0)))
+    assert not e.sessions and not e.copies_of
+
+
+def test_client_pool_addresses_replace_the_client_and_leave_out_the_target():
+    from tcpcopyd.rewrite import expand_pool
+    pool = expand_pool(["198.18.2.x"], {"198.18.2.2"})
+    assert len(pool) == 253 and TARGET not in pool
+    e = copies_engine(pool=pool)
+    feed(e, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS))
+    [syn] = e.sender.take()
+    assert syn.src in pool and syn.src != CLIENT
+    assert e.control.log[0] == ("add", syn.sport)
+
+
+def test_ramp_copies_one_percent_more_each_second_up_to_the_sample_rate():
+    e = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(10),
+               sample_rate=50, ramp_from=100.0)
+    assert [e.rate(100.0 + t) for t in (0, 0.5, 1, 9.9, 48, 49, 60)] == [1, 1, 2, 10, 49, 50,
+                                                                          50]
+    assert e.ramp_from is None    # done ramping: the plain -r check again
