@@ -23,6 +23,7 @@ from tcpcopyd.daemon import fail as _fail
 from tcpcopyd.settings import (
     COMMON,
     EX_CONFIG,
+    Config,
     Layout,
     Setting,
     boolean,
@@ -55,13 +56,19 @@ REGISTRY = (
             "control port tcpcopyd connects to", metavar="PORT", example=wire.DEFAULT_PORT),
     Setting("bind", ("-b", "--bind"), "0.0.0.0", ipv4, "address of the control port",
             metavar="ADDR", example="0.0.0.0"),
+    Setting("interface", ("-i", "--interface"), None, text,
+            "assistant mode: take the target's replies from this interface (AF_PACKET, one "
+            "fanout socket per worker) instead of NFQUEUE; the target routes the client "
+            "addresses to this host, which drops them by routing (no forwarding)",
+            metavar="IFACE", example="eth1", default_text="NFQUEUE"),
     Setting("no_iptables", ("--no-iptables",), False, boolean,
             "do not install/remove NFQUEUE rules (the operator manages them)", is_flag=True,
             example=False),
     Setting("queue_num", ("--queue-num",), 0, int_range(0, 65535),
             "first NFQUEUE number", metavar="N", example=0),
     Setting("queues", ("--queues",), None, int_range(1, 1024),
-            "NFQUEUE numbers, one worker each, pinned to its CPU", metavar="N", example=2,
+            "workers, each pinned to its CPU, each reading one NFQUEUE number (or, in "
+            "assistant mode, one capture socket)", metavar="N", example=2,
             default_text="one per usable CPU"),
     *COMMON,
     Setting("instance", ("--instance",), "interceptd", text,
@@ -94,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.values["queues"] = len(allowed_cpus())
     if cfg.queue_num + cfg.queues > 65536:
         return fail("--queue-num + --queues exceeds 65535")
+    if cfg.interface:
+        return assistant(cfg)
     try:
         from netfilterqueue import NetfilterQueue
     except ImportError as e:
@@ -115,7 +124,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fail(f"cannot bind NFQUEUE {q}: {e} (is another interceptd using it? "
                         f"choose other numbers with --queue-num)")
         queues.append(nfq)
-    wakeups = [os.eventfd(0, os.EFD_NONBLOCK) for _ in queues]
+    return serve(cfg, queues, lambda: [nfq.unbind() for nfq in queues])
+
+
+def assistant(cfg: Config) -> int:
+    """Assistant mode: the replies come from capture sockets on ``cfg.interface``."""
+    from tcpcopyd import capture
+    from tcpcopyd.options import check_interface
+    err = check_interface(cfg.interface)
+    if err:
+        return fail(err, EX_CONFIG)
+    sockets = []
+    try:
+        for _ in range(cfg.queues):
+            sockets.append(capture.open_capture(cfg.interface, cfg.service_port,
+                                                os.getpid() & 0xFFFF, source=True))
+    except capture.CaptureError as e:
+        for sock in sockets:
+            sock.close()
+        return fail(str(e))
+    cfg.values["no_iptables"] = True
+    return serve(cfg, sockets, lambda: [sock.close() for sock in sockets])
+
+
+def serve(cfg: Config, sources: list, release) -> int:
+    """Listen for tcpcopyd, install the rules, and run the workers, one per reply source
+    (an NFQUEUE binding or a capture socket); ``release()`` frees the sources at the end."""
+    wakeups = [os.eventfd(0, os.EFD_NONBLOCK) for _ in sources]
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -123,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         listener.listen(128)
     except OSError as e:
         listener.close()
+        release()
         return fail(f"cannot listen on {cfg.bind}:{cfg.port}: {e.strerror}")
     tag = f"interceptd:{cfg.instance}"
     installed: list[list[str]] = []
@@ -131,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             installed = rules.install(cfg.service_port, cfg.queue_num, cfg.queues, tag)
         except rules.RuleError as e:
             listener.close()
+            release()
             return fail(str(e))
     try:
         seg = shmseg.create(cfg.instance, KIND, cfg.queues, 0, 64,
@@ -139,19 +176,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (shmseg.SegmentError, OSError) as e:
         rules.remove(installed)
         listener.close()
+        release()
         return fail(f"shared memory: {e}")
     write_pidfile(cfg.pidfile)
     reload = Reloader(PROG, DESCRIPTION, REGISTRY, LAYOUT, cfg, seg)
     reload.publish()
-    log.info("interceptd %s: service ports %s, NFQUEUE %d..%d, control %s:%d%s",
-             version(), ",".join(map(str, cfg.service_port)), cfg.queue_num,
-             cfg.queue_num + cfg.queues - 1, cfg.bind, cfg.port,
-             "" if installed else " (rules managed by the operator)")
+    if cfg.interface:
+        source = f"capture on {cfg.interface} (assistant mode)"
+    else:
+        source = f"NFQUEUE {cfg.queue_num}..{cfg.queue_num + cfg.queues - 1}" + (
+            "" if installed else " (rules managed by the operator)")
+    log.info("interceptd %s: service ports %s, %s, control %s:%d", version(),
+             ",".join(map(str, cfg.service_port)), source, cfg.bind, cfg.port)
 
     def boot(index: int, cpu: int) -> None:
         from interceptd.worker import Worker
         try:
-            w = Worker(cfg, index, cpu, seg, listener, queues[index], wakeups)
+            w = Worker(cfg, index, cpu, seg, listener, sources[index], wakeups)
         except Exception as e:  # noqa: BLE001 - reported, then the master stops
             log.error("worker %d cannot start: %s", index + 1, e)
             sys.exit(WORKER_BOOT_ERROR)
@@ -163,8 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        allowed_cpus(), status=status, reload=reload).run()
     finally:
         rules.remove(installed)
-        for nfq in queues:
-            nfq.unbind()
+        release()
         listener.close()
         seg.close()
         seg.unlink()

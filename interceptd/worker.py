@@ -19,11 +19,14 @@ from interceptd.router import Peer, Router
 from interceptd.shared import Shared
 from shm.segment import Segment
 from tcpcopyd import wire
+from tcpcopyd.capture import stats as capture_stats
 from tcpcopyd.daemon import SettingsWatch
 
 log = logging.getLogger("interceptd.worker")
 
 SYNC_INTERVAL = 0.1
+# packets read from a capture socket (assistant mode) before the loop looks at the rest
+CAPTURE_BATCH = 512
 
 # The NFQUEUE bindings are made by the master (so a dying worker does not unbind its queue:
 # packets wait in the kernel for the next one). Their callback is this trampoline, pointed
@@ -40,14 +43,19 @@ def dispatch(pkt) -> None:
 
 class Worker:
     def __init__(self, cfg, index: int, cpu: int, seg: Segment, listener: socket.socket,
-                 nfq, wakeups: list[int]) -> None:
+                 source, wakeups: list[int]) -> None:
+        """``source``: this worker's NFQUEUE binding, or (assistant mode) its AF_PACKET
+        capture socket."""
         self.cfg = cfg
         self.index = index
         self.cpu = cpu
         self.seg = seg
         self.listener = listener
-        self.nfq = nfq
+        self.capture = source if isinstance(source, socket.socket) else None
+        self.nfq = None if self.capture else source
         self.queue_num = cfg.queue_num + index
+        self.source_name = (f"capture on {cfg.interface}" if self.capture
+                            else f"NFQUEUE {self.queue_num}")
         self.wakeups = wakeups           # one eventfd per worker: "your ring has records"
         self.stop = False
         self.counters = [0] * len(C.NAMES)
@@ -64,8 +72,8 @@ class Worker:
             os.sched_setaffinity(0, {self.cpu})
         except OSError as e:
             log.warning("cannot pin worker %d to cpu %d: %s", self.index + 1, self.cpu, e)
-        setproctitle(f"interceptd: worker {self.index + 1}/{self.seg.n_workers} "
-                     f"queue={self.queue_num}")
+        where = f"capture={self.cfg.interface}" if self.capture else f"queue={self.queue_num}"
+        setproctitle(f"interceptd: worker {self.index + 1}/{self.seg.n_workers} {where}")
 
     def _on_stop(self, _sig: int, _frame: object) -> None:
         self.stop = True
@@ -92,9 +100,15 @@ class Worker:
 
         _handler = on_packet
         nfq = self.nfq
-        nfq_fd = nfq.get_fd()
+        cap = self.capture
+        buf = bytearray(65536)
+        if cap is not None:
+            cap.setblocking(False)
+            source_fd = cap.fileno()
+        else:
+            source_fd = nfq.get_fd()
         ep = select.epoll()
-        ep.register(nfq_fd, select.EPOLLIN)
+        ep.register(source_fd, select.EPOLLIN)
         lfd = self.listener.fileno()
         self.listener.setblocking(False)  # shared by all workers: accept never waits
         ep.register(lfd, select.EPOLLIN)
@@ -108,8 +122,8 @@ class Worker:
         next_sync = 0.0
         watch = SettingsWatch("interceptd", self.seg, self.cfg)
         self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
-        log.info("worker %d reading NFQUEUE %d, control port %s:%d", self.index + 1,
-                 self.queue_num, *self.listener.getsockname()[:2])
+        log.info("worker %d reading %s, control port %s:%d", self.index + 1,
+                 self.source_name, *self.listener.getsockname()[:2])
         self._drain(inbound, clock())   # what a previous worker of this index left
         while not self.stop:
             try:
@@ -118,7 +132,10 @@ class Worker:
                 continue
             now = clock()
             for fd, ev in events:
-                if fd == nfq_fd:
+                if fd == source_fd:
+                    if cap is not None:
+                        self._read_capture(cap, buf, now)
+                        continue
                     try:
                         nfq.run(block=False)
                     except OSError as e:
@@ -148,12 +165,32 @@ class Worker:
                 watch.poll()   # only logging is live here; applied by the watch itself
                 cnt[C.INDEX["peers"]] = len(self.peers)
                 cnt[C.INDEX["routes"]] = len(router.routes)
-                cnt[C.INDEX["queue_drops"]] = queue_drops(self.queue_num)
+                if cap is not None:
+                    cnt[C.INDEX["queue_drops"]] += capture_stats(cap)[1]
+                else:
+                    cnt[C.INDEX["queue_drops"]] = queue_drops(self.queue_num)
                 self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
         for fd, peer in list(self.peers.items()):
             self._drop(ep, fd, peer, None)
         self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
         log.info("worker %d stopped", self.index + 1)
+
+    def _read_capture(self, cap: socket.socket, buf: bytearray, now: float) -> None:
+        """Assistant mode: replies the target routed here (the kernel drops them after us,
+        since this host does not forward)."""
+        cnt = self.counters
+        queued, malformed = C.INDEX["queued"], C.INDEX["malformed"]
+        route, reply_header = self.router.route, wire.reply_header
+        for _ in range(CAPTURE_BATCH):
+            try:
+                n = cap.recv_into(buf)
+            except BlockingIOError:
+                return
+            cnt[queued] += 1
+            try:
+                route(reply_header(memoryview(buf)[:n]), now)
+            except (wire.ProtocolError, IndexError):
+                cnt[malformed] += 1
 
     def _drain(self, inbound, now: float) -> None:
         deliver = self.router.deliver

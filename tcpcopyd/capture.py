@@ -1,4 +1,5 @@
-"""AF_PACKET capture of client->server packets, one socket per worker in a fanout group.
+"""AF_PACKET capture of client->server packets, one socket per worker in a fanout group
+(and of the target's replies, for interceptd's assistant mode).
 
 The socket is SOCK_DGRAM (the kernel strips the link header, we read IPv4 packets), bound
 to one interface, ignores packets the host sends itself, and carries a classic BPF filter
@@ -43,8 +44,9 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def bpf_program(ports: list[int]) -> list[tuple[int, int, int, int]]:
-    """Instructions (code, jt, jf, k) accepting TCP to any of ``ports`` (network layer)."""
+def bpf_program(ports: list[int], source: bool = False) -> list[tuple[int, int, int, int]]:
+    """Instructions (code, jt, jf, k) accepting TCP to any of ``ports`` (network layer);
+    ``source``: TCP from any of them (interceptd's assistant mode)."""
     if not ports:
         raise ValueError("no service ports")
     n = len(ports)
@@ -54,7 +56,7 @@ def bpf_program(ports: list[int]) -> list[tuple[int, int, int, int]]:
         (BPF_LD_H_ABS, 0, 0, 6),             # A = flags/fragment offset
         (BPF_JSET_K, 2 + n, 0, 0x1FFF),      # a fragment (not the first)? drop
         (BPF_LDX_B_MSH, 0, 0, 0),            # X = ip header length
-        (BPF_LD_H_IND, 0, 0, 2),             # A = tcp destination port
+        (BPF_LD_H_IND, 0, 0, 0 if source else 2),   # A = tcp source / destination port
     ]
     for i, port in enumerate(ports):
         # match: jump to accept (n - i - 1 instructions ahead + 0); no match: next port
@@ -74,8 +76,9 @@ def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) ->
 
 
 def open_capture(iface: str, ports: list[int], fanout_group: int | None,
-                 rcvbuf: int = 32 << 20) -> socket.socket:
-    """An AF_PACKET socket on ``iface`` delivering client packets to ``ports``."""
+                 rcvbuf: int = 32 << 20, source: bool = False) -> socket.socket:
+    """An AF_PACKET socket on ``iface`` delivering client packets to ``ports`` (or, with
+    ``source``, server packets from them)."""
     try:
         socket.if_nametoindex(iface)
     except OSError:
@@ -85,7 +88,7 @@ def open_capture(iface: str, ports: list[int], fanout_group: int | None,
     except PermissionError:
         raise CaptureError("AF_PACKET capture needs root (or CAP_NET_RAW)") from None
     try:
-        attach_filter(sock, bpf_program(ports))
+        attach_filter(sock, bpf_program(ports, source))
         sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import psutil
 
 from tcpcopyd.lab import servers
-from tcpcopyd.lab.net import TARGET_IP, Namespaces
+from tcpcopyd.lab.net import ASSISTANT_IP, TARGET_IP, Namespaces
 
 HTTP_PORT = 80
 MEMCACHED_PORT = 11211
@@ -55,8 +55,9 @@ def command(name: str) -> list[str]:
 
 class Lab:
     def __init__(self, prefix: str = "tcl", nginx_workers: int = 1,
-                 cpus: dict[str, str] | None = None, second_online: bool = False) -> None:
-        self.ns = Namespaces(prefix, second_online)
+                 cpus: dict[str, str] | None = None, second_online: bool = False,
+                 assistant: bool = False) -> None:
+        self.ns = Namespaces(prefix, second_online, assistant)
         self.nginx_workers = nginx_workers
         self.cpus = cpus or {}   # daemon -> CPU list for taskset (its workers pin inside it)
         self.dir = tempfile.mkdtemp(prefix=f"{prefix}-lab-")
@@ -151,11 +152,15 @@ class Lab:
     def start_interceptd(self, ports: list[int] | None = None, extra: list[str] = ()
                          ) -> subprocess.Popen:
         ports = ports or [HTTP_PORT, MEMCACHED_PORT]
-        seen = self.log_text("interceptd").count("reading NFQUEUE")
-        p = self.start("interceptd", self.ns.target,
+        seen = self.log_text("interceptd").count(", control port ")
+        if self.ns.with_assistant:   # interceptd on the assistant host, capturing on eth0
+            ns, extra = self.ns.assistant, ["-i", "eth0", *extra]
+        else:
+            ns = self.ns.target
+        p = self.start("interceptd", ns,
                        [*command("interceptd"), "--service-port", ",".join(map(str, ports)),
                         "--instance", f"{self.ns.prefix}-interceptd", *extra])
-        self.wait_log("interceptd", "reading NFQUEUE", count=seen + 1)
+        self.wait_log("interceptd", ", control port ", count=seen + 1)
         return p
 
     def start_tcpcopyd(self, ports: list[int] | None = None, extra: list[str] = (),
@@ -164,8 +169,9 @@ class Lab:
         rules = ",".join(f"{p}-{TARGET_IP}:{p}" for p in ports)
         seen = {text: self.log_text("tcpcopyd").count(text)
                 for text in ("capturing on", "connected to interceptd")}
+        server = ASSISTANT_IP if self.ns.with_assistant else TARGET_IP
         p = self.start("tcpcopyd", self.ns.online,
-                       [*command("tcpcopyd"), "-x", rules, "-s", TARGET_IP, "-i", "eth0",
+                       [*command("tcpcopyd"), "-x", rules, "-s", server, "-i", "eth0",
                         "--instance", f"{self.ns.prefix}-tcpcopyd", *extra])
         self.wait_log("tcpcopyd", "capturing on", count=seen["capturing on"] + 1)
         if wait_connected:

@@ -8,6 +8,12 @@ With a second online host (``second_online``), for tests of several online hosts
     client2 (198.18.4.1) --eth0-- online2 (eth0 198.18.4.2, eth1 198.18.5.1) --eth1--
         target (eth1 198.18.5.2)
 
+With an assistant host (``assistant``), for interceptd's assistant mode, the target routes
+the client network to the assistant instead (which does not forward: the replies end
+there, after interceptd's capture), and forwards between the online host and it:
+
+    target (eth2 198.18.8.2) --eth2-- assistant (eth0 198.18.8.1)
+
 The target routes the client network to 198.18.2.254, an address nobody answers: its
 replies to clients are caught by interceptd's NFQUEUE rule on the way out, and if that rule
 is absent they die in ARP resolution, so they never reach the online host or a client.
@@ -33,6 +39,8 @@ ONLINE2_TARGET_SIDE_IP = "198.18.5.1"
 TARGET2_IP = "198.18.5.2"
 DEAD_END2_IP = "198.18.5.254"
 CLIENT2_NET = "198.18.4.0/24"
+ASSISTANT_IP = "198.18.8.1"
+TARGET_ASSISTANT_SIDE_IP = "198.18.8.2"
 # the lab's replicated services (nginx, memcached)
 SERVICE_PORTS = (80, 11211)
 # comment of the lab's leak-counting iptables rules
@@ -40,7 +48,8 @@ LEAK_TAG = "tcpcopyd-lab-leak"
 
 
 class Namespaces:
-    def __init__(self, prefix: str, second_online: bool = False) -> None:
+    def __init__(self, prefix: str, second_online: bool = False,
+                 assistant: bool = False) -> None:
         self.prefix = prefix
         self.client = f"{prefix}-client"
         self.online = f"{prefix}-online"
@@ -48,11 +57,14 @@ class Namespaces:
         self.second_online = second_online
         self.client2 = f"{prefix}-client2"
         self.online2 = f"{prefix}-online2"
+        self.with_assistant = assistant
+        self.assistant = f"{prefix}-assist"
 
     @property
     def all(self) -> list[str]:
         second = [self.client2, self.online2] if self.second_online else []
-        return [self.client, self.online, self.target, *second]
+        assistant = [self.assistant] if self.with_assistant else []
+        return [self.client, self.online, self.target, *second, *assistant]
 
     @property
     def watched(self) -> dict[str, str]:
@@ -70,6 +82,17 @@ class Namespaces:
         self._link(self.online, "eth1", ONLINE_TARGET_SIDE_IP, self.target, "eth0", TARGET_IP)
         with NetNS(self.target) as n:
             n.route("add", dst=CLIENT_NET, gateway=DEAD_END_IP)
+        if self.with_assistant:
+            self._link(self.target, "eth2", TARGET_ASSISTANT_SIDE_IP, self.assistant, "eth0",
+                       ASSISTANT_IP)
+            with NetNS(self.target) as n:
+                n.route("replace", dst=CLIENT_NET, gateway=ASSISTANT_IP)
+            with NetNS(self.online) as n:
+                n.route("add", dst="198.18.8.0/24", gateway=TARGET_IP)
+            with NetNS(self.assistant) as n:
+                n.route("add", dst="198.18.2.0/24", gateway=TARGET_ASSISTANT_SIDE_IP)
+            self.sysctl(self.target, {"net/ipv4/ip_forward": "1"})
+            self.sysctl(self.assistant, {"net/ipv4/ip_forward": "0"})
         if self.second_online:
             self._link(self.client2, "eth0", CLIENT2_IP, self.online2, "eth0", ONLINE2_IP)
             self._link(self.online2, "eth1", ONLINE2_TARGET_SIDE_IP, self.target, "eth1",
