@@ -24,6 +24,7 @@ RECV_SIZE = 256 * 1024
 class ControlLink:
     def __init__(self, host: str, port: int, epoll: select.epoll) -> None:
         self.host, self.port = host, port
+        self.address = socket.inet_aton(host)
         self.epoll = epoll
         self.sock: socket.socket | None = None
         self.connecting = False
@@ -161,15 +162,17 @@ class ControlLink:
 
 
 class ControlGroup:
-    """Links to every interceptd of ``-s``: each session is registered with all of them
-    (whichever sees the target's replies routes them to us); replies come from any. With
-    ``per_server`` links to each (-C), a session always uses the same one of them."""
+    """Links to every interceptd of ``-s``. A session is registered with the interceptd on
+    its target's address when there is one, else with all of them (whichever sees the
+    target's replies routes them to us); replies come from any. With ``per_server`` links
+    to each (-C), a session always uses the same one of them."""
 
     def __init__(self, servers: list[tuple[str, int]], epoll: select.epoll,
                  per_server: int = 1) -> None:
         self.per_server = per_server
         self.links = [ControlLink(host, port, epoll) for host, port in servers
                       for _ in range(per_server)]
+        self.addresses = {link.address for link in self.links}
 
     @property
     def up(self) -> bool:
@@ -194,10 +197,14 @@ class ControlGroup:
             link.maybe_connect(now)
 
     def _links_of(self, s: Session) -> list[ControlLink]:
+        """The links a session is registered on: with several interceptds, the one on its
+        target's address if there is one (only it sees the replies), else all of them;
+        with several links per interceptd, always the same one."""
+        links = self.links
+        if len(self.addresses) > 1 and s.target_ip in self.addresses:
+            links = [link for link in links if link.address == s.target_ip]
         n = self.per_server
-        if n == 1:
-            return self.links
-        return self.links[s.client_port % n::n]
+        return links if n == 1 else links[s.client_port % n::n]
 
     def register(self, s: Session) -> None:
         for link in self._links_of(s):

@@ -1,5 +1,6 @@
 """Offline replay: a capture recorded in the lab (tcpdump on the online host) replayed with
-`tcpcopyd -i FILE` at its own pace and 5x faster: the target logs the same requests."""
+`tcpcopyd -i FILE` at its own pace, 5x faster, and twice with the gaps cut: the target logs
+the same requests."""
 from __future__ import annotations
 
 import collections
@@ -78,3 +79,11 @@ def test_replay_of_a_lab_capture_at_1x_and_5x(lab):
     # a moment more to end on the target)
     assert took_1x >= 3.5, took_1x
     assert took_5x < took_1x - 1.5, (took_5x, took_1x)
+
+    # twice over, every gap cut to nothing: the same requests twice, sooner than at 1x
+    took_t2, out = replay(lab, pcap, "-T", "2", "-I", "0")
+    assert "(2/2)" in out
+    target = target_caught_up(lab, 4 * (REQUESTS + 1))
+    twice = collections.Counter({k: 2 * v for k, v in per_port(online).items()})
+    assert per_port(target[2 * (REQUESTS + 1):]) == twice
+    assert took_t2 < took_1x, (took_t2, took_1x)

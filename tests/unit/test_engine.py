@@ -497,16 +497,40 @@ def test_several_connections_per_interceptd_give_a_session_always_the_same_one()
     from tcpcopyd.control import ControlGroup
     from tcpcopyd.session import Session
     ep = select.epoll()
-    g = ControlGroup([("198.18.2.2", 36524), ("198.18.2.3", 36524)], ep, per_server=3)
+    g = ControlGroup([("198.18.2.3", 36524), ("198.18.2.4", 36524)], ep, per_server=3)
     for link in g.links:
         link.up = True
     s = Session((CLIENT, 40001, TARGET, 80), CLIENT, 40001, TARGET, 80, 0, 100.0)
     g.register(s)
     g.unregister(s)
     used = [(link.host, i % 3) for i, link in enumerate(g.links) if link.out]
-    assert used == [("198.18.2.2", 40001 % 3), ("198.18.2.3", 40001 % 3)]
+    assert used == [("198.18.2.3", 40001 % 3), ("198.18.2.4", 40001 % 3)]
     assert all(len(link.out) == 2 * wire.CLIENT_MSG_SIZE for link in g.links if link.out)
     ep.close()
+
+
+def test_a_session_is_registered_with_the_interceptd_of_its_target_if_any():
+    import select
+
+    from tcpcopyd.control import ControlGroup
+    from tcpcopyd.session import Session
+    ep = select.epoll()
+    g = ControlGroup([("198.18.2.2", 36524), ("198.18.2.3", 36524)], ep)
+    for link in g.links:
+        link.up = True
+    g.register(Session((CLIENT, 40001, TARGET, 80), CLIENT, 40001, TARGET, 80, 0, 100.0))
+    assert [bool(link.out) for link in g.links] == [True, False]
+    other = socket.inet_aton("198.18.9.9")   # no interceptd there: all of them
+    g.register(Session((CLIENT, 40002, other, 80), CLIENT, 40002, other, 80, 1, 100.0))
+    assert [len(link.out) // wire.CLIENT_MSG_SIZE for link in g.links] == [2, 1]
+    ep.close()
+
+
+def test_loopback_clients_get_the_localhost_address():
+    from tcpcopyd.rewrite import LOOPBACK, Rewrite
+    rw = Rewrite(localhost_as=socket.inet_aton("198.18.1.9"))
+    assert rw.address(LOOPBACK) == socket.inet_aton("198.18.1.9")
+    assert rw.address(CLIENT) == CLIENT
 
 
 def test_port_classes_of_workers_and_blocks_never_overlap():
