@@ -193,8 +193,11 @@ def online_checks(cfg: Config) -> Iterator[Check]:
 
 def target_checks(cfg: Config, clients: list[str]) -> Iterator[Check]:
     yield check_privileges(("CAP_NET_ADMIN", "CAP_NET_RAW"), "NFQUEUE and iptables")
-    yield from return_route_checks(clients)
-    yield from rule_checks(cfg)
+    if cfg.interface:
+        yield from assistant_checks(cfg)
+    else:
+        yield from return_route_checks(clients)
+        yield from rule_checks(cfg)
     host = "127.0.0.1" if cfg.bind == "0.0.0.0" else cfg.bind
     yield from check_control(host, cfg.port, "")
 
@@ -240,6 +243,23 @@ def return_route_checks(clients: list[str]) -> Iterator[Check]:
     elif leave:
         yield ok("rp_filter", f"all={all_rp}; no interface drops copies by strict reverse-"
                  "path filtering")
+
+
+def assistant_checks(cfg: Config) -> Iterator[Check]:
+    """interceptd -i IFACE: replies are captured here, and must end here."""
+    flags = read_sys(cfg.interface, "flags")
+    if flags is None or not int(flags, 16) & 1:
+        yield fail("assistant interface", f"{cfg.interface} is missing or down",
+                   f"ip link set {cfg.interface} up (or name the interface the target's "
+                   "replies arrive on)")
+    else:
+        yield ok("assistant interface", f"replies captured on {cfg.interface}")
+    forwarding = sysctl("net/ipv4/ip_forward")
+    if forwarding == "1":
+        yield fail("no forwarding", "this host forwards IPv4: the target's replies would go "
+                   "on to the real clients", "sysctl -w net.ipv4.ip_forward=0")
+    else:
+        yield ok("no forwarding", "net.ipv4.ip_forward=0: the replies end here")
 
 
 def rule_checks(cfg: Config) -> Iterator[Check]:

@@ -31,3 +31,21 @@ def test_short_and_keepalive_http_through_an_assistant(lab):
     online = lab.nginx_log("online")
     assert collections.Counter((f[1], f[3]) for f in target) == \
         collections.Counter((f[1], f[3]) for f in online)
+
+
+@pytest.mark.parametrize("lab", [ASSISTANT], indirect=True)
+def test_doctor_on_the_assistant_host(lab):
+    from tcpcopyd.lab.lab import bin_path
+    args = [bin_path("tcpcopyctl"), "doctor", "interceptd", "--service-port", "80",
+            "-i", "eth0"]
+    r = lab.ns.run(lab.ns.assistant, args, check=False, timeout=60)
+    assert r.returncode == 0, r.stdout
+    assert "OK    no forwarding: " in r.stdout and "OK    assistant interface: " in r.stdout
+    lab.ns.sysctl(lab.ns.assistant, {"net/ipv4/ip_forward": "1"})
+    try:
+        r = lab.ns.run(lab.ns.assistant, args, check=False, timeout=60)
+        assert r.returncode == 1
+        assert "FAIL  no forwarding: this host forwards IPv4" in r.stdout
+        assert "fix: sysctl -w net.ipv4.ip_forward=0" in r.stdout
+    finally:
+        lab.ns.sysctl(lab.ns.assistant, {"net/ipv4/ip_forward": "0"})
