@@ -69,3 +69,14 @@ def test_interceptd_needs_service_ports():
     assert r.returncode == 2 and "--service-port is required" in r.stderr
     r = run("interceptd", "--service-port", "80,http")
     assert r.returncode == 2 and "'http' is not a port" in r.stderr
+
+
+@pytest.mark.parametrize("prog", ["tcpcopyd", "interceptd", "tcpcopyctl"])
+def test_help_lists_every_flag(prog):
+    r = run(prog, "--help")
+    assert r.returncode == 0, r.stderr
+    if prog != "tcpcopyctl":
+        from interceptd.main import REGISTRY as I
+        from tcpcopyd.options import REGISTRY as T
+        for s in (T if prog == "tcpcopyd" else I):
+            assert s.flags[-1] in r.stdout, s.name
