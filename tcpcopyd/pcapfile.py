@@ -26,15 +26,30 @@ class CaptureFileError(RuntimeError):
 
 def _open_reader(f):
     import dpkt
+    bad = (ValueError, dpkt.NeedData, dpkt.UnpackError, struct.error)
     try:
         return dpkt.pcap.Reader(f)
-    except ValueError:
+    except bad:
         f.seek(0)
     try:
         return dpkt.pcapng.Reader(f)
-    except ValueError:
+    except bad:
         raise CaptureFileError("not a pcap or pcapng file (write one with tcpdump -w FILE)") \
             from None
+
+
+def _records(reader, skipped: collections.Counter) -> Iterator[tuple[float, bytes]]:
+    """The reader's records; a damaged tail (a capture cut short) ends them, counted."""
+    import dpkt
+    it = iter(reader)
+    while True:
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+        except (dpkt.NeedData, dpkt.UnpackError, struct.error, ValueError):
+            skipped["damaged_tail"] += 1
+            return
 
 
 def ip_payload(link: int, frame: bytes) -> bytes | None:
@@ -74,7 +89,7 @@ def packets(path: str, skipped: collections.Counter) -> Iterator[tuple[float, by
         link = reader.datalink()
         ip_payload(link, b"")   # unknown link types fail here, before any packet
         snaplen = getattr(reader, "snaplen", 0) or 0
-        for ts, frame in reader:
+        for ts, frame in _records(reader, skipped):
             pkt = ip_payload(link, frame)
             if pkt is None or len(pkt) < 20:
                 skipped["not_ipv4"] += 1
