@@ -19,9 +19,10 @@ from tcpcopyd.lab.lab import Lab, wait_for
 
 
 def one_run(rate: int, requests: int, per_connection: int, workers: int, threads: int = 1,
-            nginx_workers: int = 1, settle: float = 30.0, cpus: dict[str, str] | None = None
-            ) -> dict:
-    lab = Lab(f"bench{os.getpid() % 1000}", nginx_workers=nginx_workers, cpus=cpus)
+            nginx_workers: int = 1, settle: float = 30.0, cpus: dict[str, str] | None = None,
+            assistant: bool = False) -> dict:
+    lab = Lab(f"bench{os.getpid() % 1000}", nginx_workers=nginx_workers, cpus=cpus,
+              assistant=assistant)
     try:
         lab.up(memcached=False)
         lab.start_interceptd([80], extra=["--queues", str(workers)])
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nginx-workers", type=int, default=1)
     ap.add_argument("--tcpcopyd-cpus", help="CPU list for tcpcopyd (taskset -c), e.g. 0-7")
     ap.add_argument("--interceptd-cpus", help="CPU list for interceptd, e.g. 8-15")
+    ap.add_argument("--interception", default="nfqueue",
+                    help="where interceptd takes the replies: nfqueue (on the target), "
+                    "assistant (AF_PACKET on an assistant host), or both, e.g. "
+                    "nfqueue,assistant")
     ap.add_argument("--settle", type=float, default=30.0,
                     help="longest wait for the target to catch up after the load, seconds")
     args = ap.parse_args(argv)
@@ -77,26 +82,32 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(x) for x in args.workers.split(",")]
     cpus = {k: v for k, v in (("tcpcopyd", args.tcpcopyd_cpus),
                               ("interceptd", args.interceptd_cpus)) if v}
+    modes = args.interception.split(",")
+    if not set(modes) <= {"nfqueue", "assistant"}:
+        print("--interception: nfqueue, assistant or both", file=sys.stderr)
+        return 2
+    combos = [(w, m) for w in counts for m in modes]
     for rate in [int(x) for x in args.rates.split(",")]:
-        # the worker counts alternate run by run, so each meets the same machine noise
-        runs: dict[int, list[dict]] = {w: [] for w in counts}
+        # the combinations alternate run by run, so each meets the same machine noise
+        runs: dict[tuple[int, str], list[dict]] = {c: [] for c in combos}
         for _ in range(args.runs):
-            for w in counts:
-                runs[w].append(one_run(rate, args.requests, args.per_connection, w,
-                                       args.threads, args.nginx_workers, args.settle, cpus))
-        for w in counts:
-            med = {k: statistics.median(r[k] for r in runs[w]) for k in runs[w][0]}
-            rows.append((rate, w, med, runs[w]))
-            print(f"rate {rate} workers {w}: " + "; ".join(
+            for w, m in combos:
+                runs[(w, m)].append(one_run(rate, args.requests, args.per_connection, w,
+                                            args.threads, args.nginx_workers, args.settle,
+                                            cpus, assistant=m == "assistant"))
+        for c in combos:
+            med = {k: statistics.median(r[k] for r in runs[c]) for k in runs[c][0]}
+            rows.append((rate, c, med, runs[c]))
+            print(f"rate {rate} workers {c[0]} {c[1]}: " + "; ".join(
                 f"loss {r['loss_pct']:.3f}% tcpcopyd {r['tcpcopyd_cpu_pct']:.0f}% "
-                f"interceptd {r['interceptd_cpu_pct']:.0f}%" for r in runs[w]), flush=True)
+                f"interceptd {r['interceptd_cpu_pct']:.0f}%" for r in runs[c]), flush=True)
     print()
-    print("| offered req/s | achieved req/s | workers per side | requests | loss % (median) | "
-          "worst loss % | tcpcopyd CPU % | tcpcopyd µs/req | interceptd CPU % | "
-          "interceptd µs/req | capture drops | queue drops | leaked |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for rate, workers, m, runs in rows:
-        print(f"| {rate} | {m['achieved_per_s']:.0f} | {workers} | {args.requests} | "
+    print("| offered req/s | achieved req/s | workers per side | interception | requests | "
+          "loss % (median) | worst loss % | tcpcopyd CPU % | tcpcopyd µs/req | "
+          "interceptd CPU % | interceptd µs/req | capture drops | queue drops | leaked |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for rate, (workers, mode), m, runs in rows:
+        print(f"| {rate} | {m['achieved_per_s']:.0f} | {workers} | {mode} | {args.requests} | "
               f"{m['loss_pct']:.3f} | "
               f"{max(r['loss_pct'] for r in runs):.3f} | {m['tcpcopyd_cpu_pct']:.0f} | "
               f"{m['tcpcopyd_us_per_req']:.0f} | {m['interceptd_cpu_pct']:.0f} | "
