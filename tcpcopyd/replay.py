@@ -16,7 +16,7 @@ from tcpcopyd import counters as C
 from tcpcopyd import pcapfile
 from tcpcopyd.arbiter import EARLY_SIGNALS
 from tcpcopyd.control import ControlGroup
-from tcpcopyd.worker import engine_for, on_control_event
+from tcpcopyd.worker import engine_for, on_control_event, send_due
 
 log = logging.getLogger("tcpcopyd.replay")
 
@@ -59,11 +59,7 @@ class Replay:
             now = time.monotonic()
             for fd, ev in events:
                 on_control_event(engine, control, fd, ev, now)
-            engine.flush(now)
-            nt = engine.next_timer()
-            if nt is not None and nt <= now:
-                engine.tick(now)
-            control.flush(now)
+            send_due(engine, control, now)
             if now >= self._next_expire:
                 self._next_expire = now + 1.0
                 engine.expire_idle(now)

@@ -66,6 +66,16 @@ def rewrite_for(cfg, worker: int, workers: int) -> Rewrite | None:
                    worker, workers)
 
 
+def send_due(engine: Engine, control: ControlGroup, now: float) -> None:
+    """After a round of events: send what the engine queued, run its due timers, and
+    write the control messages out."""
+    engine.flush(now)
+    nt = engine.next_timer()
+    if nt is not None and nt <= now:
+        engine.tick(now)
+    control.flush(now)
+
+
 def engine_for(cfg, control: ControlGroup, table, slots: range, worker: int,
                workers: int) -> Engine:
     """The session engine with the settings of ``cfg`` (online capture and offline replay)."""
@@ -163,11 +173,7 @@ class Worker:
                         on_packet(buf, n, now)
                 else:
                     on_control_event(engine, control, fd, ev, now)
-            engine.flush(now)
-            nt = engine.next_timer()
-            if nt is not None and nt <= now:
-                engine.tick(now)
-            control.flush(now)
+            send_due(engine, control, now)
             # the session table is kept current, so a new worker can carry sessions on
             engine.sync_table()
             if now >= next_sync:

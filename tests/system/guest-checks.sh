@@ -16,6 +16,10 @@ check() {
     fi
 }
 
+fails() {  # fails COMMAND...: true when COMMAND fails
+    ! "$@"
+}
+
 # wait_until SECONDS COMMAND...: true once COMMAND succeeds, false after SECONDS
 wait_until() {
     limit=$(($1 * 10))
@@ -128,21 +132,11 @@ check "interceptd: no NFQUEUE rule left" no_nfqueue_rule
 check "interceptd: no shm segment left" [ ! -e /dev/shm/interceptd ]
 
 # ---------------------------------------------------------------- failures
-if systemctl start tcpcopyd@nosuch0; then
-    echo "FAIL tcpcopyd@nosuch0: start should fail"
-    failures=$((failures + 1))
-else
-    echo "PASS tcpcopyd@nosuch0: start fails"
-fi
+check "tcpcopyd@nosuch0: start fails" fails systemctl start tcpcopyd@nosuch0
 check "tcpcopyd@nosuch0: clear message" journal_has tcpcopyd@nosuch0 "tcpcopyd: interface 'nosuch0' does not exist"
 check "tcpcopyd@nosuch0: exit 78, no restart loop" sh -c '[ "$(systemctl show -p ExecMainStatus --value tcpcopyd@nosuch0)" = 78 ] && [ "$(systemctl show -p NRestarts --value tcpcopyd@nosuch0)" = 0 ]'
 echo 'frobnicate = 1' >>/etc/tcpcopyd.conf
-if systemctl start tcpcopyd@eth0; then
-    echo "FAIL bad config: start should fail"
-    failures=$((failures + 1))
-else
-    echo "PASS bad config: start fails"
-fi
+check "bad config: start fails" fails systemctl start tcpcopyd@eth0
 check "bad config: file, key and reason" journal_has tcpcopyd@eth0 "tcpcopyd: /etc/tcpcopyd.conf: [eth0] frobnicate: unknown key"
 check "bad config: nothing started" no_process "tcpcopyd:"
 
