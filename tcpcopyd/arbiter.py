@@ -162,6 +162,7 @@ class Arbiter:
             logs.reopen()
             for pid in self.workers:
                 _kill(pid, signal.SIGUSR1)
+            log.info("SIGUSR1: log files reopened (master and %d worker(s))", len(self.workers))
             return
         if self.stopping:
             if sig in (signal.SIGINT, signal.SIGQUIT):

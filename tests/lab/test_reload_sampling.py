@@ -86,6 +86,16 @@ def test_reload_changes_the_sample_rate_and_sigusr1_reopens_logs(lab):
     wait_for(lambda: os.path.exists(logfile), 10, "the log file")
     os.rename(logfile, logfile + ".1")
     os.kill(master, signal.SIGUSR1)
+
+    def logged(text: str) -> bool:
+        try:
+            with open(logfile) as f:
+                return text in f.read()
+        except FileNotFoundError:
+            return False
+    # the next reload only once the master has reopened (a SIGHUP sent while SIGUSR1 is
+    # still pending would be delivered first: the kernel hands out lower numbers first)
+    wait_for(lambda: logged("SIGUSR1: log files reopened"), 20, "the master to reopen")
     write_config(conf, 30, f'log = "{logfile}"\n')
     os.kill(master, signal.SIGHUP)
 
