@@ -39,6 +39,8 @@ NAMES = (
     "not_sampled",         # captured packets of sessions -r leaves out (not copied)
     "not_from_syn",        # captured packets of sessions whose SYN was not seen (-O)
     "sessions_refused",    # sessions not opened: the buffers reached -m
+    "port_reuse_held",     # new sessions that waited for the previous session of their
+                           # client port to deliver its data first
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 # indexes of the counters bumped on the packet path

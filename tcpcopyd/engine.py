@@ -62,6 +62,9 @@ CLOSE_LINGER = 5.0
 GAP_TIMEOUT = 5.0
 # a session created by a client RST or expiry that cannot drain is reset after this long
 DRAIN_TIMEOUT = 10.0
+# a new session on a client port whose previous session still has data for the target
+# waits this long for it to end (then the previous one is reset)
+REUSE_HOLD = 10.0
 # the client's FIN, and the reset of a session the client ended, wait until the target has
 # sent no data for this long (it may still be sending a long answer), seconds
 TARGET_BUSY = 1.0
@@ -127,6 +130,10 @@ class Engine:
         self.rewrite = rewrite            # -n/-f/-c/-H: who the target sees; None: the client
         self.copies_of: dict[tuple, list[Session | None]] = {}  # captured key -> copies
         self.ramp_from = ramp_from        # -g: the copied share grows from 1 % at this time
+        # captured key -> (since, target, packets) of a session whose client port is still
+        # used toward the target by the previous session; released when that one ends
+        self.held: dict[tuple, tuple[float, tuple, list]] = {}
+        self.released: list[tuple] = []
         self.buffered_total = 0           # bytes buffered over all sessions
         self.sessions: dict[tuple, Session] = {}
         self.counters = [0] * len(C.NAMES)
@@ -135,6 +142,18 @@ class Engine:
         self.touched: set[Session] = set()
         self.dirty: set[Session] = set()
         self.new: list[Session] = []     # sessions whose SYN waits for their CLIENT_ADD
+
+    def _start_held(self, now: float) -> None:
+        """Sessions held behind the previous session of their client port, which ended."""
+        released, self.released = self.released, []
+        for cap in released:
+            entry = self.held.pop(cap, None)
+            if entry is None:
+                continue
+            _since, target, packets = entry
+            for seq, ack, flags, window, options, payload in packets:
+                self._segment(self.sessions.get(cap), cap, 0, target, seq, ack, flags,
+                              window, options, payload, now)
 
     def rate(self, now: float) -> int:
         """Percent of sessions copied now (-r, and while -g ramps up, 1 % more a second)."""
@@ -189,10 +208,23 @@ class Engine:
             return
         cap = (src, sport, target[0], target[1])
         if self.rewrite is None:
+            if self.held and cap in self.held:
+                # the client reused the port; its previous session is still finishing
+                self.held[cap][2].append((seq, ack, flags, window, options, payload))
+                return
             self._segment(self.sessions.get(cap), cap, 0, target, seq, ack, flags, window,
                           options, payload, now)
             return
         group = self.copies_of.get(cap)
+        if group is not None and flags & SYN and any(c is not None and c.isn != seq
+                                                     for c in group):
+            # the client reused the port: the new copies get ports of their own, the old
+            # ones finish what they still have for the target (or end now if nothing)
+            del self.copies_of[cap]
+            for c in group:
+                if c is not None and not (c.unsent or c.unacked):
+                    self._reset(c, "sessions_reused")
+            group = None
         for k in range(self.rewrite.copies):
             self._segment(group[k] if group else None, cap, k, target, seq, ack, flags,
                           window, options, payload, now)
@@ -215,6 +247,13 @@ class Engine:
             if s is not None:
                 if s.isn == seq:
                     return  # the client retransmitted its SYN; ours has its own timer
+                if self.rewrite is None and (s.unsent or s.unacked):
+                    # the port is reused while the target has not got all of the previous
+                    # session: the new one waits for it (both use this port on the target)
+                    self.held[cap] = (now, target,
+                                      [(seq, ack, flags, window, options, payload)])
+                    self.counters[C.INDEX["port_reuse_held"]] += 1
+                    return
                 self._reset(s, "sessions_reused")
             self._open(cap, copy, target, seq, window, options, now, fake=False)
             return
@@ -562,6 +601,8 @@ class Engine:
     # ------------------------------------------------------------------ sending
     def flush(self, now: float) -> None:
         """Send what the packets just processed allow: queued data, ACKs, session ends."""
+        if self.released:
+            self._start_held(now)
         if self.new:
             # CLIENT_ADD goes out before the SYN, so interceptd knows where the SYN-ACK goes
             self.control.flush(now)
@@ -724,6 +765,8 @@ class Engine:
                       State(s.state & 0xFF))
         self.counters[C.INDEX[reason]] += 1
         del self.sessions[s.key]
+        if self.held and s.key in self.held:
+            self.released.append(s.key)
         if s.cap is not None:
             group = self.copies_of.get(s.cap)
             if group is not None and group[s.copy] is s:
@@ -799,6 +842,10 @@ class Engine:
     def expire_idle(self, now: float, timeout: float | None = None) -> None:
         """Reset the sessions idle for longer than ``timeout`` (default: -t, or -k for a
         session with nothing outstanding: a keep-alive connection between requests)."""
+        for cap, (since, _t, _p) in list(self.held.items()):
+            old = self.sessions.get(cap)
+            if old is not None and now - since > REUSE_HOLD:
+                self._reset(old, "sessions_reused")   # released at the next flush
         busy = now - (self.idle_timeout if timeout is None else timeout)
         keepalive = self.keepalive_timeout
         calm = busy if keepalive is None or timeout is not None else now - keepalive

@@ -62,6 +62,21 @@ def test_memcached_sets_reach_the_target(lab):
              interval=1.0)
 
 
+def counters(lab) -> dict[str, int]:
+    """the non-zero counters of both daemons, to say where something went"""
+    from shm import segment as shmseg
+    from tcpcopyd import ctl
+    out = {}
+    for name in ("tcpcopyd", "interceptd"):
+        try:
+            seg = shmseg.attach(f"{lab.ns.prefix}-{name}")
+        except shmseg.SegmentError:
+            continue
+        out.update({f"{name}.{k}": v for k, v in ctl.totals(seg).items() if v})
+        seg.close()
+    return out
+
+
 def test_interceptd_restart_under_load_loses_nothing(lab):
     """interceptd stops (its rules go with it) and comes back while clients keep going:
     tcpcopyd says so, reconnects, re-registers its sessions and resends what is pending."""
@@ -77,8 +92,9 @@ def test_interceptd_restart_under_load_loses_nothing(lab):
         served = len(lab.nginx_log("online"))
         wait_for(lambda: len(lab.nginx_log("online")) >= served + 300, 60,
                  "300 more requests online while interceptd is down")
+        connected = lab.log_text("tcpcopyd").count("connected to interceptd")
         lab.start_interceptd()
-        lab.wait_log("tcpcopyd", "connected to interceptd", count=2)
+        lab.wait_log("tcpcopyd", "connected to interceptd", count=connected + 1)
         out, _ = h2.communicate(timeout=120)
     finally:
         if h2.poll() is None:
@@ -87,7 +103,7 @@ def test_interceptd_restart_under_load_loses_nothing(lab):
     res = load.parse_h2load(out)
     assert res.succeeded == n and res.failed == res.errored == 0, out
     target = target_caught_up(lab, n, timeout=90)
-    assert len(target) == n
+    assert len(target) == n, counters(lab)
     assert all(f[2] == "200" for f in target)
 
 

@@ -605,3 +605,47 @@ def test_ramp_copies_one_percent_more_each_second_up_to_the_sample_rate():
     assert [e.rate(100.0 + t) for t in (0, 0.5, 1, 9.9, 48, 49, 60)] == [1, 1, 2, 10, 49, 50,
                                                                           50]
     assert e.ramp_from is None    # done ramping: the plain -r check again
+
+
+def test_a_reused_port_waits_while_the_previous_session_still_has_data_for_the_target(eng):
+    handshake(eng)
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN, P.ACK | P.PSH, b"GET /old HTTP/1.1\r\n\r\n"))
+    eng.sender.take()
+    # the target has not acknowledged the request yet when the client reuses the port
+    feed(eng, client_pkt(ISN + 90000, 0, P.SYN, options=SYN_OPTS))
+    feed(eng, client_pkt(ISN + 90001, ONLINE_ISN, P.ACK | P.PSH, b"GET /new HTTP/1.1\r\n\r\n"))
+    assert eng.sender.take() == []
+    assert eng.counters[C.INDEX["port_reuse_held"]] == 1
+    assert eng.counters[C.INDEX["sessions_reused"]] == 0
+    # the previous session ends (here: the target resets it): the new one starts
+    answer(eng, reply(TARGET_ISN + 1, ISN + 1, P.RST | P.ACK))
+    eng.flush(100.0)
+    [syn] = eng.sender.take()
+    assert syn.flags == P.SYN and syn.seq == ISN + 90000
+    s = eng.sessions[(CLIENT, CPORT, TARGET, 80)]
+    assert s.isn == ISN + 90000 and s.unsent and s.unsent[0][2].startswith(b"GET /new")
+
+
+def test_a_held_session_gives_up_waiting_after_a_while(eng):
+    from tcpcopyd.engine import REUSE_HOLD
+    handshake(eng)
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN, P.ACK | P.PSH, b"GET /old HTTP/1.1\r\n\r\n"))
+    feed(eng, client_pkt(ISN + 90000, 0, P.SYN, options=SYN_OPTS))
+    eng.sender.take()
+    eng.expire_idle(100.0 + REUSE_HOLD + 1)
+    eng.flush(100.0 + REUSE_HOLD + 1)
+    out = eng.sender.take()
+    assert out[0].flags & P.RST and out[-1].flags == P.SYN and out[-1].seq == ISN + 90000
+    assert eng.counters[C.INDEX["sessions_reused"]] == 1
+
+
+def test_with_copies_a_reused_port_starts_new_copies_while_the_old_ones_finish():
+    e = copies_engine(copies=2)
+    feed(e, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS))
+    old_ports = [p.sport for p in e.sender.take()]
+    feed(e, client_pkt(ISN + 1, ONLINE_ISN, P.ACK | P.PSH, b"GET /old HTTP/1.1\r\n\r\n"))
+    feed(e, client_pkt(ISN + 90000, 0, P.SYN, options=SYN_OPTS))
+    syns = [p for p in e.sender.take() if p.flags == P.SYN]
+    assert len(syns) == 2 and not {p.sport for p in syns} & set(old_ports)
+    assert len(e.sessions) == 4          # the old copies still hold their request
+    assert e.counters[C.INDEX["sessions_reused"]] == 0
