@@ -95,8 +95,8 @@ def tcpcopyd_conf(registry: Sequence[Setting]) -> str:
         *_commented(registry, True),
         "# One table per capture interface, e.g.:",
         "# [eth0]",
-        *[line for line in _commented([s for s in registry if s.name in
-                                       ("transfer", "server", "sample_rate")], False)],
+        *_commented([s for s in registry if s.name in ("transfer", "server", "sample_rate")],
+                    False),
         "",
         "# interceptd's settings may live here too, in a table [interceptd]",
         "# (the interceptd package ships them in /etc/interceptd.conf).",

@@ -15,6 +15,7 @@ from tcpcopyd.settings import (
     float_range,
     int_range,
     ipv4,
+    list_items,
     port,
     text,
 )
@@ -31,7 +32,7 @@ class Transfer:
 
 def transfers(raw: object) -> list[Transfer]:
     """``[ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...]``"""
-    items = raw if isinstance(raw, list) else str(raw).split(",")
+    items = list_items(raw)
     out = []
     for item in items:
         item = str(item).strip()
@@ -60,7 +61,7 @@ def transfers(raw: object) -> list[Transfer]:
 
 def servers(raw: object) -> list[tuple[str, int]]:
     """``IP[:PORT][,...]`` of interceptd control ports."""
-    items = raw if isinstance(raw, list) else str(raw).split(",")
+    items = list_items(raw)
     out = []
     for item in items:
         item = str(item).strip()
@@ -76,7 +77,7 @@ def servers(raw: object) -> list[tuple[str, int]]:
 
 
 def client_pool(raw: object) -> list[str]:
-    items = raw if isinstance(raw, list) else str(raw).split(",")
+    items = list_items(raw)
     out = []
     for item in items:
         item = str(item).strip()

@@ -254,9 +254,14 @@ def port(raw: str) -> int:
     return int_range(1, 65535)(raw)
 
 
+def list_items(raw: Any) -> list:
+    """The items of a value given as 'a,b' on the command line or as a TOML list."""
+    return raw if isinstance(raw, list) else str(raw).split(",")
+
+
 def port_list(raw: Any) -> list[int]:
     """'80,11211' or a TOML list of ints."""
-    items = raw if isinstance(raw, list) else str(raw).split(",")
+    items = list_items(raw)
     out = []
     for item in items:
         try:
