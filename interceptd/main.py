@@ -5,35 +5,26 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from interceptd import counters as C
 from interceptd import rules, shared
+from interceptd.options import LAYOUT, REGISTRY, Settings
+from interceptd.worker import Worker, dispatch
 from shm import segment as shmseg
-from tcpcopyd import capabilities, logs, wire
-from tcpcopyd.arbiter import (
-    WORKER_BOOT_ERROR,
-    Arbiter,
+from tcpcopyd import capture
+from tcpcopyd.service import capabilities, logs
+from tcpcopyd.service.arbiter import Arbiter
+from tcpcopyd.service.reload import Reloader, StatusLine
+from tcpcopyd.service.settings import EX_CONFIG, parse_args
+from tcpcopyd.service.startup import (
     allowed_cpus,
     catch_early_signals,
     remove_pidfile,
+    version,
     write_pidfile,
 )
-from tcpcopyd.daemon import Reloader, StatusLine, version
-from tcpcopyd.daemon import fail as _fail
-from tcpcopyd.settings import (
-    COMMON,
-    EX_CONFIG,
-    Config,
-    Layout,
-    Setting,
-    boolean,
-    int_range,
-    ipv4,
-    parse_args,
-    port,
-    port_list,
-    text,
-)
+from tcpcopyd.service.startup import fail as _fail
 
 PROG = "interceptd"
 # shm segment kind
@@ -47,36 +38,6 @@ QUEUE_MAXLEN = 16384
 COPY_RANGE = 60 + 60
 # NFQUEUE copy mode "packet"
 NFQNL_COPY_PACKET = 2
-
-REGISTRY = (
-    Setting("service_port", ("--service-port",), None, port_list,
-            "ports of the server under test whose replies are intercepted, e.g. 80,11211",
-            metavar="PORTS", required=True, example=[80, 11211]),
-    Setting("port", ("-p", "--port"), wire.DEFAULT_PORT, port,
-            "control port tcpcopyd connects to", metavar="PORT", example=wire.DEFAULT_PORT),
-    Setting("bind", ("-b", "--bind"), "0.0.0.0", ipv4, "address of the control port",
-            metavar="ADDR", example="0.0.0.0"),
-    Setting("interface", ("-i", "--interface"), None, text,
-            "assistant mode: take the target's replies from this interface (AF_PACKET, one "
-            "fanout socket per worker) instead of NFQUEUE; the target routes the client "
-            "addresses to this host, which drops them by routing (no forwarding)",
-            metavar="IFACE", example="eth1", default_text="NFQUEUE"),
-    Setting("no_iptables", ("--no-iptables",), False, boolean,
-            "do not install/remove NFQUEUE rules (the operator manages them)", is_flag=True,
-            example=False),
-    Setting("queue_num", ("--queue-num",), 0, int_range(0, 65535),
-            "first NFQUEUE number", metavar="N", example=0),
-    Setting("queues", ("--queues",), None, int_range(1, 1024),
-            "workers, each pinned to its CPU, each reading one NFQUEUE number (or, in "
-            "assistant mode, one capture socket)", metavar="N", example=2,
-            default_text="one per usable CPU"),
-    *COMMON,
-    Setting("instance", ("--instance",), "interceptd", text,
-            "name of the shm segment and tag of the iptables rules", metavar="NAME",
-            example="interceptd"),
-)
-LAYOUT = Layout(lambda _cli, _parsed: ["interceptd"], lambda name: name == "interceptd",
-                "table [interceptd]")
 
 
 DESCRIPTION = "Intercept the target's replies for tcpcopyd (target-host side)."
@@ -98,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         return fail(f"cannot open log file {cfg.log}: {e.strerror}", EX_CONFIG)
     if cfg.queues is None:
-        cfg.values["queues"] = len(allowed_cpus())
+        cfg.queues = len(allowed_cpus())
     if cfg.queue_num + cfg.queues > 65536:
         return fail("--queue-num + --queues exceeds 65535")
     if cfg.interface:
@@ -109,7 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"NetfilterQueue is not installed ({e}): apt install "
                     "python3-netfilterqueue (built by tools/build-debs) or pip install "
                     "NetfilterQueue")
-    from interceptd.worker import dispatch
     # the master binds every queue and keeps the bindings: a worker that dies does not
     # unbind its queue, packets wait in the kernel for its successor
     queues = []
@@ -127,11 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(cfg, queues, lambda: [nfq.unbind() for nfq in queues])
 
 
-def assistant(cfg: Config) -> int:
+def assistant(cfg: Settings) -> int:
     """Assistant mode: the replies come from capture sockets on ``cfg.interface``."""
-    from tcpcopyd import capture
-    from tcpcopyd.options import check_interface
-    err = check_interface(cfg.interface)
+    err = capture.check_interface(cfg.interface)
     if err:
         return fail(err, EX_CONFIG)
     sockets = []
@@ -143,11 +101,11 @@ def assistant(cfg: Config) -> int:
         for sock in sockets:
             sock.close()
         return fail(str(e))
-    cfg.values["no_iptables"] = True
+    cfg.no_iptables = True
     return serve(cfg, sockets, lambda: [sock.close() for sock in sockets])
 
 
-def serve(cfg: Config, sources: list, release) -> int:
+def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
     """Listen for tcpcopyd, install the rules, and run the workers, one per reply source
     (an NFQUEUE binding or a capture socket); ``release()`` frees the sources at the end."""
     wakeups = [os.eventfd(0, os.EFD_NONBLOCK) for _ in sources]
@@ -189,18 +147,13 @@ def serve(cfg: Config, sources: list, release) -> int:
     log.info("interceptd %s: service ports %s, %s, control %s:%d", version(),
              ",".join(map(str, cfg.service_port)), source, cfg.bind, cfg.port)
 
-    def boot(index: int, cpu: int) -> None:
-        from interceptd.worker import Worker
-        try:
-            w = Worker(cfg, index, cpu, seg, listener, sources[index], wakeups)
-        except Exception as e:  # noqa: BLE001 - reported, then the master stops
-            log.error("worker %d cannot start: %s", index + 1, e)
-            sys.exit(WORKER_BOOT_ERROR)
-        w.run()
+    def factory(index: int, cpu: int) -> Worker:
+        return Worker(cfg, index, cpu, seg, listener, sources[index], wakeups)
 
     try:
-        status = StatusLine(seg, ("queued", "routed"), ("routes", "peers", "queue_drops"))
-        return Arbiter(PROG, ",".join(map(str, cfg.service_port)), cfg.queues, seg, boot,
+        status = StatusLine(seg, C.NAMES, ("queued", "routed"),
+                            ("routes", "peers", "queue_drops"))
+        return Arbiter(PROG, ",".join(map(str, cfg.service_port)), cfg.queues, seg, factory,
                        allowed_cpus(), status=status, reload=reload).run()
     finally:
         rules.remove(installed)

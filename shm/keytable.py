@@ -9,12 +9,18 @@ the owner rebuilds its region when they pile up.
 from __future__ import annotations
 
 import mmap
-import struct
 
 from shm import seqlock
+from shm.record import Record
 
-BUCKET = struct.Struct("<6sBxI")     # key, state, value
+BUCKET = Record("Bucket", (
+    ("key", "6s"),       # IPv4 address + port, network order
+    ("state", "B"),      # EMPTY, USED or DELETED
+    ("pad", "x"),
+    ("value", "I"),      # the owner's peer id
+))
 BUCKET_SIZE = 16                      # seq (4) + body (12)
+assert 4 + BUCKET.size == BUCKET_SIZE
 EMPTY, USED, DELETED = 0, 1, 2
 
 
@@ -93,7 +99,7 @@ class OwnedRegion:
             h = t._hash(key)
             for j in range(h, h + t.buckets):
                 off = t._bucket(self.region, j)
-                state = t.mm[off + 4 + 6]
+                state = t.mm[off + 4 + BUCKET.offset("state")]
                 if state != USED:
                     if state == DELETED:
                         self.deleted -= 1

@@ -1,10 +1,12 @@
 """A named shared-memory segment in /dev/shm: header, worker records, slot table.
 
-Layout (little-endian numbers; addresses inside records are network order):
-  header   HEADER_SIZE bytes: magic, layout version, kind, sizes, master pid, created
-  settings one seqlock record: the master's live settings as JSON (changed by a reload)
-  restarts one u32 per worker, written by the master only
-  workers  one seqlock record per worker: pid, cpu, started, heartbeat, counters
+Every record's fields are declared once below (``shm.record.Record``). Layout
+(little-endian numbers; addresses inside records are network order):
+  header       HEADER_SIZE bytes: magic, layout version, kind, sizes, master pid, created
+  settings     one seqlock record: the master's live settings as JSON (changed by a reload)
+  supervision  one seqlock record per worker, written by the master: restarts, deaths in
+               the crash-loop window, how the last one ended, when the next one is due
+  workers      one seqlock record per worker: pid, cpu, started, heartbeat, counters
   slots    ``n_slots`` seqlock records of ``slot_size`` bytes (session table)
   extra    ``extra_size`` bytes laid out by the daemon (interceptd: routes and rings)
 """
@@ -14,24 +16,53 @@ import glob
 import json
 import mmap
 import os
-import struct
 import time
 from dataclasses import dataclass
 
 from shm import seqlock
+from shm.record import Record
 
 SHM_DIR = "/dev/shm"
 MAGIC = b"TCPCSHM1"
-LAYOUT_VERSION = 2
-HEADER = struct.Struct("<8sIIIIIIId20s")
+LAYOUT_VERSION = 3
+HEADER = Record("Header", (
+    ("magic", "8s"),         # MAGIC
+    ("layout", "I"),         # LAYOUT_VERSION
+    ("kind", "I"),           # which daemon: 1 tcpcopyd, 2 interceptd
+    ("n_workers", "I"),
+    ("n_slots", "I"),        # session table: number of slots
+    ("slot_size", "I"),      # bytes per slot (seqlock counter included)
+    ("master_pid", "I"),
+    ("extra_size", "I"),     # bytes the daemon lays out after the slots
+    ("created", "d"),        # wall-clock time the master created the segment
+    ("label", "20s"),        # what the instance serves (interface, ports), NUL-padded
+))
 HEADER_SIZE = 64
 assert HEADER.size <= HEADER_SIZE
 # per-worker counters kept in shm (unused ones stay 0)
 N_COUNTERS = 40
-WORKER = struct.Struct(f"<Iidd{N_COUNTERS}Q")
+# one per worker, written by that worker (seqlock)
+WORKER = Record("Worker", (
+    ("pid", "I"),
+    ("cpu", "i"),
+    ("started", "d"),        # wall-clock time the worker started
+    ("heartbeat", "d"),      # wall-clock time of its last write
+    ("counters", f"{N_COUNTERS}Q"),
+))
 WORKER_SIZE = 4 + WORKER.size + 4  # seq + body, padded to 8
-# live settings: length + JSON text, written by the master only
-SETTINGS = struct.Struct("<I2040s")
+# one per worker, written by the master (seqlock): how the arbiter supervises it
+SUPERVISION = Record("Supervision", (
+    ("restarts", "I"),       # workers started again at this index
+    ("recent_deaths", "I"),  # deaths within the arbiter's crash-loop window
+    ("last_exit", "i"),      # how the last one ended: exit code, or -signal number
+    ("respawn_at", "d"),     # wall-clock time the next one is due (0: none waiting)
+))
+SUPERVISION_SIZE = 4 + SUPERVISION.size + 4
+# live settings: length + JSON text, written by the master only (seqlock)
+SETTINGS = Record("Settings", (
+    ("length", "I"),
+    ("json", "2040s"),
+))
 SETTINGS_SIZE = 4 + SETTINGS.size + 4
 
 
@@ -48,6 +79,9 @@ class WorkerRecord:
     heartbeat: float
     counters: tuple[int, ...]
     restarts: int
+    recent_deaths: int = 0
+    last_exit: int = 0
+    respawn_at: float = 0.0
 
 
 class Segment:
@@ -55,14 +89,19 @@ class Segment:
         self.path = path
         self.mm = mm
         self.owner = owner
-        (magic, version, self.kind, self.n_workers, self.n_slots, self.slot_size,
-         self.master_pid, self.extra_size, self.created, label) = HEADER.unpack_from(mm, 0)
-        if magic != MAGIC or version != LAYOUT_VERSION:
+        h = HEADER.unpack_from(mm, 0)
+        if h.magic != MAGIC or h.layout != LAYOUT_VERSION:
             raise SegmentError(f"{path}: not a tcpcopyd segment of layout {LAYOUT_VERSION}")
-        self.label = label.rstrip(b"\0").decode(errors="replace")
+        self.kind, self.n_workers, self.n_slots, self.slot_size = (
+            h.kind, h.n_workers, h.n_slots, h.slot_size)
+        self.master_pid, self.extra_size, self.created = h.master_pid, h.extra_size, h.created
+        self.label = h.label.rstrip(b"\0").decode(errors="replace")
         self.settings_off = HEADER_SIZE
-        (self.restarts_off, self.workers_off, self.slots_off, self.extra_off,
-         _size) = _layout(self.n_workers, self.n_slots, self.slot_size, self.extra_size)
+        (self.supervision_off, self.workers_off, self.slots_off, self.extra_off,
+         size) = _layout(self.n_workers, self.n_slots, self.slot_size, self.extra_size)
+        if size > len(mm):
+            raise SegmentError(f"{path}: its header describes {size} bytes, the segment has "
+                               f"{len(mm)}")
 
     @property
     def name(self) -> str:
@@ -74,19 +113,47 @@ class Segment:
     # worker records: written by the worker that owns the index
     def write_worker(self, index: int, pid: int, cpu: int, started: float,
                      counters: list[int]) -> None:
-        vals = (pid, cpu, started, time.time(), *counters, *([0] * (N_COUNTERS - len(counters))))
-        seqlock.write(self.mm, self.workers_off + index * WORKER_SIZE, WORKER, vals)
+        padded = (*counters, *([0] * (N_COUNTERS - len(counters))))
+        seqlock.write(self.mm, self.workers_off + index * WORKER_SIZE, WORKER,
+                      (pid, cpu, started, time.time(), padded))
 
     def read_worker(self, index: int) -> WorkerRecord:
-        pid, cpu, started, hb, *counters = seqlock.read(
-            self.mm, self.workers_off + index * WORKER_SIZE, WORKER)
-        restarts = struct.unpack_from("<I", self.mm, self.restarts_off + 4 * index)[0]
-        return WorkerRecord(index, pid, cpu, started, hb, tuple(counters), restarts)
+        w = seqlock.read(self.mm, self.workers_off + index * WORKER_SIZE, WORKER)
+        sup = self.read_supervision(index)
+        return WorkerRecord(index, w.pid, w.cpu, w.started, w.heartbeat, w.counters,
+                            sup.restarts, sup.recent_deaths, sup.last_exit, sup.respawn_at)
+
+    def totals(self, names: tuple[str, ...]) -> dict[str, int]:
+        """The workers' counters added up, by name (a record being written is skipped)."""
+        out = dict.fromkeys(names, 0)
+        for i in range(self.n_workers):
+            try:
+                rec = self.read_worker(i)
+            except seqlock.TornRead:
+                continue
+            for name, v in zip(names, rec.counters, strict=False):
+                out[name] += v
+        return out
+
+    # supervision records: written by the master only
+    def write_supervision(self, index: int, restarts: int, recent_deaths: int,
+                          last_exit: int, respawn_at: float) -> None:
+        seqlock.write(self.mm, self.supervision_off + index * SUPERVISION_SIZE, SUPERVISION,
+                      (restarts, recent_deaths, last_exit, respawn_at))
+
+    def read_supervision(self, index: int) -> tuple:
+        return seqlock.read(self.mm, self.supervision_off + index * SUPERVISION_SIZE,
+                            SUPERVISION)
+
+    def add_restart(self, index: int) -> None:
+        sup = self.read_supervision(index)
+        self.write_supervision(index, sup.restarts + 1, sup.recent_deaths, sup.last_exit,
+                               sup.respawn_at)
 
     # live settings: written by the master only
     def write_settings(self, values: dict) -> None:
         blob = json.dumps(values, sort_keys=True).encode()
-        if len(blob) > SETTINGS.size - 4:
+        if len(blob) > SETTINGS.size - SETTINGS.offset("json"):
             raise SegmentError(f"settings of {len(blob)} bytes do not fit in the segment")
         seqlock.write(self.mm, self.settings_off, SETTINGS, (len(blob), blob))
 
@@ -95,14 +162,8 @@ class Segment:
         return seqlock.SEQ.unpack_from(self.mm, self.settings_off)[0]
 
     def read_settings(self) -> dict:
-        n, blob = seqlock.read(self.mm, self.settings_off, SETTINGS)
-        return json.loads(blob[:n]) if n else {}
-
-    # restarts: written by the master only
-    def add_restart(self, index: int) -> None:
-        off = self.restarts_off + 4 * index
-        n = struct.unpack_from("<I", self.mm, off)[0]
-        struct.pack_into("<I", self.mm, off, n + 1)
+        rec = seqlock.read(self.mm, self.settings_off, SETTINGS)
+        return json.loads(rec.json[:rec.length]) if rec.length else {}
 
     def close(self) -> None:
         try:
@@ -119,14 +180,14 @@ class Segment:
 
 def _layout(n_workers: int, n_slots: int, slot_size: int, extra_size: int
             ) -> tuple[int, int, int, int, int]:
-    """Offsets of restarts, workers, slots and extra, and the segment's size."""
-    restarts = HEADER_SIZE + SETTINGS_SIZE
-    workers = restarts + 4 * n_workers
+    """Offsets of supervision, workers, slots and extra, and the segment's size."""
+    supervision = HEADER_SIZE + SETTINGS_SIZE
+    workers = supervision + SUPERVISION_SIZE * n_workers
     workers += (-workers) % 8
     slots = workers + WORKER_SIZE * n_workers
     extra = slots + slot_size * n_slots
     extra += (-extra) % 64
-    return restarts, workers, slots, extra, extra + extra_size
+    return supervision, workers, slots, extra, extra + extra_size
 
 
 def _path(name: str) -> str:
@@ -176,7 +237,11 @@ def attach(name: str) -> Segment:
         mm = mmap.mmap(fd, size)
     finally:
         os.close(fd)
-    return Segment(path, mm, owner=False)
+    try:
+        return Segment(path, mm, owner=False)
+    except SegmentError:
+        mm.close()
+        raise
 
 
 def list_segments(prefix: str) -> list[str]:

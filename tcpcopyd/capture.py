@@ -8,6 +8,7 @@ that passes only TCP (non-fragment) packets whose destination port is a service 
 from __future__ import annotations
 
 import ctypes
+import os
 import socket
 import struct
 
@@ -38,6 +39,17 @@ ACCEPT = 0x40000
 
 class CaptureError(OSError):
     """The capture socket could not be set up."""
+
+
+def check_interface(name: str) -> str | None:
+    """An error message if the interface does not exist."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        ifaces = ", ".join(sorted(os.listdir("/sys/class/net"))) if os.path.isdir(
+            "/sys/class/net") else "?"
+        return f"interface {name!r} does not exist (present: {ifaces})"
+    return None
 
 
 class _SockFprog(ctypes.Structure):

@@ -41,6 +41,8 @@ NAMES = (
     "sessions_refused",    # sessions not opened: the buffers reached -m
     "port_reuse_held",     # new sessions that waited for the previous session of their
                            # client port to deliver its data first
+    "sessions_torn",       # sessions lost because their worker died in the middle of
+                           # writing their shm slot (cleared by the next worker)
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 # indexes of the counters bumped on the packet path

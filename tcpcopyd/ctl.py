@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -56,16 +57,9 @@ def proc_info(pid: int) -> dict:
 
 
 def totals(seg: shmseg.Segment) -> dict[str, int]:
+    """The counters of a daemon's workers added up, by name."""
     _, counters = KINDS.get(seg.kind, ("", None))
-    out: dict[str, int] = {}
-    for i in range(seg.n_workers):
-        try:
-            rec = seg.read_worker(i)
-        except seqlock.TornRead:
-            continue
-        for k, v in zip(counters.NAMES if counters else (), rec.counters, strict=False):
-            out[k] = out.get(k, 0) + v
-    return out
+    return seg.totals(counters.NAMES if counters else ())
 
 
 def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
@@ -92,7 +86,15 @@ def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
         if age is None or age > STALE_SECONDS:
             problems.append(f"worker {i + 1} heartbeat "
                             + ("missing" if age is None else f"{age:.1f}s old"))
+        if rec.respawn_at > now:
+            problems.append(f"worker {i + 1} {exit_words(rec.last_exit)}; the next one "
+                            f"starts in {rec.respawn_at - now:.1f}s")
         workers.append({"index": i + 1, "cpu": rec.cpu, "restarts": rec.restarts,
+                        "recent_deaths": rec.recent_deaths,
+                        "last_exit": exit_words(rec.last_exit)
+                        if rec.restarts or rec.recent_deaths else None,
+                        "respawn_in_s": max(0.0, rec.respawn_at - now) if rec.respawn_at
+                        else None,
                         "heartbeat_age_s": age, **info, "counters": vals})
     # sample CPU% over a short interval for master and workers
     gauges = counters.GAUGES if counters else frozenset()
@@ -121,7 +123,10 @@ def render(d: dict) -> str:
             f"  worker {w['index']} pid {w['pid']:<7} cpu={w['cpu']} "
             + (f"cpu {w.get('cpu_percent', 0):5.1f}%  rss {w.get('rss_bytes', 0) >> 20} MiB  "
                f"up {w.get('uptime_s', 0):.0f}s" if w.get("alive", True) else "not running")
-            + f"  restarts {w['restarts']}  heartbeat "
+            + f"  restarts {w['restarts']}"
+            + (f" ({w['recent_deaths']} recent, last {w['last_exit']})"
+               if w["recent_deaths"] else "")
+            + "  heartbeat "
             + ("-" if hb is None else f"{hb:.1f}s ago"))
     if d.get("settings"):
         lines.append("  settings " + " ".join(f"{k}={_short(v)}" for k, v in
@@ -135,10 +140,19 @@ def render(d: dict) -> str:
 
 
 def _short(v: object) -> str:
-    if isinstance(v, list) and v and isinstance(v[0], dict):
-        return ",".join(f"{t['port']}-{t['target_ip']}:{t['target_port']}" if "target_ip" in t
-                        else str(t) for t in v)
+    if isinstance(v, list):
+        return ",".join(map(str, v))
     return "-" if v is None else str(v)
+
+
+def exit_words(code: int) -> str:
+    """How a worker ended, from its supervision record (-N: killed by signal N)."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def status(args: argparse.Namespace) -> int:

@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tcpcopyd.settings import Setting
+from tcpcopyd.service.settings import Setting
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _registries() -> tuple[Sequence[Setting], Sequence[Setting]]:
-    from interceptd.main import REGISTRY as INTERCEPTD
+    from interceptd.options import REGISTRY as INTERCEPTD
     from tcpcopyd.options import REGISTRY as TCPCOPYD
     return TCPCOPYD, INTERCEPTD
 

@@ -20,8 +20,9 @@ import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from tcpcopyd import capabilities, wire
-from tcpcopyd.settings import Config, ConfigError, load
+from tcpcopyd import wire
+from tcpcopyd.service import capabilities
+from tcpcopyd.service.settings import Config, ConfigError, load
 
 CONNECT_TIMEOUT = 3.0
 # how long a peer has to refuse our version message by closing the connection
@@ -316,7 +317,7 @@ def run(role: str, argv: list[str], clients: list[str],
         from tcpcopyd.options import LAYOUT, REGISTRY
         checks: Callable[[Config], Iterator[Check]] = online_checks
     else:
-        from interceptd.main import LAYOUT, REGISTRY
+        from interceptd.options import LAYOUT, REGISTRY
 
         def checks(cfg: Config) -> Iterator[Check]:
             return target_checks(cfg, clients)

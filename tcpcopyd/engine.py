@@ -11,7 +11,9 @@ import logging
 import zlib
 from typing import Protocol
 
+from shm.seqlock import TornRead
 from tcpcopyd import counters as C
+from tcpcopyd.copies import Copies
 from tcpcopyd.packet import (
     ACK,
     FIN,
@@ -33,6 +35,7 @@ from tcpcopyd.packet import (
     timestamp_of,
     timestamp_option,
 )
+from tcpcopyd.portreuse import PortReuse
 from tcpcopyd.rewrite import Rewrite
 from tcpcopyd.session import (
     CLIENT_FIN,
@@ -62,9 +65,6 @@ CLOSE_LINGER = 5.0
 GAP_TIMEOUT = 5.0
 # a session created by a client RST or expiry that cannot drain is reset after this long
 DRAIN_TIMEOUT = 10.0
-# a new session on a client port whose previous session still has data for the target
-# waits this long for it to end (then the previous one is reset)
-REUSE_HOLD = 10.0
 # the client's FIN, and the reset of a session the client ended, wait until the target has
 # sent no data for this long (it may still be sending a long answer), seconds
 TARGET_BUSY = 1.0
@@ -91,6 +91,8 @@ class Table(Protocol):
     def write(self, slot: int, values: tuple) -> None: ...
 
     def clear(self, slot: int) -> None: ...
+
+    def read(self, slot: int) -> tuple: ...
 
 
 def sampled(src: bytes, sport: int, rate: int) -> bool:
@@ -127,13 +129,11 @@ class Engine:
         self.only_syn = only_syn          # -O: no session without its SYN
         self.initial_rtt = initial_rtt    # -R: RTT assumed before the first measurement
         self.max_memory = max_memory      # -m (this worker's share): new sessions refused
-        self.rewrite = rewrite            # -n/-f/-c/-H: who the target sees; None: the client
-        self.copies_of: dict[tuple, list[Session | None]] = {}  # captured key -> copies
+        # -n/-f/-c/-H: the copies of each captured session; None: one, seen as the client
+        self.copies = Copies(rewrite) if rewrite is not None else None
         self.ramp_from = ramp_from        # -g: the copied share grows from 1 % at this time
-        # captured key -> (since, target, packets) of a session whose client port is still
-        # used toward the target by the previous session; released when that one ends
-        self.held: dict[tuple, tuple[float, tuple, list]] = {}
-        self.released: list[tuple] = []
+        # new sessions waiting for the previous session of their client port to end
+        self.reuse = PortReuse()
         self.buffered_total = 0           # bytes buffered over all sessions
         self.sessions: dict[tuple, Session] = {}
         self.counters = [0] * len(C.NAMES)
@@ -143,15 +143,15 @@ class Engine:
         self.dirty: set[Session] = set()
         self.new: list[Session] = []     # sessions whose SYN waits for their CLIENT_ADD
 
+    @property
+    def copies_of(self) -> dict[tuple, list[Session | None]]:
+        """Captured key -> its open copies (-n/-f/-c/-H)."""
+        return self.copies.groups if self.copies is not None else {}
+
     def _start_held(self, now: float) -> None:
         """Sessions held behind the previous session of their client port, which ended."""
-        released, self.released = self.released, []
-        for cap in released:
-            entry = self.held.pop(cap, None)
-            if entry is None:
-                continue
-            _since, target, packets = entry
-            for seq, ack, flags, window, options, payload in packets:
+        for cap, target, segments in self.reuse.take_released():
+            for seq, ack, flags, window, options, payload in segments:
                 self._segment(self.sessions.get(cap), cap, 0, target, seq, ack, flags,
                               window, options, payload, now)
 
@@ -207,28 +207,25 @@ class Engine:
             self.counters[C.NO_SESSION] += 1
             return
         cap = (src, sport, target[0], target[1])
-        if self.rewrite is None:
-            if self.held and cap in self.held:
+        copies = self.copies
+        if copies is None:
+            if self.reuse and cap in self.reuse:
                 # the client reused the port; its previous session is still finishing
-                self.held[cap][2].append((seq, ack, flags, window, options, payload))
+                self.reuse.add(cap, (seq, ack, flags, window, options, payload))
                 return
             self._segment(self.sessions.get(cap), cap, 0, target, seq, ack, flags, window,
                           options, payload, now)
             return
-        group = self.copies_of.get(cap)
-        if group is not None and flags & SYN and any(c is not None and c.isn != seq
-                                                     for c in group):
+        if flags & SYN:
             # the client reused the port: the new copies get ports of their own, the old
             # ones finish what they still have for the target (or end now if nothing)
-            del self.copies_of[cap]
-            for c in group:
-                if c is not None and not (c.unsent or c.unacked):
+            for c in copies.reused(cap, seq):
+                if not (c.unsent or c.unacked):
                     self._reset(c, "sessions_reused")
-            group = None
-        for k in range(self.rewrite.copies):
+        for k in range(copies.n):
+            group = copies.group(cap)
             self._segment(group[k] if group else None, cap, k, target, seq, ack, flags,
                           window, options, payload, now)
-            group = self.copies_of.get(cap)
 
     def _segment(self, s: Session | None, cap: tuple, copy: int, target: tuple[bytes, int],
                  seq: int, ack: int, flags: int, window: int, options: bytes, payload: bytes,
@@ -247,11 +244,11 @@ class Engine:
             if s is not None:
                 if s.isn == seq:
                     return  # the client retransmitted its SYN; ours has its own timer
-                if self.rewrite is None and (s.unsent or s.unacked):
+                if self.copies is None and (s.unsent or s.unacked):
                     # the port is reused while the target has not got all of the previous
                     # session: the new one waits for it (both use this port on the target)
-                    self.held[cap] = (now, target,
-                                      [(seq, ack, flags, window, options, payload)])
+                    self.reuse.hold(cap, now, target,
+                                    (seq, ack, flags, window, options, payload))
                     self.counters[C.INDEX["port_reuse_held"]] += 1
                     return
                 self._reset(s, "sessions_reused")
@@ -269,9 +266,10 @@ class Engine:
             if s is None:
                 return
         elif s.state & RESYNC and payload:
-            if seq != s.cap_nxt or s.snd_una != s.snd_nxt:
-                # the old worker took data of this session with it: start the target's side
-                # afresh at this segment (a fake SYN just before it)
+            if seq != s.cap_nxt or s.snd_una != s.snd_nxt or s.snd_nxt != s.cap_nxt:
+                # the old worker took data of this session with it (captured but not sent,
+                # or sent but not acknowledged): start the target's side afresh at this
+                # segment (a fake SYN just before it)
                 self._close(s, "sessions_resynced", send_rst=True)
                 s = self._open(cap, copy, target, seq_add(seq, -1), window, options, now,
                                fake=True)
@@ -301,27 +299,15 @@ class Engine:
         if self.max_memory is not None and self.buffered_total >= self.max_memory:
             self.counters[C.INDEX["sessions_refused"]] += 1
             return None
-        rw = self.rewrite
-        if rw is None:
-            key, src, sport = cap, cap[0], cap[1]
-        else:
-            src = rw.address(cap[0])
-            sessions, tip, tport = self.sessions, target[0], target[1]
-            sport = rw.port(src, lambda p: (src, p, tip, tport) in sessions)
-            if sport is None:
-                self.counters[C.INDEX["sessions_refused"]] += 1
-                return None
-            key = (src, sport, tip, tport)
+        key = cap if self.copies is None else self.copies.key_for(cap, self.sessions)
+        if key is None:
+            self.counters[C.INDEX["sessions_refused"]] += 1   # every port of ours in use
+            return None
         if not self.free_slots:
             self._evict_oldest()
-        slot = self.free_slots.pop()
-        s = Session(key, src, sport, target[0], target[1], slot, now)
-        if rw is not None:
-            s.cap, s.copy = cap, copy
-            group = self.copies_of.get(cap)
-            if group is None:
-                group = self.copies_of[cap] = [None] * rw.copies
-            group[copy] = s
+        s = Session(key, key[0], key[1], key[2], key[3], self.free_slots.pop(), now)
+        if self.copies is not None:
+            self.copies.add(s, cap, copy)
         if self.initial_rtt is not None:
             r = self.initial_rtt
             s.srtt, s.rttvar = r, r / 2
@@ -601,7 +587,7 @@ class Engine:
     # ------------------------------------------------------------------ sending
     def flush(self, now: float) -> None:
         """Send what the packets just processed allow: queued data, ACKs, session ends."""
-        if self.released:
+        if self.reuse.released:
             self._start_held(now)
         if self.new:
             # CLIENT_ADD goes out before the SYN, so interceptd knows where the SYN-ACK goes
@@ -765,14 +751,10 @@ class Engine:
                       State(s.state & 0xFF))
         self.counters[C.INDEX[reason]] += 1
         del self.sessions[s.key]
-        if self.held and s.key in self.held:
-            self.released.append(s.key)
+        if self.reuse:
+            self.reuse.ended(s.key)
         if s.cap is not None:
-            group = self.copies_of.get(s.cap)
-            if group is not None and group[s.copy] is s:
-                group[s.copy] = None
-                if not any(group):
-                    del self.copies_of[s.cap]
+            self.copies.remove(s)
         self.control.unregister(s)
         if self.table is not None:
             self.table.clear(s.slot)
@@ -842,9 +824,9 @@ class Engine:
     def expire_idle(self, now: float, timeout: float | None = None) -> None:
         """Reset the sessions idle for longer than ``timeout`` (default: -t, or -k for a
         session with nothing outstanding: a keep-alive connection between requests)."""
-        for cap, (since, _t, _p) in list(self.held.items()):
+        for cap in self.reuse.overdue(now):
             old = self.sessions.get(cap)
-            if old is not None and now - since > REUSE_HOLD:
+            if old is not None:
                 self._reset(old, "sessions_reused")   # released at the next flush
         busy = now - (self.idle_timeout if timeout is None else timeout)
         keepalive = self.keepalive_timeout
@@ -869,7 +851,15 @@ class Engine:
             return 0
         free = []
         for slot in self.free_slots:
-            v = self.table.read(slot)
+            try:
+                v = self.table.read(slot)
+            except TornRead:
+                # the previous worker died in the middle of writing this slot: its session
+                # is lost (the client's next data opens it again with a fake SYN)
+                self.table.clear(slot)
+                self.counters[C.INDEX["sessions_torn"]] += 1
+                free.append(slot)
+                continue
             if not v[0]:
                 free.append(slot)
                 continue

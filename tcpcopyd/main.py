@@ -7,20 +7,24 @@ import sys
 from collections.abc import Sequence
 
 from shm import segment as shmseg
-from tcpcopyd import capabilities, capture, logs, options
-from tcpcopyd.arbiter import (
-    WORKER_BOOT_ERROR,
-    Arbiter,
+from tcpcopyd import capture, options
+from tcpcopyd import counters as C
+from tcpcopyd.options import Settings
+from tcpcopyd.sender import SendError, open_raw_socket
+from tcpcopyd.service import capabilities, logs
+from tcpcopyd.service.arbiter import Arbiter
+from tcpcopyd.service.reload import Reloader, StatusLine
+from tcpcopyd.service.settings import EX_CONFIG, EX_USAGE, parse_args
+from tcpcopyd.service.startup import (
     allowed_cpus,
     catch_early_signals,
     remove_pidfile,
+    version,
     write_pidfile,
 )
-from tcpcopyd.daemon import Reloader, StatusLine, version
-from tcpcopyd.daemon import fail as _fail
-from tcpcopyd.sender import SendError, open_raw_socket
+from tcpcopyd.service.startup import fail as _fail
 from tcpcopyd.session import SLOT_SIZE
-from tcpcopyd.settings import EX_CONFIG, EX_USAGE, Config, parse_args
+from tcpcopyd.worker import Worker
 
 PROG = "tcpcopyd"
 # shm segment kind
@@ -36,14 +40,14 @@ def fail(message: str, code: int = 1) -> int:
     return _fail(PROG, message, code)
 
 
-def not_live(old: Config, new: Config) -> list[str]:
+def not_live(old: Settings, new: Settings) -> list[str]:
     """A reload may send the same ports to new targets, not capture other ports."""
     same_ports = ({(t.online_ip, t.port) for t in old.transfer}
                   == {(t.online_ip, t.port) for t in new.transfer})
     return [] if same_ports else ["transfer"]
 
 
-def replay(cfg: Config) -> int:
+def replay(cfg: Settings) -> int:
     """`-i FILE`: replay a capture file offline, in this process."""
     from tcpcopyd.pcapfile import CaptureFileError
     from tcpcopyd.replay import Replay
@@ -72,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if replay_only:
         return fail(f"{', '.join(replay_only)} only apply to an offline replay (-i FILE.pcap)",
                     EX_USAGE)
-    err = None if offline else options.check_interface(cfg.interface)
+    err = None if offline else capture.check_interface(cfg.interface)
     if err:
         return fail(err, EX_CONFIG)
     try:
@@ -82,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if offline:
         return replay(cfg)
     if cfg.workers is None:
-        cfg.values["workers"] = len(allowed_cpus())
+        cfg.workers = len(allowed_cpus())
     try:
         open_raw_socket().close()
     except SendError as e:
@@ -110,21 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
              cfg.interface, ",".join(f"{h}:{p}" for h, p in cfg.server), cfg.workers,
              seg.path)
 
-    def boot(index: int, cpu: int) -> None:
-        from tcpcopyd.worker import Worker
-        for i, s in enumerate(sockets):
-            if i != index:
-                s.close()
-        try:
-            w = Worker(cfg, index, cpu, seg, sockets[index])
-        except Exception as e:  # noqa: BLE001 - reported, then the master stops
-            log.error("worker %d cannot start: %s", index + 1, e)
-            sys.exit(WORKER_BOOT_ERROR)
-        w.run()
+    def factory(index: int, cpu: int) -> Worker:
+        return Worker(cfg, index, cpu, seg, sockets)
 
     try:
-        status = StatusLine(seg, ("captured", "sent"), ("sessions_active", "kernel_drops"))
-        return Arbiter(PROG, cfg.interface, cfg.workers, seg, boot, allowed_cpus(),
+        status = StatusLine(seg, C.NAMES, ("captured", "sent"),
+                            ("sessions_active", "kernel_drops"))
+        return Arbiter(PROG, cfg.interface, cfg.workers, seg, factory, allowed_cpus(),
                        status=status, reload=reload).run()
     finally:
         for s in sockets:

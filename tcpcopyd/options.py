@@ -1,22 +1,24 @@
 """tcpcopyd's settings (tcpcopy's letters where it has them)."""
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 
 from tcpcopyd import wire
-from tcpcopyd.settings import (
-    COMMON,
+from tcpcopyd.service.settings import (
+    Config,
     Layout,
-    Setting,
+    Registry,
     SettingError,
     boolean,
     float_range,
     int_range,
     ipv4,
     list_items,
+    log_level_setting,
+    log_setting,
+    pidfile_setting,
     port,
+    setting,
     text,
 )
 
@@ -28,6 +30,10 @@ class Transfer:
     port: int
     target_ip: str
     target_port: int
+
+    def __str__(self) -> str:
+        local = str(self.port) if self.online_ip is None else f"{self.online_ip}:{self.port}"
+        return f"{local}-{self.target_ip}:{self.target_port}"
 
 
 def transfers(raw: object) -> list[Transfer]:
@@ -76,6 +82,14 @@ def servers(raw: object) -> list[tuple[str, int]]:
     return out
 
 
+def show_transfers(rules: list[Transfer]) -> list[str]:
+    return [str(t) for t in rules]
+
+
+def show_servers(addresses: list[tuple[str, int]]) -> list[str]:
+    return [f"{host}:{p}" for host, p in addresses]
+
+
 def client_pool(raw: object) -> list[str]:
     items = list_items(raw)
     out = []
@@ -102,98 +116,134 @@ def percent(raw: object) -> int:
     return int_range(1, 100)(raw)
 
 
-REGISTRY = (
-    Setting("transfer", ("-x", "--transfer"), None, transfers,
-            "what to copy: [ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...]; a reload may change "
-            "the targets of the same ports (new sessions go there)",
-            metavar="RULES", required=True, example="80-198.18.2.2:80", live=True),
-    Setting("server", ("-s", "--server"), None, servers,
-            "interceptd address(es): IP[:PORT][,...], default port 36524", metavar="ADDR",
-            required=True, example="198.18.2.2:36524"),
-    Setting("interface", ("-i", "--interface"), None, text,
-            "capture interface (client traffic arrives there; the systemd unit's instance "
-            "name), or a pcap/pcapng file to replay offline", metavar="IFACE|FILE",
-            required=True, example="eth0"),
-    Setting("sample_rate", ("-r", "--sample-rate"), 100, percent,
-            "percentage of sessions copied: whole sessions, chosen by a hash of the client "
-            "address and port", metavar="PERCENT", example=100, live=True),
-    Setting("timeout", ("-t", "--timeout"), 120.0, float_range(1, 86400),
-            "idle timeout of a session, seconds", metavar="SECONDS", example=120, live=True),
-    Setting("copies", ("-n", "--copies"), 1, int_range(1, 64),
-            "copies of every session sent to the target, each from its own port (see -f)",
-            metavar="N", example=1),
-    Setting("port_block", ("-f", "--port-block"), None, int_range(0, 7),
-            "block of source ports (0-7) this instance's copies use toward the target: give "
-            "each tcpcopyd copying to the same target its own (with -n, -c or -H the copies "
-            "use block 0 unless told)", metavar="K", example=0, default_text="client's ports"),
-    Setting("client_pool", ("-c", "--client-pool"), None, client_pool,
-            "source addresses of the copies instead of the clients' (an x as last octet: "
-            ".1-.254; the target must route them back to the interception point)",
-            metavar="IP[,IP...]", example="198.18.6.x", default_text="client's address"),
-    Setting("localhost_as", ("-H", "--localhost-as"), None, ipv4,
-            "source address of copies of sessions from 127.0.0.1", metavar="IP",
-            example="198.18.1.9", default_text="none"),
-    Setting("ramp", ("-g", "--ramp"), False, boolean,
-            "at start, copy 1 %% of the sessions and 1 %% more every second up to -r",
-            is_flag=True, example=False),
-    Setting("keepalive_timeout", ("-k", "--keepalive-timeout"), None, float_range(1, 86400),
-            "idle timeout of a session with nothing outstanding (a keep-alive connection "
-            "between requests), seconds", metavar="SECONDS", example=120, live=True,
-            default_text="-t"),
-    Setting("only_syn", ("-O", "--only-syn"), False, boolean,
-            "copy only the sessions seen from their SYN (no fake SYN for sessions that were "
-            "open before tcpcopyd started)", is_flag=True, example=False),
-    Setting("no_wait", ("-W", "--no-wait"), False, boolean,
-            "do not wait for the target's answer before sending the next request (same as "
-            "--pace-timeout 0)", is_flag=True, example=False, live=True),
-    Setting("rtt", ("-R", "--rtt"), None, float_range(0.1, 60000),
-            "RTT to the target assumed until measured, milliseconds (the first "
-            "retransmission timeout is 3x it; default 1 s)", metavar="MS", example=10,
-            default_text="measured"),
-    Setting("memory", ("-m", "--memory"), None, int_range(1, 1 << 20),
-            "MiB all workers may buffer; above it new sessions are refused (counted "
-            "sessions_refused) while the open ones go on", metavar="MB", example=1024,
-            default_text="no limit"),
-    Setting("connections", ("-C", "--connections"), 1, int_range(1, 16),
-            "control connections of each worker to each interceptd (a session uses one)",
-            metavar="N", example=1),
-    Setting("lonely", ("-L", "--lonely"), True, always_on,
-            "keep running when no interceptd is reachable, reconnecting with backoff; always "
-            "on (tcpcopy's -L): a restarted interceptd must not end the copy, and sessions "
-            "are buffered meanwhile", is_flag=True, example=True, default_text="on"),
-    Setting("accelerate", ("-a", "--accelerate"), 1.0, float_range(0.001, 1000),
-            "offline replay (-i FILE): this many times faster than captured", metavar="N",
-            example=1),
-    Setting("idle_cut", ("-I", "--idle-cut"), None, float_range(0, 3600000),
-            "offline replay: gaps between packets longer than this are cut to it, "
-            "milliseconds", metavar="MS", example=1000, default_text="none"),
-    Setting("repeat", ("-T", "--repeat"), 1, int_range(1, 1000000),
-            "offline replay: play the file this many times", metavar="N", example=1),
-    Setting("mtu", ("-M", "--mtu"), 1500, int_range(576, 65535),
-            "MTU of the path to the target; larger captured frames are cut", metavar="MTU",
-            example=1500),
-    Setting("mss", ("-D", "--mss"), 1460, int_range(88, 65495),
-            "MSS announced in a fake SYN", metavar="MSS", example=1460),
-    *COMMON,
-    Setting("workers", ("--workers",), None, int_range(1, 1024),
-            "worker processes, each pinned to a CPU and reading its own capture socket",
-            metavar="N", example=2, default_text="one per usable CPU"),
-    Setting("instance", ("--instance",), None, text,
-            "name of this instance's shm segment in /dev/shm", metavar="NAME",
-            example="tcpcopyd.eth0", default_text="tcpcopyd.IFACE"),
-    Setting("session_slots", ("--session-slots",), 65536, int_range(16, 1 << 22),
-            "capacity of the shared session table (full: the oldest session is evicted, "
-            "counted)", metavar="N", example=65536),
-    Setting("session_buffer", ("--session-buffer",), 64 << 20, int_range(1 << 16, 1 << 34),
-            "most bytes buffered for one session before it is reset (counted)",
-            metavar="BYTES", example=64 << 20),
-    Setting("total_buffer", ("--total-buffer",), 512 << 20, int_range(1 << 20, 1 << 40),
-            "most bytes one worker buffers over all its sessions (above: the session that "
-            "grows is reset, counted)", metavar="BYTES", example=512 << 20),
-    Setting("pace_timeout", ("--pace-timeout",), 2.0, float_range(0, 600),
-            "longest wait for the target's answer before the next request goes anyway",
-            metavar="SECONDS", example=2, live=True),
-)
+@dataclass
+class Settings(Config):
+    """tcpcopyd's settings, in the order the docs list them."""
+
+    transfer: list[Transfer] = setting(
+        ("-x", "--transfer"), None, transfers,
+        "what to copy: [ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...]; a reload may change "
+        "the targets of the same ports (new sessions go there)",
+        metavar="RULES", required=True, example="80-198.18.2.2:80", live=True,
+        show=show_transfers)
+    server: list[tuple[str, int]] = setting(
+        ("-s", "--server"), None, servers,
+        "interceptd address(es): IP[:PORT][,...], default port 36524", metavar="ADDR",
+        required=True, example="198.18.2.2:36524", show=show_servers)
+    interface: str = setting(
+        ("-i", "--interface"), None, text,
+        "capture interface (client traffic arrives there; the systemd unit's instance "
+        "name), or a pcap/pcapng file to replay offline", metavar="IFACE|FILE",
+        required=True, example="eth0")
+    sample_rate: int = setting(
+        ("-r", "--sample-rate"), 100, percent,
+        "percentage of sessions copied: whole sessions, chosen by a hash of the client "
+        "address and port", metavar="PERCENT", example=100, live=True)
+    timeout: float = setting(
+        ("-t", "--timeout"), 120.0, float_range(1, 86400),
+        "idle timeout of a session, seconds", metavar="SECONDS", example=120, live=True)
+    copies: int = setting(
+        ("-n", "--copies"), 1, int_range(1, 64),
+        "copies of every session sent to the target, each from its own port (see -f)",
+        metavar="N", example=1)
+    port_block: int | None = setting(
+        ("-f", "--port-block"), None, int_range(0, 7),
+        "block of source ports (0-7) this instance's copies use toward the target: give "
+        "each tcpcopyd copying to the same target its own (with -n, -c or -H the copies "
+        "use block 0 unless told)", metavar="K", example=0, default_text="client's ports")
+    client_pool: list[str] | None = setting(
+        ("-c", "--client-pool"), None, client_pool,
+        "source addresses of the copies instead of the clients' (an x as last octet: "
+        ".1-.254; the target must route them back to the interception point)",
+        metavar="IP[,IP...]", example="198.18.6.x", default_text="client's address")
+    localhost_as: str | None = setting(
+        ("-H", "--localhost-as"), None, ipv4,
+        "source address of copies of sessions from 127.0.0.1", metavar="IP",
+        example="198.18.1.9", default_text="none")
+    ramp: bool = setting(
+        ("-g", "--ramp"), False, boolean,
+        "at start, copy 1 %% of the sessions and 1 %% more every second up to -r",
+        is_flag=True, example=False)
+    keepalive_timeout: float | None = setting(
+        ("-k", "--keepalive-timeout"), None, float_range(1, 86400),
+        "idle timeout of a session with nothing outstanding (a keep-alive connection "
+        "between requests), seconds", metavar="SECONDS", example=120, live=True,
+        default_text="-t")
+    only_syn: bool = setting(
+        ("-O", "--only-syn"), False, boolean,
+        "copy only the sessions seen from their SYN (no fake SYN for sessions that were "
+        "open before tcpcopyd started)", is_flag=True, example=False)
+    no_wait: bool = setting(
+        ("-W", "--no-wait"), False, boolean,
+        "do not wait for the target's answer before sending the next request (same as "
+        "--pace-timeout 0)", is_flag=True, example=False, live=True)
+    rtt: float | None = setting(
+        ("-R", "--rtt"), None, float_range(0.1, 60000),
+        "RTT to the target assumed until measured, milliseconds (the first "
+        "retransmission timeout is 3x it; default 1 s)", metavar="MS", example=10,
+        default_text="measured")
+    memory: int | None = setting(
+        ("-m", "--memory"), None, int_range(1, 1 << 20),
+        "MiB all workers may buffer; above it new sessions are refused (counted "
+        "sessions_refused) while the open ones go on", metavar="MB", example=1024,
+        default_text="no limit")
+    connections: int = setting(
+        ("-C", "--connections"), 1, int_range(1, 16),
+        "control connections of each worker to each interceptd (a session uses one)",
+        metavar="N", example=1)
+    lonely: bool = setting(
+        ("-L", "--lonely"), True, always_on,
+        "keep running when no interceptd is reachable, reconnecting with backoff; always "
+        "on (tcpcopy's -L): a restarted interceptd must not end the copy, and sessions "
+        "are buffered meanwhile", is_flag=True, example=True, default_text="on")
+    accelerate: float = setting(
+        ("-a", "--accelerate"), 1.0, float_range(0.001, 1000),
+        "offline replay (-i FILE): this many times faster than captured", metavar="N",
+        example=1)
+    idle_cut: float | None = setting(
+        ("-I", "--idle-cut"), None, float_range(0, 3600000),
+        "offline replay: gaps between packets longer than this are cut to it, "
+        "milliseconds", metavar="MS", example=1000, default_text="none")
+    repeat: int = setting(
+        ("-T", "--repeat"), 1, int_range(1, 1000000),
+        "offline replay: play the file this many times", metavar="N", example=1)
+    mtu: int = setting(
+        ("-M", "--mtu"), 1500, int_range(576, 65535),
+        "MTU of the path to the target; larger captured frames are cut", metavar="MTU",
+        example=1500)
+    mss: int = setting(
+        ("-D", "--mss"), 1460, int_range(88, 65495),
+        "MSS announced in a fake SYN", metavar="MSS", example=1460)
+    log: str | None = log_setting()
+    log_level: str = log_level_setting()
+    pidfile: str | None = pidfile_setting()
+    workers: int = setting(
+        ("--workers",), None, int_range(1, 1024),
+        "worker processes, each pinned to a CPU and reading its own capture socket",
+        metavar="N", example=2, default_text="one per usable CPU")
+    instance: str | None = setting(
+        ("--instance",), None, text,
+        "name of this instance's shm segment in /dev/shm", metavar="NAME",
+        example="tcpcopyd.eth0", default_text="tcpcopyd.IFACE")
+    session_slots: int = setting(
+        ("--session-slots",), 65536, int_range(16, 1 << 22),
+        "capacity of the shared session table (full: the oldest session is evicted, "
+        "counted)", metavar="N", example=65536)
+    session_buffer: int = setting(
+        ("--session-buffer",), 64 << 20, int_range(1 << 16, 1 << 34),
+        "most bytes buffered for one session before it is reset (counted)",
+        metavar="BYTES", example=64 << 20)
+    total_buffer: int = setting(
+        ("--total-buffer",), 512 << 20, int_range(1 << 20, 1 << 40),
+        "most bytes one worker buffers over all its sessions (above: the session that "
+        "grows is reset, counted)", metavar="BYTES", example=512 << 20)
+    pace_timeout: float = setting(
+        ("--pace-timeout",), 2.0, float_range(0, 600),
+        "longest wait for the target's answer before the next request goes anyway",
+        metavar="SECONDS", example=2, live=True)
+
+
+REGISTRY = Registry(Settings)
 # tables of interceptd in a shared file are not ours
 OTHER_DAEMON_TABLES = ("interceptd",)
 
@@ -206,13 +256,3 @@ def _tables(cli: dict, parsed: dict[str, dict]) -> list[str]:
 LAYOUT = Layout(_tables, lambda name: name not in OTHER_DAEMON_TABLES,
                 "table [default], then the table named after the interface, e.g. [eth0]")
 
-
-def check_interface(name: str) -> str | None:
-    """An error message if the interface does not exist."""
-    try:
-        socket.if_nametoindex(name)
-    except OSError:
-        ifaces = ", ".join(sorted(os.listdir("/sys/class/net"))) if os.path.isdir(
-            "/sys/class/net") else "?"
-        return f"interface {name!r} does not exist (present: {ifaces})"
-    return None

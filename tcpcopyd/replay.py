@@ -14,8 +14,8 @@ import time
 
 from tcpcopyd import counters as C
 from tcpcopyd import pcapfile
-from tcpcopyd.arbiter import EARLY_SIGNALS
 from tcpcopyd.control import ControlGroup
+from tcpcopyd.service.startup import EARLY_SIGNALS
 from tcpcopyd.worker import engine_for, on_control_event, send_due
 
 log = logging.getLogger("tcpcopyd.replay")

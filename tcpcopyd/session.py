@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import enum
 import socket
-import struct
 from collections import deque
+
+from shm.record import Record
 
 
 class State(enum.IntFlag):
@@ -28,12 +29,33 @@ SYN_SENT, ESTABLISHED, CLIENT_FIN, CLIENT_RST, TARGET_FIN, FAKE, TIMESTAMPS, RES
     int(State.TARGET_FIN), int(State.FAKE), int(State.TIMESTAMPS), int(State.RESYNC))
 
 # shm slot record of a session (after the seqlock counter): everything a new worker needs
-# to carry the session on. Numbers little-endian; client_ip/target_ip network-order bytes.
-#   state, client_win, client_ip, client_port, target_port, target_ip, isn, snd_una,
-#   snd_nxt, cap_nxt, target_isn, rcv_nxt, wnd, mss, wscale, syn flags (1: wscale offered,
-#   2: timestamps offered), client_tsval, target_tsval, created, last_seen (monotonic),
-#   retransmits, buffered, SYN option length, SYN options
-SLOT = struct.Struct("<HH4sHH4sIIIIIIIHBBIIddIIB40s")
+# to carry the session on. Numbers little-endian; addresses network-order bytes.
+SLOT = Record("Slot", (
+    ("state", "H"),          # State flags; 0: a free slot
+    ("client_win", "H"),     # the client's window field, sent as is
+    ("client_ip", "4s"),     # the address and port the target sees
+    ("client_port", "H"),
+    ("target_port", "H"),
+    ("target_ip", "4s"),
+    ("isn", "I"),            # client sequence space: ISN, oldest unacknowledged, next to
+    ("snd_una", "I"),        #   send, next expected from the capture
+    ("snd_nxt", "I"),
+    ("cap_nxt", "I"),
+    ("target_isn", "I"),     # target sequence space: its ISN, what we acknowledge
+    ("rcv_nxt", "I"),
+    ("wnd", "I"),            # the target's window in bytes (scaled)
+    ("mss", "H"),
+    ("wscale", "B"),
+    ("syn_flags", "B"),      # 1: our SYN offered window scaling, 2: timestamps
+    ("client_tsval", "I"),
+    ("target_tsval", "I"),
+    ("created", "d"),        # monotonic clock
+    ("last_seen", "d"),
+    ("retransmits", "I"),
+    ("buffered", "I"),       # bytes held (lost if the worker dies)
+    ("syn_optlen", "B"),     # options of the (fake) SYN, for retransmission
+    ("syn_options", "40s"),
+))
 SLOT_SIZE = 128
 
 
@@ -111,22 +133,20 @@ class Session:
 
     @classmethod
     def from_slot(cls, slot: int, v: tuple) -> Session:
-        """A session carried on by a new worker from its shm record. Data that the old
-        worker held (not yet sent, or sent and not yet acknowledged) is gone: the session
-        is marked RESYNC."""
-        (state, client_win, client_ip, client_port, target_port, target_ip, isn, snd_una,
-         snd_nxt, cap_nxt, target_isn, rcv_nxt, wnd, mss, wscale, synflags, client_tsval,
-         target_tsval, created, last_seen, retransmits, _buffered, optlen, opts) = v
-        s = cls((client_ip, client_port, target_ip, target_port), client_ip, client_port,
-                target_ip, target_port, slot, created)
-        s.state = state | RESYNC
-        s.client_win = client_win
-        s.isn, s.snd_una, s.snd_nxt, s.cap_nxt = isn, snd_una, snd_nxt, cap_nxt
-        s.target_isn, s.rcv_nxt, s.wnd, s.mss, s.wscale = target_isn, rcv_nxt, wnd, mss, wscale
-        s.syn_wscale, s.syn_ts = bool(synflags & 1), bool(synflags & 2)
-        s.client_tsval, s.target_tsval = client_tsval, target_tsval
-        s.last_seen, s.retransmits = last_seen, retransmits
-        s.syn_options = opts[:optlen]
+        """A session carried on by a new worker from its shm record (a ``SLOT`` tuple).
+        Data that the old worker held (not yet sent, or sent and not yet acknowledged) is
+        gone: the session is marked RESYNC."""
+        s = cls((v.client_ip, v.client_port, v.target_ip, v.target_port), v.client_ip,
+                v.client_port, v.target_ip, v.target_port, slot, v.created)
+        s.state = v.state | RESYNC
+        s.client_win = v.client_win
+        s.isn, s.snd_una, s.snd_nxt, s.cap_nxt = v.isn, v.snd_una, v.snd_nxt, v.cap_nxt
+        s.target_isn, s.rcv_nxt, s.wnd = v.target_isn, v.rcv_nxt, v.wnd
+        s.mss, s.wscale = v.mss, v.wscale
+        s.syn_wscale, s.syn_ts = bool(v.syn_flags & 1), bool(v.syn_flags & 2)
+        s.client_tsval, s.target_tsval = v.client_tsval, v.target_tsval
+        s.last_seen, s.retransmits = v.last_seen, v.retransmits
+        s.syn_options = v.syn_options[:v.syn_optlen]
         return s
 
     def describe(self) -> str:

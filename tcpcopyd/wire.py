@@ -10,7 +10,7 @@ options cut or zero-padded to 44 bytes); ``1 <= count <= MAX_COMBINED``.
 """
 from __future__ import annotations
 
-import struct
+from shm.record import Record
 
 # default TCP port interceptd listens on
 DEFAULT_PORT = 36524
@@ -28,8 +28,19 @@ REPLY_TCP_SIZE = REPLY_SIZE - 20
 # most reply headers in one combined frame
 MAX_COMBINED = 16
 
-CLIENT_MSG = struct.Struct("!4sHH4sH")
-COUNT = struct.Struct("!H")
+# tcpcopyd -> interceptd, one message
+CLIENT_MSG = Record("ClientMessage", (
+    ("client_ip", "4s"),     # the session's client as the target sees it
+    ("client_port", "H"),
+    ("type", "H"),           # CLIENT_ADD, CLIENT_DEL; VERSION in the first message
+    ("target_ip", "4s"),
+    ("target_port", "H"),
+), order="!")
+assert CLIENT_MSG.size == CLIENT_MSG_SIZE
+# interceptd -> tcpcopyd: a combined frame's head, then ``count`` reply headers
+COMBINED_HEAD = Record("CombinedHead", (
+    ("count", "H"),          # 1..MAX_COMBINED
+), order="!")
 
 
 class ProtocolError(ValueError):
@@ -51,8 +62,8 @@ def parse_client_messages(buf: bytearray) -> list[tuple[int, bytes, int, bytes, 
     n = len(buf) // CLIENT_MSG_SIZE
     out = []
     for i in range(n):
-        cip, cport, kind, tip, tport = CLIENT_MSG.unpack_from(buf, i * CLIENT_MSG_SIZE)
-        out.append((kind, cip, cport, tip, tport))
+        m = CLIENT_MSG.unpack_from(buf, i * CLIENT_MSG_SIZE)
+        out.append((m.type, m.client_ip, m.client_port, m.target_ip, m.target_port))
     del buf[:n * CLIENT_MSG_SIZE]
     return out
 
@@ -87,7 +98,7 @@ def combine(headers: list[bytes]) -> bytes:
     out = bytearray()
     for i in range(0, len(headers), MAX_COMBINED):
         chunk = headers[i:i + MAX_COMBINED]
-        out += COUNT.pack(len(chunk))
+        out += COMBINED_HEAD.pack(len(chunk))
         for h in chunk:
             out += h
     return bytes(out)
@@ -102,7 +113,7 @@ def split_combined(buf: bytearray) -> list[bytes]:
     out: list[bytes] = []
     pos, n = 0, len(buf)
     while n - pos >= 2:
-        count = COUNT.unpack_from(buf, pos)[0]
+        count = COMBINED_HEAD.unpack_from(buf, pos).count
         if count == 0 or count > MAX_COMBINED:
             del buf[:pos]
             raise ProtocolError(f"combined frame count {count} outside 1..{MAX_COMBINED}")

@@ -3,24 +3,21 @@ interceptd, and keeps its shm record (counters, heartbeat) fresh."""
 from __future__ import annotations
 
 import logging
-import os
 import select
-import signal
 import socket
 import time
-
-from setproctitle import setproctitle
 
 from shm.segment import Segment
 from shm.table import SlotTable
 from tcpcopyd import capture
 from tcpcopyd import counters as C
 from tcpcopyd.control import ControlGroup
-from tcpcopyd.daemon import SettingsWatch
 from tcpcopyd.engine import Engine
-from tcpcopyd.options import Transfer
+from tcpcopyd.options import Settings, Transfer
 from tcpcopyd.rewrite import Rewrite, expand_pool
 from tcpcopyd.sender import RawSender
+from tcpcopyd.service import worker as service_worker
+from tcpcopyd.service.reload import SettingsWatch
 from tcpcopyd.session import SLOT
 
 log = logging.getLogger("tcpcopyd.worker")
@@ -54,7 +51,7 @@ def on_control_event(engine: Engine, control: ControlGroup, fd: int, ev: int,
         on_reply(h, now)
 
 
-def rewrite_for(cfg, worker: int, workers: int) -> Rewrite | None:
+def rewrite_for(cfg: Settings, worker: int, workers: int) -> Rewrite | None:
     """Who the target sees (-n, -f, -c, -H); None: the clients themselves."""
     if cfg.copies == 1 and cfg.port_block is None and not cfg.client_pool \
             and not cfg.localhost_as:
@@ -76,7 +73,7 @@ def send_due(engine: Engine, control: ControlGroup, now: float) -> None:
     control.flush(now)
 
 
-def engine_for(cfg, control: ControlGroup, table, slots: range, worker: int,
+def engine_for(cfg: Settings, control: ControlGroup, table, slots: range, worker: int,
                workers: int) -> Engine:
     """The session engine with the settings of ``cfg`` (online capture and offline replay)."""
     return Engine(targets_of(cfg.transfer), RawSender(), control, table, slots,
@@ -91,68 +88,62 @@ def engine_for(cfg, control: ControlGroup, table, slots: range, worker: int,
                   max_memory=(cfg.memory << 20) // workers if cfg.memory else None)
 
 
-def apply_live(engine: Engine, cfg) -> None:
+def apply_live(engine: Engine, cfg: Settings) -> None:
     """Settings a reload changed; they apply to new sessions (timeouts to all)."""
     engine.idle_timeout = cfg.timeout
     engine.keepalive_timeout = cfg.keepalive_timeout
     engine.pace_timeout = 0.0 if cfg.no_wait else cfg.pace_timeout
     engine.sample_rate = cfg.sample_rate
-    engine.targets = targets_of([t if isinstance(t, Transfer) else Transfer(**t)
-                                 for t in cfg.transfer])
+    engine.targets = targets_of(cfg.transfer)
     log.info("worker applied the reloaded settings: sample_rate=%d%%, timeout=%gs",
              cfg.sample_rate, cfg.timeout)
 
 
-class Worker:
-    def __init__(self, cfg, index: int, cpu: int, seg: Segment, cap: socket.socket) -> None:
+class Worker(service_worker.Worker):
+    """One capture socket of the fanout group, its sessions and its control links."""
+
+    def __init__(self, cfg: Settings, index: int, cpu: int, seg: Segment,
+                 sockets: list[socket.socket]) -> None:
+        """``sockets``: every worker's capture socket (the child keeps its own)."""
+        super().__init__(index, cfg.workers, cpu, seg)
         self.cfg = cfg
-        self.index = index
-        self.cpu = cpu
-        self.seg = seg
-        self.cap = cap
-        self.stop: str | None = None
+        self.sockets = sockets
 
-    def init_process(self) -> None:
-        for sig, how in ((signal.SIGTERM, "graceful"), (signal.SIGINT, "fast"),
-                         (signal.SIGQUIT, "fast")):
-            signal.signal(sig, lambda _s, _f, how=how: self._stop(how))
-        try:
-            os.sched_setaffinity(0, {self.cpu})
-        except OSError as e:
-            log.warning("cannot pin worker %d to cpu %d: %s", self.index + 1, self.cpu, e)
-        setproctitle(f"tcpcopyd: worker {self.index + 1}/{self.cfg.workers} cpu={self.cpu} "
-                     f"[{self.cfg.interface}]")
+    @property
+    def title(self) -> str:
+        return (f"tcpcopyd: worker {self.index + 1}/{self.n_workers} cpu={self.cpu} "
+                f"[{self.cfg.interface}]")
 
-    def _stop(self, how: str) -> None:
-        if self.stop != "fast":
-            self.stop = how
-
-    def run(self) -> None:
+    def setup(self) -> None:
         cfg = self.cfg
-        self.init_process()
-        ep = select.epoll()
+        for i, s in enumerate(self.sockets):
+            if i != self.index:
+                s.close()
+        self.cap = self.sockets[self.index]
+        self.cap.setblocking(False)
+        self.epoll = select.epoll()
+        self.epoll.register(self.cap.fileno(), select.EPOLLIN)
         table = SlotTable(self.seg, SLOT)
-        control = ControlGroup(cfg.server, ep, cfg.connections)
-        engine = engine_for(cfg, control, table, table.owned_range(self.index), self.index,
-                            cfg.workers)
-        watch = SettingsWatch("tcpcopyd", self.seg, cfg)
-        cap = self.cap
-        cap.setblocking(False)
-        capfd = cap.fileno()
-        ep.register(capfd, select.EPOLLIN)
-        buf = bytearray(65536 + 64)
-        recv_into = cap.recv_into
-        on_packet = engine.on_client_packet
-        started = time.time()
-        cnt = engine.counters
-        restored = engine.restore(time.monotonic())
+        self.control = ControlGroup(cfg.server, self.epoll, cfg.connections)
+        self._links_seen = (0, 0)   # the links' connects and errors already counted
+        self.engine = engine_for(cfg, self.control, table, table.owned_range(self.index),
+                                 self.index, self.n_workers)
+        self.counters = self.engine.counters
+        self.watch = SettingsWatch("tcpcopyd", self.seg, cfg)
+        restored = self.engine.restore(time.monotonic())
         if restored:
             log.info("worker %d carries on %d session(s) from the shm table", self.index + 1,
                      restored)
-        kdrop = C.INDEX["kernel_drops"]
-        next_sync = next_expire = 0.0
         log.info("worker %d capturing on %s, copying to %s", self.index + 1, cfg.interface,
                  ", ".join(f"{t.port}->{t.target_ip}:{t.target_port}" for t in cfg.transfer))
+
+    def run(self) -> None:
+        engine, control, cap, ep = self.engine, self.control, self.cap, self.epoll
+        capfd = cap.fileno()
+        buf = bytearray(65536 + 64)
+        recv_into = cap.recv_into
+        on_packet = engine.on_client_packet
+        next_sync = next_expire = 0.0
         while not self.stop:
             now = time.monotonic()
             control.maybe_connect(now)
@@ -181,19 +172,30 @@ class Worker:
                 if now >= next_expire:
                     next_expire = now + EXPIRE_INTERVAL
                     engine.expire_idle(now)
-                if watch.poll() is not None:
-                    apply_live(engine, cfg)
-                cnt[kdrop] += capture.stats(cap)[1]
-                cnt[C.INDEX["control_connects"]] = control.connects
-                cnt[C.INDEX["control_errors"]] = control.errors
-                self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
-        # stopping
+                self.sync()
+        self.finish()
+
+    def sync(self) -> None:
+        """Every SYNC_INTERVAL: reloaded settings, the kernel's and the links' figures, and
+        the heartbeat."""
+        cnt = self.counters
+        if self.watch.poll() is not None:
+            apply_live(self.engine, self.cfg)
+        cnt[C.INDEX["kernel_drops"]] += capture.stats(self.cap)[1]
+        connects, errors = self.control.connects, self.control.errors
+        cnt[C.INDEX["control_connects"]] += connects - self._links_seen[0]
+        cnt[C.INDEX["control_errors"]] += errors - self._links_seen[1]
+        self._links_seen = (connects, errors)
+        self.heartbeat()
+
+    def finish(self) -> None:
+        engine = self.engine
         if self.stop == "graceful":
             live = len(engine.sessions)
             engine.close_all()
-            control.flush(time.monotonic())
+            self.control.flush(time.monotonic())
             log.info("worker %d stopped; reset %d live session(s) toward the target",
                      self.index + 1, live)
         engine.sync_table()
-        self.seg.write_worker(self.index, os.getpid(), self.cpu, started, cnt)
-        control.close()
+        self.heartbeat()
+        self.control.close()

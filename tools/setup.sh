@@ -10,7 +10,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 APT_PACKAGES=(python3 python3-venv python3-dev gcc libnetfilter-queue-dev iptables iproute2
               nginx-light memcached nghttp2-client curl wrk apache2-utils util-linux procps
-              kmod tcpdump)
+              kmod tcpdump ethtool)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \

@@ -152,3 +152,52 @@ def paced_keepalive(lab, *, connections: int, per_connection: int, rate: int):
                              PACED_KEEPALIVE, ONLINE_IP, str(connections), str(per_connection),
                              str(rate)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
+
+
+# Keep-alive HTTP clients that hold their connections open, each sending a request every
+# `interval` seconds, until SIGUSR1: then each sends one last request, /?final=I, and
+# closes. Prints ok=, errors=, final=.
+LONG_KEEPALIVE = r'''
+import asyncio, signal, sys
+host, conns, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+ok = errors = final = 0
+async def ask(r, w, path):
+    w.write(f"GET {path} HTTP/1.1\r\nHost: lab\r\n\r\n".encode())
+    head = await r.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    await r.readexactly(length)
+    return head.startswith(b"HTTP/1.1 200")
+async def client(i, done):
+    global ok, errors, final
+    await asyncio.sleep(interval * i / conns)
+    try:
+        r, w = await asyncio.open_connection(host, 80)
+        n = 0
+        while not done.is_set():
+            good = await ask(r, w, f"/?long={i}&n={n}")
+            ok, errors, n = ok + good, errors + (not good), n + 1
+            try:
+                await asyncio.wait_for(done.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+        good = await ask(r, w, f"/?final={i}")
+        final += good
+        w.close()
+    except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+        errors += 1
+async def main():
+    done = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, done.set)
+    await asyncio.gather(*(client(i, done) for i in range(conns)))
+asyncio.run(main())
+print(f"ok={ok} errors={errors} final={final}")
+'''
+
+
+def long_keepalive(lab, *, connections: int, interval: float):
+    """Start the long-lived keep-alive clients (a Popen): SIGUSR1 makes each send its last
+    request, /?final=I, and exit; then read ok=, errors=, final= from its stdout."""
+    import sys
+    return subprocess.Popen(["ip", "netns", "exec", lab.ns.client, sys.executable, "-c",
+                             LONG_KEEPALIVE, ONLINE_IP, str(connections), str(interval)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -6,7 +6,23 @@ import sys
 import time
 
 from shm import segment as shmseg
-from tcpcopyd.arbiter import WORKER_BOOT_ERROR, Arbiter, catch_early_signals
+from tcpcopyd.service.arbiter import Arbiter
+from tcpcopyd.service.startup import catch_early_signals
+from tcpcopyd.service.worker import Worker
+
+
+class FailingWorker(Worker):
+    title = "test: worker"
+
+    def __init__(self, index: int, seg, spawn_log: str) -> None:
+        super().__init__(index, 2, 0, seg)
+        self.spawn_log = spawn_log
+
+    def setup(self) -> None:
+        fd = os.open(self.spawn_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, b"x")  # one byte per worker started (no lock a killed child could hold)
+        os.close(fd)
+        sys.exit(1)
 
 
 def _run_arbiter(name: str, spawn_log: str, early_stop: bool = False) -> None:
@@ -15,14 +31,11 @@ def _run_arbiter(name: str, spawn_log: str, early_stop: bool = False) -> None:
         os.kill(os.getpid(), signal.SIGTERM)   # as if systemd stopped us while starting
     seg = shmseg.create(name, 1, 2, 0, 64)
 
-    def boot(index: int, cpu: int) -> None:
-        fd = os.open(spawn_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        os.write(fd, b"x")  # one byte per worker started (no lock a killed child could hold)
-        os.close(fd)
-        sys.exit(WORKER_BOOT_ERROR)
+    def factory(index: int, cpu: int) -> Worker:
+        return FailingWorker(index, seg, spawn_log)
 
     try:
-        code = Arbiter("test", "unit", 2, seg, boot, [0]).run()
+        code = Arbiter("test", "unit", 2, seg, factory, [0]).run()
     finally:
         seg.close()
         seg.unlink()

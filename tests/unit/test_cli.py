@@ -7,7 +7,7 @@ import pytest
 
 from tcpcopyd.lab.lab import bin_path
 from tcpcopyd.options import servers, transfers
-from tcpcopyd.settings import SettingError
+from tcpcopyd.service.settings import SettingError
 
 GOOD = ["-x", "80-198.18.2.2:80", "-s", "198.18.2.2", "-i", "lo"]
 
@@ -76,7 +76,7 @@ def test_help_lists_every_flag(prog):
     r = run(prog, "--help")
     assert r.returncode == 0, r.stderr
     if prog != "tcpcopyctl":
-        from interceptd.main import REGISTRY as I
+        from interceptd.options import REGISTRY as I
         from tcpcopyd.options import REGISTRY as T
         for s in (T if prog == "tcpcopyd" else I):
             assert s.flags[-1] in r.stdout, s.name

@@ -8,12 +8,13 @@ import subprocess
 
 import pytest
 
-from interceptd import main as imain
+from interceptd import options as imain
 from shm import segment as shmseg
-from tcpcopyd import docs, logs, options
-from tcpcopyd.daemon import Reloader, SettingsWatch
+from tcpcopyd import docs, options
 from tcpcopyd.lab.lab import bin_path
-from tcpcopyd.settings import EX_CONFIG, EX_USAGE, ConfigError, load
+from tcpcopyd.service import logs
+from tcpcopyd.service.reload import Reloader, SettingsWatch
+from tcpcopyd.service.settings import EX_CONFIG, EX_USAGE, ConfigError, load
 
 TCPCOPYD = ("tcpcopyd", options.REGISTRY, options.LAYOUT, "default")
 INTERCEPTD = ("interceptd", imain.REGISTRY, imain.LAYOUT, "interceptd")
@@ -203,3 +204,28 @@ def test_a_reload_may_retarget_ports_but_not_capture_new_ones():
         return load("tcpcopyd", "", options.REGISTRY, [*base, rules], options.LAYOUT)
     assert not_live(cfg("80-198.18.2.2:80"), cfg("80-198.18.2.3:8080")) == []
     assert not_live(cfg("80-198.18.2.2:80"), cfg("81-198.18.2.2:80")) == ["transfer"]
+
+
+def test_settings_keep_their_types_across_a_reload_in_master_and_workers(tmp_path):
+    path = write(tmp_path, conf("tcpcopyd", "default", timeout="30"))
+    cfg = load("tcpcopyd", "", options.REGISTRY, ["--config", path], options.LAYOUT)
+    assert isinstance(cfg, options.Settings)
+    seg = shmseg.create(f"test-typed-{os.getpid()}", 1, 1, 0, 64)
+    try:
+        reload = Reloader("tcpcopyd", "", options.REGISTRY, options.LAYOUT, cfg, seg)
+        reload.publish()
+        worker_cfg = load("tcpcopyd", "", options.REGISTRY, ["--config", path],
+                          options.LAYOUT)
+        watch = SettingsWatch("tcpcopyd", seg, worker_cfg)
+        write(tmp_path, conf("tcpcopyd", "default", timeout="45",
+                             transfer='"80-198.18.2.3:8080"', keepalive_timeout="7"))
+        reload()
+        assert watch.poll() is not None
+        for c in (cfg, worker_cfg):
+            assert c.transfer == [options.Transfer(None, 80, "198.18.2.3", 8080)]
+            assert isinstance(c.timeout, float) and c.timeout == 45.0
+            assert c.keepalive_timeout == 7.0 and c.log is None
+        assert seg.read_settings()["transfer"] == ["80-198.18.2.3:8080"]
+    finally:
+        seg.close()
+        seg.unlink()

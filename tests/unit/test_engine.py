@@ -358,38 +358,88 @@ def test_rules_bound_to_an_online_address_copy_only_that_address():
     assert e.counters[C.NO_SESSION] == 1
 
 
-def test_a_new_worker_carries_sessions_on_from_the_shm_table(tmp_path):
+@pytest.fixture
+def slot_table():
+    """A real shm session table of 16 slots (one worker), removed afterwards."""
     import os
 
     from shm import segment as shmseg
     from shm.table import SlotTable
     from tcpcopyd.session import SLOT, SLOT_SIZE
-    seg = shmseg.create(f"tcpcopyd-test-restore-{os.getpid()}", 1, 1, 16, SLOT_SIZE)
-    try:
-        table = SlotTable(seg, SLOT)
-        old = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), table, range(16))
-        handshake(old)
-        feed(old, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"req1"))
-        answer(old, reply(TARGET_ISN + 1, ISN + 5, P.ACK | P.PSH, payload_len=30))
-        old.sync_table()
-        # the old worker dies; a new one reads the table
-        new = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), table, range(16))
-        assert new.restore(200.0) == 1
-        feed(new, client_pkt(ISN + 5, ONLINE_ISN + 100, P.ACK | P.PSH, b"req2"))
-        [data] = new.sender.take()
-        assert (data.seq, data.ack, data.payload) == (ISN + 5, TARGET_ISN + 31, b"req2")
-        assert P.timestamp_of(data.options) == (777, 3333)
-        # a session whose next data is missing (the old worker had it) is reopened there
-        new.sync_table()
-        newer = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), table, range(16))
-        assert newer.restore(300.0) == 1
-        feed(newer, client_pkt(ISN + 20, ONLINE_ISN + 300, P.ACK | P.PSH, b"req4"))
-        rst, syn = newer.sender.take()
-        assert rst.flags & P.RST and syn.flags == P.SYN and syn.seq == ISN + 19
-        assert newer.counters[C.INDEX["sessions_resynced"]] == 1
-    finally:
-        seg.close()
-        seg.unlink()
+    seg = shmseg.create(f"tcpcopyd-test-slots-{os.getpid()}", 1, 1, 16, SLOT_SIZE)
+    yield SlotTable(seg, SLOT)
+    seg.close()
+    seg.unlink()
+
+
+def worker_engine(table) -> Engine:
+    """The engine of a worker that owns the 16 slots of ``table``."""
+    return Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), table, range(16))
+
+
+def test_a_new_worker_carries_sessions_on_from_the_shm_table(slot_table):
+    table = slot_table
+    old = worker_engine(table)
+    handshake(old)
+    feed(old, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"req1"))
+    answer(old, reply(TARGET_ISN + 1, ISN + 5, P.ACK | P.PSH, payload_len=30))
+    old.sync_table()
+    # the old worker dies; a new one reads the table
+    new = worker_engine(table)
+    assert new.restore(200.0) == 1
+    feed(new, client_pkt(ISN + 5, ONLINE_ISN + 100, P.ACK | P.PSH, b"req2"))
+    [data] = new.sender.take()
+    assert (data.seq, data.ack, data.payload) == (ISN + 5, TARGET_ISN + 31, b"req2")
+    assert P.timestamp_of(data.options) == (777, 3333)
+    # a session whose next data is missing (the old worker had it) is reopened there
+    new.sync_table()
+    newer = worker_engine(table)
+    assert newer.restore(300.0) == 1
+    feed(newer, client_pkt(ISN + 20, ONLINE_ISN + 300, P.ACK | P.PSH, b"req4"))
+    rst, syn = newer.sender.take()
+    assert rst.flags & P.RST and syn.flags == P.SYN and syn.seq == ISN + 19
+    assert newer.counters[C.INDEX["sessions_resynced"]] == 1
+
+
+def test_a_request_the_dead_worker_captured_but_never_sent_is_not_skipped_over(slot_table):
+    table = slot_table
+    old = worker_engine(table)
+    handshake(old)
+    feed(old, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"req1"))
+    # the next request waits for the target's answer to the first (paced) ...
+    feed(old, client_pkt(ISN + 5, ONLINE_ISN + 100, P.ACK | P.PSH, b"req2"))
+    assert [p.payload for p in old.sender.take() if p.payload] == [b"req1"]
+    answer(old, reply(TARGET_ISN + 1, ISN + 5, P.ACK))
+    old.sync_table()
+    # ... when the worker dies: req2 is gone with it. The next request must not go
+    # out after a hole the target would wait on forever: the session starts afresh
+    new = worker_engine(table)
+    assert new.restore(200.0) == 1
+    feed(new, client_pkt(ISN + 9, ONLINE_ISN + 200, P.ACK | P.PSH, b"req3"), 200.0)
+    rst, syn = new.sender.take()
+    assert rst.flags & P.RST and syn.flags == P.SYN and syn.seq == ISN + 8
+    assert new.counters[C.INDEX["sessions_resynced"]] == 1
+
+
+def test_a_slot_torn_by_a_killed_worker_is_a_lost_session_not_a_crash(slot_table):
+    from shm import seqlock
+    from tcpcopyd.session import SLOT
+    table, seg = slot_table, slot_table.seg
+    old = worker_engine(table)
+    handshake(old)
+    for port in (CPORT + 1, CPORT + 2):
+        feed(old, P.build(CLIENT, ONLINE, port, 80, ISN, 0, P.SYN, 100, SYN_OPTS))
+    old.sync_table()
+    # the old worker is killed in the middle of writing one slot: its counter stays odd
+    torn = old.sessions[(CLIENT, CPORT + 1, TARGET, 80)].slot
+    off = seg.slot_offset(torn)
+    seqlock.SEQ.pack_into(seg.mm, off, seqlock.SEQ.unpack_from(seg.mm, off)[0] + 1)
+    new = worker_engine(table)
+    assert new.restore(200.0) == 2
+    assert new.counters[C.INDEX["sessions_torn"]] == 1
+    assert sorted(s.client_port for s in new.sessions.values()) == [CPORT, CPORT + 2]
+    assert table.read(torn) == SLOT.empty()          # cleared, free again
+    assert torn in new.free_slots
 
 
 def test_a_full_session_table_evicts_the_oldest_idle_session():
@@ -627,7 +677,7 @@ def test_a_reused_port_waits_while_the_previous_session_still_has_data_for_the_t
 
 
 def test_a_held_session_gives_up_waiting_after_a_while(eng):
-    from tcpcopyd.engine import REUSE_HOLD
+    from tcpcopyd.portreuse import HOLD as REUSE_HOLD
     handshake(eng)
     feed(eng, client_pkt(ISN + 1, ONLINE_ISN, P.ACK | P.PSH, b"GET /old HTTP/1.1\r\n\r\n"))
     feed(eng, client_pkt(ISN + 90000, 0, P.SYN, options=SYN_OPTS))

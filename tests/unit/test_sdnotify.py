@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import socket
 
-from tcpcopyd.sdnotify import Notifier
+from tcpcopyd.service.sdnotify import Notifier
 
 
 def test_ready_status_and_watchdog_reach_the_notify_socket(tmp_path, monkeypatch):

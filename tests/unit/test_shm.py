@@ -124,3 +124,38 @@ def test_header_label_settings_and_restarts_do_not_overlap():
     finally:
         seg.close()
         seg.unlink()
+
+
+def test_a_record_derives_struct_offsets_and_names_from_its_field_table():
+    from shm.record import Record
+    r = Record("R", (("pid", "I"), ("pad", "2x"), ("label", "6s"), ("counters", "3Q"),
+                     ("flag", "B")))
+    assert r.size == 4 + 2 + 6 + 24 + 1
+    assert r.offsets == {"pid": 0, "pad": 4, "label": 6, "counters": 12, "flag": 36}
+    assert r.names == ("pid", "label", "counters", "flag")
+    v = r.unpack(r.pack(7, b"abc", (1, 2, 3), 9))
+    assert (v.pid, v.label, v.counters, v.flag) == (7, b"abc\0\0\0", (1, 2, 3), 9)
+    assert r.pack(pid=7, label=b"abc", counters=(1, 2, 3), flag=9) == r.pack(7, b"abc",
+                                                                             (1, 2, 3), 9)
+    assert r.empty() == (0, bytes(6), (0, 0, 0), 0)
+    net = Record("N", (("port", "H"),), order="!")
+    assert net.pack(0x1234) == b"\x12\x34"
+
+
+def test_the_shm_records_keep_their_places():
+    # a reader of another release finds the header fields where they always were
+    assert shmseg.HEADER.offset("master_pid") == 28 and shmseg.HEADER.size == 64
+    assert shmseg.WORKER.offset("counters") == 24
+    from tcpcopyd.session import SLOT, SLOT_SIZE
+    assert SLOT.size + 4 <= SLOT_SIZE
+
+
+def test_a_slot_left_odd_by_a_killed_writer_reads_as_torn_and_clears(seg):
+    t = SlotTable(seg, LAYOUT)
+    t.write(3, (5,) * 8)
+    off = seg.slot_offset(3)
+    seqlock.SEQ.pack_into(seg.mm, off, seqlock.SEQ.unpack_from(seg.mm, off)[0] + 1)  # odd
+    with pytest.raises(seqlock.TornRead):
+        t.read(3)
+    t.clear(3)
+    assert t.read(3) == (0,) * 8

@@ -1,7 +1,8 @@
-"""One registry of settings: each declared once with its CLI flag (tcpcopy's letter where it
-has one), config-file key, default, parser, help, an example and whether a reload (SIGHUP)
-may change it. Used by both daemons, by the README's option tables and by the shipped
-config files (``tcpcopyd.docs`` writes both from the registry).
+"""One registry of settings per daemon: each setting declared once, as a typed field of the
+daemon's ``Config`` dataclass, with its CLI flag (tcpcopy's letter where it has one),
+config-file key, default, parser, help, an example and whether a reload (SIGHUP) may change
+it. Used by both daemons, by the README's option tables and by the shipped config files
+(``tcpcopyd.docs`` writes both from the registry).
 
 Config files are TOML. tcpcopyd reads the ``[default]`` table and then the table named after
 its capture interface (``[eth0]``), which overrides it; interceptd reads the ``[interceptd]``
@@ -14,14 +15,17 @@ all of it is valid.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 EX_USAGE = 2
 EX_CONFIG = 78
+# key of a setting's declaration in its dataclass field's metadata
+SETTING = "setting"
 
 
 class SettingError(ValueError):
@@ -34,6 +38,10 @@ class ConfigError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _same(v: Any) -> Any:
+    return v
 
 
 @dataclass(frozen=True)
@@ -49,19 +57,64 @@ class Setting:
     example: Any = None             # a TOML value for the shipped config and the tests
     live: bool = False              # a reload (SIGHUP) applies a new value
     default_text: str | None = None  # how the docs show the default, where not repr-able
+    # value -> a TOML/JSON value that ``parse`` turns back into it (shm, status, logs)
+    show: Callable[[Any], Any] = _same
+
+    def encode(self, value: Any) -> Any:
+        return None if value is None else self.show(value)
+
+    def decode(self, raw: Any) -> Any:
+        return None if raw is None else self.parse(raw)
+
+
+def setting(flags: tuple[str, ...], default: Any, parse: Callable[[Any], Any], help: str,
+            **kw: Any) -> Any:
+    """Declares one setting as a field of a ``Config`` dataclass (its name is the field's);
+    the keywords are those of ``Setting``."""
+    return field(default=default,
+                 metadata={SETTING: Setting("", flags, default, parse, help, **kw)})
 
 
 @dataclass
 class Config:
-    values: dict[str, Any] = field(default_factory=dict)
-    source: dict[str, str] = field(default_factory=dict)  # name -> "cli" / file path
-    argv: list[str] = field(default_factory=list)         # what was parsed (for a reload)
+    """A daemon's settings: a dataclass whose fields are declared with ``setting()``, one
+    typed attribute each, plus where each value came from. The types hold everywhere:
+    after a reload too, in the master and in the workers."""
+    source: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    argv: list[str] = field(default_factory=list, repr=False, compare=False)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    @classmethod
+    def registry(cls) -> Registry:
+        return Registry(cls)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every setting's value by name (a copy: assign attributes to change one)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if SETTING in f.metadata}
+
+    def update(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            setattr(self, name, value)
+
+
+class Registry(Sequence[Setting]):
+    """The settings of one ``Config`` class, in declaration order."""
+
+    def __init__(self, config: type[Config]) -> None:
+        self.config = config
+        self.settings = tuple(dataclasses.replace(f.metadata[SETTING], name=f.name)
+                              for f in dataclasses.fields(config) if SETTING in f.metadata)
+        self.by_name = {s.name: s for s in self.settings}
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.settings[i]
+
+    def __len__(self) -> int:
+        return len(self.settings)
+
+    def __iter__(self) -> Iterator[Setting]:
+        return iter(self.settings)
 
 
 @dataclass(frozen=True)
@@ -83,8 +136,8 @@ def die(prog: str, message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def parse_args(prog: str, description: str, registry: Sequence[Setting],
-               argv: Sequence[str] | None, layout: Layout) -> Config:
+def parse_args(prog: str, description: str, registry: Registry,
+               argv: Sequence[str] | None, layout: Layout) -> Any:
     """Parse the command line (and ``--config FILE`` if given) into a validated Config;
     exit 2 or 78 with one line on stderr if it cannot be used."""
     try:
@@ -93,8 +146,9 @@ def parse_args(prog: str, description: str, registry: Sequence[Setting],
         die(prog, str(e), e.code)
 
 
-def load(prog: str, description: str, registry: Sequence[Setting],
-         argv: Sequence[str] | None, layout: Layout) -> Config:
+def load(prog: str, description: str, registry: Registry,
+         argv: Sequence[str] | None, layout: Layout) -> Any:
+    """A validated ``registry.config`` from the command line and ``--config FILE``."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--config", metavar="FILE", help="read settings from this TOML file "
                     f"({layout.describe}); command-line flags override it")
@@ -108,7 +162,7 @@ def load(prog: str, description: str, registry: Sequence[Setting],
         ap.add_argument(*s.flags, **kw)
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = ap.parse_args(argv)
-    cfg = Config(argv=argv)
+    cfg = registry.config(argv=argv)
     cli: dict[str, Any] = {}
     for s in registry:
         raw = getattr(ns, s.name)
@@ -124,20 +178,18 @@ def load(prog: str, description: str, registry: Sequence[Setting],
         applied = layout.tables(cli, tables)
         for name in applied:
             for key, value in tables.get(name, {}).items():
-                cfg.values[key] = value
+                setattr(cfg, key, value)
                 cfg.source[key] = f"{ns.config} [{name}]"
     for name, value in cli.items():
-        cfg.values[name] = value
+        setattr(cfg, name, value)
         cfg.source[name] = "cli"
     for s in registry:
-        if s.name not in cfg.values:
-            if s.required:
-                if ns.config:
-                    raise ConfigError(f"{ns.config}: {s.name} is not set (put it in "
-                                      f"{' or '.join(f'[{t}]' for t in applied)} or give "
-                                      f"{s.flags[0]}): {s.help}", EX_CONFIG)
-                raise ConfigError(f"{' / '.join(s.flags)} is required ({s.help})", EX_USAGE)
-            cfg.values[s.name] = s.default
+        if s.required and s.name not in cfg.source:
+            if ns.config:
+                raise ConfigError(f"{ns.config}: {s.name} is not set (put it in "
+                                  f"{' or '.join(f'[{t}]' for t in applied)} or give "
+                                  f"{s.flags[0]}): {s.help}", EX_CONFIG)
+            raise ConfigError(f"{' / '.join(s.flags)} is required ({s.help})", EX_USAGE)
     return cfg
 
 
@@ -157,10 +209,10 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text", EX_CONFIG) from None
 
 
-def check_file(path: str, data: dict[str, Any], registry: Sequence[Setting],
+def check_file(path: str, data: dict[str, Any], registry: Registry,
                layout: Layout) -> dict[str, dict[str, Any]]:
     """Every table of the file that belongs to this daemon, parsed and validated."""
-    by_name = {s.name: s for s in registry}
+    by_name = registry.by_name
     out: dict[str, dict[str, Any]] = {}
     for name, table in data.items():
         if not layout.checked(name):
@@ -187,12 +239,12 @@ def check_file(path: str, data: dict[str, Any], registry: Sequence[Setting],
     return out
 
 
-def live_changes(registry: Sequence[Setting], old: Config, new: Config
+def live_changes(registry: Registry, old: Config, new: Config
                  ) -> tuple[dict[str, Any], list[str]]:
     """What a reload may apply (name -> new value) and what needs a restart (names)."""
     live, restart = {}, []
     for s in registry:
-        a, b = old.values.get(s.name), new.values.get(s.name)
+        a, b = getattr(old, s.name), getattr(new, s.name)
         if a == b:
             continue
         if s.live:
@@ -282,15 +334,20 @@ def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     return parse
 
 
-# settings both daemons have
-COMMON = (
-    Setting("log", ("-l", "--log"), None, text,
-            "log to this file instead of stderr/journald; SIGUSR1 reopens it (log rotation)",
-            metavar="FILE", example="/var/log/tcpcopyd.log", live=True, default_text="stderr"),
-    Setting("log_level", ("--log-level",), "info",
-            choice(("debug", "info", "warning", "error")), "debug, info, warning or error",
-            metavar="LEVEL", example="info", live=True),
-    Setting("pidfile", ("-P", "--pidfile"), None, text,
-            "write the master's pid here (removed at exit)", metavar="FILE",
-            example="/run/tcpcopyd.pid"),
-)
+# settings both daemons have: each daemon's Config declares them where its docs list them
+def log_setting() -> Any:
+    return setting(("-l", "--log"), None, text,
+                   "log to this file instead of stderr/journald; SIGUSR1 reopens it (log "
+                   "rotation)", metavar="FILE", example="/var/log/tcpcopyd.log", live=True,
+                   default_text="stderr")
+
+
+def log_level_setting() -> Any:
+    return setting(("--log-level",), "info", choice(("debug", "info", "warning", "error")),
+                   "debug, info, warning or error", metavar="LEVEL", example="info", live=True)
+
+
+def pidfile_setting() -> Any:
+    return setting(("-P", "--pidfile"), None, text,
+                   "write the master's pid here (removed at exit)", metavar="FILE",
+                   example="/run/tcpcopyd.pid")

@@ -1,46 +1,33 @@
-"""What the two daemons' masters share: start-up failure messages, the version, and the
-reload (SIGHUP) that re-reads the settings and publishes the live ones to the workers
-through the shm segment."""
+"""The reload (SIGHUP): the master re-reads the settings and publishes the live ones to the
+workers through the shm segment, each value in its ``Setting.show`` form, which the workers
+parse back with the same registry (so a value has the same type in the master and in
+every worker). Also systemd's STATUS line, built from the workers' counters."""
 from __future__ import annotations
 
-import dataclasses
 import logging
-import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from shm.segment import Segment
-from tcpcopyd import logs
-from tcpcopyd.settings import Config, ConfigError, Layout, Setting, live_changes, load
+from shm.seqlock import TornRead
+from tcpcopyd.service import logs
+from tcpcopyd.service.settings import (
+    Config,
+    ConfigError,
+    Layout,
+    Registry,
+    SettingError,
+    live_changes,
+    load,
+)
 
 log = logging.getLogger("reload")
 
 
-def fail(prog: str, message: str, code: int = 1) -> int:
-    print(f"{prog}: {message}", file=sys.stderr)
-    return code
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-    try:
-        return dist_version("tcpcopyd")
-    except PackageNotFoundError:
-        return "dev"
-
-
-def jsonable(v: Any) -> Any:
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return dataclasses.asdict(v)
-    if isinstance(v, list | tuple):
-        return [jsonable(x) for x in v]
-    return v
-
-
-def live_values(registry: Sequence[Setting], cfg: Config) -> dict[str, Any]:
+def live_values(registry: Registry, cfg: Config) -> dict[str, Any]:
     """The settings a reload may change, as the workers read them from shm."""
-    return {s.name: jsonable(cfg.values[s.name]) for s in registry if s.live}
+    return {s.name: s.encode(getattr(cfg, s.name)) for s in registry if s.live}
 
 
 class Reloader:
@@ -48,9 +35,9 @@ class Reloader:
     applies what may change live (the master's logging, then the workers', which poll the
     segment) and logs what needs a restart. A file that no longer parses changes nothing."""
 
-    def __init__(self, prog: str, description: str, registry: Sequence[Setting],
+    def __init__(self, prog: str, description: str, registry: Registry,
                  layout: Layout, cfg: Config, seg: Segment,
-                 not_live: Callable[[Config, Config], list[str]] | None = None) -> None:
+                 not_live: Callable[[Any, Any], list[str]] | None = None) -> None:
         self.prog = prog
         self.description = description
         self.registry = registry
@@ -83,9 +70,11 @@ class Reloader:
                           new.log, e.strerror)
                 live.pop("log", None)
                 live.pop("log_level", None)
-        self.cfg.values.update(live)
+        self.cfg.update(live)
         self.publish()
-        applied = ", ".join(f"{k}={jsonable(v)}" for k, v in live.items()) or "nothing changed"
+        by_name = self.registry.by_name
+        applied = ", ".join(f"{k}={by_name[k].encode(v)}" for k, v in live.items()) \
+            or "nothing changed"
         log.info("reload: applied %s", applied)
         if restart:
             log.warning("reload: changed but needs a restart to apply: %s", ", ".join(restart))
@@ -95,51 +84,60 @@ class StatusLine:
     """systemd's STATUS line: rates of some counters since the last call, gauges as they
     are, summed over the workers' shm records."""
 
-    def __init__(self, seg: Segment, rates: Sequence[str], gauges: Sequence[str]) -> None:
+    def __init__(self, seg: Segment, names: tuple[str, ...], rates: Sequence[str],
+                 gauges: Sequence[str]) -> None:
         self.seg = seg
+        self.names = names
         self.rates = rates
         self.gauges = gauges
         self.last: tuple[float, dict[str, int]] | None = None
 
     def __call__(self) -> str:
-        import time
-
-        from tcpcopyd.ctl import totals
-        now, cur = time.monotonic(), totals(self.seg)
+        now, cur = time.monotonic(), self.seg.totals(self.names)
         parts = []
         if self.last is not None and now > self.last[0]:
             dt = now - self.last[0]
-            parts += [f"{name} {(cur.get(name, 0) - self.last[1].get(name, 0)) / dt:.0f}/s"
+            parts += [f"{name} {(cur[name] - self.last[1][name]) / dt:.0f}/s"
                       for name in self.rates]
-        parts += [f"{name} {cur.get(name, 0)}" for name in self.gauges]
+        parts += [f"{name} {cur[name]}" for name in self.gauges]
         self.last = (now, cur)
         return ", ".join(parts)
 
 
 class SettingsWatch:
     """A worker's view of the live settings the master publishes: ``poll()`` gives the new
-    ones once after each reload (and has already applied the logging part)."""
+    ones once after each reload, parsed back to their types and applied to ``cfg`` (the
+    logging part too)."""
 
     def __init__(self, prog: str, seg: Segment, cfg: Config) -> None:
         self.prog = prog
         self.seg = seg
         self.cfg = cfg
+        self.registry = cfg.registry()
         self.version = seg.settings_version()
 
     def poll(self) -> dict[str, Any] | None:
-        from shm.seqlock import TornRead
         v = self.seg.settings_version()
         if v == self.version or v & 1:
             return None
         try:
-            values = self.seg.read_settings()
+            published = self.seg.read_settings()
         except TornRead:
             return None
         self.version = v
-        if (values.get("log"), values.get("log_level")) != (self.cfg.log, self.cfg.log_level):
+        values = {}
+        for name, raw in published.items():
+            s = self.registry.by_name.get(name)
             try:
-                logs.setup(self.prog, values.get("log"), values.get("log_level", "info"))
+                if s is not None:
+                    values[name] = s.decode(raw)
+            except SettingError as e:
+                log.error("published setting %s = %r not applied: %s", name, raw, e)
+        log_now = (self.cfg.log, self.cfg.log_level)
+        self.cfg.update(values)
+        if (self.cfg.log, self.cfg.log_level) != log_now:
+            try:
+                logs.setup(self.prog, self.cfg.log, self.cfg.log_level)
             except OSError:
                 pass  # the master checked the file; keep the old logging if it failed here
-        self.cfg.values.update(values)
         return values

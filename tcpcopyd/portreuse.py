@@ -1,0 +1,52 @@
+"""Client ports used again while the target has not got all of the previous session.
+
+Both sessions would use the same address and port on the target, so the new one waits: its
+captured segments are held here until the previous session ends (the engine then replays
+them), at most HOLD seconds, after which the previous one is reset. Only without copies
+(-n/-f/-c/-H give each new copy a port of its own instead)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+# how long a new session waits for the previous session of its client port, seconds
+HOLD = 10.0
+
+# a captured segment: seq, ack, flags, window, options, payload
+Segment = tuple[int, int, int, int, bytes, bytes]
+
+
+class PortReuse:
+    def __init__(self) -> None:
+        # captured key -> (since, target, segments held)
+        self.held: dict[tuple, tuple[float, tuple, list[Segment]]] = {}
+        self.released: list[tuple] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.held)
+
+    def __contains__(self, cap: tuple) -> bool:
+        return cap in self.held
+
+    def hold(self, cap: tuple, now: float, target: tuple, segment: Segment) -> None:
+        """The first segment (a SYN) of a new session on a port still in use."""
+        self.held[cap] = (now, target, [segment])
+
+    def add(self, cap: tuple, segment: Segment) -> None:
+        self.held[cap][2].append(segment)
+
+    def ended(self, key: tuple) -> None:
+        """The session of ``key`` ended: a session waiting for its port may start."""
+        if key in self.held:
+            self.released.append(key)
+
+    def take_released(self) -> Iterator[tuple[tuple, tuple, list[Segment]]]:
+        """(captured key, target, segments) of the sessions whose wait is over."""
+        released, self.released = self.released, []
+        for cap in released:
+            entry = self.held.pop(cap, None)
+            if entry is not None:
+                yield cap, entry[1], entry[2]
+
+    def overdue(self, now: float) -> list[tuple]:
+        """Keys whose new session has waited longer than HOLD."""
+        return [cap for cap, (since, _t, _s) in self.held.items() if now - since > HOLD]

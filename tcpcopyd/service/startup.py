@@ -1,0 +1,50 @@
+"""What a daemon's start-up shares: the one-line failure message, the version, the pid
+file, the CPUs to pin workers to, and stop signals that arrive before the arbiter runs."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+# stop signals that arrived before the arbiter ran: the master had resources to release
+EARLY_SIGNALS: list[int] = []
+
+
+def catch_early_signals() -> None:
+    """Called first thing by a daemon: SIGTERM/SIGINT/SIGQUIT during start-up are kept for
+    the arbiter (which then stops at once, cleaning up) instead of killing the master with
+    its iptables rules and shm segment left behind."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, lambda s, _f: EARLY_SIGNALS.append(s))
+
+
+def fail(prog: str, message: str, code: int = 1) -> int:
+    print(f"{prog}: {message}", file=sys.stderr)
+    return code
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("tcpcopyd")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def write_pidfile(path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def remove_pidfile(path: str | None) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def allowed_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))

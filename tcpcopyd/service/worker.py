@@ -1,0 +1,94 @@
+"""A worker process as the arbiter sees it (gunicorn's model).
+
+The master builds the worker object before the fork, where it must not touch the process.
+In the child, ``init_process()`` resets the signals, pins the CPU, sets the title and calls
+``setup()``, where everything that can fail is opened and built; then it writes the
+worker's first heartbeat. From then on the worker is *booted*, and ``run()`` serves until a
+stop signal. A failure before booted is a boot error: the arbiter stops the service with its
+message and exit code, since a new worker would fail the same way. A failure after booted
+is a crash: the arbiter starts another worker (with backoff, see ``arbiter``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+from setproctitle import setproctitle
+
+from shm.segment import Segment
+from shm.seqlock import TornRead
+from tcpcopyd.service import logs
+
+log = logging.getLogger("worker")
+
+
+class BootError(Exception):
+    """A worker cannot start; ``code`` is the exit status the service stops with."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Worker:
+    def __init__(self, index: int, n_workers: int, cpu: int, seg: Segment) -> None:
+        self.index = index
+        self.n_workers = n_workers
+        self.cpu = cpu
+        self.seg = seg
+        self.stop: str | None = None     # "graceful" or "fast" once asked to stop
+        self.booted = False
+        self.started = 0.0
+        self.counters: list[int] = []    # published with each heartbeat
+
+    @property
+    def title(self) -> str:
+        """The process title, e.g. ``tcpcopyd: worker 2/4 cpu=1 [eth0]``."""
+        raise NotImplementedError
+
+    def init_process(self) -> None:
+        """In the child: everything before serving. Raises if the worker cannot boot."""
+        for sig, how in ((signal.SIGTERM, "graceful"), (signal.SIGINT, "fast"),
+                         (signal.SIGQUIT, "fast")):
+            signal.signal(sig, lambda _s, _f, how=how: self._on_stop(how))
+        # reloads are the master's; log reopens are forwarded by the master
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, lambda _s, _f: logs.reopen())
+        try:
+            os.sched_setaffinity(0, {self.cpu})
+        except OSError as e:
+            log.warning("cannot pin worker %d to cpu %d: %s", self.index + 1, self.cpu, e)
+        setproctitle(self.title)
+        self.started = time.time()
+        self.setup()
+        self.carry_counters()
+        self.heartbeat()
+        self.booted = True
+
+    def setup(self) -> None:
+        """Open and build what ``run()`` needs (sockets, tables, sessions carried on);
+        raise ``BootError`` (or any exception) if that cannot be done."""
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def carry_counters(self) -> None:
+        """A worker started again at an index goes on from the counters its predecessor
+        published, so that totals never go back (gauges are set again at the first
+        heartbeat's sync). A record torn by a kill is lost with its counts."""
+        try:
+            previous = self.seg.read_worker(self.index).counters
+        except TornRead:
+            return
+        for i, v in enumerate(previous[:len(self.counters)]):
+            self.counters[i] += v
+
+    def heartbeat(self) -> None:
+        """Publish the counters and say "alive" to the master (the worker's shm record)."""
+        self.seg.write_worker(self.index, os.getpid(), self.cpu, self.started, self.counters)
+
+    def _on_stop(self, how: str) -> None:
+        if self.stop != "fast":
+            self.stop = how
