@@ -1,12 +1,28 @@
 """interceptd's side of the control channel: the tcpcopyd connections one worker accepted
 (tcpcopyd's side is ``tcpcopyd.control``). It reads their 14-byte messages for the router,
 writes out the reply headers the router framed for them, and drops a connection that
-breaks the protocol or goes away. Non-blocking, on the worker's epoll."""
+breaks the protocol or goes away. Non-blocking, on the worker's epoll.
+
+Who may speak (see README, "Security model"):
+- a peer whose address is not in ``allow`` is refused: if it offers our extensions it is
+  told why, then the connection is closed; it is logged once a minute per address;
+- each worker holds at most ``max_connections`` connections, ``max_connections_per_address``
+  from one address; beyond, new ones are closed at once;
+- the first message must be the version message, and the handshake must be over within
+  HANDSHAKE_TIMEOUT (with ``secret_file``: after the proof of the shared secret, and no
+  registration is taken before);
+- out of file descriptors, accepting pauses for ACCEPT_PAUSE instead of spinning.
+Every refusal is counted.
+"""
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
+import os
 import select
 import socket
+from collections.abc import Callable
 
 from interceptd import counters as C
 from interceptd.router import Peer, Router
@@ -15,12 +31,27 @@ from tcpcopyd import wire
 log = logging.getLogger("interceptd.control")
 
 RECV_SIZE = 65536
+# seconds a connection has to finish its handshake (version message, proof of the secret)
+HANDSHAKE_TIMEOUT = 5.0
+# seconds a refused peer has to send its offer (and learn why it is refused)
+REFUSE_WAIT = 1.0
+# seconds accepting pauses when the process is out of file descriptors
+ACCEPT_PAUSE = 1.0
+# a refused address is logged at most once in this many seconds
+REFUSED_LOG_EVERY = 60.0
+# addresses remembered for that (then the memory is cleared)
+REFUSED_LOG_MAX = 10000
 
 
 class ControlServer:
     def __init__(self, listener: socket.socket, epoll: select.epoll, router: Router,
-                 counters: list[int], index: int) -> None:
-        """``listener``: the control port, shared by every worker (accept never waits)."""
+                 counters: list[int], index: int, allow: tuple = (),
+                 secret: bytes | None = None, max_peers: int = 256,
+                 max_peers_per_address: int = 64,
+                 logged: Callable[[bytes, float, float], bool] | None = None) -> None:
+        """``listener``: the control port, shared by every worker (accept never waits);
+        ``allow``: the IPv4 networks whose hosts may connect; ``logged(address, now,
+        every)``: whether a refused address is due to be logged (shared by the workers)."""
         self.listener = listener
         self.listener.setblocking(False)
         self.listen_fd = listener.fileno()
@@ -28,8 +59,15 @@ class ControlServer:
         self.router = router
         self.counters = counters
         self.index = index
+        self.allow = allow
+        self.secret = secret
+        self.max_peers = max_peers
+        self.max_peers_per_address = max_peers_per_address
         self.peers: dict[int, Peer] = {}
+        self.per_address: dict[bytes, int] = {}
         self._next_peer_id = (index << 24) + 1
+        self._paused_until = 0.0
+        self._logged = logged or _LocalLog().due
         epoll.register(self.listen_fd, select.EPOLLIN)
 
     def __len__(self) -> int:
@@ -38,7 +76,7 @@ class ControlServer:
     def on_event(self, fd: int, ev: int, now: float) -> bool:
         """Handle an epoll event if ``fd`` is the control port or one of our peers."""
         if fd == self.listen_fd:
-            self._accept()
+            self._accept(now)
             return True
         peer = self.peers.get(fd)
         if peer is None:
@@ -55,28 +93,73 @@ class ControlServer:
             if peer.out:
                 self._send(fd, peer)
 
+    def tick(self, now: float) -> None:
+        """Every round of the worker: end handshakes that took too long; accept again
+        after a pause."""
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+            self.epoll.modify(self.listen_fd, select.EPOLLIN)
+        for fd, peer in list(self.peers.items()):
+            if peer.ready:
+                continue
+            if peer.refused is not None and now - peer.since >= REFUSE_WAIT:
+                self._drop(fd, peer, None)
+            elif now - peer.since >= HANDSHAKE_TIMEOUT:
+                self.counters[C.INDEX["handshake_timeouts"]] += 1
+                self._drop(fd, peer, f"did not finish its handshake within "
+                                     f"{HANDSHAKE_TIMEOUT:g}s")
+
     def close(self) -> None:
         for fd, peer in list(self.peers.items()):
             self._drop(fd, peer, None)
 
-    def _accept(self) -> None:
+    # ---------------------------------------------------------------- accepting
+    def _accept(self, now: float) -> None:
         while True:
             try:
                 sock, addr = self.listener.accept()
             except BlockingIOError:
                 return
             except OSError as e:
-                log.warning("accept: %s", e)
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause(now, e)
+                elif e.errno != errno.ECONNABORTED:
+                    log.warning("accept: %s", e)
                 return
+            address = socket.inet_aton(addr[0])
+            if len(self.peers) >= self.max_peers or \
+                    self.per_address.get(address, 0) >= self.max_peers_per_address:
+                self.counters[C.INDEX["peers_over_limit"]] += 1
+                _reset(sock)
+                continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = Peer(sock, f"{addr[0]}:{addr[1]}", self._next_peer_id)
+            peer = Peer(sock, f"{addr[0]}:{addr[1]}", self._next_peer_id, address, now)
             self._next_peer_id += 1
             self.peers[sock.fileno()] = peer
+            self.per_address[address] = self.per_address.get(address, 0) + 1
             self.epoll.register(sock.fileno(), select.EPOLLIN)
             self.counters[C.INDEX["peers_accepted"]] += 1
+            if not any(ipaddress.IPv4Address(addr[0]) in net for net in self.allow):
+                peer.refused = f"{addr[0]} is not in its allow list"
+                self.counters[C.INDEX["peers_refused"]] += 1
+                if self._logged(address, now, REFUSED_LOG_EVERY):
+                    log.warning("refused a control connection from %s: not in allow (add "
+                                "the online host's address to allow in "
+                                "/etc/interceptd.conf, or --allow)", addr[0])
+                continue
             log.info("tcpcopyd %s connected to worker %d", peer.name, self.index + 1)
 
+    def _pause(self, now: float, e: OSError) -> None:
+        """Out of descriptors (or memory): stop accepting for a while rather than spin on a
+        connection the kernel keeps offering."""
+        self.counters[C.INDEX["accept_paused"]] += 1
+        self._paused_until = now + ACCEPT_PAUSE
+        self.epoll.modify(self.listen_fd, 0)
+        log.warning("accept: %s: accepting control connections again in %gs",
+                    e.strerror, ACCEPT_PAUSE)
+
+    # ---------------------------------------------------------------- a peer
     def _on_peer(self, fd: int, peer: Peer, ev: int, now: float) -> None:
         if ev & select.EPOLLIN:
             try:
@@ -87,17 +170,15 @@ class ControlServer:
                 self._drop(fd, peer, e.strerror)
                 return
             if data == b"":
-                self._drop(fd, peer, "closed the connection")
+                self._drop(fd, peer, None if peer.refused else "closed the connection")
                 return
             if data:
                 peer.inbuf += data
-                on_message = self.router.on_message
                 try:
-                    for kind, cip, cport, _tip, _tport in wire.parse_client_messages(
-                            peer.inbuf):
-                        on_message(peer, kind, cip, cport, now)
+                    for msg in wire.parse_client_messages(peer.inbuf):
+                        self._on_message(peer, msg, now)
                 except wire.ProtocolError as e:
-                    self._drop(fd, peer, str(e))
+                    self._drop(fd, peer, None if peer.refused else str(e))
                     return
         elif ev & (select.EPOLLERR | select.EPOLLHUP):
             self._drop(fd, peer, "connection error")
@@ -105,6 +186,68 @@ class ControlServer:
         if ev & select.EPOLLOUT:
             self._send(fd, peer)
 
+    def _on_message(self, peer: Peer, msg: tuple, now: float) -> None:
+        """One message: the handshake's here, registrations to the router once it is over.
+        Raises ProtocolError to drop the connection."""
+        kind, cip, cport, tip, tport = msg
+        if not peer.versioned:
+            if kind != wire.VERSION and (cip != b"\0\0\0\0" or cport):
+                self.counters[C.INDEX["bad_peers"]] += 1
+                raise wire.ProtocolError("did not begin with the version message (not a "
+                                         "tcpcopyd?)")
+            self.router.on_message(peer, kind, cip, cport, now)   # the version check
+            if not peer.versioned:
+                self.counters[C.INDEX["bad_peers"]] += 1
+                raise wire.ProtocolError("did not begin with the version message")
+            peer.ready = peer.refused is None and self.secret is None
+            return
+        if kind == wire.HELLO:
+            self._on_hello(peer, int.from_bytes(cip, "big"))
+        elif kind == wire.PROOF:
+            self._on_proof(peer, wire.proof_part(cip, cport, tip, tport))
+        elif peer.refused is not None:
+            raise wire.ProtocolError("refused")
+        elif not peer.ready:
+            self.counters[C.INDEX["auth_failures"]] += 1
+            self._refuse(peer, wire.SECRET_WANTED, "it wants the shared secret")
+        else:
+            self.router.on_message(peer, kind, cip, cport, now, tip, tport)
+
+    def _on_hello(self, peer: Peer, features: int) -> None:
+        peer.offered = True
+        if peer.refused is not None:
+            self._refuse(peer, wire.NOT_ALLOWED, peer.refused)
+        if self.secret is None:
+            peer.out += wire.ext_frame(wire.EXT_WELCOME)
+        elif not features & wire.FEATURE_AUTH:
+            self.counters[C.INDEX["auth_failures"]] += 1
+            self._refuse(peer, wire.SECRET_WANTED, "it wants the shared secret")
+        else:
+            peer.nonce = os.urandom(wire.NONCE_SIZE)
+            peer.out += wire.ext_frame(wire.EXT_WELCOME, wire.FEATURE_AUTH, peer.nonce)
+
+    def _on_proof(self, peer: Peer, part: bytes) -> None:
+        if not peer.nonce or peer.ready:
+            raise wire.ProtocolError("a proof nobody asked for")
+        peer.proof += part
+        if len(peer.proof) < 12 * wire.PROOF_PARTS:
+            return
+        if not wire.check_proof(self.secret, peer.nonce, bytes(peer.proof)):
+            self.counters[C.INDEX["auth_failures"]] += 1
+            self._refuse(peer, wire.WRONG_PROOF, "wrong proof of the shared secret")
+        peer.ready = True
+        log.info("tcpcopyd %s proved the shared secret", peer.name)
+
+    def _refuse(self, peer: Peer, why: int, words: str) -> None:
+        """Tell the peer why (if it offered our extensions), then drop it."""
+        if peer.offered:
+            try:
+                peer.sock.send(wire.refused_frame(why, words))
+            except OSError:
+                pass
+        raise wire.ProtocolError(f"refused: {words} ({wire.REFUSAL_FIX[why]})")
+
+    # ---------------------------------------------------------------- output, end
     def _send(self, fd: int, peer: Peer) -> None:
         try:
             n = peer.sock.send(peer.out)
@@ -121,8 +264,38 @@ class ControlServer:
             log.info("tcpcopyd %s %s", peer.name, why)
         self.router.drop_peer(peer)
         self.peers.pop(fd, None)
+        n = self.per_address.get(peer.address, 1) - 1
+        if n:
+            self.per_address[peer.address] = n
+        else:
+            self.per_address.pop(peer.address, None)
         try:
             self.epoll.unregister(fd)
         except (OSError, ValueError):
             pass
         peer.sock.close()
+
+
+class _LocalLog:
+    """This worker's own memory of refused addresses logged (when none is shared)."""
+
+    def __init__(self) -> None:
+        self.last: dict[bytes, float] = {}
+
+    def due(self, address: bytes, now: float, every: float) -> bool:
+        last = self.last.get(address)
+        if last is not None and now - last < every:
+            return False
+        if len(self.last) >= REFUSED_LOG_MAX:
+            self.last.clear()
+        self.last[address] = now
+        return True
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close at once with a reset (SO_LINGER 0): nothing of ours lingers."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    except OSError:
+        pass
+    sock.close()

@@ -20,6 +20,15 @@ NAMES = (
     "handed_in",          # reply headers received from other workers
     "handoff_full",       # reply headers dropped because a hand-off ring was full
     "route_table_full",   # sessions not published in the shared route table (full)
+    "peers_refused",      # control connections from addresses not in `allow`
+    "peers_over_limit",   # control connections closed at once: max_connections(_per_address)
+    "handshake_timeouts",  # control connections closed: no handshake within the time allowed
+    "bad_peers",          # control connections closed: the first message was not the version
+    "auth_failures",      # control connections closed: no (or a wrong) proof of the secret
+    "routes_refused",     # registrations of a session another peer address holds (refused)
+    "routes_over_limit",  # registrations refused: max_routes(_per_connection) reached
+    "replies_foreign",    # replies whose source is not their session's registered target
+    "accept_paused",      # times accept stopped for a while: out of file descriptors
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 GAUGES = frozenset({"peers", "routes"})

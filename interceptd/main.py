@@ -15,8 +15,9 @@ from shm import segment as shmseg
 from tcpcopyd import capture
 from tcpcopyd.service import capabilities, logs
 from tcpcopyd.service.arbiter import Arbiter
+from tcpcopyd.service.instance import InstanceError, InstanceLock
 from tcpcopyd.service.reload import Reloader, StatusLine
-from tcpcopyd.service.settings import EX_CONFIG, parse_args
+from tcpcopyd.service.settings import EX_CONFIG, ConfigError, load_secret, parse_args
 from tcpcopyd.service.startup import (
     allowed_cpus,
     catch_early_signals,
@@ -49,6 +50,10 @@ def fail(message: str, code: int = 1) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(PROG, DESCRIPTION, REGISTRY, argv, LAYOUT)
+    try:
+        load_secret(cfg)
+    except ConfigError as e:
+        return fail(str(e), e.code)
     catch_early_signals()
     missing = capabilities.missing(("CAP_NET_ADMIN", "CAP_NET_RAW"))
     if missing:
@@ -62,8 +67,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.queues = len(allowed_cpus())
     if cfg.queue_num + cfg.queues > 65536:
         return fail("--queue-num + --queues exceeds 65535")
-    if cfg.interface:
-        return assistant(cfg)
+    try:
+        lock = InstanceLock(cfg.instance).acquire()
+    except InstanceError as e:
+        return fail(str(e))
+    try:
+        return assistant(cfg) if cfg.interface else intercept(cfg)
+    finally:
+        lock.release()
+
+
+def intercept(cfg: Settings) -> int:
+    """NFQUEUE mode, with the instance taken: bind the queues, then serve."""
     try:
         from netfilterqueue import NetfilterQueue
     except ImportError as e:
@@ -112,12 +127,12 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        listener.bind((cfg.bind, cfg.port))
+        listener.bind((cfg.listen, cfg.port))
         listener.listen(128)
     except OSError as e:
         listener.close()
         release()
-        return fail(f"cannot listen on {cfg.bind}:{cfg.port}: {e.strerror}")
+        return fail(f"cannot listen on {cfg.listen}:{cfg.port}: {e.strerror}")
     tag = f"interceptd:{cfg.instance}"
     installed: list[list[str]] = []
     if not cfg.no_iptables:
@@ -130,7 +145,7 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
     try:
         seg = shmseg.create(cfg.instance, KIND, cfg.queues, 0, 64,
                             label=",".join(map(str, cfg.service_port)),
-                            extra_size=shared.extra_size(cfg.queues))
+                            extra_size=shared.extra_size(cfg.queues, cfg.max_routes))
     except (shmseg.SegmentError, OSError) as e:
         rules.remove(installed)
         listener.close()
@@ -145,7 +160,7 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
         source = f"NFQUEUE {cfg.queue_num}..{cfg.queue_num + cfg.queues - 1}" + (
             "" if installed else " (rules managed by the operator)")
     log.info("interceptd %s: service ports %s, %s, control %s:%d", version(),
-             ",".join(map(str, cfg.service_port)), source, cfg.bind, cfg.port)
+             ",".join(map(str, cfg.service_port)), source, cfg.listen, cfg.port)
 
     def factory(index: int, cpu: int) -> Worker:
         return Worker(cfg, index, cpu, seg, listener, sources[index], wakeups)

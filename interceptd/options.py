@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 
 from tcpcopyd import wire
 from tcpcopyd.service.settings import (
@@ -9,14 +10,18 @@ from tcpcopyd.service.settings import (
     Layout,
     Registry,
     boolean,
+    instance_name,
     int_range,
     ipv4,
     log_level_setting,
     log_setting,
+    networks,
     pidfile_setting,
     port,
     port_list,
+    secret_file_setting,
     setting,
+    show_networks,
     text,
 )
 
@@ -32,9 +37,33 @@ class Settings(Config):
     port: int = setting(
         ("-p", "--port"), wire.DEFAULT_PORT, port,
         "control port tcpcopyd connects to", metavar="PORT", example=wire.DEFAULT_PORT)
-    bind: str = setting(
-        ("-b", "--bind"), "0.0.0.0", ipv4, "address of the control port",
-        metavar="ADDR", example="0.0.0.0")
+    listen: str = setting(
+        ("-b", "--listen"), "0.0.0.0", ipv4,
+        "address the control port listens on (0.0.0.0: every address; which peers may "
+        "connect is `allow`)", metavar="ADDR", example="0.0.0.0")
+    allow: tuple[IPv4Network, ...] = setting(
+        ("--allow",), (IPv4Network("127.0.0.0/8"),), networks,
+        "networks whose hosts may connect to the control port, e.g. the online hosts' "
+        "addresses; anyone else is refused (logged once a minute per address, counted)",
+        metavar="CIDR[,CIDR...]", example=["198.18.2.0/24"], show=show_networks,
+        default_text="127.0.0.0/8 (loopback only)")
+    secret_file: str | None = secret_file_setting()
+    max_connections: int = setting(
+        ("--max-connections",), 256, int_range(1, 65536),
+        "control connections each worker holds at most (more are closed at once, counted)",
+        metavar="N", example=256)
+    max_connections_per_address: int = setting(
+        ("--max-connections-per-address",), 64, int_range(1, 65536),
+        "control connections from one address each worker holds at most", metavar="N",
+        example=64)
+    max_routes: int = setting(
+        ("--max-routes",), 131072, int_range(16, 1 << 22),
+        "sessions each worker routes at most, over all its connections (more "
+        "registrations are refused, counted)", metavar="N", example=131072)
+    max_routes_per_address: int = setting(
+        ("--max-routes-per-address",), 65536, int_range(16, 1 << 22),
+        "sessions the connections from one address may hold in each worker (beyond: "
+        "that address's oldest is dropped, counted)", metavar="N", example=65536)
     interface: str | None = setting(
         ("-i", "--interface"), None, text,
         "assistant mode: take the target's replies from this interface (AF_PACKET, one "
@@ -57,8 +86,9 @@ class Settings(Config):
     log_level: str = log_level_setting()
     pidfile: str | None = pidfile_setting()
     instance: str = setting(
-        ("--instance",), "interceptd", text,
-        "name of the shm segment and tag of the iptables rules", metavar="NAME",
+        ("--instance",), "interceptd", instance_name,
+        "name of this instance: its lock and shm segment in /run/tcpcopyd, the tag of its "
+        "iptables rules (one daemon per name)", metavar="NAME",
         example="interceptd")
 
 

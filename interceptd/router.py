@@ -6,9 +6,18 @@ whichever worker reads its queue. So every worker publishes the sessions registe
 connections in a shared-memory key table, and a reply caught by another worker is handed
 to the owner through a shared-memory ring. A reply whose session nobody registered yet
 (the SYN-ACK race) waits in a short-lived delay table and is looked up again.
+
+Registrations are checked: a session another peer address holds is refused (the
+connections of one tcpcopyd, which share its address, may move it among themselves or
+end it from any of them, as the C tcpcopy does), and so is one beyond the routes a worker
+holds in all; an address beyond its own share loses its oldest route (a C tcpcopy may end
+a session on another connection than it began it, so stale routes of its own age out this
+way). A reply whose source is not the target its session was registered for (a forgery,
+in assistant mode) is dropped. Every refusal is counted.
 """
 from __future__ import annotations
 
+import itertools
 import socket
 
 from interceptd import counters as C
@@ -19,37 +28,62 @@ from tcpcopyd import wire
 DELAY_SECONDS = 3.0
 # most reply headers waiting at once
 DELAY_MAX = 65536
+# sessions of the delay table looked up again per round (every 0.1 s): the work of a
+# round is bounded however full the table is
+DELAY_RETRY_BUDGET = 2048
 # a peer with more unsent bytes than this stopped reading: its replies are dropped
-PEER_MAX_PENDING = 16 << 20
+PEER_MAX_PENDING = 4 << 20
+# the target of a session registered with zeros (not given): replies from anywhere
+ANY_TARGET = bytes(6)
 
 
 class Peer:
     """One tcpcopyd control connection."""
 
-    __slots__ = ("sock", "name", "id", "inbuf", "pending", "out", "alive", "versioned", "keys")
+    __slots__ = ("sock", "name", "id", "address", "inbuf", "pending", "out", "alive",
+                 "versioned", "since", "ready", "offered", "nonce", "proof",
+                 "refused")
 
-    def __init__(self, sock: socket.socket, name: str, peer_id: int = 0) -> None:
+    def __init__(self, sock: socket.socket, name: str, peer_id: int = 0,
+                 address: bytes = b"\0\0\0\0", since: float = 0.0) -> None:
         self.sock = sock
         self.name = name
         self.id = peer_id
+        self.address = address           # the peer's IPv4 address (owner of its routes)
         self.inbuf = bytearray()
         self.pending: list[bytes] = []   # reply headers not yet framed
         self.out = bytearray()           # framed bytes not yet sent
         self.alive = True
         self.versioned = False
-        self.keys: set[bytes] = set()    # sessions this peer registered
+        self.since = since               # accepted at (monotonic)
+        self.ready = False               # handshake over: registrations taken
+        self.offered = False             # sent a HELLO: extension frames may go to it
+        self.nonce = b""                 # the challenge it must prove the secret on
+        self.proof = bytearray()         # PROOF parts received so far
+        self.refused: str | None = None  # why it is refused (it is told if it offered)
 
 
 def route_key(ip: bytes, port: int) -> bytes:
     return ip + port.to_bytes(2, "big")
 
 
+def owner_id(peer: Peer) -> int:
+    """What the shared route table records of a route's holder: its peer address."""
+    return int.from_bytes(peer.address, "big")
+
+
 class Router:
-    def __init__(self, counters: list[int], index: int = 0, table: KeyTable | None = None
-                 ) -> None:
+    def __init__(self, counters: list[int], index: int = 0, table: KeyTable | None = None,
+                 max_routes: int = 131072, max_routes_per_address: int = 65536) -> None:
         self.counters = counters
         self.index = index
-        self.routes: dict[bytes, Peer] = {}
+        self.max_routes = max_routes
+        self.max_routes_per_address = max_routes_per_address
+        # client address + port -> (peer, target address + port registered with it)
+        self.routes: dict[bytes, tuple[Peer, bytes]] = {}
+        # peer address -> its routes, oldest registration first
+        self.by_address: dict[bytes, dict[bytes, None]] = {}
+        self._targets: dict[bytes, bytes] = {}   # one bytes object per target (memory)
         self.delayed: dict[bytes, list[tuple[float, bytes]]] = {}
         self.n_delayed = 0
         self.table = table if table is not None and table.regions > 1 else None
@@ -58,27 +92,29 @@ class Router:
 
     # --------------------------------------------------------------- control messages
     def on_message(self, peer: Peer, kind: int, client_ip: bytes, client_port: int,
-                   now: float) -> None:
+                   now: float, target_ip: bytes = b"\0\0\0\0", target_port: int = 0) -> None:
         cnt = self.counters
         if kind == wire.CLIENT_ADD:
             cnt[C.INDEX["client_add"]] += 1
             key = route_key(client_ip, client_port)
-            self.routes[key] = peer
-            peer.keys.add(key)
-            if self.shared is not None and not self.shared.put(key, peer.id):
-                cnt[C.INDEX["route_table_full"]] += 1
+            if not self._may_register(peer, key):
+                return
+            target = target_ip + target_port.to_bytes(2, "big")
+            target = self._targets.setdefault(target, target)
+            if len(self._targets) > 4096:
+                self._targets.clear()
+            self._add_route(peer, key, target)
             held = self.delayed.pop(key, None)
             if held:
                 self.n_delayed -= len(held)
-                peer.pending.extend(h for _, h in held)
+                for _, h in held:
+                    self._to_peer(peer, target, h)
         elif kind == wire.CLIENT_DEL:
             cnt[C.INDEX["client_del"]] += 1
             key = route_key(client_ip, client_port)
-            if self.routes.get(key) is peer:
-                del self.routes[key]
-                if self.shared is not None:
-                    self.shared.remove(key)
-            peer.keys.discard(key)
+            entry = self.routes.get(key)
+            if entry is not None and entry[0].address == peer.address:
+                self._remove_route(key)
         elif kind == wire.VERSION and client_ip == b"\0\0\0\0" and client_port == 0:
             peer.versioned = True
         elif client_ip == b"\0\0\0\0" and client_port == 0 and not peer.versioned:
@@ -90,22 +126,62 @@ class Router:
         else:
             cnt[C.INDEX["bad_messages"]] += 1
 
+    def _may_register(self, peer: Peer, key: bytes) -> bool:
+        """A registration is refused when another peer address holds the session (here or
+        at another worker), or when the worker holds all the routes it may; counted."""
+        entry = self.routes.get(key)
+        holder = entry[0].address if entry is not None else None
+        if holder is None and self.table is not None:
+            found = self.table.find(key, skip=self.index)
+            if found is not None:
+                holder = found[1].to_bytes(4, "big")
+        if holder is not None and holder != peer.address:
+            self.counters[C.INDEX["routes_refused"]] += 1
+            return False
+        if entry is None and len(self.routes) >= self.max_routes:
+            self.counters[C.INDEX["routes_over_limit"]] += 1
+            return False
+        return True
+
+    def _add_route(self, peer: Peer, key: bytes, target: bytes) -> None:
+        mine = self.by_address.get(peer.address)
+        if mine is not None:
+            if key in mine:
+                self._remove_route(key)      # registered again: to the back, maybe moved
+            elif len(mine) >= self.max_routes_per_address:
+                self._remove_route(next(iter(mine)))
+                self.counters[C.INDEX["routes_over_limit"]] += 1
+        self.routes[key] = (peer, target)
+        self.by_address.setdefault(peer.address, {})[key] = None
+        if self.shared is not None and not self.shared.put(key, owner_id(peer)):
+            self.counters[C.INDEX["route_table_full"]] += 1
+
+    def _remove_route(self, key: bytes) -> None:
+        peer, _ = self.routes.pop(key)
+        mine = self.by_address[peer.address]
+        del mine[key]
+        if not mine:
+            del self.by_address[peer.address]
+        if self.shared is not None:
+            self.shared.remove(key)
+
+    def routes_of(self, peer: Peer) -> list[bytes]:
+        """The sessions ``peer`` holds."""
+        routes = self.routes
+        return [k for k in self.by_address.get(peer.address, ()) if routes[k][0] is peer]
+
     def drop_peer(self, peer: Peer) -> None:
         peer.alive = False
-        for key in peer.keys:
-            if self.routes.get(key) is peer:
-                del self.routes[key]
-                if self.shared is not None:
-                    self.shared.remove(key)
-        peer.keys.clear()
+        for key in self.routes_of(peer):
+            self._remove_route(key)
 
     # --------------------------------------------------------------- replies
     def route(self, header: bytes, now: float) -> None:
         """Route one 64-byte reply header caught by this worker."""
         key = header[16:20] + header[22:24]   # destination ip + destination port
-        peer = self.routes.get(key)
-        if peer is not None:
-            peer.pending.append(header)
+        entry = self.routes.get(key)
+        if entry is not None:
+            self._to_peer(entry[0], entry[1], header)
             return
         if self.table is not None:
             found = self.table.find(key, skip=self.index)
@@ -117,11 +193,19 @@ class Router:
     def deliver(self, header: bytes, now: float) -> None:
         """A reply header handed over by another worker: ours, or it waits."""
         key = header[16:20] + header[22:24]
-        peer = self.routes.get(key)
-        if peer is not None:
-            peer.pending.append(header)
+        entry = self.routes.get(key)
+        if entry is not None:
+            self._to_peer(entry[0], entry[1], header)
         else:
             self._delay(key, header, now)
+
+    def _to_peer(self, peer: Peer, target: bytes, header: bytes) -> None:
+        """Queue a reply for its peer if it comes from the target its session was
+        registered for (source address + port)."""
+        if target != header[12:16] + header[20:22] and target != ANY_TARGET:
+            self.counters[C.INDEX["replies_foreign"]] += 1
+            return
+        peer.pending.append(header)
 
     def _delay(self, key: bytes, header: bytes, now: float) -> None:
         if self.n_delayed >= DELAY_MAX:
@@ -133,21 +217,23 @@ class Router:
 
     def retry_delayed(self, now: float) -> None:
         """Hand waiting replies to the worker that registered their session since, and drop
-        those that waited too long."""
+        those that waited too long. At most DELAY_RETRY_BUDGET sessions a round: those
+        still waiting go to the back, so every one is looked at in turn."""
         limit = now - DELAY_SECONDS
-        for key in list(self.delayed):
-            held = self.delayed[key]
-            target = None
+        delayed = self.delayed
+        for key in list(itertools.islice(delayed, DELAY_RETRY_BUDGET)):
+            held = delayed.pop(key)
+            worker = None
             if self.table is not None:
                 found = self.table.find(key, skip=self.index)
-                target = None if found is None else found[0]
-            if target is not None:
-                self.outbox.setdefault(target, []).extend(h for _, h in held)
+                worker = None if found is None else found[0]
+            if worker is not None:
+                self.outbox.setdefault(worker, []).extend(h for _, h in held)
             elif held[-1][0] >= limit:
+                delayed[key] = held           # to the back of the line
                 continue
             else:
                 self.counters[C.INDEX["delay_expired"]] += len(held)
-            del self.delayed[key]
             self.n_delayed -= len(held)
 
     def frame(self, peer: Peer) -> None:

@@ -1,33 +1,66 @@
-"""interceptd's part of its shm segment: the route key table (one region per worker) and a
-hand-off ring for every ordered pair of workers."""
+"""interceptd's part of its shm segment: a memory of the refused addresses lately logged
+(so that every worker does not log the same one), then, with several workers, the route
+key table (one region per worker) and a hand-off ring for every ordered pair of workers."""
 from __future__ import annotations
+
+import struct
 
 from shm.keytable import KeyTable, region_size
 from shm.ring import Ring, ring_size
 from shm.segment import Segment
 from tcpcopyd import wire
 
-# buckets per worker in the route table (sessions registered on that worker's connections)
-ROUTE_BUCKETS = 1 << 16
+
+def route_buckets(max_routes: int) -> int:
+    """Buckets per worker in the route table: room for ``max_routes`` sessions, the table
+    at most 3/4 full (a power of two)."""
+    return 1 << (max_routes * 4 // 3).bit_length()
 
 
 def ring_capacity(workers: int) -> int:
     return 4096 if workers <= 4 else 1024
 
 
-def extra_size(workers: int) -> int:
+# the refused-address memory: this many entries of (address, monotonic time logged)
+LOGGED_SLOTS = 256
+LOGGED = struct.Struct("<4s4xd")
+LOGGED_SIZE = LOGGED_SLOTS * LOGGED.size
+
+
+def extra_size(workers: int, max_routes: int) -> int:
     if workers == 1:
-        return 0
+        return LOGGED_SIZE
     rings = workers * workers * ring_size(ring_capacity(workers), wire.REPLY_SIZE)
-    return workers * region_size(ROUTE_BUCKETS) + rings
+    return LOGGED_SIZE + workers * region_size(route_buckets(max_routes)) + rings
+
+
+class RefusalLog:
+    """Whether a refused address was logged in the last ``every`` seconds, by any worker.
+    The entries are written without a lock: two workers may now and then both log one
+    address, which is all a race can cost."""
+
+    def __init__(self, seg: Segment) -> None:
+        self.mm = seg.mm
+        self.off = seg.extra_off
+
+    def due(self, address: bytes, now: float, every: float) -> bool:
+        """True (and remembered) if ``address`` should be logged now."""
+        off = self.off + hash(address) % LOGGED_SLOTS * LOGGED.size
+        seen, when = LOGGED.unpack_from(self.mm, off)
+        if seen == address and now - when < every:
+            return False
+        LOGGED.pack_into(self.mm, off, address, now)
+        return True
 
 
 class Shared:
-    def __init__(self, seg: Segment) -> None:
+    def __init__(self, seg: Segment, max_routes: int) -> None:
         w = seg.n_workers
         self.workers = w
-        self.table = KeyTable(seg.mm, seg.extra_off, w, ROUTE_BUCKETS)
-        self._rings_off = seg.extra_off + w * region_size(ROUTE_BUCKETS)
+        buckets = route_buckets(max_routes)
+        base = seg.extra_off + LOGGED_SIZE
+        self.table = KeyTable(seg.mm, base, w, buckets)
+        self._rings_off = base + w * region_size(buckets)
         self._cap = ring_capacity(w)
         self._ring_size = ring_size(self._cap, wire.REPLY_SIZE)
         self.mm = seg.mm

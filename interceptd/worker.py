@@ -15,7 +15,7 @@ from interceptd import counters as C
 from interceptd.control import ControlServer
 from interceptd.options import Settings
 from interceptd.router import Router
-from interceptd.shared import Shared
+from interceptd.shared import RefusalLog, Shared
 from shm.segment import Segment
 from tcpcopyd import wire
 from tcpcopyd.capture import stats as capture_stats
@@ -67,8 +67,9 @@ class Worker(service_worker.Worker):
         global _handler
         self.counters = [0] * len(C.NAMES)
         n = self.n_workers
-        shared = Shared(self.seg) if n > 1 else None
-        self.router = Router(self.counters, self.index, shared.table if shared else None)
+        shared = Shared(self.seg, self.cfg.max_routes) if n > 1 else None
+        self.router = Router(self.counters, self.index, shared.table if shared else None,
+                             self.cfg.max_routes, self.cfg.max_routes_per_address)
         # hand-off rings: from every other worker to us, and from us to every other one
         self.inbound = [shared.ring(src, self.index) for src in range(n)
                         if src != self.index] if shared else []
@@ -83,8 +84,11 @@ class Worker(service_worker.Worker):
             _handler = self._on_nfqueue_packet
         self.epoll.register(self.source_fd, select.EPOLLIN)
         self.epoll.register(self.wakeups[self.index], select.EPOLLIN)
+        cfg = self.cfg
         self.control = ControlServer(self.listener, self.epoll, self.router, self.counters,
-                                     self.index)
+                                     self.index, cfg.allow, cfg.secret, cfg.max_connections,
+                                     cfg.max_connections_per_address,
+                                     RefusalLog(self.seg).due)
         self.watch = SettingsWatch("interceptd", self.seg, self.cfg)
         self.buf = bytearray(65536)
         log.info("worker %d reading %s, control port %s:%d", self.index + 1,
@@ -128,6 +132,7 @@ class Worker(service_worker.Worker):
         logging is live here: the watch applies it), the gauges, the heartbeat."""
         cnt = self.counters
         self.router.retry_delayed(now)
+        self.control.tick(now)
         self.watch.poll()
         cnt[C.INDEX["peers"]] = len(self.control)
         cnt[C.INDEX["routes"]] = len(self.router.routes)

@@ -43,10 +43,12 @@ class KeyTable:
 
     @staticmethod
     def _hash(key: bytes) -> int:
-        """The same in every process (unlike hash(), which is salted per interpreter)."""
-        h = int.from_bytes(key, "big")
-        h ^= h >> 17
-        return (h * 0x9E3779B1) >> 16
+        """Python's own hash of bytes: SipHash keyed with a secret the interpreter draws at
+        start, so nobody outside can craft keys that collide (a table full of them would
+        make every lookup a scan). The workers are forked from one master and share its
+        secret; a process started apart (tcpcopyctl) computes other hashes and must not
+        look keys up."""
+        return hash(key)
 
     def lookup(self, region: int, key: bytes) -> int | None:
         h = self._hash(key)

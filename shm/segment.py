@@ -1,4 +1,5 @@
-"""A named shared-memory segment in /dev/shm: header, worker records, slot table.
+"""A named shared-memory segment, ``NAME.shm`` in the runtime directory (``shm.rundir``, a
+tmpfs): header, worker records, slot table.
 
 Every record's fields are declared once below (``shm.record.Record``). Layout
 (little-endian numbers; addresses inside records are network order):
@@ -19,10 +20,11 @@ import os
 import time
 from dataclasses import dataclass
 
-from shm import seqlock
+from shm import rundir, seqlock
 from shm.record import Record
 
-SHM_DIR = "/dev/shm"
+# a segment's file name: NAME + SUFFIX in the runtime directory
+SUFFIX = ".shm"
 MAGIC = b"TCPCSHM1"
 LAYOUT_VERSION = 3
 HEADER = Record("Header", (
@@ -40,7 +42,7 @@ HEADER = Record("Header", (
 HEADER_SIZE = 64
 assert HEADER.size <= HEADER_SIZE
 # per-worker counters kept in shm (unused ones stay 0)
-N_COUNTERS = 40
+N_COUNTERS = 64
 # one per worker, written by that worker (seqlock)
 WORKER = Record("Worker", (
     ("pid", "I"),
@@ -105,7 +107,7 @@ class Segment:
 
     @property
     def name(self) -> str:
-        return os.path.basename(self.path)
+        return os.path.basename(self.path)[:-len(SUFFIX)]
 
     def slot_offset(self, slot: int) -> int:
         return self.slots_off + slot * self.slot_size
@@ -191,16 +193,20 @@ def _layout(n_workers: int, n_slots: int, slot_size: int, extra_size: int
 
 
 def _path(name: str) -> str:
-    if "/" in name or not name:
+    if "/" in name or not name or name.startswith("."):
         raise SegmentError(f"bad segment name {name!r}")
-    return os.path.join(SHM_DIR, name)
+    return os.path.join(rundir.RUNTIME_DIR, name + SUFFIX)
 
 
 def create(name: str, kind: int, n_workers: int, n_slots: int, slot_size: int,
            label: str = "", extra_size: int = 0) -> Segment:
     """Create (or replace a stale) segment. Fails if a live master owns it."""
     path = _path(name)
-    if os.path.exists(path):
+    try:
+        rundir.ensure()
+    except OSError as e:
+        raise SegmentError(f"runtime directory: {e}") from None
+    if os.path.lexists(path):
         try:
             old = attach(name)
         except SegmentError:
@@ -213,7 +219,8 @@ def create(name: str, kind: int, n_workers: int, n_slots: int, slot_size: int,
                                    f"stop it first or choose another --instance")
         os.unlink(path)
     size = _layout(n_workers, n_slots, slot_size, extra_size)[-1]
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
     try:
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size)
@@ -225,12 +232,20 @@ def create(name: str, kind: int, n_workers: int, n_slots: int, slot_size: int,
 
 
 def attach(name: str) -> Segment:
+    """Map an existing segment; refuses one that is not a plain file of root's (or ours),
+    writable by nobody else, whose header does not match its size."""
     path = _path(name)
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SegmentError(f"{path} does not exist (is the daemon running?)") from None
+    except OSError as e:
+        raise SegmentError(f"{path}: {e.strerror}") from None
     try:
+        try:
+            rundir.trusted(os.fstat(fd), path)
+        except rundir.UntrustedPath as e:
+            raise SegmentError(str(e)) from None
         size = os.fstat(fd).st_size
         if size < HEADER_SIZE:
             raise SegmentError(f"{path}: {size} bytes is too small")
@@ -245,7 +260,9 @@ def attach(name: str) -> Segment:
 
 
 def list_segments(prefix: str) -> list[str]:
-    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(SHM_DIR, prefix + "*")))
+    """Names of the segments in the runtime directory that start with ``prefix``."""
+    pattern = os.path.join(glob.escape(rundir.RUNTIME_DIR), glob.escape(prefix) + "*" + SUFFIX)
+    return sorted(os.path.basename(p)[:-len(SUFFIX)] for p in glob.glob(pattern))
 
 
 def _alive(pid: int) -> bool:

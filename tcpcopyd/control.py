@@ -1,5 +1,12 @@
 """tcpcopyd's control connection to one interceptd: registers sessions (CLIENT_ADD/DEL) and
-receives the target's reply headers. Non-blocking; reconnects with backoff, forever."""
+receives the target's reply headers. Non-blocking; reconnects with backoff, forever.
+
+After the version message it offers our extensions (``wire.HELLO``). Without a shared
+secret the link is up at once (a C intercept just ignores the offer). With one, the link
+waits for interceptd's answer: a challenge is answered with the proof, and the link is
+up; no answer within HELLO_WAIT means an interceptd without extensions (a C intercept),
+and the link goes up unauthenticated, with a warning. A refusal is logged with its reason.
+"""
 from __future__ import annotations
 
 import errno
@@ -19,11 +26,17 @@ RETRY_MAX = 5.0
 # unsent control bytes above this mean interceptd stopped reading: drop the connection
 MAX_PENDING = 8 << 20
 RECV_SIZE = 256 * 1024
+# how long a link with a secret waits for interceptd's answer to its offer, seconds
+HELLO_WAIT = 2.0
 
 
 class ControlLink:
-    def __init__(self, host: str, port: int, epoll: select.epoll) -> None:
+    def __init__(self, host: str, port: int, epoll: select.epoll,
+                 secret: bytes | None = None) -> None:
         self.host, self.port = host, port
+        self.secret = secret
+        self.handshake_until = 0.0   # waiting for the answer to our offer until then
+        self._warned_no_auth = False
         self.address = socket.inet_aton(host)
         self.epoll = epoll
         self.sock: socket.socket | None = None
@@ -45,9 +58,17 @@ class ControlLink:
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else -1
 
-    def maybe_connect(self, now: float) -> None:
+    def maybe_connect(self, now: float) -> bool:
+        """Connect when it is time; True if the link came up (one that stops waiting for
+        interceptd's answer to our offer comes up here)."""
+        if self.handshake_until and now >= self.handshake_until:
+            if not self._warned_no_auth:
+                log.warning("%s did not answer our offer (a C intercept?): registering "
+                            "sessions without proving the shared secret", self.name)
+                self._warned_no_auth = True
+            return self._come_up(" (no extensions)")
         if self.sock is not None or now < self.retry_at:
-            return
+            return False
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -55,11 +76,12 @@ class ControlLink:
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             self._failed(now, os.strerror(err))
-            return
+            return False
         self.sock = sock
         self.connecting = True
         self._events = select.EPOLLOUT
         self.epoll.register(sock.fileno(), self._events)
+        return False
 
     def on_event(self, ev: int, now: float) -> tuple[list[bytes], bool]:
         """Handle readiness; returns (reply headers received, connection just came up)."""
@@ -74,15 +96,13 @@ class ControlLink:
                 self._failed(now, os.strerror(err))
                 return [], False
             self.connecting = False
-            self.up = True
-            came_up = True
-            self.connects += 1
-            self.delay = RETRY_MIN
-            self.out[:0] = wire.version_message()
-            log.info("connected to %s", self.name)
-            self._said_down = False
-            self.flush(now)
-            return [], came_up
+            self.out[:0] = wire.version_message() + wire.hello_message(
+                wire.FEATURE_AUTH if self.secret else 0)
+            self._flush_out(now)
+            if self.secret:
+                self.handshake_until = now + HELLO_WAIT
+                return [], False
+            return [], self._come_up()
         headers: list[bytes] = []
         if ev & select.EPOLLIN:
             try:
@@ -97,17 +117,51 @@ class ControlLink:
                 return [], False
             if data:
                 self.inbuf += data
+                extensions: list[tuple] = []
                 try:
-                    headers = wire.split_combined(self.inbuf)
+                    headers = wire.split_combined(self.inbuf, extensions)
                 except wire.ProtocolError as e:
                     self._failed(now, f"protocol error: {e}")
                     return headers, False
+                for ext in extensions:
+                    came_up |= self._on_extension(ext, now)
+                    if self.sock is None:
+                        return [], False
         elif ev & (select.EPOLLERR | select.EPOLLHUP):
             self._failed(now, "connection error")
             return [], False
         if ev & select.EPOLLOUT:
             self.flush(now)
         return headers, came_up
+
+    def _on_extension(self, ext: tuple, now: float) -> bool:
+        """interceptd's answer to our offer; True if the link came up with it."""
+        if ext.kind == wire.EXT_REFUSED:
+            self._failed(now, f"refused us: {wire.refusal_reason(ext)}")
+            return False
+        if ext.kind != wire.EXT_WELCOME:
+            return False
+        if ext.features & wire.FEATURE_AUTH:
+            if not self.secret:
+                self._failed(now, f"it wants the shared secret "
+                                  f"({wire.REFUSAL_FIX[wire.SECRET_WANTED]})")
+                return False
+            # not up yet: nothing but our first messages went before the proof
+            self.out += wire.proof_messages(self.secret, ext.body[:wire.NONCE_SIZE])
+            return self._come_up(" (shared secret proved)")
+        return self._come_up()
+
+    def _come_up(self, how: str = "") -> bool:
+        """The handshake is over: registrations may flow."""
+        self.handshake_until = 0.0
+        if self.up or self.sock is None:
+            return False
+        self.up = True
+        self.connects += 1
+        self.delay = RETRY_MIN
+        log.info("connected to %s%s", self.name, how)
+        self._said_down = False
+        return True
 
     def register(self, s: Session) -> None:
         if self.up:
@@ -120,7 +174,11 @@ class ControlLink:
                                             s.target_ip, s.target_port)
 
     def flush(self, now: float) -> None:
-        if not self.up or not self.out or self.sock is None:
+        if self.up:
+            self._flush_out(now)
+
+    def _flush_out(self, now: float) -> None:
+        if not self.out or self.sock is None:
             return
         try:
             sent = self.sock.send(self.out)
@@ -145,6 +203,7 @@ class ControlLink:
             log.warning("%s: %s; replication continues, reconnecting", self.name, reason)
             self._said_down = True
         self.connecting = False
+        self.handshake_until = 0.0
         self.out.clear()
         self.inbuf.clear()
         self.retry_at = now + self.delay
@@ -168,9 +227,9 @@ class ControlGroup:
     to each (-C), a session always uses the same one of them."""
 
     def __init__(self, servers: list[tuple[str, int]], epoll: select.epoll,
-                 per_server: int = 1) -> None:
+                 per_server: int = 1, secret: bytes | None = None) -> None:
         self.per_server = per_server
-        self.links = [ControlLink(host, port, epoll) for host, port in servers
+        self.links = [ControlLink(host, port, epoll, secret) for host, port in servers
                       for _ in range(per_server)]
         self.addresses = {link.address for link in self.links}
 
@@ -192,9 +251,12 @@ class ControlGroup:
                 return link
         return None
 
-    def maybe_connect(self, now: float) -> None:
+    def maybe_connect(self, now: float) -> bool:
+        """Connect the links whose time came; True if one came up."""
+        came_up = False
         for link in self.links:
-            link.maybe_connect(now)
+            came_up |= link.maybe_connect(now)
+        return came_up
 
     def _links_of(self, s: Session) -> list[ControlLink]:
         """The links a session is registered on: with several interceptds, the one on its

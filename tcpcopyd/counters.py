@@ -43,6 +43,12 @@ NAMES = (
                            # client port to deliver its data first
     "sessions_torn",       # sessions lost because their worker died in the middle of
                            # writing their shm slot (cleared by the next worker)
+    "resets_out_of_window",  # resets from the target side ignored: not at our next
+                             # expected sequence number nor in our window (forged?)
+    "challenge_acks",      # resets in our window but not exact: answered with an ACK
+                           # (RFC 5961), the session goes on
+    "stale_connections_reset",  # older connections of the target on a port our SYN
+                                # met (it answered with an ACK): reset, SYN sent again
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 # indexes of the counters bumped on the packet path

@@ -4,7 +4,6 @@ uptime). `tcpcopyctl doctor`: see tcpcopyd.doctor."""
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -32,16 +31,31 @@ def dumps(obj: object) -> str:
     return orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode()
 
 
-def find_segments() -> list[shmseg.Segment]:
-    out = []
+def find_segments() -> tuple[list[shmseg.Segment], list[str]]:
+    """The segments of the runtime directory we can trust, and why the others were
+    skipped (another owner, writable by others, not a segment of this release ...)."""
+    out, skipped = [], []
     for name in shmseg.list_segments(""):
         try:
-            with open(os.path.join(shmseg.SHM_DIR, name), "rb") as f:
-                if f.read(8) != shmseg.MAGIC:
-                    continue
-            out.append(shmseg.attach(name))
-        except (OSError, shmseg.SegmentError):
+            seg = shmseg.attach(name)
+        except shmseg.SegmentError as e:
+            skipped.append(str(e))
             continue
+        if seg.kind not in KINDS:
+            skipped.append(f"{seg.path}: unknown kind {seg.kind}")
+            seg.close()
+            continue
+        out.append(seg)
+    return out, skipped
+
+
+def worker_pids(seg: shmseg.Segment) -> list[int]:
+    out = []
+    for i in range(seg.n_workers):
+        try:
+            out.append(seg.read_worker(i).pid)
+        except seqlock.TornRead:
+            pass
     return out
 
 
@@ -102,7 +116,7 @@ def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
              if before is not None and elapsed > 0 and k not in gauges}
     try:
         live = seg.read_settings()
-    except seqlock.TornRead:
+    except (seqlock.TornRead, ValueError):
         live = {}
     return {"name": seg.name, "program": prog, "label": seg.label, "master": master,
             "settings": live,
@@ -156,14 +170,17 @@ def exit_words(code: int) -> str:
 
 
 def status(args: argparse.Namespace) -> int:
-    segs = [s for s in find_segments() if not args.name or s.name == args.name]
+    found, skipped = find_segments()
+    for why in skipped:
+        print(f"tcpcopyctl: skipped {why}", file=sys.stderr)
+    segs = [s for s in found if not args.name or s.name == args.name]
     if not segs:
         print("tcpcopyctl: no tcpcopyd or interceptd is running on this host"
               + (f" under the name {args.name!r}" if args.name else ""), file=sys.stderr)
         return 3
     # prime psutil's CPU counters, then measure over a short interval
     for s in segs:
-        for pid in [s.master_pid] + [s.read_worker(i).pid for i in range(s.n_workers)]:
+        for pid in [s.master_pid, *worker_pids(s)]:
             try:
                 psutil.Process(pid).cpu_percent(interval=None)
             except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):

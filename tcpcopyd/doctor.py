@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from tcpcopyd import wire
 from tcpcopyd.service import capabilities
-from tcpcopyd.service.settings import Config, ConfigError, load
+from tcpcopyd.service.settings import Config, ConfigError, load, load_secret
 
 CONNECT_TIMEOUT = 3.0
 # how long a peer has to refuse our version message by closing the connection
@@ -119,25 +119,55 @@ def bound_queues() -> set[int] | None:
         return None
 
 
-def version_probe(host: str, port: int) -> tuple[str, str]:
-    """("unreachable"|"refused"|"accepted", detail): connects and sends our version
-    message; an interceptd of another protocol version closes the connection."""
+def version_probe(host: str, port: int, secret: bytes | None = None) -> tuple[str, str]:
+    """("unreachable"|"refused"|"unwelcome"|"accepted", detail): connects, sends our version
+    message and our offer of extensions (with the proof of ``secret`` if interceptd asks
+    for it), and reads the answer: an interceptd of another protocol version closes the
+    connection; ours says why it refuses us; a C intercept says nothing."""
     try:
         s = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
     except OSError as e:
         return "unreachable", e.strerror or str(e)
     with s:
+        ours = s.getsockname()[0]
         try:
-            s.sendall(wire.version_message())
-            s.settimeout(VERSION_WAIT)
-            data = s.recv(1)
+            s.sendall(wire.version_message()
+                      + wire.hello_message(wire.FEATURE_AUTH if secret else 0))
+            answer = _read_answer(s)
+            if answer is not None and answer.kind == wire.EXT_WELCOME \
+                    and answer.features & wire.FEATURE_AUTH:
+                if secret is None:
+                    return "unwelcome", (f"interceptd at {host}:{port} wants the shared "
+                                         f"secret and we have none "
+                                         f"({wire.REFUSAL_FIX[wire.SECRET_WANTED]})")
+                s.sendall(wire.proof_messages(secret, answer.body[:wire.NONCE_SIZE]))
+                answer = _read_answer(s)
         except TimeoutError:
-            return "accepted", f"protocol version {wire.VERSION}"
+            return "accepted", f"protocol version {wire.VERSION} (no extensions)"
         except OSError as e:
             return "refused", e.strerror or str(e)
-        if data == b"":
+        if answer is None:
             return "refused", "closed the connection after our version message"
-        return "accepted", f"protocol version {wire.VERSION}"
+        if answer.kind == wire.EXT_REFUSED:
+            return "unwelcome", (f"interceptd at {host}:{port} refused us, {ours}: "
+                                 f"{wire.refusal_reason(answer)}")
+        return "accepted", f"protocol version {wire.VERSION}" + (
+            ", shared secret proved" if secret else "")
+
+
+def _read_answer(s: socket.socket) -> tuple | None:
+    """interceptd's extension frame; None if it closed the connection; TimeoutError if it
+    said nothing for VERSION_WAIT (it answered our offer, or takes no extensions)."""
+    s.settimeout(VERSION_WAIT)
+    data = b""
+    while len(data) < 2 + wire.REPLY_SIZE:
+        chunk = s.recv(2 + wire.REPLY_SIZE - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    if wire.COMBINED_HEAD.unpack_from(data, 0).count != wire.EXT_MARK:
+        return None
+    return wire.EXT.unpack_from(data, 2)
 
 
 # ------------------------------------------------------------------ checks
@@ -149,8 +179,9 @@ def check_privileges(needed: tuple[str, ...], why: str) -> Check:
     return ok("privileges", ", ".join(needed))
 
 
-def check_control(host: str, port: int, where: str) -> Iterator[Check]:
-    state, detail = version_probe(host, port)
+def check_control(host: str, port: int, where: str, secret: bytes | None = None
+                  ) -> Iterator[Check]:
+    state, detail = version_probe(host, port, secret)
     if state == "unreachable":
         yield fail("control port", f"{host}:{port}: {detail}",
                    f"start interceptd {where}(systemctl start interceptd), or open tcp port "
@@ -158,7 +189,11 @@ def check_control(host: str, port: int, where: str) -> Iterator[Check]:
         yield Check("protocol version", "SKIP", "no connection")
         return
     yield ok("control port", f"{host}:{port} accepts connections")
-    if state == "refused":
+    if state == "unwelcome":
+        # "... (the fix)": the fix goes on its own line
+        what, _, fix = detail.rpartition(" (")
+        yield fail("protocol version", what, fix.rstrip(")"))
+    elif state == "refused":
         yield fail("protocol version", f"interceptd at {host}:{port} {detail}: it speaks "
                    f"another protocol than version {wire.VERSION}",
                    "install the same tcpcopyd release on the online and the target host")
@@ -189,7 +224,7 @@ def online_checks(cfg: Config) -> Iterator[Check]:
             yield ok("target route", f"{t.target_ip} via {r.get('gateway', 'direct')} dev "
                      f"{r.get('dev')}")
     for host, port in cfg.server:
-        yield from check_control(host, port, f"on {host} ")
+        yield from check_control(host, port, f"on {host} ", cfg.secret)
 
 
 def target_checks(cfg: Config, clients: list[str]) -> Iterator[Check]:
@@ -199,8 +234,8 @@ def target_checks(cfg: Config, clients: list[str]) -> Iterator[Check]:
     else:
         yield from return_route_checks(clients)
         yield from rule_checks(cfg)
-    host = "127.0.0.1" if cfg.bind == "0.0.0.0" else cfg.bind
-    yield from check_control(host, cfg.port, "")
+    host = "127.0.0.1" if cfg.listen == "0.0.0.0" else cfg.listen
+    yield from check_control(host, cfg.port, "", cfg.secret)
 
 
 def return_route_checks(clients: list[str]) -> Iterator[Check]:
@@ -323,6 +358,7 @@ def run(role: str, argv: list[str], clients: list[str],
             return target_checks(cfg, clients)
     try:
         cfg = load(f"tcpcopyctl doctor {role}", "", REGISTRY, argv, LAYOUT)
+        load_secret(cfg)
     except ConfigError as e:
         out(f"FAIL  config: {e}")
         return 1

@@ -435,6 +435,8 @@ class Engine:
         s.last_seen = now
         options = hdr[40:20 + thl] if thl > 20 else b""
         if flags & RST:
+            if not self._reset_acceptable(s, seq, ack, flags):
+                return
             if not flags & ACK and seq == s.rcv_nxt and s.state & ESTABLISHED \
                     and s.snd_una == seq_add(s.isn, 1) and s.retransmits < MAX_RETRIES:
                 # the target refused the ACK of our handshake: the SYN-ACK we answered was
@@ -453,6 +455,8 @@ class Engine:
                 self._on_syn_ack(s, seq, ack, window, options, now)
             return
         if not s.state & ESTABLISHED:
+            if flags & ACK and s.state & SYN_SENT and ack != seq_add(s.isn, 1):
+                self._reset_stale_connection(s, ack)
             return
         if s.state & TIMESTAMPS and options:
             ts = timestamp_of(options)
@@ -477,6 +481,32 @@ class Engine:
             self._ack_later(s, now)
         self.touched.add(s)
 
+    def _reset_acceptable(self, s: Session, seq: int, ack: int, flags: int) -> bool:
+        """RFC 5961 §3: a reset ends the session only at exactly the next sequence number
+        we expect (before the handshake: only if it acknowledges our SYN). One elsewhere in
+        our window gets a challenge ACK (a real target answers it with an exact reset);
+        one outside it is dropped. Both are counted: they may be forgeries."""
+        if s.state & SYN_SENT:
+            if flags & ACK and ack == seq_add(s.isn, 1):
+                return True
+            self.counters[C.INDEX["resets_out_of_window"]] += 1
+            return False
+        if seq == s.rcv_nxt:
+            return True
+        if 0 < seq_diff(seq, s.rcv_nxt) < self._receive_window(s):
+            self.counters[C.INDEX["challenge_acks"]] += 1
+            self._send_ack(s)
+        else:
+            self.counters[C.INDEX["resets_out_of_window"]] += 1
+        return False
+
+    @staticmethod
+    def _receive_window(s: Session) -> int:
+        """The window the target sees us offer: the client's, scaled by the shift our SYN
+        offered."""
+        ws = parse_options(s.syn_options).get(OPT_WSCALE) if s.syn_wscale else None
+        return max(65535, s.client_win << (min(ws[0], 14) if ws else 0))
+
     def _ack_later(self, s: Session, now: float) -> None:
         if s.need_ack:
             s.ack_at = now  # a second segment unacknowledged: at once
@@ -484,6 +514,17 @@ class Engine:
             s.need_ack = True
             s.ack_at = now + ACK_DELAY
             self._schedule(s, s.ack_at)
+
+    def _reset_stale_connection(self, s: Session, ack: int) -> None:
+        """Our SYN met an older connection the target still has on this address and port
+        (it answers with an ACK of its own, RFC 5961 §4): as RFC 793 says, reset it at the
+        sequence number it expects, then send the SYN again. This happens when a reset of
+        ours missed its mark: a session reopened after its worker died with data unsent,
+        a client port used again while the target kept the old connection."""
+        self.counters[C.INDEX["stale_connections_reset"]] += 1
+        self._emit(build(s.client_ip, s.target_ip, s.client_port, s.target_port, ack, 0, RST,
+                         0), s)
+        self._send_syn(s)
 
     def _restart_handshake(self, s: Session, now: float) -> None:
         self.counters[C.INDEX["handshake_restarts"]] += 1

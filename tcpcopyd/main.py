@@ -13,8 +13,9 @@ from tcpcopyd.options import Settings
 from tcpcopyd.sender import SendError, open_raw_socket
 from tcpcopyd.service import capabilities, logs
 from tcpcopyd.service.arbiter import Arbiter
+from tcpcopyd.service.instance import InstanceError, InstanceLock
 from tcpcopyd.service.reload import Reloader, StatusLine
-from tcpcopyd.service.settings import EX_CONFIG, EX_USAGE, parse_args
+from tcpcopyd.service.settings import EX_CONFIG, EX_USAGE, ConfigError, load_secret, parse_args
 from tcpcopyd.service.startup import (
     allowed_cpus,
     catch_early_signals,
@@ -65,6 +66,10 @@ def replay(cfg: Settings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(PROG, DESCRIPTION, options.REGISTRY, argv, options.LAYOUT)
+    try:
+        load_secret(cfg)
+    except ConfigError as e:
+        return fail(str(e), e.code)
     catch_early_signals()
     missing = capabilities.missing(("CAP_NET_RAW",))
     if missing:
@@ -92,6 +97,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SendError as e:
         return fail(str(e))
     instance = cfg.instance or f"tcpcopyd.{cfg.interface}"
+    try:
+        lock = InstanceLock(instance).acquire()
+    except InstanceError as e:
+        return fail(str(e))
+    try:
+        return online(cfg, instance)
+    finally:
+        lock.release()
+
+
+def online(cfg: Settings, instance: str) -> int:
+    """Capture on the interface, with the instance taken: the workers and their master."""
     ports = [t.port for t in cfg.transfer]
     group = os.getpid() & 0xFFFF
     sockets = []

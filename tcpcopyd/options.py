@@ -11,6 +11,7 @@ from tcpcopyd.service.settings import (
     SettingError,
     boolean,
     float_range,
+    instance_name,
     int_range,
     ipv4,
     list_items,
@@ -18,6 +19,7 @@ from tcpcopyd.service.settings import (
     log_setting,
     pidfile_setting,
     port,
+    secret_file_setting,
     setting,
     text,
 )
@@ -191,6 +193,7 @@ class Settings(Config):
         ("-C", "--connections"), 1, int_range(1, 16),
         "control connections of each worker to each interceptd (a session uses one)",
         metavar="N", example=1)
+    secret_file: str | None = secret_file_setting()
     lonely: bool = setting(
         ("-L", "--lonely"), True, always_on,
         "keep running when no interceptd is reachable, reconnecting with backoff; always "
@@ -222,8 +225,9 @@ class Settings(Config):
         "worker processes, each pinned to a CPU and reading its own capture socket",
         metavar="N", example=2, default_text="one per usable CPU")
     instance: str | None = setting(
-        ("--instance",), None, text,
-        "name of this instance's shm segment in /dev/shm", metavar="NAME",
+        ("--instance",), None, instance_name,
+        "name of this instance: its lock and shm segment in /run/tcpcopyd (one daemon per "
+        "name)", metavar="NAME",
         example="tcpcopyd.eth0", default_text="tcpcopyd.IFACE")
     session_slots: int = setting(
         ("--session-slots",), 65536, int_range(16, 1 << 22),

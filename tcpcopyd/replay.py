@@ -34,7 +34,7 @@ class Replay:
         self.path = path
         self.ports = {t.port for t in cfg.transfer}
         self.ep = select.epoll()
-        self.control = ControlGroup(cfg.server, self.ep, cfg.connections)
+        self.control = ControlGroup(cfg.server, self.ep, cfg.connections, cfg.secret)
         self.engine = engine_for(cfg, self.control, None, range(cfg.session_slots), 0, 1)
         self.skipped: collections.Counter = collections.Counter()
         self.replayed = 0
@@ -47,7 +47,8 @@ class Replay:
         engine, control = self.engine, self.control
         while not self.stop:
             now = time.monotonic()
-            control.maybe_connect(now)
+            if control.maybe_connect(now):
+                engine.on_control_up(now)
             nt = engine.next_timer()
             wait = until - now
             if nt is not None:

@@ -7,8 +7,23 @@ connection is the version handshake: all fields zero but ``type = VERSION``.
 interceptd -> tcpcopyd: combined frames, ``u16 count`` then ``count`` x 64-byte reply
 headers (20-byte IPv4 header with the wire total length, then the TCP header with its
 options cut or zero-padded to 44 bytes); ``1 <= count <= MAX_COMBINED``.
+
+Extensions, negotiated (a peer that did not ask never sees one):
+- tcpcopyd sends HELLO right after the version message: a 14-byte message of type HELLO
+  whose client-address field holds the features it offers (FEATURE_AUTH: it has the shared
+  secret). A C intercept 1.0 logs "unknown msg type" once and goes on.
+- interceptd answers a HELLO, and only a HELLO, with one extension frame: ``u16 EXT_MARK``
+  (never a count) then a 64-byte EXT record: WELCOME (the features it wants; with
+  FEATURE_AUTH, a 32-byte nonce to prove the secret on) or REFUSED (why, in words), after
+  which it closes the connection.
+- tcpcopyd proves the secret with PROOF_PARTS messages of type PROOF, whose four address
+  and port fields carry 12 bytes each of HMAC-SHA256(secret, AUTH_CONTEXT + nonce). Until
+  then interceptd takes no registration from it.
 """
 from __future__ import annotations
+
+import hashlib
+import hmac
 
 from shm.record import Record
 
@@ -39,8 +54,39 @@ CLIENT_MSG = Record("ClientMessage", (
 assert CLIENT_MSG.size == CLIENT_MSG_SIZE
 # interceptd -> tcpcopyd: a combined frame's head, then ``count`` reply headers
 COMBINED_HEAD = Record("CombinedHead", (
-    ("count", "H"),          # 1..MAX_COMBINED
+    ("count", "H"),          # 1..MAX_COMBINED, or EXT_MARK
 ), order="!")
+
+# extensions: message types, tcpcopyd -> interceptd
+HELLO = 0x4558
+PROOF = 0x4559
+# features (bit flags) in a HELLO and in a WELCOME
+FEATURE_AUTH = 1
+# in place of a combined frame's count: one extension record follows
+EXT_MARK = 0xFFFF
+EXT = Record("Extension", (
+    ("kind", "H"),           # EXT_WELCOME or EXT_REFUSED
+    ("pad", "2x"),
+    ("features", "I"),       # WELCOME: what it wants (FEATURE_AUTH: a proof); REFUSED: why
+    ("body", "56s"),         # WELCOME: the nonce; REFUSED: a few words, UTF-8, NUL-padded
+), order="!")
+assert EXT.size == REPLY_SIZE
+EXT_WELCOME = 1
+EXT_REFUSED = 2
+# why a peer is refused (a REFUSED record's features field), and what fixes it
+NOT_ALLOWED = 1
+SECRET_WANTED = 2
+WRONG_PROOF = 3
+REFUSAL_FIX = {
+    NOT_ALLOWED: "add our address to allow in /etc/interceptd.conf on the target host",
+    SECRET_WANTED: "give tcpcopyd the same secret_file as interceptd",
+    WRONG_PROOF: "give both hosts the same secret_file",
+}
+NONCE_SIZE = 32
+# what the proof's HMAC covers before the nonce (so it proves nothing else)
+AUTH_CONTEXT = b"tcpcopyd control v6 auth\0"
+# a proof (32 bytes) travels in the 12 free bytes of this many PROOF messages
+PROOF_PARTS = 3
 
 
 class ProtocolError(ValueError):
@@ -54,6 +100,49 @@ def client_message(kind: int, client_ip: bytes, client_port: int, target_ip: byt
 
 def version_message() -> bytes:
     return CLIENT_MSG.pack(b"\0\0\0\0", 0, VERSION, b"\0\0\0\0", 0)
+
+
+def hello_message(features: int) -> bytes:
+    return CLIENT_MSG.pack(features.to_bytes(4, "big"), 0, HELLO, b"\0\0\0\0", 0)
+
+
+def proof(secret: bytes, nonce: bytes) -> bytes:
+    return hmac.new(secret, AUTH_CONTEXT + nonce, hashlib.sha256).digest()
+
+
+def proof_messages(secret: bytes, nonce: bytes) -> bytes:
+    """The PROOF messages answering ``nonce``."""
+    blob = proof(secret, nonce).ljust(12 * PROOF_PARTS, b"\0")
+    return b"".join(CLIENT_MSG.pack(part[0:4], int.from_bytes(part[4:6], "big"), PROOF,
+                                    part[6:10], int.from_bytes(part[10:12], "big"))
+                    for part in (blob[i:i + 12] for i in range(0, len(blob), 12)))
+
+
+def proof_part(client_ip: bytes, client_port: int, target_ip: bytes, target_port: int
+               ) -> bytes:
+    """The 12 bytes one PROOF message carries (its fields as ``parse_client_messages``
+    gives them)."""
+    return client_ip + client_port.to_bytes(2, "big") + target_ip + \
+        target_port.to_bytes(2, "big")
+
+
+def check_proof(secret: bytes, nonce: bytes, parts: bytes) -> bool:
+    return hmac.compare_digest(proof(secret, nonce), parts[:32])
+
+
+def ext_frame(kind: int, features: int = 0, body: bytes = b"") -> bytes:
+    return COMBINED_HEAD.pack(EXT_MARK) + EXT.pack(kind, features, body[:56])
+
+
+def refused_frame(why: int, words: str) -> bytes:
+    return ext_frame(EXT_REFUSED, why, words.encode()[:56])
+
+
+def refusal_reason(ext: tuple) -> str:
+    """What a REFUSED extension record says, with the fix where the reason is known."""
+    words = ext.body.rstrip(b"\0").decode(errors="replace")
+    fix = REFUSAL_FIX.get(ext.features)
+    return f"{words} ({fix})" if fix else words
 
 
 def parse_client_messages(buf: bytearray) -> list[tuple[int, bytes, int, bytes, int]]:
@@ -104,8 +193,10 @@ def combine(headers: list[bytes]) -> bytes:
     return bytes(out)
 
 
-def split_combined(buf: bytearray) -> list[bytes]:
-    """Consume whole combined frames from ``buf``; returns the reply headers.
+def split_combined(buf: bytearray, extensions: list[tuple] | None = None) -> list[bytes]:
+    """Consume whole combined frames from ``buf``; returns the reply headers. Extension
+    frames are appended to ``extensions`` as EXT tuples if it is given (the caller offered
+    extensions), else they are a protocol error.
 
     Raises ProtocolError on a count of 0 or above MAX_COMBINED (the stream cannot be
     resynchronised after that: the caller must drop the connection).
@@ -114,6 +205,12 @@ def split_combined(buf: bytearray) -> list[bytes]:
     pos, n = 0, len(buf)
     while n - pos >= 2:
         count = COMBINED_HEAD.unpack_from(buf, pos).count
+        if count == EXT_MARK and extensions is not None:
+            if n - pos < 2 + REPLY_SIZE:
+                break
+            extensions.append(EXT.unpack_from(buf, pos + 2))
+            pos += 2 + REPLY_SIZE
+            continue
         if count == 0 or count > MAX_COMBINED:
             del buf[:pos]
             raise ProtocolError(f"combined frame count {count} outside 1..{MAX_COMBINED}")

@@ -124,7 +124,7 @@ class Worker(service_worker.Worker):
         self.epoll = select.epoll()
         self.epoll.register(self.cap.fileno(), select.EPOLLIN)
         table = SlotTable(self.seg, SLOT)
-        self.control = ControlGroup(cfg.server, self.epoll, cfg.connections)
+        self.control = ControlGroup(cfg.server, self.epoll, cfg.connections, cfg.secret)
         self._links_seen = (0, 0)   # the links' connects and errors already counted
         self.engine = engine_for(cfg, self.control, table, table.owned_range(self.index),
                                  self.index, self.n_workers)
@@ -146,7 +146,8 @@ class Worker(service_worker.Worker):
         next_sync = next_expire = 0.0
         while not self.stop:
             now = time.monotonic()
-            control.maybe_connect(now)
+            if control.maybe_connect(now):
+                engine.on_control_up(now)
             nt = engine.next_timer()
             timeout = SYNC_INTERVAL if nt is None else max(0.0, min(SYNC_INTERVAL, nt - now))
             try:

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
+
+if os.geteuid() != 0:
+    # the daemons' runtime directory (/run/tcpcopyd) is root's: unit tests run elsewhere
+    os.environ.setdefault("TCPCOPYD_RUNTIME_DIR", tempfile.mkdtemp(prefix="tcpcopyd-run-"))
 
 
 def pytest_collection_modifyitems(config, items):

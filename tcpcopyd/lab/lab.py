@@ -13,7 +13,13 @@ from collections.abc import Callable
 import psutil
 
 from tcpcopyd.lab import servers
-from tcpcopyd.lab.net import ASSISTANT_IP, TARGET_IP, Namespaces
+from tcpcopyd.lab.net import (
+    ASSISTANT_IP,
+    ONLINE2_TARGET_SIDE_IP,
+    ONLINE_TARGET_SIDE_IP,
+    TARGET_IP,
+    Namespaces,
+)
 
 HTTP_PORT = 80
 MEMCACHED_PORT = 11211
@@ -56,8 +62,8 @@ def command(name: str) -> list[str]:
 class Lab:
     def __init__(self, prefix: str = "tcl", nginx_workers: int = 1,
                  cpus: dict[str, str] | None = None, second_online: bool = False,
-                 assistant: bool = False) -> None:
-        self.ns = Namespaces(prefix, second_online, assistant)
+                 assistant: bool = False, attacker: bool = False) -> None:
+        self.ns = Namespaces(prefix, second_online, assistant, attacker)
         self.nginx_workers = nginx_workers
         self.cpus = cpus or {}   # daemon -> CPU list for taskset (its workers pin inside it)
         self.dir = tempfile.mkdtemp(prefix=f"{prefix}-lab-")
@@ -157,9 +163,12 @@ class Lab:
             ns, extra = self.ns.assistant, ["-i", "eth0", *extra]
         else:
             ns = self.ns.target
+        # the online hosts connect from their target-side addresses; loopback: the doctor
+        allow = ",".join(("127.0.0.0/8", ONLINE_TARGET_SIDE_IP, ONLINE2_TARGET_SIDE_IP))
         p = self.start("interceptd", ns,
                        [*command("interceptd"), "--service-port", ",".join(map(str, ports)),
-                        "--instance", f"{self.ns.prefix}-interceptd", *extra])
+                        "--instance", f"{self.ns.prefix}-interceptd", "--allow", allow,
+                        *extra])
         self.wait_log("interceptd", ", control port ", count=seen + 1)
         return p
 

@@ -14,6 +14,12 @@ there, after interceptd's capture), and forwards between the online host and it:
 
     target (eth2 198.18.8.2) --eth2-- assistant (eth0 198.18.8.1)
 
+With an attacker (``attacker``), a host on the target's network that is neither an online
+host nor the assistant, for the tests of what a hostile neighbour can do:
+
+    target (eth3 198.18.9.2) --eth3-- attacker (eth0 198.18.9.1, default route via the
+        target)
+
 The target routes the client network to 198.18.2.254, an address nobody answers: its
 replies to clients are caught by interceptd's NFQUEUE rule on the way out, and if that rule
 is absent they die in ARP resolution, so they never reach the online host or a client.
@@ -41,6 +47,8 @@ DEAD_END2_IP = "198.18.5.254"
 CLIENT2_NET = "198.18.4.0/24"
 ASSISTANT_IP = "198.18.8.1"
 TARGET_ASSISTANT_SIDE_IP = "198.18.8.2"
+ATTACKER_IP = "198.18.9.1"
+TARGET_ATTACKER_SIDE_IP = "198.18.9.2"
 # the lab's replicated services (nginx, memcached)
 SERVICE_PORTS = (80, 11211)
 # comment of the lab's leak-counting iptables rules
@@ -49,7 +57,7 @@ LEAK_TAG = "tcpcopyd-lab-leak"
 
 class Namespaces:
     def __init__(self, prefix: str, second_online: bool = False,
-                 assistant: bool = False) -> None:
+                 assistant: bool = False, attacker: bool = False) -> None:
         self.prefix = prefix
         self.client = f"{prefix}-client"
         self.online = f"{prefix}-online"
@@ -59,12 +67,15 @@ class Namespaces:
         self.online2 = f"{prefix}-online2"
         self.with_assistant = assistant
         self.assistant = f"{prefix}-assist"
+        self.with_attacker = attacker
+        self.attacker = f"{prefix}-attack"
 
     @property
     def all(self) -> list[str]:
         second = [self.client2, self.online2] if self.second_online else []
         assistant = [self.assistant] if self.with_assistant else []
-        return [self.client, self.online, self.target, *second, *assistant]
+        attacker = [self.attacker] if self.with_attacker else []
+        return [self.client, self.online, self.target, *second, *assistant, *attacker]
 
     @property
     def watched(self) -> dict[str, str]:
@@ -93,6 +104,17 @@ class Namespaces:
                 n.route("add", dst="198.18.2.0/24", gateway=TARGET_ASSISTANT_SIDE_IP)
             self.sysctl(self.target, {"net/ipv4/ip_forward": "1"})
             self.sysctl(self.assistant, {"net/ipv4/ip_forward": "0"})
+        if self.with_attacker:
+            self._link(self.target, "eth3", TARGET_ATTACKER_SIDE_IP, self.attacker, "eth0",
+                       ATTACKER_IP)
+            with NetNS(self.attacker) as n:
+                n.route("add", dst="0.0.0.0/0", gateway=TARGET_ATTACKER_SIDE_IP)
+            # packets the attacker forges with the target's own address as source pass
+            # through the target to the assistant, as a shared switch would carry them
+            self.sysctl(self.target, {"net/ipv4/conf/eth3/accept_local": "1"})
+            if self.with_assistant:
+                with NetNS(self.assistant) as n:
+                    n.route("add", dst="198.18.9.0/24", gateway=TARGET_ASSISTANT_SIDE_IP)
         if self.second_online:
             self._link(self.client2, "eth0", CLIENT2_IP, self.online2, "eth0", ONLINE2_IP)
             self._link(self.online2, "eth1", ONLINE2_TARGET_SIDE_IP, self.target, "eth1",

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
+import stat
 import sys
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
@@ -82,6 +85,8 @@ class Config:
     after a reload too, in the master and in the workers."""
     source: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     argv: list[str] = field(default_factory=list, repr=False, compare=False)
+    # the shared secret, read from secret_file at start (load_secret)
+    secret: bytes | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def registry(cls) -> Registry:
@@ -285,6 +290,78 @@ def text(raw: Any) -> str:
     return raw
 
 
+# instance names: used in file names (NAME.shm, NAME.lock) and in iptables comments
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,62}")
+
+
+def instance_name(raw: Any) -> str:
+    if not isinstance(raw, str) or not INSTANCE_NAME.fullmatch(raw):
+        raise SettingError("expected 1-63 letters, digits and . _ @ + - starting with a "
+                           "letter or digit")
+    return raw
+
+
+# a shared secret's size, bytes (after surrounding white space is stripped)
+SECRET_MIN = 16
+SECRET_MAX = 4096
+
+
+def read_secret(path: str) -> bytes:
+    """The shared secret in ``path``: a plain file of root's (or ours) that no one else may
+    read. Raises SettingError saying what is wrong and how to fix it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise SettingError(f"cannot read it: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SettingError("not a plain file")
+        if st.st_uid not in (0, os.geteuid()):
+            raise SettingError(f"belongs to uid {st.st_uid}: it must be root's")
+        if st.st_mode & 0o077:
+            raise SettingError(f"others may read it (mode {stat.S_IMODE(st.st_mode):04o}): "
+                               f"chmod 600 {path}")
+        data = f.read(SECRET_MAX + 1).strip()
+    if not SECRET_MIN <= len(data) <= SECRET_MAX:
+        raise SettingError(f"{len(data)} bytes: a secret has {SECRET_MIN} to {SECRET_MAX} "
+                           f"bytes, e.g. head -c 32 /dev/urandom | base64 > {path}")
+    return data
+
+
+def load_secret(cfg: Config) -> None:
+    """Read ``cfg.secret_file`` (at start: a reload does not change it) into ``cfg.secret``;
+    raises ConfigError (exit 78) naming where the setting came from and what is wrong."""
+    path = getattr(cfg, "secret_file", None)
+    if path is None:
+        return
+    try:
+        cfg.secret = read_secret(path)
+    except SettingError as e:
+        where = cfg.source.get("secret_file", "")
+        where = "--secret-file" if where == "cli" else f"{where} secret_file"
+        raise ConfigError(f"{where} = {path!r}: {e}", EX_CONFIG) from None
+
+
+def networks(raw: Any) -> tuple:
+    """'10.0.0.0/8,192.0.2.7' or a TOML list: IPv4 networks (an address alone is a /32)."""
+    import ipaddress
+    out = []
+    for item in list_items(raw):
+        try:
+            out.append(ipaddress.IPv4Network(str(item).strip(), strict=False))
+        except ValueError:
+            raise SettingError(f"{item!r} is not an IPv4 network, e.g. 198.18.2.0/24") \
+                from None
+    if not out:
+        raise SettingError("expected at least one network")
+    return tuple(out)
+
+
+def show_networks(nets: tuple) -> list[str]:
+    return [str(n) for n in nets]
+
+
 def boolean(raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -345,6 +422,15 @@ def log_setting() -> Any:
 def log_level_setting() -> Any:
     return setting(("--log-level",), "info", choice(("debug", "info", "warning", "error")),
                    "debug, info, warning or error", metavar="LEVEL", example="info", live=True)
+
+
+def secret_file_setting() -> Any:
+    return setting(("--secret-file",), None, text,
+                   "file holding the shared secret of tcpcopyd and interceptd (at least 16 "
+                   "bytes, mode 0600): interceptd then refuses control connections that do "
+                   "not prove it (HMAC-SHA256 challenge-response); never on the command "
+                   "line itself", metavar="FILE", example="/etc/tcpcopyd/secret",
+                   default_text="none")
 
 
 def pidfile_setting() -> Any:

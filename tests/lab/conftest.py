@@ -23,9 +23,10 @@ def lab(request):
     that no packet of the target reached the client or the online host, and that both
     daemons stop cleanly leaving no iptables rule or shm segment."""
     want = {"interceptd": True, "tcpcopyd": True, "memcached": True, "second_online": False,
-            "assistant": False, **getattr(request, "param", {})}
+            "assistant": False, "attacker": False, **getattr(request, "param", {})}
     prefix = f"t{os.getpid() % 1000}x{next(_ids)}"
-    lab = Lab(prefix, second_online=want["second_online"], assistant=want["assistant"])
+    lab = Lab(prefix, second_online=want["second_online"], assistant=want["assistant"],
+              attacker=want["attacker"])
     try:
         lab.up(memcached=want["memcached"])
         if want["interceptd"]:

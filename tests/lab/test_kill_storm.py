@@ -16,10 +16,12 @@ import pytest
 
 from shm import segment as shmseg
 from shm import seqlock
+from shm.table import SlotTable
 from tcpcopyd import ctl
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import wait_for
 from tcpcopyd.service import arbiter
+from tcpcopyd.session import SLOT
 from tests.lab.conftest import target_caught_up
 
 pytestmark = pytest.mark.lab
@@ -51,6 +53,24 @@ def last_seen(log: list[list[str]], i: int) -> list[str] | None:
     """The target's last log line of long connection ``i``."""
     lines = [f for f in log if f[6].startswith(f"/?long={i}&")]
     return lines[-1] if lines else None
+
+
+def sessions_of(seg: shmseg.Segment, log: list[list[str]], missing: list[int]) -> list:
+    """The shm slots of the sessions of the long connections ``missing`` (for a failure's
+    message): state, sequence numbers, retransmissions."""
+    ports = {int(last_seen(log, i)[1]) for i in missing if last_seen(log, i)}
+    table = SlotTable(seg, SLOT)
+    out = []
+    for slot in range(seg.n_slots):
+        try:
+            v = table.read(slot)
+        except seqlock.TornRead:
+            continue
+        if v.state and v.client_port in ports:
+            out.append({k: getattr(v, k) for k in ("client_port", "state", "isn", "snd_una",
+                                                  "snd_nxt", "cap_nxt", "rcv_nxt",
+                                                  "retransmits")})
+    return out
 
 
 @pytest.mark.parametrize("lab", [{"memcached": False}], indirect=True)
@@ -110,6 +130,7 @@ def test_two_hundred_sigkills_under_load_the_service_recovers_every_time(lab):
     missing = [i for i in range(LONG_CONNECTIONS) if f"/?final={i}" not in finals]
     assert not missing, (f"last requests of long connections {missing} not on the target; "
                          f"last seen there: {[last_seen(target, i) for i in missing]}; "
+                         f"their sessions: {sessions_of(segs['tcpcopyd'], target, missing)}; "
                          f"{ {name: ctl.totals(seg) for name, seg in segs.items()} }")
     for name, seg in segs.items():
         assert "crash loop" not in lab.log_text(name)
@@ -127,6 +148,7 @@ def test_two_hundred_sigkills_under_load_the_service_recovers_every_time(lab):
     print(f"{KILLS} kills (seed {seed}): recovery p50 {statistics.median(recoveries):.3f}s, "
           f"max {max(recoveries):.3f}s; during the storm {lost} of {online_during} requests "
           f"not replicated; tcpcopyd sessions restored {c['sessions_restored']}, "
-          f"torn {c['sessions_torn']}, resynced {c['sessions_resynced']}")
+          f"torn {c['sessions_torn']}, resynced {c['sessions_resynced']}, stale target "
+          f"connections reset {c['stale_connections_reset']}")
     for seg in segs.values():
         seg.close()

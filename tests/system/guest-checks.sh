@@ -124,12 +124,12 @@ check "SIGUSR1: service survives" systemctl is-active --quiet tcpcopyd@eth0
 # ---------------------------------------------------------------- stop
 check "tcpcopyd@eth0: systemctl stop" systemctl stop tcpcopyd@eth0
 check "tcpcopyd@eth0: no process left" no_process "tcpcopyd:"
-check "tcpcopyd@eth0: no shm segment left" [ ! -e /dev/shm/tcpcopyd.eth0 ]
+check "tcpcopyd@eth0: no shm segment left" [ ! -e /run/tcpcopyd/tcpcopyd.eth0.shm ]
 check "tcpcopyd@eth0: stopped cleanly" [ "$(systemctl show -p Result --value tcpcopyd@eth0)" = success ]
 check "interceptd: systemctl stop" systemctl stop interceptd
 check "interceptd: no process left" no_process "interceptd:"
 check "interceptd: no NFQUEUE rule left" no_nfqueue_rule
-check "interceptd: no shm segment left" [ ! -e /dev/shm/interceptd ]
+check "interceptd: no shm segment left" [ ! -e /run/tcpcopyd/interceptd.shm ]
 
 # ---------------------------------------------------------------- failures
 check "tcpcopyd@nosuch0: start fails" fails systemctl start tcpcopyd@nosuch0
@@ -148,7 +148,7 @@ check "log file: written under LogsDirectory" wait_until 10 grep -q "ready: 2 wo
 systemctl start interceptd
 check "purge: dpkg --purge tcpcopyd interceptd" sh -c 'dpkg --purge tcpcopyd interceptd >/root/purge.log 2>&1'
 check "purge: no process left" sh -c '! ps -eo args= | grep -q "^tcpcopyd:\|^interceptd:"'
-check "purge: no rule, no shm segment left" sh -c '! iptables -w 5 -S OUTPUT | grep -q NFQUEUE && ! ls /dev/shm | grep -q "tcpcopyd\|interceptd"'
+check "purge: no rule, no shm segment left" sh -c '! iptables -w 5 -S OUTPUT | grep -q NFQUEUE && ! ls /run/tcpcopyd | grep -q "\.shm$"'
 check "purge: config files and logs gone" sh -c '[ ! -e /etc/tcpcopyd.conf ] && [ ! -e /etc/interceptd.conf ] && [ ! -e /var/log/tcpcopyd ]'
 
 echo "--- journal"

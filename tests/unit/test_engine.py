@@ -699,3 +699,42 @@ def test_with_copies_a_reused_port_starts_new_copies_while_the_old_ones_finish()
     assert len(syns) == 2 and not {p.sport for p in syns} & set(old_ports)
     assert len(e.sessions) == 4          # the old copies still hold their request
     assert e.counters[C.INDEX["sessions_reused"]] == 0
+
+
+def test_a_reset_from_the_target_side_counts_only_at_our_next_sequence_number(eng):
+    s = handshake(eng)
+    eng.sender.take()
+    key = (CLIENT, CPORT, TARGET, 80)
+    answer(eng, reply(TARGET_ISN + 1 + 10_000_000, ISN + 1, P.RST | P.ACK))   # far away
+    assert key in eng.sessions and eng.sender.take() == []
+    assert eng.counters[C.INDEX["resets_out_of_window"]] == 1
+    answer(eng, reply(TARGET_ISN + 1 + 1000, ISN + 1, P.RST | P.ACK))         # in window
+    [challenge] = eng.sender.take()
+    assert challenge.flags == P.ACK and challenge.ack == s.rcv_nxt
+    assert key in eng.sessions and eng.counters[C.INDEX["challenge_acks"]] == 1
+    answer(eng, reply(TARGET_ISN + 1, ISN + 1, P.RST | P.ACK))                # exact
+    assert key not in eng.sessions
+    assert eng.counters[C.INDEX["sessions_target_rst"]] == 1
+
+
+def test_before_the_handshake_only_a_reset_acknowledging_our_syn_counts(eng):
+    feed(eng, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS))
+    key = (CLIENT, CPORT, TARGET, 80)
+    answer(eng, reply(0, ISN + 77, P.RST | P.ACK))
+    assert key in eng.sessions and eng.counters[C.INDEX["resets_out_of_window"]] == 1
+    answer(eng, reply(0, ISN + 1, P.RST | P.ACK))   # the target's port is closed
+    assert key not in eng.sessions
+
+
+def test_a_syn_that_meets_an_older_connection_resets_it_and_goes_again(eng):
+    feed(eng, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS))
+    eng.sender.take()
+    # the target still has an older connection on this port: it answers our SYN with an
+    # ACK of that connection (its rcv_nxt in the ack field)
+    answer(eng, reply(TARGET_ISN + 500, P.seq_add(ISN, -7000), P.ACK))
+    rst, syn = eng.sender.take()
+    assert rst.flags == P.RST and rst.seq == P.seq_add(ISN, -7000)
+    assert syn.flags == P.SYN and syn.seq == ISN
+    assert eng.counters[C.INDEX["stale_connections_reset"]] == 1
+    answer(eng, reply(TARGET_ISN, ISN + 1, P.SYN | P.ACK, options=SYNACK_OPTS))
+    assert eng.sessions[(CLIENT, CPORT, TARGET, 80)].state & ESTABLISHED

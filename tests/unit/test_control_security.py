@@ -1,0 +1,309 @@
+"""Who may speak on the control channel, with real sockets on loopback: the allow list, the
+shared secret (both sides of the handshake), speaking first, the limits; the router's
+ownership of routes, its limits, its source check and its bounded delay-table work."""
+from __future__ import annotations
+
+import select
+import socket
+import time
+
+import pytest
+
+from interceptd import counters as IC
+from interceptd import router as R
+from interceptd.control import ControlServer
+from interceptd.router import Peer, Router
+from tcpcopyd import wire
+from tcpcopyd.control import ControlLink
+
+LOOPBACK = (__import__("ipaddress").IPv4Network("127.0.0.0/8"),)
+ELSEWHERE = (__import__("ipaddress").IPv4Network("198.18.9.0/24"),)
+SECRET = b"0123456789abcdef-shared"
+CIP, TIP = socket.inet_aton("198.18.1.1"), socket.inet_aton("198.18.2.2")
+
+
+def count(counters: list[int], name: str) -> int:
+    return counters[IC.INDEX[name]]
+
+
+class Server:
+    """interceptd's control side on 127.0.0.1, pumped by hand."""
+
+    def __init__(self, **kw) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.ep = select.epoll()
+        self.counters = [0] * len(IC.NAMES)
+        self.router = Router(self.counters)
+        kw.setdefault("allow", LOOPBACK)
+        self.control = ControlServer(self.listener, self.ep, self.router, self.counters, 0,
+                                     **kw)
+
+    def pump(self, rounds: int = 20) -> None:
+        for _ in range(rounds):
+            now = time.monotonic()
+            for fd, ev in self.ep.poll(0.01):
+                self.control.on_event(fd, ev, now)
+            self.control.flush()
+
+    def close(self) -> None:
+        self.control.close()
+        self.listener.close()
+        self.ep.close()
+
+
+@pytest.fixture
+def server():
+    made = []
+
+    def make(**kw) -> Server:
+        made.append(Server(**kw))
+        return made[-1]
+    yield make
+    for s in made:
+        s.close()
+
+
+def client(srv: Server, *messages: bytes) -> socket.socket:
+    c = socket.create_connection(("127.0.0.1", srv.port))
+    c.settimeout(2)
+    if messages:
+        c.sendall(b"".join(messages))
+    srv.pump()
+    return c
+
+
+def answer(c: socket.socket) -> tuple | None:
+    """interceptd's extension frame, None if it closed the connection without one."""
+    data = b""
+    while len(data) < 2 + wire.REPLY_SIZE:
+        try:
+            chunk = c.recv(4096)
+        except (ConnectionResetError, TimeoutError):
+            return None
+        if not chunk:
+            return None
+        data += chunk
+    assert wire.COMBINED_HEAD.unpack_from(data, 0).count == wire.EXT_MARK
+    return wire.EXT.unpack_from(data, 2)
+
+
+def closed(c: socket.socket) -> bool:
+    try:
+        return c.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
+def add(port: int) -> bytes:
+    return wire.client_message(wire.CLIENT_ADD, CIP, port, TIP, 80)
+
+
+HELLO = wire.hello_message(0)
+HELLO_AUTH = wire.hello_message(wire.FEATURE_AUTH)
+
+
+def test_a_peer_not_allowed_is_told_why_and_dropped(server):
+    srv = server(allow=ELSEWHERE)
+    c = client(srv, wire.version_message(), HELLO, add(40000))
+    ext = answer(c)
+    assert ext.kind == wire.EXT_REFUSED and ext.features == wire.NOT_ALLOWED
+    assert wire.refusal_reason(ext) == ("127.0.0.1 is not in its allow list (add our address "
+                                        "to allow in /etc/interceptd.conf on the target host)")
+    assert closed(c)
+    assert count(srv.counters, "peers_refused") == 1 and not srv.router.routes
+
+
+def test_a_c_tcpcopy_that_is_allowed_registers_without_extensions(server):
+    srv = server()
+    c = client(srv, wire.version_message(), add(40000))
+    assert list(srv.router.routes) == [CIP + (40000).to_bytes(2, "big")]
+    c.close()
+
+
+def test_the_first_message_must_be_the_version(server):
+    srv = server()
+    c = client(srv, add(40000))
+    assert closed(c) and count(srv.counters, "bad_peers") == 1 and not srv.router.routes
+
+
+def test_a_silent_peer_is_dropped_after_the_handshake_timeout(server):
+    srv = server()
+    c = client(srv)
+    srv.control.tick(time.monotonic() + 60)
+    assert closed(c) and count(srv.counters, "handshake_timeouts") == 1
+
+
+def test_connections_beyond_the_limit_per_address_are_closed_at_once(server):
+    srv = server(max_peers_per_address=2)
+    kept = [client(srv), client(srv)]
+    extra = client(srv)
+    assert closed(extra) and count(srv.counters, "peers_over_limit") == 1
+    assert len(srv.control) == 2
+    for c in kept:
+        c.close()
+
+
+def test_with_a_secret_registrations_wait_for_the_proof(server):
+    srv = server(secret=SECRET)
+    c = client(srv, wire.version_message(), HELLO_AUTH)
+    ext = answer(c)
+    assert ext.kind == wire.EXT_WELCOME and ext.features & wire.FEATURE_AUTH
+    nonce = ext.body[:wire.NONCE_SIZE]
+    c.sendall(wire.proof_messages(SECRET, nonce) + add(40000))
+    srv.pump()
+    assert len(srv.router.routes) == 1
+    c.close()
+
+
+@pytest.mark.parametrize("how", ["wrong secret", "no proof", "no offer (C tcpcopy)"])
+def test_with_a_secret_a_peer_without_the_proof_is_refused(server, how):
+    srv = server(secret=SECRET)
+    if how == "no offer (C tcpcopy)":
+        c = client(srv, wire.version_message(), add(40000))
+        assert closed(c)
+    else:
+        c = client(srv, wire.version_message(), HELLO_AUTH if how == "wrong secret" else HELLO)
+        ext = answer(c)
+        if how == "wrong secret":
+            c.sendall(wire.proof_messages(b"another secret of 16+ bytes",
+                                          ext.body[:wire.NONCE_SIZE]) + add(40000))
+            srv.pump()
+            ext = answer(c)
+        assert ext.kind == wire.EXT_REFUSED and b"secret" in ext.body
+    assert not srv.router.routes and count(srv.counters, "auth_failures") == 1
+
+
+def pump_link(srv: Server, link: ControlLink, ep: select.epoll, seconds: float = 1.0,
+              until_up: bool = True) -> bool:
+    """Run the link against the server; True once it came up."""
+    came_up = False
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (until_up and came_up):
+        now = time.monotonic()
+        came_up |= link.maybe_connect(now)
+        for _fd, ev in ep.poll(0.01):
+            came_up |= link.on_event(ev, now)[1]
+        srv.pump(1)
+    return came_up
+
+
+@pytest.mark.parametrize("secrets", [(SECRET, SECRET), (None, None), (None, SECRET)],
+                         ids=["both", "neither", "only tcpcopyd"])
+def test_tcpcopyd_and_interceptd_complete_the_handshake(server, secrets):
+    srv = server(secret=secrets[0])
+    ep = select.epoll()
+    link = ControlLink("127.0.0.1", srv.port, ep, secrets[1])
+    try:
+        assert pump_link(srv, link, ep, 3.0)
+        link.out += add(40000)
+        link.flush(time.monotonic())
+        srv.pump()
+        assert len(srv.router.routes) == 1
+    finally:
+        link.close()
+        ep.close()
+
+
+def test_tcpcopyd_without_the_secret_logs_why_it_is_refused(server, caplog):
+    srv = server(secret=SECRET)
+    ep = select.epoll()
+    link = ControlLink("127.0.0.1", srv.port, ep, None)
+    try:
+        pump_link(srv, link, ep, 1.0, until_up=False)
+        assert not link.up and link.errors >= 1
+        assert "refused us: it wants the shared secret (give tcpcopyd the same secret_file" \
+            in caplog.text
+    finally:
+        link.close()
+        ep.close()
+
+
+# ---------------------------------------------------------------- the router
+def peer(address: str) -> Peer:
+    return Peer(socket.socket(), address, address=socket.inet_aton(address))
+
+
+def message(r: Router, p: Peer, kind: int, port: int, target: bytes = TIP) -> None:
+    r.on_message(p, kind, CIP, port, 1.0, target, 80)
+
+
+def test_a_session_held_by_another_address_is_refused_a_sibling_may_move_it():
+    cnt = [0] * len(IC.NAMES)
+    r = Router(cnt)
+    tcpcopyd, sibling, rogue = peer("198.18.2.1"), peer("198.18.2.1"), peer("198.18.9.1")
+    try:
+        message(r, tcpcopyd, wire.CLIENT_ADD, 40000)
+        message(r, rogue, wire.CLIENT_ADD, 40000)
+        message(r, rogue, wire.CLIENT_DEL, 40000)
+        key = CIP + (40000).to_bytes(2, "big")
+        assert r.routes[key][0] is tcpcopyd and count(cnt, "routes_refused") == 1
+        message(r, sibling, wire.CLIENT_ADD, 40000)     # another connection of the same host
+        assert r.routes[key][0] is sibling and not r.routes_of(tcpcopyd)
+        message(r, tcpcopyd, wire.CLIENT_DEL, 40000)    # ended on another connection (C)
+        assert not r.routes and not r.routes_of(sibling) and not r.by_address
+    finally:
+        for p in (tcpcopyd, sibling, rogue):
+            p.sock.close()
+
+
+def test_an_address_beyond_its_share_loses_its_oldest_routes_the_total_is_refused():
+    cnt = [0] * len(IC.NAMES)
+    r = Router(cnt, max_routes=24, max_routes_per_address=16)
+    a, b = peer("198.18.2.1"), peer("198.18.2.3")
+    try:
+        for port in range(20):
+            message(r, a, wire.CLIENT_ADD, 1000 + port)
+        assert len(r.routes) == 16 and len(r.routes_of(a)) == 16
+        assert CIP + (1000).to_bytes(2, "big") not in r.routes       # the oldest went
+        for port in range(12):
+            message(r, b, wire.CLIENT_ADD, 2000 + port)
+        assert len(r.routes) == 24 and len(r.routes_of(b)) == 8
+        assert count(cnt, "routes_over_limit") == 4 + 4
+    finally:
+        a.sock.close()
+        b.sock.close()
+
+
+def reply_from(source: bytes, port: int) -> bytes:
+    from tcpcopyd import packet as P
+    return wire.reply_header(P.build(source, CIP, 80, port, 1, 1, P.ACK, 100))
+
+
+def test_a_reply_from_another_source_than_the_registered_target_is_dropped():
+    cnt = [0] * len(IC.NAMES)
+    r = Router(cnt)
+    p = peer("198.18.2.1")
+    try:
+        message(r, p, wire.CLIENT_ADD, 40000)
+        r.route(reply_from(socket.inet_aton("198.18.9.1"), 40000), 1.0)
+        assert not p.pending and count(cnt, "replies_foreign") == 1
+        r.route(reply_from(TIP, 40000), 1.0)
+        assert len(p.pending) == 1
+    finally:
+        p.sock.close()
+
+
+def test_a_full_delay_table_costs_a_bounded_round():
+    class CountingTable:
+        regions = 2
+        finds = 0
+
+        def find(self, key, skip=-1):
+            CountingTable.finds += 1
+            return None
+
+    r = Router([0] * len(IC.NAMES))
+    r.table = CountingTable()
+    for port in range(10000):
+        r.route(reply_from(TIP, port), 1.0)
+    assert len(r.delayed) == 10000
+    CountingTable.finds = 0
+    r.retry_delayed(1.5)
+    assert CountingTable.finds == R.DELAY_RETRY_BUDGET
+    assert len(r.delayed) == 10000                 # still waiting, moved to the back
+    for _ in range(10000 // R.DELAY_RETRY_BUDGET + 1):
+        r.retry_delayed(10.0)                      # expired, a bounded share per round
+    assert not r.delayed and r.n_delayed == 0
