@@ -63,10 +63,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.setup(PROG, cfg.log, cfg.log_level)
     except OSError as e:
         return fail(f"cannot open log file {cfg.log}: {e.strerror}", EX_CONFIG)
-    if cfg.queues is None:
-        cfg.queues = len(allowed_cpus())
-    if cfg.queue_num + cfg.queues > 65536:
-        return fail("--queue-num + --queues exceeds 65535")
     try:
         lock = InstanceLock(cfg.instance).acquire()
     except InstanceError as e:
@@ -151,21 +147,21 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
         listener.close()
         release()
         return fail(f"shared memory: {e}")
-    write_pidfile(cfg.pidfile)
-    reload = Reloader(PROG, DESCRIPTION, REGISTRY, LAYOUT, cfg, seg)
-    reload.publish()
     if cfg.interface:
         source = f"capture on {cfg.interface} (assistant mode)"
     else:
         source = f"NFQUEUE {cfg.queue_num}..{cfg.queue_num + cfg.queues - 1}" + (
             "" if installed else " (rules managed by the operator)")
-    log.info("interceptd %s: service ports %s, %s, control %s:%d", version(),
-             ",".join(map(str, cfg.service_port)), source, cfg.listen, cfg.port)
 
     def factory(index: int, cpu: int) -> Worker:
         return Worker(cfg, index, cpu, seg, listener, sources[index], wakeups)
 
     try:
+        write_pidfile(cfg.pidfile)
+        reload = Reloader(PROG, DESCRIPTION, REGISTRY, LAYOUT, cfg, seg)
+        reload.publish()
+        log.info("interceptd %s: service ports %s, %s, control %s:%d", version(),
+                 ",".join(map(str, cfg.service_port)), source, cfg.listen, cfg.port)
         status = StatusLine(seg, C.NAMES, ("queued", "routed"),
                             ("routes", "peers", "queue_drops"))
         return Arbiter(PROG, ",".join(map(str, cfg.service_port)), cfg.queues, seg, factory,

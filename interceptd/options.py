@@ -1,6 +1,7 @@
 """interceptd's settings."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
@@ -24,6 +25,9 @@ from tcpcopyd.service.settings import (
     show_networks,
     text,
 )
+
+# most workers (each pair of workers has a hand-off ring in shared memory)
+MAX_QUEUES = 64
 
 
 @dataclass
@@ -78,18 +82,26 @@ class Settings(Config):
         ("--queue-num",), 0, int_range(0, 65535),
         "first NFQUEUE number", metavar="N", example=0)
     queues: int = setting(
-        ("--queues",), None, int_range(1, 1024),
+        ("--queues",), None, int_range(1, MAX_QUEUES),
         "workers, each pinned to its CPU, each reading one NFQUEUE number (or, in "
         "assistant mode, one capture socket)", metavar="N", example=2,
         default_text="one per usable CPU")
-    log: str | None = log_setting()
+    log: str | None = log_setting("/var/log/interceptd/interceptd.log")
     log_level: str = log_level_setting()
-    pidfile: str | None = pidfile_setting()
+    pidfile: str | None = pidfile_setting("/run/tcpcopyd/interceptd.pid")
     instance: str = setting(
         ("--instance",), "interceptd", instance_name,
         "name of this instance: its lock and shm segment in /run/tcpcopyd, the tag of its "
         "iptables rules (one daemon per name)", metavar="NAME",
         example="interceptd")
+
+
+    def finish(self) -> None:
+        if self.queues is None:
+            self.queues = min(len(os.sched_getaffinity(0)), MAX_QUEUES)
+        if self.queue_num + self.queues > 65536:
+            raise self.invalid("queue_num", f"with {self.queues} queues the last would be "
+                               f"{self.queue_num + self.queues - 1}, above 65535")
 
 
 REGISTRY = Registry(Settings)

@@ -18,7 +18,9 @@ def route_buckets(max_routes: int) -> int:
 
 
 def ring_capacity(workers: int) -> int:
-    return 4096 if workers <= 4 else 1024
+    """Records per hand-off ring: fewer with more workers (there are workers² rings), a
+    power of two from 256 to 4096."""
+    return max(256, min(4096, 1 << ((16384 // workers).bit_length() - 1)))
 
 
 # the refused-address memory: this many entries of (address, monotonic time logged)

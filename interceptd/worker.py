@@ -56,6 +56,9 @@ class Worker(service_worker.Worker):
         self.queue_num = cfg.queue_num + index
         self.source_name = (f"capture on {cfg.interface}" if self.capture
                             else f"NFQUEUE {self.queue_num}")
+        # NFQUEUE verdicts are netlink messages that need CAP_NET_ADMIN each time; a
+        # capture socket needs nothing once open
+        self.capabilities = () if self.capture else ("CAP_NET_ADMIN",)
         self.wakeups = wakeups
 
     @property

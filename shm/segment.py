@@ -26,7 +26,7 @@ from shm.record import Record
 # a segment's file name: NAME + SUFFIX in the runtime directory
 SUFFIX = ".shm"
 MAGIC = b"TCPCSHM1"
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 HEADER = Record("Header", (
     ("magic", "8s"),         # MAGIC
     ("layout", "I"),         # LAYOUT_VERSION
@@ -63,7 +63,7 @@ SUPERVISION_SIZE = 4 + SUPERVISION.size + 4
 # live settings: length + JSON text, written by the master only (seqlock)
 SETTINGS = Record("Settings", (
     ("length", "I"),
-    ("json", "2040s"),
+    ("json", "32760s"),
 ))
 SETTINGS_SIZE = 4 + SETTINGS.size + 4
 
@@ -154,9 +154,7 @@ class Segment:
 
     # live settings: written by the master only
     def write_settings(self, values: dict) -> None:
-        blob = json.dumps(values, sort_keys=True).encode()
-        if len(blob) > SETTINGS.size - SETTINGS.offset("json"):
-            raise SegmentError(f"settings of {len(blob)} bytes do not fit in the segment")
+        blob = settings_blob(values)
         seqlock.write(self.mm, self.settings_off, SETTINGS, (len(blob), blob))
 
     def settings_version(self) -> int:
@@ -178,6 +176,15 @@ class Segment:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def settings_blob(values: dict) -> bytes:
+    """The live settings as the segment keeps them; SegmentError if they do not fit."""
+    blob = json.dumps(values, sort_keys=True).encode()
+    if len(blob) > SETTINGS.size - SETTINGS.offset("json"):
+        raise SegmentError(f"the live settings take {len(blob)} bytes, more than the "
+                           f"segment's {SETTINGS.size - SETTINGS.offset('json')}")
+    return blob
 
 
 def _layout(n_workers: int, n_slots: int, slot_size: int, extra_size: int

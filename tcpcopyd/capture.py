@@ -35,6 +35,8 @@ BPF_JSET_K = 0x45
 BPF_RET_K = 0x06
 # snap length returned by an accepting filter: the whole packet
 ACCEPT = 0x40000
+# most instructions in a socket filter (linux/filter.h)
+BPF_MAXINSNS = 4096
 
 
 class CaptureError(OSError):
@@ -58,25 +60,27 @@ class _SockFprog(ctypes.Structure):
 
 def bpf_program(ports: list[int], source: bool = False) -> list[tuple[int, int, int, int]]:
     """Instructions (code, jt, jf, k) accepting TCP to any of ``ports`` (network layer);
-    ``source``: TCP from any of them (interceptd's assistant mode)."""
+    ``source``: TCP from any of them (interceptd's assistant mode). Every jump goes at
+    most one instruction ahead, so any number of ports fits (up to BPF_MAXINSNS)."""
+    ports = list(dict.fromkeys(ports))
     if not ports:
         raise ValueError("no service ports")
-    n = len(ports)
+    if 9 + 2 * len(ports) > BPF_MAXINSNS:
+        raise ValueError(f"{len(ports)} ports are more than a socket filter can take")
     prog = [
         (BPF_LD_B_ABS, 0, 0, 9),             # A = ip protocol
-        (BPF_JEQ_K, 0, 4 + n, 6),            # TCP? else drop
+        (BPF_JEQ_K, 1, 0, 6),                # TCP? on, else
+        (BPF_RET_K, 0, 0, 0),                #   drop
         (BPF_LD_H_ABS, 0, 0, 6),             # A = flags/fragment offset
-        (BPF_JSET_K, 2 + n, 0, 0x1FFF),      # a fragment (not the first)? drop
+        (BPF_JSET_K, 0, 1, 0x1FFF),          # a fragment (not the first)?
+        (BPF_RET_K, 0, 0, 0),                #   drop
         (BPF_LDX_B_MSH, 0, 0, 0),            # X = ip header length
         (BPF_LD_H_IND, 0, 0, 0 if source else 2),   # A = tcp source / destination port
     ]
-    for i, port in enumerate(ports):
-        # match: jump to accept (n - i - 1 instructions ahead + 0); no match: next port
-        jt = n - i - 1 + 1
-        prog.append((BPF_JEQ_K, jt, 0, port))
-    prog.append((BPF_RET_K, 0, 0, 0))        # drop
-    prog.append((BPF_RET_K, 0, 0, ACCEPT))   # accept
-    # the 'drop' jumps above land on the drop instruction
+    for port in ports:
+        prog.append((BPF_JEQ_K, 0, 1, port))     # this port? accept, else the next
+        prog.append((BPF_RET_K, 0, 0, ACCEPT))
+    prog.append((BPF_RET_K, 0, 0, 0))        # none of them: drop
     return prog
 
 

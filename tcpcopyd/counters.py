@@ -49,6 +49,8 @@ NAMES = (
                            # (RFC 5961), the session goes on
     "stale_connections_reset",  # older connections of the target on a port our SYN
                                 # met (it answered with an ACK): reset, SYN sent again
+    "out_of_window",       # captured client data further ahead than a session may buffer
+                           # (dropped: forged, or a session that cannot be whole)
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 # indexes of the counters bumped on the packet path

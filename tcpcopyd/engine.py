@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 import logging
 import zlib
+from collections import OrderedDict
 from typing import Protocol
 
 from shm.seqlock import TornRead
@@ -36,6 +37,7 @@ from tcpcopyd.packet import (
     timestamp_option,
 )
 from tcpcopyd.portreuse import PortReuse
+from tcpcopyd.reorder import OutOfOrder
 from tcpcopyd.rewrite import Rewrite
 from tcpcopyd.session import (
     CLIENT_FIN,
@@ -71,6 +73,19 @@ TARGET_BUSY = 1.0
 # delayed ACK: target data is acknowledged at once every second segment, else after this
 # long, unless a packet of ours carries the ACK sooner (seconds)
 ACK_DELAY = 0.02
+# what a held segment costs beyond its payload (the Python objects that hold it), bytes:
+# counted with the payload against --session-buffer, --total-buffer and -m
+SEGMENT_COST = 160
+# most segments one session holds out of order (beyond: it is reset, it could not be whole)
+MAX_OUT_OF_ORDER = 4096
+# above this share of the most it may buffer, a worker opens no new session (the open ones
+# have room left to finish)
+REFUSE_ABOVE = 0.875
+# a session resets an older connection its SYN met at most once in this long, seconds
+# (each ACK of that connection would ask for one; forged ones too)
+STALE_RESET_EVERY = 0.5
+# most due timers one tick handles (the rest in the next round: the loop stays responsive)
+TICK_BUDGET = 4096
 
 
 class Sender(Protocol):
@@ -129,13 +144,22 @@ class Engine:
         self.only_syn = only_syn          # -O: no session without its SYN
         self.initial_rtt = initial_rtt    # -R: RTT assumed before the first measurement
         self.max_memory = max_memory      # -m (this worker's share): new sessions refused
+        # most bytes buffered in all: -m's share, and never above --total-buffer
+        self.max_total = max_total_buffer if max_memory is None \
+            else min(max_total_buffer, max_memory)
         # -n/-f/-c/-H: the copies of each captured session; None: one, seen as the client
         self.copies = Copies(rewrite) if rewrite is not None else None
         self.ramp_from = ramp_from        # -g: the copied share grows from 1 % at this time
         # new sessions waiting for the previous session of their client port to end
-        self.reuse = PortReuse()
+        self.reuse = PortReuse(SEGMENT_COST)
         self.buffered_total = 0           # bytes buffered over all sessions
+        self.gapped: set[Session] = set()  # sessions holding data beyond a gap
+        self.ooo_bytes = 0                # of buffered_total, held beyond gaps
         self.sessions: dict[tuple, Session] = {}
+        # the sessions by last activity, least recent first: those with nothing in flight
+        # (evicted first when the table is full), and the others
+        self.idle: OrderedDict[tuple, Session] = OrderedDict()
+        self.busy: OrderedDict[tuple, Session] = OrderedDict()
         self.counters = [0] * len(C.NAMES)
         self.timers: list[tuple[float, int, Session]] = []
         self._timer_seq = 0
@@ -211,7 +235,11 @@ class Engine:
         if copies is None:
             if self.reuse and cap in self.reuse:
                 # the client reused the port; its previous session is still finishing
-                self.reuse.add(cap, (seq, ack, flags, window, options, payload))
+                held = self.reuse.add(cap, (seq, ack, flags, window, options, payload))
+                old = self.sessions.get(cap)
+                if old is not None and (held > self.max_session_buffer or
+                                        self.buffered_total + self.reuse.bytes > self.max_total):
+                    self._reset(old, "sessions_reused")   # no room to wait: go at once
                 return
             self._segment(self.sessions.get(cap), cap, 0, target, seq, ack, flags, window,
                           options, payload, now)
@@ -296,8 +324,9 @@ class Engine:
 
     def _open(self, cap: tuple, copy: int, target: tuple[bytes, int], isn: int,
               window: int, options: bytes, now: float, fake: bool) -> Session | None:
-        if self.max_memory is not None and self.buffered_total >= self.max_memory:
-            self.counters[C.INDEX["sessions_refused"]] += 1
+        if self.buffered_total - self.ooo_bytes + self.reuse.bytes \
+                >= self.max_total * REFUSE_ABOVE:
+            self.counters[C.INDEX["sessions_refused"]] += 1   # room for the open ones
             return None
         key = cap if self.copies is None else self.copies.key_for(cap, self.sessions)
         if key is None:
@@ -333,6 +362,7 @@ class Engine:
         s.syn_ts = tsval is not None
         s.client_tsval = tsval or 0
         self.sessions[key] = s
+        self.idle[key] = s
         self.control.register(s)
         self.new.append(s)
         s.rtt_seq, s.rtt_time = s.snd_nxt, now
@@ -355,41 +385,86 @@ class Engine:
                     return
                 payload, seq = payload[skip:], s.cap_nxt
             else:
-                if seq not in s.ooo:
-                    s.ooo[seq] = (flags, payload, ack)
-                    self._grow(s, len(payload))
-                    self.counters[C.OUT_OF_ORDER] += 1
-                if not s.gap_since:
-                    s.gap_since = now
-                    self._schedule(s, now + GAP_TIMEOUT)
+                self._hold_out_of_order(s, seq, flags, payload, ack, now)
                 return
-        self._append(s, seq, flags, payload, ack)
-        while s.ooo and not s.state & CLIENT_FIN:
-            nxt = s.ooo.pop(s.cap_nxt, None)
-            if nxt is None:
-                # an held segment overlapping what we now have?
-                for oseq in list(s.ooo):
-                    if seq_lt(oseq, s.cap_nxt):
-                        oflags, opay, oack = s.ooo.pop(oseq)
-                        self._grow(s, -len(opay))
-                        skip = seq_diff(s.cap_nxt, oseq)
-                        if skip < len(opay):
-                            s.ooo[s.cap_nxt] = (oflags, opay[skip:], oack)
-                            self._grow(s, len(opay) - skip)
-                if s.cap_nxt not in s.ooo:
-                    break
+        if not self._append(s, seq, flags, payload, ack):
+            return
+        ooo = s.ooo
+        while ooo and not s.state & CLIENT_FIN and not s.freed:
+            ready = ooo.pop_ready(s.cap_nxt)
+            if ready is None:
+                break
+            oseq, oflags, opay, oack = ready
+            self._grow(s, -len(opay) - SEGMENT_COST)
+            self.ooo_bytes -= len(opay) + SEGMENT_COST
+            skip = seq_diff(s.cap_nxt, oseq)        # it may overlap what we have now
+            if skip >= len(opay) + (1 if oflags & FIN else 0):
+                self.counters[C.DUPLICATE] += 1
                 continue
-            oflags, opay, oack = nxt
-            self._grow(s, -len(opay))
-            self._append(s, s.cap_nxt, oflags, opay, oack)
-        if not s.ooo:
+            self._append(s, s.cap_nxt, oflags, opay[skip:], oack)
+        if not s.ooo and not s.freed:
+            s.ooo = None
+            self.gapped.discard(s)
             s.gap_since = 0.0
+
+    def _hold_out_of_order(self, s: Session, seq: int, flags: int, payload: bytes,
+                           ack: int, now: float) -> None:
+        """A segment beyond a gap: held until the gap fills (GAP_TIMEOUT at most). One
+        further ahead than the session may buffer is dropped (its session cannot be whole
+        anyway, and it is more likely forged than real); beyond the limits, the session is
+        reset: it could not be whole."""
+        if seq_diff(seq, s.cap_nxt) > self.max_session_buffer:
+            self.counters[C.INDEX["out_of_window"]] += 1
+            return
+        if s.ooo is None:
+            s.ooo = OutOfOrder(s.cap_nxt, SEGMENT_COST)
+            self.gapped.add(s)
+        if len(s.ooo) >= MAX_OUT_OF_ORDER:
+            self._overflow(s, f"{len(s.ooo)} segments held out of order")
+            return
+        if not s.ooo.add(seq, flags, payload, ack):
+            self.counters[C.DUPLICATE] += 1
+            return
+        self.counters[C.OUT_OF_ORDER] += 1
+        self._grow(s, len(payload) + SEGMENT_COST)
+        self.ooo_bytes += len(payload) + SEGMENT_COST
+        if not s.gap_since:
+            s.gap_since = now
+            self._schedule(s, now + GAP_TIMEOUT)
+        self._check_limits(s)
 
     def _grow(self, s: Session, n: int) -> None:
         s.buffered += n
         self.buffered_total += n
 
-    def _append(self, s: Session, seq: int, flags: int, payload: bytes, ack: int) -> None:
+    def _check_limits(self, s: Session) -> bool:
+        """After ``s`` grew: False (and the session reset, counted) if it holds more than
+        --session-buffer. When the worker holds more than its share of -m /
+        --total-buffer, the sessions with the most data held beyond a gap pay first (they
+        cannot be whole without what they miss, and a forged flood lands there), then
+        ``s`` itself."""
+        if s.buffered > self.max_session_buffer:
+            self._overflow(s, f"{s.buffered} bytes buffered (limit {self.max_session_buffer})")
+            return False
+        while self.buffered_total + self.reuse.bytes > self.max_total:
+            others = [g for g in self.gapped if g is not s]
+            if not others:
+                self._overflow(s, f"the worker buffers "
+                                  f"{self.buffered_total + self.reuse.bytes} bytes (limit "
+                                  f"{self.max_total})")
+                return False
+            victim = max(others, key=lambda g: g.ooo.bytes)
+            self._overflow(victim, f"{victim.ooo.bytes} bytes held beyond a gap while the "
+                                   f"worker is at its limit ({self.max_total})")
+        return True
+
+    def _overflow(self, s: Session, why: str) -> None:
+        log.warning("session %s: %s: reset", s.describe(), why)
+        self._reset(s, "sessions_overflow")
+
+    def _append(self, s: Session, seq: int, flags: int, payload: bytes, ack: int) -> bool:
+        """Queue the next segment of the client's stream; False if that overflowed the
+        limits (the session is reset)."""
         # the client acknowledged more of the online server's answer since its last data:
         # this segment starts a new request (or closes after an answer), paced on the target
         prev = s.client_ack
@@ -398,15 +473,11 @@ class Engine:
             s.client_ack = ack
         s.unsent.append([seq, flags, payload, new_request])
         n = len(payload)
-        self._grow(s, n)
+        self._grow(s, n + SEGMENT_COST)
         s.cap_nxt = seq_add(seq, n + (1 if flags & FIN else 0))
         if flags & FIN:
             s.state |= CLIENT_FIN
-        if s.buffered > self.max_session_buffer or self.buffered_total > self.max_total_buffer:
-            log.warning("session %s: %d bytes buffered (limit %d), %d in all (limit %d): reset",
-                        s.describe(), s.buffered, self.max_session_buffer,
-                        self.buffered_total, self.max_total_buffer)
-            self._reset(s, "sessions_overflow")
+        return self._check_limits(s)
 
     # ------------------------------------------------------------------ reply side
     def on_reply(self, hdr: bytes, now: float) -> None:
@@ -455,7 +526,9 @@ class Engine:
                 self._on_syn_ack(s, seq, ack, window, options, now)
             return
         if not s.state & ESTABLISHED:
-            if flags & ACK and s.state & SYN_SENT and ack != seq_add(s.isn, 1):
+            if flags & ACK and s.state & SYN_SENT and ack != seq_add(s.isn, 1) \
+                    and now - s.stale_reset_at >= STALE_RESET_EVERY:
+                s.stale_reset_at = now
                 self._reset_stale_connection(s, ack)
             return
         if s.state & TIMESTAMPS and options:
@@ -585,7 +658,7 @@ class Engine:
                 end = seq_add(eseq, n + (1 if eflags & FIN else 0))
                 if seq_le(end, ack):
                     q.popleft()
-                    self._grow(s, -n)
+                    self._grow(s, -n - SEGMENT_COST)
                     continue
                 if seq_lt(eseq, ack):
                     cut = seq_diff(ack, eseq)
@@ -642,6 +715,7 @@ class Engine:
         for s in touched:
             if s.freed:
                 continue
+            self._place(s)
             if s.state & ESTABLISHED:
                 self._push(s, now)
             self._check_end(s, now)
@@ -683,6 +757,7 @@ class Engine:
                     e[0], e[2], e[3] = seq_add(seq, size), payload[size:], False
                     e = head
                     q.appendleft(e)
+                    self._grow(s, SEGMENT_COST)     # one segment more held
                     seq, flags, payload, n = head[0], head[1], head[2], size
             q.popleft()
             self._send_segment(s, seq, flags, payload)
@@ -728,8 +803,10 @@ class Engine:
             if e[2]:
                 probe = [e[0], 0, e[2][:1], True]
                 e[0], e[2] = seq_add(e[0], 1), e[2][1:]
+                self._grow(s, SEGMENT_COST)         # one segment more held
                 if not e[2] and not e[1] & FIN:
                     s.unsent.popleft()
+                    self._grow(s, -SEGMENT_COST)
                 s.unacked.append(probe)
                 s.snd_nxt = seq_add(probe[0], 1)
                 self._send_segment(s, probe[0], 0, probe[2])
@@ -792,6 +869,8 @@ class Engine:
                       State(s.state & 0xFF))
         self.counters[C.INDEX[reason]] += 1
         del self.sessions[s.key]
+        self.idle.pop(s.key, None)
+        self.busy.pop(s.key, None)
         if self.reuse:
             self.reuse.ended(s.key)
         if s.cap is not None:
@@ -802,17 +881,45 @@ class Engine:
         self.free_slots.append(s.slot)
         self.dirty.discard(s)
         self.buffered_total -= s.buffered
+        if s.ooo is not None:
+            self.ooo_bytes -= s.ooo.bytes
+            self.gapped.discard(s)
         s.unsent.clear()
         s.unacked.clear()
-        s.ooo.clear()
+        s.ooo = None
 
     def _reset(self, s: Session, reason: str) -> None:
         self._close(s, reason, send_rst=True)
 
+    def _place(self, s: Session) -> None:
+        """``s`` was active: to the back of the idle or the busy line, by whether it has
+        data in flight."""
+        key = s.key
+        if s.unsent or s.unacked or s.ooo or s.awaiting:
+            self.idle.pop(key, None)
+            line = self.busy
+        else:
+            self.busy.pop(key, None)
+            line = self.idle
+        line[key] = s
+        line.move_to_end(key)
+
     def _evict_oldest(self) -> None:
-        oldest = min(self.sessions.values(), key=lambda x: x.last_seen)
-        log.warning("session table full: evicting %s", oldest.describe())
-        self._reset(oldest, "sessions_evicted")
+        """The table is full: reset the least recently active session with nothing in
+        flight, or, when every session has data in flight, the least recently active one.
+        O(1) amortized: a session found in the idle line with data since moves to the busy
+        one."""
+        idle, busy = self.idle, self.busy
+        while idle:
+            key, s = next(iter(idle.items()))
+            if s.unsent or s.unacked or s.ooo or s.awaiting:
+                self._place(s)
+                continue
+            break
+        victim = next(iter((idle or busy).values()))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session table full: evicting %s", victim.describe())
+        self._reset(victim, "sessions_evicted")    # counted: a flood would flood the log
 
     def close_all(self) -> None:
         """Reset every session toward the target (graceful stop)."""
@@ -835,7 +942,7 @@ class Engine:
         """Run due timers: retransmissions, paced requests, lingering closes, gaps."""
         timers = self.timers
         due: dict[int, Session] = {}
-        while timers and timers[0][0] <= now:
+        while timers and timers[0][0] <= now and len(due) < TICK_BUDGET:
             _, _, s = heapq.heappop(timers)
             if not s.freed:
                 due[id(s)] = s
@@ -906,6 +1013,7 @@ class Engine:
                 continue
             s = Session.from_slot(slot, v)
             self.sessions[s.key] = s
+            self.idle[s.key] = s
             if s.state & SYN_SENT:
                 self._arm(s, now + RTO_INITIAL)
         self.free_slots = free

@@ -48,8 +48,24 @@ def not_live(old: Settings, new: Settings) -> list[str]:
     return [] if same_ports else ["transfer"]
 
 
+def capture_file_error(path: str) -> str | None:
+    """-i with a '/' names a capture file to replay: it must be one."""
+    if not os.path.isfile(path):
+        return f"-i {path}: no such capture file (an interface name has no '/')"
+    return None
+
+
+def interface_error(name: str) -> str | None:
+    """-i without a '/' names an interface, never a file: a missing interface is an
+    error, with a hint if a file of that name is at hand."""
+    err = capture.check_interface(name)
+    if err and os.path.isfile(name):
+        err += f"; to replay the capture file {name!r} instead, give -i ./{name}"
+    return err
+
+
 def replay(cfg: Settings) -> int:
-    """`-i FILE`: replay a capture file offline, in this process."""
+    """`-i ./FILE`: replay a capture file offline, in this process."""
     from tcpcopyd.pcapfile import CaptureFileError
     from tcpcopyd.replay import Replay
     try:
@@ -75,13 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         return fail(f"needs {', '.join(missing)} (AF_PACKET capture and raw sockets): run it "
                     "as root, with sudo or as the systemd unit")
-    offline = os.path.isfile(cfg.interface)
+    offline = "/" in cfg.interface
     replay_only = [name for name in ("accelerate", "idle_cut", "repeat")
                    if cfg.source.get(name) and not offline]
     if replay_only:
-        return fail(f"{', '.join(replay_only)} only apply to an offline replay (-i FILE.pcap)",
-                    EX_USAGE)
-    err = None if offline else capture.check_interface(cfg.interface)
+        return fail(f"{', '.join(replay_only)} only apply to an offline replay "
+                    "(-i ./FILE.pcap)", EX_USAGE)
+    err = capture_file_error(cfg.interface) if offline else interface_error(cfg.interface)
     if err:
         return fail(err, EX_CONFIG)
     try:
@@ -90,8 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"cannot open log file {cfg.log}: {e.strerror}", EX_CONFIG)
     if offline:
         return replay(cfg)
-    if cfg.workers is None:
-        cfg.workers = len(allowed_cpus())
     try:
         open_raw_socket().close()
     except SendError as e:
@@ -123,18 +137,20 @@ def online(cfg: Settings, instance: str) -> int:
         seg = shmseg.create(instance, KIND, cfg.workers, cfg.session_slots, SLOT_SIZE,
                             label=cfg.interface)
     except (shmseg.SegmentError, OSError) as e:
+        for s in sockets:
+            s.close()
         return fail(f"shared memory: {e}")
-    write_pidfile(cfg.pidfile)
-    reload = Reloader(PROG, DESCRIPTION, options.REGISTRY, options.LAYOUT, cfg, seg, not_live)
-    reload.publish()
-    log.info("tcpcopyd %s on %s -> interceptd %s; %d worker(s), shm %s", version(),
-             cfg.interface, ",".join(f"{h}:{p}" for h, p in cfg.server), cfg.workers,
-             seg.path)
-
     def factory(index: int, cpu: int) -> Worker:
         return Worker(cfg, index, cpu, seg, sockets)
 
     try:
+        write_pidfile(cfg.pidfile)
+        reload = Reloader(PROG, DESCRIPTION, options.REGISTRY, options.LAYOUT, cfg, seg,
+                          not_live)
+        reload.publish()
+        log.info("tcpcopyd %s on %s -> interceptd %s; %d worker(s), shm %s", version(),
+                 cfg.interface, ",".join(f"{h}:{p}" for h, p in cfg.server), cfg.workers,
+                 seg.path)
         status = StatusLine(seg, C.NAMES, ("captured", "sent"),
                             ("sessions_active", "kernel_drops"))
         return Arbiter(PROG, cfg.interface, cfg.workers, seg, factory, allowed_cpus(),

@@ -1,6 +1,7 @@
 """tcpcopyd's settings (tcpcopy's letters where it has them)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from tcpcopyd import wire
@@ -24,6 +25,11 @@ from tcpcopyd.service.settings import (
     text,
 )
 
+# most -x rules (every one is a port of the capture filter and a line of the live settings)
+MAX_TRANSFERS = 256
+# session slots each worker needs at least
+MIN_SLOTS_PER_WORKER = 16
+
 
 @dataclass(frozen=True)
 class Transfer:
@@ -39,8 +45,10 @@ class Transfer:
 
 
 def transfers(raw: object) -> list[Transfer]:
-    """``[ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...]``"""
+    """``[ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...]``, at most MAX_TRANSFERS of them"""
     items = list_items(raw)
+    if len(items) > MAX_TRANSFERS:
+        raise SettingError(f"{len(items)} rules: at most {MAX_TRANSFERS}")
     out = []
     for item in items:
         item = str(item).strip()
@@ -135,7 +143,8 @@ class Settings(Config):
     interface: str = setting(
         ("-i", "--interface"), None, text,
         "capture interface (client traffic arrives there; the systemd unit's instance "
-        "name), or a pcap/pcapng file to replay offline", metavar="IFACE|FILE",
+        "name), or a pcap/pcapng file to replay offline: a path with a /, e.g. ./day.pcap",
+        metavar="IFACE|PATH",
         required=True, example="eth0")
     sample_rate: int = setting(
         ("-r", "--sample-rate"), 100, percent,
@@ -184,11 +193,12 @@ class Settings(Config):
         "RTT to the target assumed until measured, milliseconds (the first "
         "retransmission timeout is 3x it; default 1 s)", metavar="MS", example=10,
         default_text="measured")
-    memory: int | None = setting(
-        ("-m", "--memory"), None, int_range(1, 1 << 20),
-        "MiB all workers may buffer; above it new sessions are refused (counted "
-        "sessions_refused) while the open ones go on", metavar="MB", example=1024,
-        default_text="no limit")
+    memory: int = setting(
+        ("-m", "--memory"), 1024, int_range(1, 1 << 20),
+        "MiB all workers may buffer, payload and per-segment overhead (each worker its "
+        "share): above 7/8 of it new sessions are refused (sessions_refused), a session "
+        "that would grow past it is reset (sessions_overflow); the whole tcpcopyd stays "
+        "within it plus a constant (README)", metavar="MB", example=1024)
     connections: int = setting(
         ("-C", "--connections"), 1, int_range(1, 16),
         "control connections of each worker to each interceptd (a session uses one)",
@@ -201,7 +211,7 @@ class Settings(Config):
         "are buffered meanwhile", is_flag=True, example=True, default_text="on")
     accelerate: float = setting(
         ("-a", "--accelerate"), 1.0, float_range(0.001, 1000),
-        "offline replay (-i FILE): this many times faster than captured", metavar="N",
+        "offline replay (-i ./FILE): this many times faster than captured", metavar="N",
         example=1)
     idle_cut: float | None = setting(
         ("-I", "--idle-cut"), None, float_range(0, 3600000),
@@ -217,9 +227,9 @@ class Settings(Config):
     mss: int = setting(
         ("-D", "--mss"), 1460, int_range(88, 65495),
         "MSS announced in a fake SYN", metavar="MSS", example=1460)
-    log: str | None = log_setting()
+    log: str | None = log_setting("/var/log/tcpcopyd/eth0.log")
     log_level: str = log_level_setting()
-    pidfile: str | None = pidfile_setting()
+    pidfile: str | None = pidfile_setting("/run/tcpcopyd/eth0.pid")
     workers: int = setting(
         ("--workers",), None, int_range(1, 1024),
         "worker processes, each pinned to a CPU and reading its own capture socket",
@@ -235,7 +245,8 @@ class Settings(Config):
         "counted)", metavar="N", example=65536)
     session_buffer: int = setting(
         ("--session-buffer",), 64 << 20, int_range(1 << 16, 1 << 34),
-        "most bytes buffered for one session before it is reset (counted)",
+        "most bytes buffered for one session (payload and per-segment overhead) before "
+        "it is reset (counted)",
         metavar="BYTES", example=64 << 20)
     total_buffer: int = setting(
         ("--total-buffer",), 512 << 20, int_range(1 << 20, 1 << 40),
@@ -245,6 +256,15 @@ class Settings(Config):
         ("--pace-timeout",), 2.0, float_range(0, 600),
         "longest wait for the target's answer before the next request goes anyway",
         metavar="SECONDS", example=2, live=True)
+
+
+    def finish(self) -> None:
+        if self.workers is None:
+            self.workers = len(os.sched_getaffinity(0))
+        if self.session_slots < MIN_SLOTS_PER_WORKER * self.workers:
+            raise self.invalid("session_slots", f"{self.workers} workers need at least "
+                               f"{MIN_SLOTS_PER_WORKER * self.workers} "
+                               f"({MIN_SLOTS_PER_WORKER} each): raise it, or lower workers")
 
 
 REGISTRY = Registry(Settings)

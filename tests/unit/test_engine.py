@@ -6,7 +6,7 @@ import pytest
 from tcpcopyd import counters as C
 from tcpcopyd import packet as P
 from tcpcopyd import wire
-from tcpcopyd.engine import Engine
+from tcpcopyd.engine import SEGMENT_COST, Engine
 from tcpcopyd.session import ESTABLISHED, FAKE, TIMESTAMPS
 
 CLIENT = socket.inet_aton("198.18.1.1")
@@ -476,7 +476,7 @@ def test_the_total_buffer_limit_resets_the_session_that_grows_past_it():
                         b"d" * 3000))
     assert [s.client_port for s in e.sessions.values()] == [CPORT]
     assert e.counters[C.INDEX["sessions_overflow"]] == 1
-    assert e.buffered_total == 3000
+    assert e.buffered_total == 3000 + SEGMENT_COST     # what a held segment costs, counted
 
 
 def test_a_zero_window_is_probed(eng):
@@ -527,18 +527,20 @@ def test_keepalive_timeout_ends_quiet_sessions_sooner_than_busy_ones():
     assert not e.sessions
 
 
-def test_memory_cap_refuses_new_sessions_and_keeps_the_open_ones():
+def test_memory_cap_refuses_new_sessions_and_resets_the_one_that_grows_past_it():
     e = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(10),
-               max_memory=2000)
+               max_memory=4000)
     feed(e, P.build(CLIENT, ONLINE, CPORT, 80, ISN, 0, P.SYN, 100, SYN_OPTS))
     feed(e, P.build(CLIENT, ONLINE, CPORT, 80, ISN + 1, ONLINE_ISN, P.ACK, 100, b"",
-                    b"d" * 3000))
+                    b"d" * 3400))                        # past 7/8 of -m
     feed(e, P.build(CLIENT, ONLINE, CPORT + 1, 80, ISN, 0, P.SYN, 100, SYN_OPTS))
     assert [s.client_port for s in e.sessions.values()] == [CPORT]
     assert e.counters[C.INDEX["sessions_refused"]] == 1
-    feed(e, P.build(CLIENT, ONLINE, CPORT, 80, ISN + 3001, ONLINE_ISN, P.ACK, 100, b"",
-                    b"e" * 10))
-    assert e.sessions[(CLIENT, CPORT, TARGET, 80)].buffered == 3010
+    assert e.sessions[(CLIENT, CPORT, TARGET, 80)].buffered == 3400 + SEGMENT_COST
+    feed(e, P.build(CLIENT, ONLINE, CPORT, 80, ISN + 3401, ONLINE_ISN, P.ACK, 100, b"",
+                    b"e" * 1000))                        # past -m: it cannot be whole
+    assert e.counters[C.INDEX["sessions_overflow"]] == 1
+    assert not e.sessions and e.buffered_total == 0
 
 
 def test_several_connections_per_interceptd_give_a_session_always_the_same_one():
@@ -738,3 +740,76 @@ def test_a_syn_that_meets_an_older_connection_resets_it_and_goes_again(eng):
     assert eng.counters[C.INDEX["stale_connections_reset"]] == 1
     answer(eng, reply(TARGET_ISN, ISN + 1, P.SYN | P.ACK, options=SYNACK_OPTS))
     assert eng.sessions[(CLIENT, CPORT, TARGET, 80)].state & ESTABLISHED
+
+
+def test_out_of_order_data_is_held_in_order_and_bounded(eng):
+    handshake(eng)
+    eng.sender.take()
+    eng.max_session_buffer = 64 << 10
+    # client data far beyond anything the session could buffer: dropped, counted
+    feed(eng, client_pkt(ISN + 1 + (1 << 20), ONLINE_ISN + 1, P.ACK, b"far"))
+    assert not eng.sessions[(CLIENT, CPORT, TARGET, 80)].ooo
+    assert eng.counters[C.INDEX["out_of_window"]] == 1
+    # 200 segments held in reverse order, then the gap fills: all go out in order
+    for i in reversed(range(1, 201)):
+        feed(eng, client_pkt(ISN + 1 + 10 * i, ONLINE_ISN + 1, P.ACK, b"%09d|" % i))
+    s = eng.sessions[(CLIENT, CPORT, TARGET, 80)]
+    assert len(s.ooo) == 200 and s.buffered == 200 * (10 + SEGMENT_COST)
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK, b"000000000|"))
+    assert s.ooo is None and s.cap_nxt == ISN + 1 + 2010
+    sent = b"".join(p.payload for p in eng.sender.take())
+    assert sent == b"".join(b"%09d|" % i for i in range(201))[:len(sent)]
+
+
+def test_too_many_segments_out_of_order_reset_the_session(eng):
+    from tcpcopyd import engine as E
+    handshake(eng)
+    for i in range(E.MAX_OUT_OF_ORDER + 1):
+        feed(eng, client_pkt(ISN + 10 + i, ONLINE_ISN + 1, P.ACK, b"x"))
+    assert not eng.sessions and eng.buffered_total == 0
+    assert eng.counters[C.INDEX["sessions_overflow"]] == 1
+
+
+def test_a_full_table_evicts_a_session_with_nothing_in_flight_before_one_with_data():
+    e = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(2))
+    # the oldest session has a request in flight (no SYN-ACK yet: its data stays queued)
+    feed(e, P.build(CLIENT, ONLINE, CPORT, 80, ISN, 0, P.SYN, 100, SYN_OPTS), 10.0)
+    feed(e, P.build(CLIENT, ONLINE, CPORT, 80, ISN + 1, ONLINE_ISN, P.ACK, 100, b"",
+                    b"GET /"), 10.0)
+    feed(e, P.build(CLIENT, ONLINE, CPORT + 1, 80, ISN, 0, P.SYN, 100, SYN_OPTS), 20.0)
+    feed(e, P.build(CLIENT, ONLINE, CPORT + 2, 80, ISN, 0, P.SYN, 100, SYN_OPTS), 30.0)
+    assert sorted(s.client_port for s in e.sessions.values()) == [CPORT, CPORT + 2]
+    feed(e, P.build(CLIENT, ONLINE, CPORT + 3, 80, ISN, 0, P.SYN, 100, SYN_OPTS), 40.0)
+    assert sorted(s.client_port for s in e.sessions.values()) == [CPORT, CPORT + 3]
+    assert e.counters[C.INDEX["sessions_evicted"]] == 2
+
+
+def test_packets_held_for_a_reused_port_count_and_are_bounded(eng):
+    handshake(eng)
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN, P.ACK | P.PSH, b"GET /old HTTP/1.1\r\n\r\n"))
+    feed(eng, client_pkt(ISN + 90000, 0, P.SYN, options=SYN_OPTS))   # the port, reused
+    assert eng.reuse.bytes == SEGMENT_COST
+    eng.max_session_buffer = 3000 + 2 * SEGMENT_COST - 1   # the SYN and this, held: too much
+    feed(eng, client_pkt(ISN + 90001, ONLINE_ISN, P.ACK, b"n" * 3000))
+    # no room to wait: the old session is reset, the new one starts
+    assert eng.counters[C.INDEX["sessions_reused"]] == 1
+    eng.flush(100.0)
+    assert eng.reuse.bytes == 0 and not eng.reuse
+    assert eng.sessions[(CLIENT, CPORT, TARGET, 80)].isn == ISN + 90000
+
+
+def test_at_the_worker_limit_data_held_beyond_a_gap_pays_before_in_order_data():
+    e = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(10),
+               max_total_buffer=1 << 20)
+    handshake(e)
+    good = e.sessions[(CLIENT, CPORT, TARGET, 80)]
+    # a forged session fills the worker with data beyond a gap it will never fill
+    feed(e, P.build(CLIENT, ONLINE, CPORT + 1, 80, ISN, 0, P.ACK, 100, b"", b"x"))
+    for i in range(1, 900):
+        feed(e, P.build(CLIENT, ONLINE, CPORT + 1, 80, ISN + 10 + 1000 * i, 0, P.ACK, 100,
+                        b"", b"y" * 1000))
+    assert e.ooo_bytes > 900_000
+    # the real session's request still fits: the gapped one is reset to make room
+    feed(e, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"r" * 60_000))
+    assert good.key in e.sessions and (CLIENT, CPORT + 1, TARGET, 80) not in e.sessions
+    assert e.counters[C.INDEX["sessions_overflow"]] == 1 and e.ooo_bytes == 0

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from interceptd.options import Settings
 from shm import rundir
 from shm import segment as shmseg
 from tcpcopyd.service.instance import InstanceError, InstanceLock
@@ -59,8 +60,7 @@ def secret_cfg(tmp_path, data: bytes, mode: int) -> Config:
     path = tmp_path / "secret"
     path.write_bytes(data)
     os.chmod(path, mode)
-    cfg = Config()
-    cfg.secret_file = str(path)            # type: ignore[attr-defined]
+    cfg = Settings(secret_file=str(path))
     cfg.source["secret_file"] = "/etc/interceptd.conf [interceptd]"
     return cfg
 
@@ -69,7 +69,7 @@ def test_the_secret_file_must_be_private_and_long_enough(tmp_path):
     cfg = secret_cfg(tmp_path, b"  0123456789abcdefXYZ\n", 0o600)
     load_secret(cfg)
     assert cfg.secret == b"0123456789abcdefXYZ"
-    with pytest.raises(ConfigError, match=r"/etc/interceptd.conf \[interceptd\] secret_file = "
+    with pytest.raises(ConfigError, match=r"/etc/interceptd.conf: \[interceptd\] secret_file = "
                                           r".*others may read it \(mode 0644\): chmod 600"):
         load_secret(secret_cfg(tmp_path, b"0123456789abcdefXYZ", 0o644))
     with pytest.raises(ConfigError, match="5 bytes: a secret has 16 to 4096 bytes") as e:

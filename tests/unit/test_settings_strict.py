@@ -1,0 +1,133 @@
+"""Settings are validated strictly, at start and at reload: addresses, numbers, limits,
+cross-checks; an error is one line naming the file, the key and the reason (exit 78), or
+the flag (exit 2); a reload that cannot be applied changes nothing and never stops the
+master."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+import pytest
+
+from interceptd import options as ioptions
+from shm import segment as shmseg
+from tcpcopyd import options
+from tcpcopyd.lab.lab import bin_path
+from tcpcopyd.service.reload import Reloader
+from tcpcopyd.service.settings import EX_CONFIG, EX_USAGE, ConfigError, load
+
+BASE = ["-s", "198.18.2.2", "-i", "lo"]
+
+
+def conf(tmp_path, text: str) -> str:
+    path = tmp_path / "tcpcopyd.conf"
+    path.write_text(text)
+    return str(path)
+
+
+def tcpcopyd(tmp_path, body: str):
+    path = conf(tmp_path, '[default]\ntransfer = "80-198.18.2.2:80"\nserver = "198.18.2.2"\n'
+                          'interface = "lo"\n' + body)
+    return load("tcpcopyd", "", options.REGISTRY, ["--config", path], options.LAYOUT)
+
+
+@pytest.mark.parametrize("rule", ["80-192.168.001.010:80", "80-1.2.3.4.5:80", "80-01.2.3.4:80",
+                                  "80-1.2.3:80", "80-256.1.1.1:80"])
+def test_addresses_are_strict_dotted_quads(rule):
+    with pytest.raises(ConfigError) as e:
+        load("tcpcopyd", "", options.REGISTRY, ["-x", rule, *BASE], options.LAYOUT)
+    assert e.value.code == EX_USAGE and rule in str(e.value)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("timeout", "inf", "expected a number from 1 to 86400"),
+    ("timeout", "nan", "expected a number from 1 to 86400"),
+    ("memory", "2.5", "expected an integer from 1 to 1048576, not 2.5"),
+    ("memory", "1e3", "expected an integer"),
+    ("session_slots", "true", "expected an integer"),
+    ("workers", '"2.0"', "expected an integer"),
+])
+def test_numbers_are_finite_and_integers_are_integers(tmp_path, key, value, words):
+    with pytest.raises(ConfigError) as e:
+        tcpcopyd(tmp_path, f"{key} = {value}\n")
+    assert e.value.code == EX_CONFIG
+    assert f"[default] {key} = " in str(e.value) and words in str(e.value)
+
+
+def test_any_number_of_rules_up_to_the_documented_maximum(tmp_path):
+    rules = ",".join(f"{1000 + i}-198.18.2.2:{1000 + i}" for i in range(options.MAX_TRANSFERS))
+    cfg = load("tcpcopyd", "", options.REGISTRY, ["-x", rules, *BASE], options.LAYOUT)
+    assert len(cfg.transfer) == options.MAX_TRANSFERS
+    from tcpcopyd.capture import BPF_MAXINSNS, bpf_program
+    assert len(bpf_program([t.port for t in cfg.transfer])) <= BPF_MAXINSNS
+    with pytest.raises(ConfigError, match=rf"{options.MAX_TRANSFERS + 1} rules: at most "
+                                          rf"{options.MAX_TRANSFERS}"):
+        load("tcpcopyd", "", options.REGISTRY,
+             ["-x", rules + ",9-198.18.2.2:9", *BASE], options.LAYOUT)
+
+
+def test_cross_checks_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[default\] session_slots = 16: 2 workers need at "
+                                          r"least 32 \(16 each\)") as e:
+        tcpcopyd(tmp_path, "session_slots = 16\nworkers = 2\n")
+    assert e.value.code == EX_CONFIG
+    with pytest.raises(ConfigError, match=r"--queue-num 65530: with 8 queues the last would "
+                                          r"be 65537, above 65535"):
+        load("interceptd", "", ioptions.REGISTRY, ["--service-port", "80", "--queue-num",
+                                                    "65530", "--queues", "8"], ioptions.LAYOUT)
+    with pytest.raises(ConfigError, match="expected an integer from 1 to 64"):
+        load("interceptd", "", ioptions.REGISTRY, ["--service-port", "80", "--queues", "257"],
+             ioptions.LAYOUT)
+
+
+def test_a_reload_that_cannot_be_applied_changes_nothing_and_the_master_goes_on(tmp_path,
+                                                                              caplog):
+    path = conf(tmp_path, '[default]\ntransfer = "80-198.18.2.2:80"\nserver = "198.18.2.2"\n'
+                          'interface = "lo"\n')
+    cfg = load("tcpcopyd", "", options.REGISTRY, ["--config", path], options.LAYOUT)
+    seg = shmseg.create(f"test-badreload-{os.getpid()}", 1, 1, 0, 64)
+    try:
+        reload = Reloader("tcpcopyd", "", options.REGISTRY, options.LAYOUT, cfg, seg)
+        reload.publish()
+
+        def broken(values):
+            raise RuntimeError("the segment went away")
+        seg.write_settings = broken
+        with open(path, "a") as f:
+            f.write("sample_rate = 20\n")
+        with caplog.at_level(logging.ERROR):
+            reload()                               # must not raise
+        assert "reload failed, the running settings stay" in caplog.text
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+def run(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([bin_path("tcpcopyd"), *args], capture_output=True, text=True,
+                          timeout=30, cwd=cwd)
+
+
+def test_a_capture_file_is_replayed_only_when_named_as_a_path(tmp_path):
+    (tmp_path / "eth9").write_bytes(b"not an interface")
+    r = run("-x", "80-198.18.2.2:80", "-s", "198.18.2.2", "-i", "eth9", cwd=str(tmp_path))
+    assert r.returncode == 78
+    assert "interface 'eth9' does not exist" in r.stderr
+    assert "to replay the capture file 'eth9' instead, give -i ./eth9" in r.stderr
+    r = run("-x", "80-198.18.2.2:80", "-s", "198.18.2.2", "-i", "./nosuch.pcap",
+            cwd=str(tmp_path))
+    assert r.returncode == 78 and "-i ./nosuch.pcap: no such capture file" in r.stderr
+
+
+def test_log_files_are_created_readable_by_their_group_at_most(tmp_path):
+    from tcpcopyd.service import logs
+    path = tmp_path / "daemon.log"
+    old = os.umask(0)
+    try:
+        logs.setup("tcpcopyd", str(path), "info")
+        logging.getLogger("test").info("hello")
+    finally:
+        os.umask(old)
+        logs.setup("tcpcopyd", None, "info")
+    assert path.stat().st_mode & 0o777 == 0o640
