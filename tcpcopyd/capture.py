@@ -1,5 +1,6 @@
 """AF_PACKET capture of client->server packets, one socket per worker in a fanout group
-(and of the target's replies, for interceptd's assistant mode).
+(and of the target's replies, for interceptd's assistant mode), and the reading of it that
+keeps the copy live (``CaptureReader``).
 
 The socket is SOCK_DGRAM (the kernel strips the link header, we read IPv4 packets), bound
 to one interface, ignores packets the host sends itself, and carries a classic BPF filter
@@ -8,9 +9,12 @@ that passes only TCP (non-fragment) packets whose destination port is a service 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import socket
 import struct
+import time
+from collections.abc import Callable
 
 # linux/if_ether.h
 ETH_P_IP = 0x0800
@@ -24,6 +28,9 @@ PACKET_FANOUT_FLAG_DEFRAG = 0x8000
 # asm-generic/socket.h
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
+# asm-generic/sockios.h: when the kernel took the last packet read (struct timespec)
+SIOCGSTAMPNS = 0x8907
+TIMESPEC = struct.Struct("qq")
 
 # classic BPF opcodes (linux/filter.h)
 BPF_LD_B_ABS = 0x30
@@ -137,3 +144,72 @@ def stats(sock: socket.socket) -> tuple[int, int]:
     """(packets, drops) since the last call (the kernel resets them on read)."""
     raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
     return struct.unpack("II", raw)
+
+
+def packet_time(sock: socket.socket) -> float:
+    """The wall-clock time the kernel took the last packet read from ``sock``."""
+    sec, nsec = TIMESPEC.unpack(fcntl.ioctl(sock.fileno(), SIOCGSTAMPNS, bytes(TIMESPEC.size)))
+    return sec + nsec / 1e9
+
+
+# packets handed on between two looks at how old they are
+SAMPLE_EVERY = 16
+
+
+class CaptureReader:
+    """Reads a capture socket in batches and keeps the copy live: it looks at the age of
+    every SAMPLE_EVERY-th packet (the capture lag: how far behind the worker is) and drops
+    what is older than ``max_lag`` — until it is back within half of it — rather than
+    hand on packets so old that their copy would no longer be a live one."""
+
+    def __init__(self, sock: socket.socket, max_lag: float) -> None:
+        self.sock = sock
+        self.buf = bytearray(65536 + 64)
+        self.max_lag = max_lag
+        self.lag = 0.0        # age of the last packet looked at, seconds (0: caught up)
+        self.peak = 0.0       # the oldest packet handed on since take_peak(), seconds
+        self.dropped = 0      # packets dropped for their age since take_dropped()
+
+    def read(self, on_packet: Callable[[bytearray, int, float], None], now: float,
+             budget: int, time_slice: float) -> None:
+        """Hand on up to ``budget`` packets, for ``time_slice`` seconds at most."""
+        recv_into, buf = self.sock.recv_into, self.buf
+        for i in range(budget):
+            try:
+                n = recv_into(buf)
+            except BlockingIOError:
+                self.lag = 0.0
+                return
+            if i % SAMPLE_EVERY == 0:
+                lag = self.lag = time.time() - packet_time(self.sock)
+                if lag > self.max_lag:
+                    self._drop_stale()
+                    continue
+                if lag > self.peak:
+                    self.peak = lag
+            on_packet(buf, n, now)
+            if i & 63 == 63 and time.monotonic() - now > time_slice:
+                return
+
+    def _drop_stale(self) -> None:
+        """The packet just read is too old: drop it and those behind it until they are
+        younger than half of max_lag."""
+        recv_into, buf = self.sock.recv_into, self.buf
+        self.dropped += 1
+        while self.lag > self.max_lag / 2:
+            for _ in range(SAMPLE_EVERY):
+                try:
+                    recv_into(buf)
+                except BlockingIOError:
+                    self.lag = 0.0
+                    return
+                self.dropped += 1
+            self.lag = time.time() - packet_time(self.sock)
+
+    def take_dropped(self) -> int:
+        n, self.dropped = self.dropped, 0
+        return n
+
+    def take_peak(self) -> float:
+        peak, self.peak = self.peak, 0.0
+        return peak

@@ -51,6 +51,11 @@ NAMES = (
                                 # met (it answered with an ACK): reset, SYN sent again
     "out_of_window",       # captured client data further ahead than a session may buffer
                            # (dropped: forged, or a session that cannot be whole)
+    "lag_drops",           # captured packets dropped for being older than --max-lag (the
+                           # worker had fallen behind: the copy stays live)
+    "capture_lag_ms",      # gauge: how old the packets the worker reads are, ms (0: none
+                           # waiting)
+    "capture_lag_peak_ms",  # gauge: the oldest packet handed on in the last 0.1 s, ms
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 # indexes of the counters bumped on the packet path
@@ -59,4 +64,4 @@ CAPTURED, MALFORMED, NO_SESSION, DUPLICATE, OUT_OF_ORDER, SENT, SEND_ERRORS, BYT
 assert NAMES[REPLIES_MALFORMED] == "replies_malformed"
 OVERSIZE = INDEX["oversize_frames"]
 # gauges are set, not added up over time
-GAUGES = frozenset({"sessions_active"})
+GAUGES = frozenset({"sessions_active", "capture_lag_ms", "capture_lag_peak_ms"})

@@ -152,7 +152,8 @@ def online(cfg: Settings, instance: str) -> int:
                  cfg.interface, ",".join(f"{h}:{p}" for h, p in cfg.server), cfg.workers,
                  seg.path)
         status = StatusLine(seg, C.NAMES, ("captured", "sent"),
-                            ("sessions_active", "kernel_drops"))
+                            ("sessions_active", "capture_lag_ms", "lag_drops",
+                             "kernel_drops"))
         return Arbiter(PROG, cfg.interface, cfg.workers, seg, factory, allowed_cpus(),
                        status=status, reload=reload).run()
     finally:

@@ -252,6 +252,11 @@ class Settings(Config):
         ("--total-buffer",), 512 << 20, int_range(1 << 20, 1 << 40),
         "most bytes one worker buffers over all its sessions (above: the session that "
         "grows is reset, counted)", metavar="BYTES", example=512 << 20)
+    max_lag: float = setting(
+        ("--max-lag",), 1.0, float_range(0.01, 3600),
+        "captured packets older than this when their turn comes are dropped (counted "
+        "lag_drops) until the worker is back within half of it: a copy that falls behind "
+        "stays live; seconds", metavar="SECONDS", example=1, live=True)
     pace_timeout: float = setting(
         ("--pace-timeout",), 2.0, float_range(0, 600),
         "longest wait for the target's answer before the next request goes anyway",

@@ -77,9 +77,11 @@ def ip_payload(link: int, frame: bytes) -> bytes | None:
                            "interface, or with tcpdump -i any)")
 
 
-def packets(path: str, skipped: collections.Counter) -> Iterator[tuple[float, bytes]]:
+def packets(path: str, skipped: collections.Counter, headers_only: bool = False
+            ) -> Iterator[tuple[float, bytes]]:
     """(capture time, IPv4 packet) of every IPv4 frame in the file; ``skipped`` counts the
-    rest by reason ("not_ipv4", "truncated")."""
+    rest by reason ("not_ipv4", "truncated"). With ``headers_only``, packets cut by the
+    snap length come too, as cut (for who reads only their headers)."""
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -95,7 +97,7 @@ def packets(path: str, skipped: collections.Counter) -> Iterator[tuple[float, by
                 skipped["not_ipv4"] += 1
                 continue
             total = struct.unpack_from("!H", pkt, 2)[0]
-            if total > len(pkt):
+            if total > len(pkt) and not headers_only:
                 # cut by the capture's snap length: the payload is incomplete
                 skipped["truncated"] += 1
                 if snaplen and skipped["truncated"] == 1:

@@ -90,8 +90,11 @@ def engine_for(cfg: Settings, control: ControlGroup, table, slots: range, worker
                   max_memory=(cfg.memory << 20) // workers)
 
 
-def apply_live(engine: Engine, cfg: Settings) -> None:
+def apply_live(engine: Engine, cfg: Settings, reader: capture.CaptureReader | None = None
+               ) -> None:
     """Settings a reload changed; they apply to new sessions (timeouts to all)."""
+    if reader is not None:
+        reader.max_lag = cfg.max_lag
     engine.idle_timeout = cfg.timeout
     engine.keepalive_timeout = cfg.keepalive_timeout
     engine.pace_timeout = 0.0 if cfg.no_wait else cfg.pace_timeout
@@ -123,6 +126,7 @@ class Worker(service_worker.Worker):
                 s.close()
         self.cap = self.sockets[self.index]
         self.cap.setblocking(False)
+        self.reader = capture.CaptureReader(self.cap, cfg.max_lag)
         self.epoll = select.epoll()
         self.epoll.register(self.cap.fileno(), select.EPOLLIN)
         table = SlotTable(self.seg, SLOT)
@@ -142,9 +146,7 @@ class Worker(service_worker.Worker):
     def run(self) -> None:
         engine, control, cap, ep = self.engine, self.control, self.cap, self.epoll
         capfd = cap.fileno()
-        buf = bytearray(65536 + 64)
-        recv_into = cap.recv_into
-        on_packet = engine.on_client_packet
+        read, on_packet = self.reader.read, engine.on_client_packet
         next_sync = next_expire = 0.0
         while not self.stop:
             now = time.monotonic()
@@ -159,14 +161,8 @@ class Worker(service_worker.Worker):
             now = time.monotonic()
             for fd, ev in events:
                 if fd == capfd:
-                    for i in range(CAPTURE_BATCH):
-                        try:
-                            n = recv_into(buf)
-                        except BlockingIOError:
-                            break
-                        on_packet(buf, n, now)
-                        if i & 63 == 63 and time.monotonic() - now > WORK_SLICE:
-                            break       # the rest in the next round, after the timers
+                    # the rest, if any, in the next round, after the timers
+                    read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
                 else:
                     on_control_event(engine, control, fd, ev, now)
             send_due(engine, control, now)
@@ -185,8 +181,12 @@ class Worker(service_worker.Worker):
         the heartbeat."""
         cnt = self.counters
         if self.watch.poll() is not None:
-            apply_live(self.engine, self.cfg)
+            apply_live(self.engine, self.cfg, self.reader)
         cnt[C.INDEX["kernel_drops"]] += capture.stats(self.cap)[1]
+        reader = self.reader
+        cnt[C.INDEX["lag_drops"]] += reader.take_dropped()
+        cnt[C.INDEX["capture_lag_ms"]] = int(reader.lag * 1000)
+        cnt[C.INDEX["capture_lag_peak_ms"]] = int(reader.take_peak() * 1000)
         connects, errors = self.control.connects, self.control.errors
         cnt[C.INDEX["control_connects"]] += connects - self._links_seen[0]
         cnt[C.INDEX["control_errors"]] += errors - self._links_seen[1]

@@ -1,9 +1,14 @@
-"""Replication benchmark in the lab: request loss and CPU of each daemon at given rates.
+"""Replication benchmark in the lab: request loss, CPU of each daemon and the copy's added
+delay at given rates — ours, and with ``--pairs ours,c`` the C tcpcopy + intercept too, the
+two alternating run by run (the C binaries come from TCPCOPYD_C_TCPCOPY and
+TCPCOPYD_C_INTERCEPT; they are never part of this repository).
 
-For each rate, ``--runs`` runs on a fresh lab; each run offers ``--requests`` short HTTP
-requests (h2load, one request per connection) and counts what the online and the target
-nginx logged. CPU is utime+stime of each daemon's master and workers over the run, from
-/proc. Prints medians as a Markdown table for BENCHMARKS.md.
+For each rate, ``--runs`` runs on a fresh lab; each run offers ``--requests`` HTTP requests
+(h2load; ``--per-connection`` per connection) and counts what the online and the target
+nginx logged. CPU is utime+stime of each daemon's processes over the run, from /proc.
+With ``--delays``, tcpdump on the online and the target interfaces times each SYN and each
+connection's first data segment from one to the other (tcpcopyd.lab.delays). Prints
+medians as a Markdown table for BENCHMARKS.md; ``--plot FILE.svg`` draws them.
 """
 from __future__ import annotations
 
@@ -15,18 +20,46 @@ import sys
 from shm import segment as shmseg
 from tcpcopyd import ctl
 from tcpcopyd.lab import load
+from tcpcopyd.lab.delays import copy_delays, percentiles, start_capture, stop_capture
 from tcpcopyd.lab.lab import Lab, wait_for
+from tcpcopyd.lab.net import TARGET_IP
+
+C_TCPCOPY = os.environ.get("TCPCOPYD_C_TCPCOPY", "")
+C_INTERCEPT = os.environ.get("TCPCOPYD_C_INTERCEPT", "")
+# iptables comment of the rule the C intercept's runs need (it installs none itself)
+C_RULE_TAG = "tcpcopyd-bench-c-intercept"
+
+
+def start_c_pair(lab) -> None:
+    """The C intercept (NFQUEUE 0, with the rule it needs) and the C tcpcopy."""
+    lab.ns.run(lab.ns.target, ["iptables", "-w", "5", "-I", "OUTPUT", "-p", "tcp", "--sport",
+                               "80", "-m", "comment", "--comment", C_RULE_TAG, "-j",
+                               "NFQUEUE", "--queue-num", "0"])
+    lab.start("interceptd", lab.ns.target, [C_INTERCEPT, "-l", "/dev/stdout"])
+    lab.wait_listening(lab.ns.target, 36524)
+    lab.start("tcpcopyd", lab.ns.online, [C_TCPCOPY, "-x", f"80-{TARGET_IP}:80", "-s",
+                                          TARGET_IP, "-l", "/dev/stdout"])
+    wait_for(lambda: "ESTAB" in lab.ns.run(lab.ns.target, ["ss", "-Htn", "sport = :36524"],
+                                           check=False).stdout, 30, "the C tcpcopy to connect")
 
 
 def one_run(rate: int, requests: int, per_connection: int, workers: int, threads: int = 1,
             nginx_workers: int = 1, settle: float = 30.0, cpus: dict[str, str] | None = None,
-            assistant: bool = False) -> dict:
+            assistant: bool = False, pair: str = "ours", delays: bool = False) -> dict:
     lab = Lab(f"bench{os.getpid() % 1000}", nginx_workers=nginx_workers, cpus=cpus,
               assistant=assistant)
+    captures = {}
     try:
         lab.up(memcached=False)
-        lab.start_interceptd([80], extra=["--queues", str(workers)])
-        lab.start_tcpcopyd([80], extra=["--workers", str(workers)])
+        if pair == "c":
+            start_c_pair(lab)
+        else:
+            lab.start_interceptd([80], extra=["--queues", str(workers)])
+            lab.start_tcpcopyd([80], extra=["--workers", str(workers)])
+        if delays:
+            captures = {host: (path, start_capture(lab, getattr(lab.ns, host), path))
+                        for host in ("online", "target")
+                        for path in [os.path.join(lab.dir, f"{host}.pcap")]}
         cpu0 = {d: lab.daemon_cpu_seconds(d) for d in ("tcpcopyd", "interceptd")}
         r = load.h2load(lab, requests=requests, rate=rate, per_connection=per_connection,
                         threads=threads)
@@ -39,12 +72,27 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
         cpu = {d: lab.daemon_cpu_seconds(d) - cpu0[d] for d in cpu0}
         target = sum(1 for f in lab.nginx_log("target") if f[2] == "200")
         leaked = sum(lab.ns.leaked().values())
-        drops = {}
+        drops = {"tcpcopyd_kernel_drops": 0, "interceptd_queue_drops": 0}
         for d, name in (("tcpcopyd", "kernel_drops"), ("interceptd", "queue_drops")):
-            seg = shmseg.attach(f"{lab.ns.prefix}-{d}")
-            drops[f"{d}_{name}"] = ctl.totals(seg).get(name, 0)
-            seg.close()
+            if pair == "ours":
+                seg = shmseg.attach(f"{lab.ns.prefix}-{d}")
+                drops[f"{d}_{name}"] = ctl.totals(seg).get(name, 0)
+                seg.close()
+        delay = {}
+        if captures:
+            for _path, p in captures.values():
+                stop_capture(p)
+            found = copy_delays(captures["online"][0], captures["target"][0])
+            delay = {f"{kind}_delay": values for kind, values in found.items()}
     finally:
+        for _path, p in captures.values():
+            if p.poll() is None:
+                stop_capture(p)
+        if pair == "c":
+            lab.ns.run(lab.ns.target, ["iptables", "-w", "5", "-D", "OUTPUT", "-p", "tcp",
+                                       "--sport", "80", "-m", "comment", "--comment",
+                                       C_RULE_TAG, "-j", "NFQUEUE", "--queue-num", "0"],
+                       check=False)
         lab.down()
         lab.cleanup_files()
     secs = r.seconds or 1.0
@@ -54,7 +102,8 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
             "client_errors": r.failed + r.errored, "leaked": leaked, **drops,
             # CPU % while the load ran; µs per request including any catching up after it
             **{f"{d}_cpu_pct": 100.0 * c / secs for d, c in cpu_load.items()},
-            **{f"{d}_us_per_req": 1e6 * c / max(1, online) for d, c in cpu.items()}}
+            **{f"{d}_us_per_req": 1e6 * c / max(1, online) for d, c in cpu.items()},
+            **delay}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,46 +123,91 @@ def main(argv: list[str] | None = None) -> int:
                     "nfqueue,assistant")
     ap.add_argument("--settle", type=float, default=30.0,
                     help="longest wait for the target to catch up after the load, seconds")
+    ap.add_argument("--pairs", default="ours",
+                    help="ours, c (the C tcpcopy + intercept from TCPCOPYD_C_TCPCOPY and "
+                    "TCPCOPYD_C_INTERCEPT) or both, e.g. ours,c; they alternate run by run")
+    ap.add_argument("--delays", action="store_true",
+                    help="time each copy from the online to the target interface (tcpdump)")
+    ap.add_argument("--plot", metavar="FILE.svg",
+                    help="draw CPU per request against rate, and the delays' distribution")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark builds network namespaces: run it as root", file=sys.stderr)
         return 1
-    rows = []
     counts = [int(x) for x in args.workers.split(",")]
     cpus = {k: v for k, v in (("tcpcopyd", args.tcpcopyd_cpus),
                               ("interceptd", args.interceptd_cpus)) if v}
     modes = args.interception.split(",")
+    pairs = args.pairs.split(",")
     if not set(modes) <= {"nfqueue", "assistant"}:
         print("--interception: nfqueue, assistant or both", file=sys.stderr)
         return 2
-    combos = [(w, m) for w in counts for m in modes]
+    if not set(pairs) <= {"ours", "c"}:
+        print("--pairs: ours, c or both", file=sys.stderr)
+        return 2
+    if "c" in pairs and not (os.access(C_TCPCOPY, os.X_OK) and os.access(C_INTERCEPT, os.X_OK)):
+        print("--pairs c: set TCPCOPYD_C_TCPCOPY and TCPCOPYD_C_INTERCEPT to the C binaries",
+              file=sys.stderr)
+        return 2
+    # the C pair has one process each, with NFQUEUE
+    combos = [(w, m, p) for p in pairs for w in (counts if p == "ours" else [1])
+              for m in (modes if p == "ours" else ["nfqueue"])]
+    rows = []
     for rate in [int(x) for x in args.rates.split(",")]:
         # the combinations alternate run by run, so each meets the same machine noise
-        runs: dict[tuple[int, str], list[dict]] = {c: [] for c in combos}
+        runs: dict[tuple, list[dict]] = {c: [] for c in combos}
         for _ in range(args.runs):
-            for w, m in combos:
-                runs[(w, m)].append(one_run(rate, args.requests, args.per_connection, w,
-                                            args.threads, args.nginx_workers, args.settle,
-                                            cpus, assistant=m == "assistant"))
+            for w, m, p in combos:
+                runs[(w, m, p)].append(one_run(
+                    rate, args.requests, args.per_connection, w, args.threads,
+                    args.nginx_workers, args.settle, cpus, assistant=m == "assistant",
+                    pair=p, delays=args.delays))
         for c in combos:
-            med = {k: statistics.median(r[k] for r in runs[c]) for k in runs[c][0]}
-            rows.append((rate, c, med, runs[c]))
-            print(f"rate {rate} workers {c[0]} {c[1]}: " + "; ".join(
-                f"loss {r['loss_pct']:.3f}% tcpcopyd {r['tcpcopyd_cpu_pct']:.0f}% "
-                f"interceptd {r['interceptd_cpu_pct']:.0f}%" for r in runs[c]), flush=True)
+            rows.append((rate, c, summary(runs[c]), runs[c]))
+            print(f"rate {rate} {c[2]} workers {c[0]} {c[1]}: " + "; ".join(
+                f"loss {r['loss_pct']:.3f}% tcpcopyd {r['tcpcopyd_us_per_req']:.0f} µs "
+                f"interceptd {r['interceptd_us_per_req']:.0f} µs" for r in runs[c]),
+                flush=True)
     print()
-    print("| offered req/s | achieved req/s | workers per side | interception | requests | "
-          "loss % (median) | worst loss % | tcpcopyd CPU % | tcpcopyd µs/req | "
-          "interceptd CPU % | interceptd µs/req | capture drops | queue drops | leaked |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for rate, (workers, mode), m, runs in rows:
-        print(f"| {rate} | {m['achieved_per_s']:.0f} | {workers} | {mode} | {args.requests} | "
-              f"{m['loss_pct']:.3f} | "
-              f"{max(r['loss_pct'] for r in runs):.3f} | {m['tcpcopyd_cpu_pct']:.0f} | "
-              f"{m['tcpcopyd_us_per_req']:.0f} | {m['interceptd_cpu_pct']:.0f} | "
-              f"{m['interceptd_us_per_req']:.0f} | {m['tcpcopyd_kernel_drops']:.0f} | "
-              f"{m['interceptd_queue_drops']:.0f} | {max(r['leaked'] for r in runs)} |")
+    print(table(rows, args.requests, args.delays))
+    if args.plot:
+        from tcpcopyd.lab.plot import bench_svg
+        with open(args.plot, "w") as f:
+            f.write(bench_svg(rows))
+        print(f"\nplot: {args.plot}")
     return 0
+
+
+def summary(runs: list[dict]) -> dict:
+    """Medians of the runs; the delays of all runs pooled (their percentiles, ms)."""
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]
+           if not k.endswith("_delay")}
+    for kind in ("syn", "data"):
+        pooled = [d for r in runs for d in r.get(f"{kind}_delay", [])]
+        out[f"{kind}_delay"] = pooled
+        out[f"{kind}_ms"] = percentiles(pooled)
+    return out
+
+
+def table(rows: list, requests: int, delays: bool) -> str:
+    head = ["offered req/s", "achieved req/s", "pair", "workers per side", "interception",
+            "requests", "loss % (median)", "worst loss %", "tcpcopyd CPU %", "tcpcopyd µs/req",
+            "interceptd CPU %", "interceptd µs/req", "capture drops", "queue drops", "leaked"]
+    if delays:
+        head += ["SYN delay p50/p90/p99 ms", "data delay p50/p90/p99 ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rate, (workers, mode, pair), m, runs in rows:
+        cells = [rate, f"{m['achieved_per_s']:.0f}", "C" if pair == "c" else "ours", workers,
+                 mode, requests, f"{m['loss_pct']:.3f}",
+                 f"{max(r['loss_pct'] for r in runs):.3f}", f"{m['tcpcopyd_cpu_pct']:.0f}",
+                 f"{m['tcpcopyd_us_per_req']:.0f}", f"{m['interceptd_cpu_pct']:.0f}",
+                 f"{m['interceptd_us_per_req']:.0f}", f"{m['tcpcopyd_kernel_drops']:.0f}",
+                 f"{m['interceptd_queue_drops']:.0f}", max(r["leaked"] for r in runs)]
+        if delays:
+            cells += ["/".join(f"{m[f'{k}_ms'].get(p, float('nan')):.2f}" for p in (50, 90, 99))
+                      for k in ("syn", "data")]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
