@@ -35,11 +35,19 @@ TIMESPEC = struct.Struct("qq")
 # classic BPF opcodes (linux/filter.h)
 BPF_LD_B_ABS = 0x30
 BPF_LD_H_ABS = 0x28
+BPF_LD_B_IND = 0x50
 BPF_LD_H_IND = 0x48
 BPF_LDX_B_MSH = 0xB1
+BPF_AND_K = 0x54
+BPF_RSH_K = 0x74
+BPF_ADD_X = 0x0C
+BPF_TAX = 0x07
 BPF_JEQ_K = 0x15
 BPF_JSET_K = 0x45
+BPF_JGT_X = 0x2D
 BPF_RET_K = 0x06
+# TCP flags that make a segment matter to the engine even without payload
+FIN_SYN_RST = 0x07
 # snap length returned by an accepting filter: the whole packet
 ACCEPT = 0x40000
 # most instructions in a socket filter (linux/filter.h)
@@ -65,14 +73,33 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
+# the client segments the engine has no use for: a pure ACK (no payload, no SYN, FIN or
+# RST) moves nothing toward the target — the copy's own ACKs follow the target's replies
+SKIP_PURE_ACKS = [
+    (BPF_LD_B_IND, 0, 0, 13),            # A = tcp flags
+    (BPF_JSET_K, 8, 0, FIN_SYN_RST),     # SYN, FIN or RST? to the port check, else
+    (BPF_LD_B_IND, 0, 0, 12),            # A = tcp data offset << 4
+    (BPF_AND_K, 0, 0, 0xF0),
+    (BPF_RSH_K, 0, 0, 2),                # A = tcp header length
+    (BPF_ADD_X, 0, 0, 0),                # A = ip + tcp header length
+    (BPF_TAX, 0, 0, 0),                  # X = A
+    (BPF_LD_H_ABS, 0, 0, 2),             # A = ip total length
+    (BPF_JGT_X, 1, 0, 0),                # a payload? to the port check, else
+    (BPF_RET_K, 0, 0, 0),                #   drop: a pure ACK
+    (BPF_LDX_B_MSH, 0, 0, 0),            # X = ip header length (again)
+]
+
+
 def bpf_program(ports: list[int], source: bool = False) -> list[tuple[int, int, int, int]]:
-    """Instructions (code, jt, jf, k) accepting TCP to any of ``ports`` (network layer);
-    ``source``: TCP from any of them (interceptd's assistant mode). Every jump goes at
-    most one instruction ahead, so any number of ports fits (up to BPF_MAXINSNS)."""
+    """Instructions (code, jt, jf, k) accepting the client's TCP segments to any of
+    ``ports`` (network layer) that carry a payload, SYN, FIN or RST; ``source``: every
+    TCP segment from any of them (interceptd's assistant mode, which needs the target's
+    ACKs). Every port's test jumps at most one instruction ahead, so any number of ports
+    fits (up to BPF_MAXINSNS)."""
     ports = list(dict.fromkeys(ports))
     if not ports:
         raise ValueError("no service ports")
-    if 9 + 2 * len(ports) > BPF_MAXINSNS:
+    if 20 + 2 * len(ports) > BPF_MAXINSNS:
         raise ValueError(f"{len(ports)} ports are more than a socket filter can take")
     prog = [
         (BPF_LD_B_ABS, 0, 0, 9),             # A = ip protocol
@@ -82,6 +109,7 @@ def bpf_program(ports: list[int], source: bool = False) -> list[tuple[int, int, 
         (BPF_JSET_K, 0, 1, 0x1FFF),          # a fragment (not the first)?
         (BPF_RET_K, 0, 0, 0),                #   drop
         (BPF_LDX_B_MSH, 0, 0, 0),            # X = ip header length
+        *([] if source else SKIP_PURE_ACKS),
         (BPF_LD_H_IND, 0, 0, 0 if source else 2),   # A = tcp source / destination port
     ]
     for port in ports:
@@ -152,13 +180,18 @@ def packet_time(sock: socket.socket) -> float:
     return sec + nsec / 1e9
 
 
-# packets handed on between two looks at how old they are
+# packets handed on between two looks at how old they are, within one batch
 SAMPLE_EVERY = 16
+# the first packet of a batch is looked at if the last look is older than this, seconds:
+# a worker that stalled is caught at once, one that keeps up pays no extra system call
+# for each wake-up
+SAMPLE_INTERVAL = 0.01
 
 
 class CaptureReader:
     """Reads a capture socket in batches and keeps the copy live: it looks at the age of
-    every SAMPLE_EVERY-th packet (the capture lag: how far behind the worker is) and drops
+    every SAMPLE_EVERY-th packet of a batch and at the first one of a batch every
+    SAMPLE_INTERVAL (the capture lag: how far behind the worker is) and drops
     what is older than ``max_lag`` — until it is back within half of it — rather than
     hand on packets so old that their copy would no longer be a live one."""
 
@@ -169,6 +202,7 @@ class CaptureReader:
         self.lag = 0.0        # age of the last packet looked at, seconds (0: caught up)
         self.peak = 0.0       # the oldest packet handed on since take_peak(), seconds
         self.dropped = 0      # packets dropped for their age since take_dropped()
+        self.looked = 0.0     # monotonic time of the last look at a packet's age
 
     def read(self, on_packet: Callable[[bytearray, int, float], None], now: float,
              budget: int, time_slice: float) -> None:
@@ -180,7 +214,9 @@ class CaptureReader:
             except BlockingIOError:
                 self.lag = 0.0
                 return
-            if i % SAMPLE_EVERY == 0:
+            if i % SAMPLE_EVERY == SAMPLE_EVERY - 1 or (
+                    i == 0 and now - self.looked >= SAMPLE_INTERVAL):
+                self.looked = now
                 lag = self.lag = time.time() - packet_time(self.sock)
                 if lag > self.max_lag:
                     self._drop_stale()

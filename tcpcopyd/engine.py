@@ -526,7 +526,10 @@ class Engine:
                 self._on_syn_ack(s, seq, ack, window, options, now)
             return
         if not s.state & ESTABLISHED:
-            if flags & ACK and s.state & SYN_SENT and ack != seq_add(s.isn, 1) \
+            # an ACK without SYN to our SYN comes from an older connection — even one that
+            # expects exactly our next byte (a session reopened where its carried record
+            # was behind: the target had it all)
+            if flags & ACK and s.state & SYN_SENT \
                     and now - s.stale_reset_at >= STALE_RESET_EVERY:
                 s.stale_reset_at = now
                 self._reset_stale_connection(s, ack)
@@ -876,7 +879,7 @@ class Engine:
         if s.cap is not None:
             self.copies.remove(s)
         self.control.unregister(s)
-        if self.table is not None:
+        if s.in_table:
             self.table.clear(s.slot)
         self.free_slots.append(s.slot)
         self.dirty.discard(s)
@@ -947,7 +950,11 @@ class Engine:
             if not s.freed:
                 due[id(s)] = s
         for s in due.values():
-            if s.freed:
+            if s.freed or not (s.unsent or s.gap_since or 0.0 < s.rto_at <= now
+                               or (s.need_ack and s.ack_at <= now)
+                               or 0.0 < s.close_at <= now):
+                # a timer that no longer matters: an RTO an ACK has stopped, a delayed ACK
+                # that rode on data
                 continue
             if s.rto_at and s.rto_at <= now:
                 self._on_rto(s, now)
@@ -985,11 +992,14 @@ class Engine:
             self._close(s, "sessions_expired", send_rst=True)
 
     def sync_table(self) -> None:
-        """Write changed sessions to their shm slots."""
+        """Write the sessions changed since the last call to their shm slots (one that
+        opened and ended in between never reaches the table: a free slot stays clear)."""
         if self.table is not None:
+            write = self.table.write
             for s in self.dirty:
                 if not s.freed:
-                    self.table.write(s.slot, s.slot_values())
+                    write(s.slot, s.slot_values())
+                    s.in_table = True
         self.dirty.clear()
         self.counters[C.INDEX["sessions_active"]] = len(self.sessions)
 

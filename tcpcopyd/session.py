@@ -69,7 +69,7 @@ class Session:
         "syn_ts", "client_tsval", "target_tsval", "client_win", "client_ack", "awaiting",
         "pace_at", "need_ack", "ack_at", "rto", "srtt", "rttvar", "rto_at", "backoff", "rtt_seq",
         "rtt_time", "dupacks", "created", "last_seen", "target_seen", "close_at", "gap_since",
-        "retransmits", "freed", "cap", "copy", "stale_reset_at",
+        "retransmits", "freed", "cap", "copy", "stale_reset_at", "in_table",
     )
 
     def __init__(self, key: tuple, client_ip: bytes, client_port: int, target_ip: bytes,
@@ -122,6 +122,7 @@ class Session:
         self.gap_since = 0.0      # when the capture first missed a client segment
         self.retransmits = 0
         self.freed = False
+        self.in_table = False     # its shm slot holds it (written once at least)
         self.stale_reset_at = 0.0  # when we last reset an older connection of the target
 
     def slot_values(self) -> tuple:
@@ -140,6 +141,7 @@ class Session:
         s = cls((v.client_ip, v.client_port, v.target_ip, v.target_port), v.client_ip,
                 v.client_port, v.target_ip, v.target_port, slot, v.created)
         s.state = v.state | RESYNC
+        s.in_table = True
         s.client_win = v.client_win
         s.isn, s.snd_una, s.snd_nxt, s.cap_nxt = v.isn, v.snd_una, v.snd_nxt, v.cap_nxt
         s.target_isn, s.rcv_nxt, s.wnd = v.target_isn, v.rcv_nxt, v.wnd

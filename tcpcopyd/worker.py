@@ -26,8 +26,12 @@ log = logging.getLogger("tcpcopyd.worker")
 CAPTURE_BATCH = 512
 # seconds of packet work after which the loop turns to its timers and heartbeat anyway
 WORK_SLICE = 0.05
-# how often counters/heartbeat and the session table reach shm, seconds
+# how often counters and heartbeat reach shm, seconds
 SYNC_INTERVAL = 0.1
+# how often changed sessions reach the shm table, seconds: a worker that dies loses at
+# most this much of its sessions' news (the next worker resynchronizes those sessions),
+# and a short connection that ends within it costs no write at all
+TABLE_INTERVAL = 0.02
 # how often idle sessions are looked for, seconds
 EXPIRE_INTERVAL = 1.0
 
@@ -147,7 +151,7 @@ class Worker(service_worker.Worker):
         engine, control, cap, ep = self.engine, self.control, self.cap, self.epoll
         capfd = cap.fileno()
         read, on_packet = self.reader.read, engine.on_client_packet
-        next_sync = next_expire = 0.0
+        next_sync = next_expire = next_table = 0.0
         while not self.stop:
             now = time.monotonic()
             if control.maybe_connect(now):
@@ -166,8 +170,10 @@ class Worker(service_worker.Worker):
                 else:
                     on_control_event(engine, control, fd, ev, now)
             send_due(engine, control, now)
-            # the session table is kept current, so a new worker can carry sessions on
-            engine.sync_table()
+            if now >= next_table:
+                # the session table is kept current, so a new worker can carry sessions on
+                next_table = now + TABLE_INTERVAL
+                engine.sync_table()
             if now >= next_sync:
                 next_sync = now + SYNC_INTERVAL
                 if now >= next_expire:

@@ -126,11 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", default="ours",
                     help="ours, c (the C tcpcopy + intercept from TCPCOPYD_C_TCPCOPY and "
                     "TCPCOPYD_C_INTERCEPT) or both, e.g. ours,c; they alternate run by run")
+    ap.add_argument("--compare-c", action="store_true",
+                    help="side by side with the C pair: the same as --pairs ours,c --delays")
     ap.add_argument("--delays", action="store_true",
                     help="time each copy from the online to the target interface (tcpdump)")
     ap.add_argument("--plot", metavar="FILE.svg",
                     help="draw CPU per request against rate, and the delays' distribution")
     args = ap.parse_args(argv)
+    if args.compare_c:
+        args.pairs, args.delays = "ours,c", True
     if os.geteuid() != 0:
         print("the benchmark builds network namespaces: run it as root", file=sys.stderr)
         return 1

@@ -742,6 +742,21 @@ def test_a_syn_that_meets_an_older_connection_resets_it_and_goes_again(eng):
     assert eng.sessions[(CLIENT, CPORT, TARGET, 80)].state & ESTABLISHED
 
 
+def test_a_reopened_session_resets_an_older_connection_that_expects_its_next_byte(eng):
+    # a session reopened with a fake SYN just before its data, where the target's older
+    # connection already had everything before it: that one acknowledges exactly isn + 1
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"GET / HTTP/1.1\r\n\r\n"))
+    [syn] = eng.sender.take()
+    assert syn.flags == P.SYN and syn.seq == ISN
+    answer(eng, reply(TARGET_ISN + 500, ISN + 1, P.ACK))
+    rst, again = eng.sender.take()
+    assert rst.flags == P.RST and rst.seq == ISN + 1
+    assert again.flags == P.SYN and again.seq == ISN
+    answer(eng, reply(TARGET_ISN, ISN + 1, P.SYN | P.ACK, options=SYNACK_OPTS))
+    [data] = eng.sender.take()
+    assert data.payload == b"GET / HTTP/1.1\r\n\r\n"
+
+
 def test_out_of_order_data_is_held_in_order_and_bounded(eng):
     handshake(eng)
     eng.sender.take()
