@@ -12,17 +12,16 @@ from interceptd import rules, shared
 from interceptd.options import LAYOUT, REGISTRY, Settings
 from interceptd.worker import Worker, dispatch
 from shm import segment as shmseg
-from tcpcopyd import capture
+from tcpcopyd import capture, metrics
 from tcpcopyd.service import capabilities, logs
 from tcpcopyd.service.arbiter import Arbiter
 from tcpcopyd.service.instance import InstanceError, InstanceLock
 from tcpcopyd.service.reload import Reloader, StatusLine
-from tcpcopyd.service.settings import EX_CONFIG, ConfigError, load_secret, parse_args
+from tcpcopyd.service.settings import EX_CONFIG, ConfigError, load_secret, parse_args, version
 from tcpcopyd.service.startup import (
     allowed_cpus,
     catch_early_signals,
     remove_pidfile,
-    version,
     write_pidfile,
 )
 from tcpcopyd.service.startup import fail as _fail
@@ -157,6 +156,12 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
         return Worker(cfg, index, cpu, seg, listener, sources[index], wakeups)
 
     try:
+        try:
+            pages = metrics.page_server(cfg, seg)
+        except ConfigError as e:
+            return fail(str(e), e.code)
+        if seg.not_shared:
+            log.warning("%s: %s", seg.path, seg.not_shared)
         write_pidfile(cfg.pidfile)
         reload = Reloader(PROG, DESCRIPTION, REGISTRY, LAYOUT, cfg, seg)
         reload.publish()
@@ -165,7 +170,7 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
         status = StatusLine(seg, C.NAMES, ("queued", "routed"),
                             ("routes", "peers", "queue_drops"))
         return Arbiter(PROG, ",".join(map(str, cfg.service_port)), cfg.queues, seg, factory,
-                       allowed_cpus(), status=status, reload=reload).run()
+                       allowed_cpus(), status=status, reload=reload, pages=pages).run()
     finally:
         rules.remove(installed)
         release()

@@ -16,6 +16,7 @@ from tcpcopyd.service.settings import (
     ipv4,
     log_level_setting,
     log_setting,
+    metrics_listen_setting,
     networks,
     pidfile_setting,
     port,
@@ -88,6 +89,7 @@ class Settings(Config):
         default_text="one per usable CPU")
     log: str | None = log_setting("/var/log/interceptd/interceptd.log")
     log_level: str = log_level_setting()
+    metrics_listen: tuple[str, int] | None = metrics_listen_setting()
     pidfile: str | None = pidfile_setting("/run/tcpcopyd/interceptd.pid")
     instance: str = setting(
         ("--instance",), "interceptd", instance_name,

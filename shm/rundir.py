@@ -6,10 +6,13 @@ daemons create it that way and refuse one that is not; readers check each file t
 """
 from __future__ import annotations
 
+import grp
 import os
 import stat
 
 RUNTIME_DIR = os.environ.get("TCPCOPYD_RUNTIME_DIR", "/run/tcpcopyd")
+# members of this group may read the segments (tcpcopyctl status without root)
+READERS_GROUP = "tcpcopyd"
 
 
 class UntrustedPath(OSError):
@@ -48,3 +51,20 @@ def trusted(st: os.stat_result, path: str, directory: bool = False) -> None:
     if st.st_mode & 0o022:
         raise UntrustedPath(f"{path}: writable by group or others (mode "
                             f"{stat.S_IMODE(st.st_mode):04o})")
+
+
+def share_with_readers(fd: int) -> str | None:
+    """Make a new segment readable by the group READERS_GROUP, if the group exists and we
+    may give the file to it (root, or a member of the group); else it stays ours only, and
+    the answer says why (None: shared, or no such group)."""
+    try:
+        gid = grp.getgrnam(READERS_GROUP).gr_gid
+    except KeyError:
+        return None
+    try:
+        os.fchown(fd, -1, gid)
+        os.fchmod(fd, 0o640)
+    except PermissionError as e:
+        return (f"cannot give it to the group {READERS_GROUP} ({e.strerror}): only root "
+                "may read its status")
+    return None

@@ -7,7 +7,8 @@ Every record's fields are declared once below (``shm.record.Record``). Layout
   settings     one seqlock record: the master's live settings as JSON (changed by a reload)
   supervision  one seqlock record per worker, written by the master: restarts, deaths in
                the crash-loop window, how the last one ended, when the next one is due
-  workers      one seqlock record per worker: pid, cpu, started, heartbeat, counters
+  workers      one seqlock record per worker: pid, cpu, started, heartbeat, counters and
+               the state of its links to peers (tcpcopyd: one entry per interceptd)
   slots    ``n_slots`` seqlock records of ``slot_size`` bytes (session table)
   extra    ``extra_size`` bytes laid out by the daemon (interceptd: routes and rings)
 """
@@ -17,6 +18,7 @@ import glob
 import json
 import mmap
 import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -26,7 +28,7 @@ from shm.record import Record
 # a segment's file name: NAME + SUFFIX in the runtime directory
 SUFFIX = ".shm"
 MAGIC = b"TCPCSHM1"
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 HEADER = Record("Header", (
     ("magic", "8s"),         # MAGIC
     ("layout", "I"),         # LAYOUT_VERSION
@@ -43,6 +45,18 @@ HEADER_SIZE = 64
 assert HEADER.size <= HEADER_SIZE
 # per-worker counters kept in shm (unused ones stay 0)
 N_COUNTERS = 64
+# a worker's links to one peer (tcpcopyd: its control connections to one interceptd)
+LINK = Record("Link", (
+    ("address", "4s"),       # the peer's IPv4 address, network order (zero: no entry)
+    ("port", "H"),
+    ("links", "B"),          # connections to it
+    ("up", "B"),             # of which up
+    ("since", "d"),          # wall-clock time of the last change up <-> down
+    ("connects", "I"),       # times a connection came up
+    ("errors", "I"),         # times a connection was lost or refused
+    ("reason", "40s"),       # why the last one was lost, UTF-8, NUL-padded
+))
+MAX_LINKS = 16
 # one per worker, written by that worker (seqlock)
 WORKER = Record("Worker", (
     ("pid", "I"),
@@ -50,6 +64,7 @@ WORKER = Record("Worker", (
     ("started", "d"),        # wall-clock time the worker started
     ("heartbeat", "d"),      # wall-clock time of its last write
     ("counters", f"{N_COUNTERS}Q"),
+    ("links", f"{MAX_LINKS * LINK.size}s"),   # MAX_LINKS LINK entries
 ))
 WORKER_SIZE = 4 + WORKER.size + 4  # seq + body, padded to 8
 # one per worker, written by the master (seqlock): how the arbiter supervises it
@@ -72,6 +87,10 @@ class SegmentError(RuntimeError):
     """A segment that cannot be created or attached."""
 
 
+class SegmentDenied(SegmentError):
+    """A segment this user may not read."""
+
+
 @dataclass
 class WorkerRecord:
     index: int
@@ -84,6 +103,41 @@ class WorkerRecord:
     recent_deaths: int = 0
     last_exit: int = 0
     respawn_at: float = 0.0
+    links: tuple[LinkState, ...] = ()
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """A worker's connections to one peer."""
+    host: str
+    port: int
+    links: int
+    up: int
+    since: float
+    connects: int
+    errors: int
+    reason: str
+
+    def pack(self) -> bytes:
+        return LINK.pack(socket.inet_aton(self.host), self.port, min(self.links, 255),
+                         min(self.up, 255), self.since, self.connects & 0xFFFFFFFF,
+                         self.errors & 0xFFFFFFFF, self.reason.encode()[:40])
+
+
+def pack_links(links: list[LinkState]) -> bytes:
+    return b"".join(link.pack() for link in links[:MAX_LINKS])
+
+
+def unpack_links(blob: bytes) -> tuple[LinkState, ...]:
+    out = []
+    for off in range(0, len(blob) - LINK.size + 1, LINK.size):
+        rec = LINK.unpack_from(blob, off)
+        if rec.address == bytes(4):
+            break
+        out.append(LinkState(socket.inet_ntoa(rec.address), rec.port, rec.links, rec.up,
+                             rec.since, rec.connects, rec.errors,
+                             rec.reason.rstrip(b"\0").decode(errors="replace")))
+    return tuple(out)
 
 
 class Segment:
@@ -91,6 +145,7 @@ class Segment:
         self.path = path
         self.mm = mm
         self.owner = owner
+        self.not_shared: str | None = None   # why the group of readers may not read it
         h = HEADER.unpack_from(mm, 0)
         if h.magic != MAGIC or h.layout != LAYOUT_VERSION:
             raise SegmentError(f"{path}: not a tcpcopyd segment of layout {LAYOUT_VERSION}")
@@ -114,16 +169,17 @@ class Segment:
 
     # worker records: written by the worker that owns the index
     def write_worker(self, index: int, pid: int, cpu: int, started: float,
-                     counters: list[int]) -> None:
+                     counters: list[int], links: bytes = b"") -> None:
         padded = (*counters, *([0] * (N_COUNTERS - len(counters))))
         seqlock.write(self.mm, self.workers_off + index * WORKER_SIZE, WORKER,
-                      (pid, cpu, started, time.time(), padded))
+                      (pid, cpu, started, time.time(), padded, links))
 
     def read_worker(self, index: int) -> WorkerRecord:
         w = seqlock.read(self.mm, self.workers_off + index * WORKER_SIZE, WORKER)
         sup = self.read_supervision(index)
         return WorkerRecord(index, w.pid, w.cpu, w.started, w.heartbeat, w.counters,
-                            sup.restarts, sup.recent_deaths, sup.last_exit, sup.respawn_at)
+                            sup.restarts, sup.recent_deaths, sup.last_exit, sup.respawn_at,
+                            unpack_links(w.links))
 
     def totals(self, names: tuple[str, ...]) -> dict[str, int]:
         """The workers' counters added up, by name (a record being written is skipped)."""
@@ -221,7 +277,7 @@ def create(name: str, kind: int, n_workers: int, n_slots: int, slot_size: int,
         if old is not None:
             pid = old.master_pid
             old.close()
-            if pid and pid != os.getpid() and _alive(pid):
+            if pid and pid != os.getpid() and pid_alive(pid):
                 raise SegmentError(f"{path} belongs to running process {pid}; "
                                    f"stop it first or choose another --instance")
         os.unlink(path)
@@ -229,23 +285,31 @@ def create(name: str, kind: int, n_workers: int, n_slots: int, slot_size: int,
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
+        not_shared = rundir.share_with_readers(fd)
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size)
     finally:
         os.close(fd)
     HEADER.pack_into(mm, 0, MAGIC, LAYOUT_VERSION, kind, n_workers, n_slots, slot_size,
                      os.getpid(), extra_size, time.time(), label.encode()[:20])
-    return Segment(path, mm, owner=True)
+    seg = Segment(path, mm, owner=True)
+    seg.not_shared = not_shared
+    return seg
 
 
-def attach(name: str) -> Segment:
-    """Map an existing segment; refuses one that is not a plain file of root's (or ours),
-    writable by nobody else, whose header does not match its size."""
+def attach(name: str, readonly: bool = False) -> Segment:
+    """Map an existing segment (``readonly``: for a reader, who may be a member of the
+    group READERS_GROUP); refuses one that is not a plain file of root's (or ours), writable
+    by nobody else, whose header does not match its size."""
     path = _path(name)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NOFOLLOW
+                     | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SegmentError(f"{path} does not exist (is the daemon running?)") from None
+    except PermissionError:
+        raise SegmentDenied(f"{path}: permission denied (run as root, or as a member of "
+                            f"the group {rundir.READERS_GROUP})") from None
     except OSError as e:
         raise SegmentError(f"{path}: {e.strerror}") from None
     try:
@@ -256,7 +320,7 @@ def attach(name: str) -> Segment:
         size = os.fstat(fd).st_size
         if size < HEADER_SIZE:
             raise SegmentError(f"{path}: {size} bytes is too small")
-        mm = mmap.mmap(fd, size)
+        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ) if readonly else mmap.mmap(fd, size)
     finally:
         os.close(fd)
     try:
@@ -272,7 +336,8 @@ def list_segments(prefix: str) -> list[str]:
     return sorted(os.path.basename(p)[:-len(SUFFIX)] for p in glob.glob(pattern))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid exists (ours to signal or not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,1 +1,5 @@
 """tcpcopyd: live TCP traffic replication, online-host side."""
+
+# the release: pyproject.toml, the commands' --version and the man pages take it from here
+# (debian/changelog names it too; a unit test keeps the two in step)
+__version__ = "0.1.0"

@@ -9,6 +9,7 @@ that passes only TCP (non-fragment) packets whose destination port is a service 
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import socket
@@ -180,6 +181,8 @@ def packet_time(sock: socket.socket) -> float:
     return sec + nsec / 1e9
 
 
+# what a capture socket's read says once when its interface goes down or away
+INTERFACE_GONE = (errno.ENETDOWN, errno.ENXIO, errno.ENODEV)
 # packets handed on between two looks at how old they are, within one batch
 SAMPLE_EVERY = 16
 # the first packet of a batch is looked at if the last look is older than this, seconds:
@@ -214,6 +217,13 @@ class CaptureReader:
             except BlockingIOError:
                 self.lag = 0.0
                 return
+            except OSError as e:
+                if e.errno not in INTERFACE_GONE:
+                    raise
+                # the interface went down: the kernel says so once; capture resumes by
+                # itself when it comes back (the worker's LinkWatch tells the operator)
+                self.lag = 0.0
+                return
             if i % SAMPLE_EVERY == SAMPLE_EVERY - 1 or (
                     i == 0 and now - self.looked >= SAMPLE_INTERVAL):
                 self.looked = now
@@ -236,7 +246,9 @@ class CaptureReader:
             for _ in range(SAMPLE_EVERY):
                 try:
                     recv_into(buf)
-                except BlockingIOError:
+                except OSError as e:
+                    if not isinstance(e, BlockingIOError) and e.errno not in INTERFACE_GONE:
+                        raise
                     self.lag = 0.0
                     return
                 self.dropped += 1

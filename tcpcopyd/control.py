@@ -14,7 +14,9 @@ import logging
 import os
 import select
 import socket
+import time
 
+from shm.segment import LinkState
 from tcpcopyd import wire
 from tcpcopyd.session import Session
 
@@ -48,6 +50,8 @@ class ControlLink:
         self.delay = RETRY_MIN
         self.connects = 0
         self.errors = 0
+        self.since = time.time()     # wall-clock time of the last change up <-> down
+        self.reason = ""             # why the last connection was lost or refused
         self._said_down = False
         self._events = 0
 
@@ -158,6 +162,7 @@ class ControlLink:
             return False
         self.up = True
         self.connects += 1
+        self.since = time.time()
         self.delay = RETRY_MIN
         log.info("connected to %s%s", self.name, how)
         self._said_down = False
@@ -197,8 +202,11 @@ class ControlLink:
             self.epoll.modify(self.sock.fileno(), want)
 
     def _failed(self, now: float, reason: str) -> None:
+        if self.up or not self.errors:
+            self.since = time.time()
         self.close()
         self.errors += 1
+        self.reason = reason
         if not self._said_down:
             log.warning("%s: %s; replication continues, reconnecting", self.name, reason)
             self._said_down = True
@@ -244,6 +252,23 @@ class ControlGroup:
     @property
     def errors(self) -> int:
         return sum(link.errors for link in self.links)
+
+    def states(self) -> list[LinkState]:
+        """Each interceptd's links, for status: how many are up, since when, why not."""
+        by_server: dict[tuple[str, int], list[ControlLink]] = {}
+        for link in self.links:
+            by_server.setdefault((link.host, link.port), []).append(link)
+        out = []
+        for (host, port), links in by_server.items():
+            up = sum(link.up for link in links)
+            # since: when the oldest of the links in the server's current state got there
+            settled = [link.since for link in links if link.up == bool(up)]
+            reasons = [link.reason for link in links if not link.up and link.reason]
+            out.append(LinkState(host, port, len(links), up, min(settled),
+                                 sum(link.connects for link in links),
+                                 sum(link.errors for link in links),
+                                 reasons[0] if reasons else ""))
+        return out
 
     def link_of(self, fd: int) -> ControlLink | None:
         for link in self.links:

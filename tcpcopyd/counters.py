@@ -1,62 +1,68 @@
 """Names of tcpcopyd's per-worker counters (index = position in shm)."""
 from __future__ import annotations
 
-NAMES = (
-    "captured",            # client packets read from the capture socket
-    "malformed",           # captured packets that are not well-formed TCP/IPv4 (skipped)
-    "no_session",          # captured packets without payload for no known session (skipped)
-    "duplicate",           # captured client data already queued (client retransmission)
-    "out_of_order",        # captured client data ahead of a gap, held until the gap fills
-    "sent",                # packets sent to the target
-    "send_errors",         # raw-socket sends that failed
-    "bytes_sent",          # client payload bytes sent to the target (first transmissions)
-    "replies",             # reply headers received from interceptd
-    "replies_no_session",  # reply headers for no live session (late or foreign)
-    "replies_malformed",   # reply headers that could not be parsed (skipped)
-    "sessions_opened",     # sessions started from a captured SYN
-    "sessions_fake",       # sessions started with a fake SYN (opened before we started)
-    "sessions_closed",     # sessions that ended normally (FIN both ways, or client RST)
-    "sessions_expired",    # sessions ended by the idle timeout (-t)
-    "sessions_target_rst",  # sessions the target reset
-    "sessions_reused",     # sessions replaced by a new SYN on the same client port
-    "sessions_overflow",   # sessions reset because their buffer exceeded the limit
-    "sessions_evicted",    # sessions reset because the shm table was full
-    "sessions_gave_up",    # sessions reset after too many retransmissions
-    "sessions_broken",     # sessions reset because a capture gap never filled
-    "sessions_active",     # gauge: live sessions
-    "retransmits",         # segments sent again on timeout
-    "fast_retransmits",    # segments sent again after 3 duplicate ACKs
-    "paced",               # requests held until the target answered the previous one
-    "kernel_drops",        # packets the kernel dropped before we read them
-    "control_connects",    # control connections established to interceptd
-    "control_errors",      # control connections lost or refused
-    "sessions_restored",   # sessions a new worker carried on from the shm table
-    "sessions_resynced",   # restored sessions whose lost data made us reopen them at the
-                           # client's next request (fake SYN at its sequence number)
-    "handshake_restarts",  # handshakes started again because the target refused our ACK
-                           # of an old SYN-ACK
-    "oversize_frames",     # captured frames larger than the MTU (GRO/TSO), cut to the MSS
-    "not_sampled",         # captured packets of sessions -r leaves out (not copied)
-    "not_from_syn",        # captured packets of sessions whose SYN was not seen (-O)
-    "sessions_refused",    # sessions not opened: the buffers reached -m
-    "port_reuse_held",     # new sessions that waited for the previous session of their
-                           # client port to deliver its data first
-    "sessions_torn",       # sessions lost because their worker died in the middle of
-                           # writing their shm slot (cleared by the next worker)
-    "resets_out_of_window",  # resets from the target side ignored: not at our next
-                             # expected sequence number nor in our window (forged?)
-    "challenge_acks",      # resets in our window but not exact: answered with an ACK
-                           # (RFC 5961), the session goes on
-    "stale_connections_reset",  # older connections of the target on a port our SYN
-                                # met (it answered with an ACK): reset, SYN sent again
-    "out_of_window",       # captured client data further ahead than a session may buffer
-                           # (dropped: forged, or a session that cannot be whole)
-    "lag_drops",           # captured packets dropped for being older than --max-lag (the
-                           # worker had fallen behind: the copy stays live)
-    "capture_lag_ms",      # gauge: how old the packets the worker reads are, ms (0: none
-                           # waiting)
-    "capture_lag_peak_ms",  # gauge: the oldest packet handed on in the last 0.1 s, ms
+COUNTERS = (
+    ("captured", "client packets read from the capture socket"),
+    ("malformed", "captured packets that are not well-formed TCP/IPv4 (skipped)"),
+    ("no_session", "captured packets without payload for no known session (skipped)"),
+    ("duplicate", "captured client data already queued (client retransmission)"),
+    ("out_of_order", "captured client data ahead of a gap, held until the gap fills"),
+    ("sent", "packets sent to the target"),
+    ("send_errors", "raw-socket sends that failed"),
+    ("bytes_sent", "client payload bytes sent to the target (first transmissions)"),
+    ("replies", "reply headers received from interceptd"),
+    ("replies_no_session", "reply headers for no live session (late or foreign)"),
+    ("replies_malformed", "reply headers that could not be parsed (skipped)"),
+    ("sessions_opened", "sessions started from a captured SYN"),
+    ("sessions_fake", "sessions started with a fake SYN (opened before we started)"),
+    ("sessions_closed", "sessions that ended normally (FIN both ways, or client RST)"),
+    ("sessions_expired", "sessions ended by the idle timeout (-t)"),
+    ("sessions_target_rst", "sessions the target reset"),
+    ("sessions_reused", "sessions replaced by a new SYN on the same client port"),
+    ("sessions_overflow", "sessions reset because their buffer exceeded the limit"),
+    ("sessions_evicted", "sessions reset because the shm table was full"),
+    ("sessions_gave_up", "sessions reset after too many retransmissions"),
+    ("sessions_broken", "sessions reset because a capture gap never filled"),
+    ("sessions_active", "gauge: live sessions"),
+    ("retransmits", "segments sent again on timeout"),
+    ("fast_retransmits", "segments sent again after 3 duplicate ACKs"),
+    ("paced", "requests held until the target answered the previous one"),
+    ("kernel_drops", "packets the kernel dropped before we read them"),
+    ("control_connects", "control connections established to interceptd"),
+    ("control_errors", "control connections lost or refused"),
+    ("sessions_restored", "sessions a new worker carried on from the shm table"),
+    ("sessions_resynced", "restored sessions whose lost data made us reopen them at the "
+                          "client's next request (fake SYN at its sequence number)"),
+    ("handshake_restarts", "handshakes started again because the target refused our ACK of an "
+                           "old SYN-ACK"),
+    ("oversize_frames", "captured frames larger than the MTU (GRO/TSO), cut to the MSS"),
+    ("not_sampled", "captured packets of sessions -r leaves out (not copied)"),
+    ("not_from_syn", "captured packets of sessions whose SYN was not seen (-O)"),
+    ("sessions_refused", "sessions not opened: the buffers reached -m"),
+    ("port_reuse_held", "new sessions that waited for the previous session of their client port "
+                        "to deliver its data first"),
+    ("sessions_torn", "sessions lost because their worker died in the middle of writing their "
+                      "shm slot (cleared by the next worker)"),
+    ("resets_out_of_window", "resets from the target side ignored: not at our next expected "
+                             "sequence number nor in our window (forged?)"),
+    ("challenge_acks", "resets in our window but not exact: answered with an ACK (RFC 5961), "
+                       "the session goes on"),
+    ("stale_connections_reset", "older connections of the target on a port our SYN met (it "
+                                "answered with an ACK): reset, SYN sent again"),
+    ("out_of_window", "captured client data further ahead than a session may buffer (dropped: "
+                      "forged, or a session that cannot be whole)"),
+    ("lag_drops", "captured packets dropped for being older than --max-lag (the worker had "
+                  "fallen behind: the copy stays live)"),
+    ("capture_lag_ms", "gauge: how old the packets the worker reads are, ms (0: none waiting)"),
+    ("capture_lag_peak_ms", "gauge: the oldest packet handed on in the last 0.1 s, ms"),
+    ("interface_down", "gauge: 1 while the capture interface is down (nothing to capture; "
+                       "capture resumes when it comes back)"),
+    ("interface_downs", "times the capture interface went down"),
+    ("interface_down_ms", "time the capture interface was down in all, ms (traffic of that "
+                          "gap was not copied)"),
 )
+NAMES = tuple(name for name, _ in COUNTERS)
+HELP = dict(COUNTERS)
 INDEX = {name: i for i, name in enumerate(NAMES)}
 # indexes of the counters bumped on the packet path
 CAPTURED, MALFORMED, NO_SESSION, DUPLICATE, OUT_OF_ORDER, SENT, SEND_ERRORS, BYTES_SENT, \
@@ -64,4 +70,9 @@ CAPTURED, MALFORMED, NO_SESSION, DUPLICATE, OUT_OF_ORDER, SENT, SEND_ERRORS, BYT
 assert NAMES[REPLIES_MALFORMED] == "replies_malformed"
 OVERSIZE = INDEX["oversize_frames"]
 # gauges are set, not added up over time
-GAUGES = frozenset({"sessions_active", "capture_lag_ms", "capture_lag_peak_ms"})
+GAUGES = frozenset({"sessions_active", "capture_lag_ms", "capture_lag_peak_ms",
+                    "interface_down"})
+# counters whose rise means traffic that was not copied whole (status: "drops rising")
+DROPS = frozenset({"kernel_drops", "lag_drops", "send_errors", "sessions_overflow",
+                   "sessions_evicted", "sessions_gave_up", "sessions_broken",
+                   "sessions_refused", "sessions_torn"})

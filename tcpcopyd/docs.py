@@ -1,19 +1,18 @@
-"""The README's option tables and the shipped config files, written from the settings
-registries so that they cannot drift from the code.
+"""The README's option tables, the shipped config files and the man pages (debian/man/),
+written from the settings registries so that they cannot drift from the code.
 
 ``python -m tcpcopyd.docs`` rewrites them; ``--check`` only says whether they are current
 (a unit test runs it)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from tcpcopyd.service.settings import Setting
+from tcpcopyd import man
+from tcpcopyd.service.settings import Setting, toml_value
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,41 +23,12 @@ def _registries() -> tuple[Sequence[Setting], Sequence[Setting]]:
     return TCPCOPYD, INTERCEPTD
 
 
-def show_default(s: Setting) -> str:
-    if s.required:
-        return "required"
-    if s.default_text is not None:
-        return s.default_text
-    v = s.default
-    if v is None:
-        return "none"
-    if isinstance(v, bool):
-        return "on" if v else "off"
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    if isinstance(v, int) and v >= 1 << 20 and v % (1 << 20) == 0:
-        return f"{v >> 20} MiB"
-    return str(v)
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return str(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise TypeError(f"no TOML form for {v!r}")
-
-
 def options_table(registry: Sequence[Setting]) -> str:
     rows = ["| flag | config key | default | reload | meaning |", "|---|---|---|---|---|"]
     for s in registry:
         flag = ", ".join(s.flags) + ("" if s.is_flag else f" {s.metavar}")
         text = s.help.replace("|", "/").replace("%%", "%")
-        rows.append(f"| `{flag}` | `{s.name}` | {show_default(s)} | "
+        rows.append(f"| `{flag}` | `{s.name}` | {s.shown_default()} | "
                     f"{'live' if s.live else 'restart'} | {text} |")
     return "\n".join(rows) + "\n"
 
@@ -67,7 +37,7 @@ def _commented(registry: Sequence[Setting], with_help: bool) -> list[str]:
     out = []
     for s in registry:
         if with_help:
-            notes = ["required" if s.required else f"default: {show_default(s)}",
+            notes = ["required" if s.required else f"default: {s.shown_default()}",
                      f"flag {s.flags[0]}"]
             if s.live:
                 notes.append("a reload applies it")
@@ -140,6 +110,8 @@ def generated() -> dict[Path, str]:
         readme_path: readme(readme_path.read_text(), tcpcopyd, interceptd),
         ROOT / "etc" / "tcpcopyd.conf": tcpcopyd_conf(tcpcopyd),
         ROOT / "etc" / "interceptd.conf": interceptd_conf(interceptd),
+        **{ROOT / "debian" / "man" / name: text
+           for name, text in man.pages(tcpcopyd, interceptd).items()},
     }
 
 
@@ -153,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if current != content:
             stale.append(path)
             if not args.check:
+                path.parent.mkdir(exist_ok=True)
                 path.write_text(content)
     for path in stale:
         print(f"{'stale' if args.check else 'rewrote'}: {path.relative_to(ROOT)}")

@@ -11,8 +11,6 @@ Exit code 0 when every check passed (a skipped check does not fail), 1 otherwise
 from __future__ import annotations
 
 import ipaddress
-import json
-import os
 import re
 import shutil
 import socket
@@ -20,7 +18,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from tcpcopyd import wire
+from tcpcopyd import netlink, wire
 from tcpcopyd.service import capabilities
 from tcpcopyd.service.settings import Config, ConfigError, load, load_secret
 
@@ -47,23 +45,6 @@ def fail(name: str, detail: str, fix: str) -> Check:
 
 
 # ------------------------------------------------------------------ host facts
-def route_get(dst: str) -> dict | None:
-    """The kernel's route for ``dst`` (``ip -j route get``), None if it has none."""
-    r = subprocess.run(["ip", "-j", "route", "get", dst], capture_output=True, text=True,
-                       timeout=10)
-    if r.returncode != 0:
-        return None
-    routes = json.loads(r.stdout or "[]")
-    return routes[0] if routes else None
-
-
-def default_gateway() -> str | None:
-    r = subprocess.run(["ip", "-j", "route", "show", "default"], capture_output=True,
-                       text=True, timeout=10)
-    routes = json.loads(r.stdout or "[]") if r.returncode == 0 else []
-    return routes[0].get("gateway") if routes else None
-
-
 def sysctl(path: str) -> str | None:
     try:
         with open(f"/proc/sys/{path}") as f:
@@ -73,31 +54,12 @@ def sysctl(path: str) -> str | None:
 
 
 def interfaces_up() -> list[str]:
-    out = []
-    for name in sorted(os.listdir("/sys/class/net")):
-        try:
-            with open(f"/sys/class/net/{name}/flags") as f:
-                if int(f.read(), 16) & 1 and name != "lo":
-                    out.append(name)
-        except OSError:
-            continue
-    return out
-
-
-def read_sys(iface: str, attr: str) -> str | None:
-    try:
-        with open(f"/sys/class/net/{iface}/{attr}") as f:
-            return f.read().strip()
-    except OSError:
-        return None
+    return sorted(lk.name for lk in netlink.links() if lk.admin_up and lk.name != "lo")
 
 
 def gro(iface: str) -> str:
-    if not shutil.which("ethtool"):
-        return "GRO unknown (no ethtool)"
-    r = subprocess.run(["ethtool", "-k", iface], capture_output=True, text=True, timeout=10)
-    m = re.search(r"generic-receive-offload: (\w+)", r.stdout)
-    return f"GRO {m.group(1)}" if m else "GRO unknown"
+    on = netlink.gro(iface)
+    return "GRO unknown" if on is None else f"GRO {'on' if on else 'off'}"
 
 
 def iptables_output_rules() -> list[str] | None:
@@ -204,25 +166,29 @@ def check_control(host: str, port: int, where: str, secret: bytes | None = None
 def online_checks(cfg: Config) -> Iterator[Check]:
     yield check_privileges(("CAP_NET_RAW",), "AF_PACKET capture and raw sockets")
     iface = cfg.interface
-    flags = read_sys(iface, "flags")
-    if flags is None:
+    lk = netlink.link(iface)
+    if lk is None:
         yield fail("interface", f"{iface} does not exist",
                    "name an existing interface (ip -br link): tcpcopyd@IFACE / -i IFACE")
-    elif not int(flags, 16) & 1:
+    elif not lk.admin_up:
         yield fail("interface", f"{iface} is down", f"ip link set {iface} up")
     else:
-        yield ok("interface", f"{iface} is up")
-        mtu = int(read_sys(iface, "mtu") or 0)
-        yield ok("mtu/gro", f"{iface} mtu {mtu}, -M {cfg.mtu}; {gro(iface)} (frames merged "
-                 "by GRO are cut to -M and counted as oversize_frames)")
+        yield ok("interface", f"{iface} is up" + ("" if lk.up else " (no carrier yet)"))
+        yield ok("mtu/gro", f"{iface} mtu {lk.mtu}, -M {cfg.mtu}; {gro(iface)} (frames "
+                 "merged by GRO are cut to -M and counted as oversize_frames)")
     for t in cfg.transfer:
-        r = route_get(t.target_ip)
+        if t.online_ip is not None and netlink.interface_of(t.online_ip) is None:
+            yield fail("online address", f"{t.online_ip} (of -x {t}) is not an address of "
+                       "this host: its traffic never reaches the capture",
+                       "name an address of this host (ip -br addr), or leave it out to "
+                       "copy the port on every address")
+        r = netlink.route_get(t.target_ip)
         if r is None:
             yield fail("target route", f"no route to the target {t.target_ip}",
                        f"ip route add {t.target_ip} via GATEWAY")
         else:
-            yield ok("target route", f"{t.target_ip} via {r.get('gateway', 'direct')} dev "
-                     f"{r.get('dev')}")
+            yield ok("target route", f"{t.target_ip} via {r.gateway or 'direct'} dev "
+                     f"{r.dev}")
     for host, port in cfg.server:
         yield from check_control(host, port, f"on {host} ", cfg.secret)
 
@@ -245,19 +211,19 @@ def return_route_checks(clients: list[str]) -> Iterator[Check]:
         yield Check("rp_filter", "SKIP", "needs --client")
         return
     leave: set[str] = set()
-    gateway = default_gateway()
+    gateway = netlink.default_gateway()
     for c in clients:
-        r = route_get(c)
-        if r is None or r.get("type", "unicast") != "unicast":
+        r = netlink.route_get(c)
+        if r is None or not r.unicast:
             yield fail("return route", f"the target has no route to the client {c}: it "
                        "cannot send its SYN-ACK, so no handshake completes",
                        f"ip route add {net24(c)} via DEAD_END, a next hop on the target's "
                        "network that never answers (interceptd takes the replies in OUTPUT "
                        "before they leave)")
             continue
-        dev = r.get("dev", "?")
+        dev = r.dev
         leave.add(dev)
-        via = r.get("gateway")
+        via = r.gateway
         note = ""
         if via and via == gateway:
             note = "; it is the default gateway: should interceptd stop, replies reach the " \
@@ -283,8 +249,8 @@ def return_route_checks(clients: list[str]) -> Iterator[Check]:
 
 def assistant_checks(cfg: Config) -> Iterator[Check]:
     """interceptd -i IFACE: replies are captured here, and must end here."""
-    flags = read_sys(cfg.interface, "flags")
-    if flags is None or not int(flags, 16) & 1:
+    lk = netlink.link(cfg.interface)
+    if lk is None or not lk.admin_up:
         yield fail("assistant interface", f"{cfg.interface} is missing or down",
                    f"ip link set {cfg.interface} up (or name the interface the target's "
                    "replies arrive on)")

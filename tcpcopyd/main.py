@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from shm import segment as shmseg
-from tcpcopyd import capture, options
+from tcpcopyd import capture, metrics, options
 from tcpcopyd import counters as C
 from tcpcopyd.options import Settings
 from tcpcopyd.sender import SendError, open_raw_socket
@@ -15,12 +15,18 @@ from tcpcopyd.service import capabilities, logs
 from tcpcopyd.service.arbiter import Arbiter
 from tcpcopyd.service.instance import InstanceError, InstanceLock
 from tcpcopyd.service.reload import Reloader, StatusLine
-from tcpcopyd.service.settings import EX_CONFIG, EX_USAGE, ConfigError, load_secret, parse_args
+from tcpcopyd.service.settings import (
+    EX_CONFIG,
+    EX_USAGE,
+    ConfigError,
+    load_secret,
+    parse_args,
+    version,
+)
 from tcpcopyd.service.startup import (
     allowed_cpus,
     catch_early_signals,
     remove_pidfile,
-    version,
     write_pidfile,
 )
 from tcpcopyd.service.startup import fail as _fail
@@ -144,6 +150,12 @@ def online(cfg: Settings, instance: str) -> int:
         return Worker(cfg, index, cpu, seg, sockets)
 
     try:
+        try:
+            pages = metrics.page_server(cfg, seg)
+        except ConfigError as e:
+            return fail(str(e), e.code)
+        if seg.not_shared:
+            log.warning("%s: %s", seg.path, seg.not_shared)
         write_pidfile(cfg.pidfile)
         reload = Reloader(PROG, DESCRIPTION, options.REGISTRY, options.LAYOUT, cfg, seg,
                           not_live)
@@ -155,7 +167,7 @@ def online(cfg: Settings, instance: str) -> int:
                             ("sessions_active", "capture_lag_ms", "lag_drops",
                              "kernel_drops"))
         return Arbiter(PROG, cfg.interface, cfg.workers, seg, factory, allowed_cpus(),
-                       status=status, reload=reload).run()
+                       status=status, reload=reload, pages=pages).run()
     finally:
         for s in sockets:
             s.close()

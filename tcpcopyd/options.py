@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from tcpcopyd import wire
+from tcpcopyd import netlink, wire
 from tcpcopyd.service.settings import (
     Config,
     Layout,
@@ -18,6 +18,7 @@ from tcpcopyd.service.settings import (
     list_items,
     log_level_setting,
     log_setting,
+    metrics_listen_setting,
     pidfile_setting,
     port,
     secret_file_setting,
@@ -229,6 +230,7 @@ class Settings(Config):
         "MSS announced in a fake SYN", metavar="MSS", example=1460)
     log: str | None = log_setting("/var/log/tcpcopyd/eth0.log")
     log_level: str = log_level_setting()
+    metrics_listen: tuple[str, int] | None = metrics_listen_setting()
     pidfile: str | None = pidfile_setting("/run/tcpcopyd/eth0.pid")
     workers: int = setting(
         ("--workers",), None, int_range(1, 1024),
@@ -282,6 +284,28 @@ def _tables(cli: dict, parsed: dict[str, dict]) -> list[str]:
     return ["default"] + ([iface] if iface and iface != "default" else [])
 
 
+SEED_FORM = "LOCAL_IP[:LOCAL_IP2...] LOCAL_PORT REMOTE_IP REMOTE_PORT"
+
+
+def seed_form(words: list[str]) -> tuple[dict, dict]:
+    """tcpcopy's first command form, ``LOCAL_IP[:LOCAL_IP2...] LOCAL_PORT REMOTE_IP
+    REMOTE_PORT``: one -x rule per local address; interceptd at REMOTE_IP (its default
+    port) and the interface that holds the first LOCAL_IP, unless -s/-i or the file say
+    otherwise."""
+    if len(words) != 4:
+        raise SettingError(f"expected {SEED_FORM}, e.g. 10.0.0.13 12321 10.0.0.148 12321 "
+                           "(tcpcopy's first form), or the flags -x, -s and -i")
+    local_ips, local_port, remote_ip, remote_port = words
+    rules = transfers(",".join(f"{ipv4(ip)}:{local_port}-{remote_ip}:{remote_port}"
+                               for ip in local_ips.split(":")))
+    fallback: dict = {"server": servers(remote_ip)}
+    iface = netlink.interface_of(rules[0].online_ip or "")
+    if iface:
+        fallback["interface"] = iface
+    return {"transfer": rules}, fallback
+
+
 LAYOUT = Layout(_tables, lambda name: name not in OTHER_DAEMON_TABLES,
-                "table [default], then the table named after the interface, e.g. [eth0]")
+                "table [default], then the table named after the interface, e.g. [eth0]",
+                positional=SEED_FORM, from_words=seed_form)
 

@@ -5,8 +5,10 @@ be replayed is counted, never fatal."""
 from __future__ import annotations
 
 import collections
+import os
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 # link types (pcap LINKTYPE_* values)
 ETHERNET = 1
@@ -77,11 +79,23 @@ def ip_payload(link: int, frame: bytes) -> bytes | None:
                            "interface, or with tcpdump -i any)")
 
 
-def packets(path: str, skipped: collections.Counter, headers_only: bool = False
-            ) -> Iterator[tuple[float, bytes]]:
+@dataclass
+class Position:
+    """How far a reading of the file has come, in bytes (updated every few records)."""
+    size: int = 0
+    offset: int = 0
+
+    @property
+    def share(self) -> float:
+        return min(1.0, self.offset / self.size) if self.size else 1.0
+
+
+def packets(path: str, skipped: collections.Counter, headers_only: bool = False,
+            position: Position | None = None) -> Iterator[tuple[float, bytes]]:
     """(capture time, IPv4 packet) of every IPv4 frame in the file; ``skipped`` counts the
     rest by reason ("not_ipv4", "truncated"). With ``headers_only``, packets cut by the
-    snap length come too, as cut (for who reads only their headers)."""
+    snap length come too, as cut (for who reads only their headers). ``position``, if
+    given, follows the reading."""
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -91,7 +105,11 @@ def packets(path: str, skipped: collections.Counter, headers_only: bool = False
         link = reader.datalink()
         ip_payload(link, b"")   # unknown link types fail here, before any packet
         snaplen = getattr(reader, "snaplen", 0) or 0
-        for ts, frame in _records(reader, skipped):
+        if position is not None:
+            position.size, position.offset = os.fstat(f.fileno()).st_size, f.tell()
+        for n, (ts, frame) in enumerate(_records(reader, skipped)):
+            if position is not None and n % 256 == 0:
+                position.offset = f.tell()
             pkt = ip_payload(link, frame)
             if pkt is None or len(pkt) < 20:
                 skipped["not_ipv4"] += 1
@@ -104,3 +122,5 @@ def packets(path: str, skipped: collections.Counter, headers_only: bool = False
                     skipped["snaplen"] = snaplen
                 continue
             yield float(ts), pkt[:total]
+        if position is not None:
+            position.offset = position.size

@@ -15,6 +15,7 @@ import time
 from tcpcopyd import counters as C
 from tcpcopyd import pcapfile
 from tcpcopyd.control import ControlGroup
+from tcpcopyd.progress import Progress
 from tcpcopyd.service.startup import EARLY_SIGNALS
 from tcpcopyd.worker import engine_for, on_control_event, send_due
 
@@ -38,6 +39,9 @@ class Replay:
         self.engine = engine_for(cfg, self.control, None, range(cfg.session_slots), 0, 1)
         self.skipped: collections.Counter = collections.Counter()
         self.replayed = 0
+        self.passes_done = 0
+        self.position = pcapfile.Position()
+        self.progress = Progress(path, cfg.repeat)
         self.stop = False
         self._next_expire = 0.0
 
@@ -58,6 +62,8 @@ class Replay:
             except InterruptedError:
                 continue
             now = time.monotonic()
+            if not events and now < until:
+                self.show_progress()    # a long gap of the capture: the line stays fresh
             for fd, ev in events:
                 on_control_event(engine, control, fd, ev, now)
             send_due(engine, control, now)
@@ -76,7 +82,7 @@ class Replay:
     def play_once(self, accelerate: float, idle_cut: float | None) -> None:
         base_real = base_ts = prev = None
         shift = 0.0
-        for ts, pkt in pcapfile.packets(self.path, self.skipped):
+        for ts, pkt in pcapfile.packets(self.path, self.skipped, position=self.position):
             if self.stop:
                 return
             if not self.wanted(pkt):
@@ -90,7 +96,15 @@ class Replay:
             self.pump(base_real + (ts - base_ts - shift) / accelerate)
             self.engine.on_client_packet(pkt, len(pkt), time.monotonic())
             self.replayed += 1
+            if self.replayed % 64 == 0:
+                self.show_progress()
         self.drain()
+
+    def show_progress(self) -> None:
+        cnt = self.engine.counters
+        self.progress.update(self.replayed, cnt[C.INDEX["sessions_opened"]]
+                             + cnt[C.INDEX["sessions_fake"]], self.passes_done,
+                             self.position.share)
 
     def drain(self) -> None:
         """Let the replayed sessions finish; reset those that went quiet."""
@@ -121,6 +135,8 @@ class Replay:
             log.info("replaying %s (%d/%d) at %gx%s", self.path, i + 1, repeat, accelerate,
                      f", idle gaps cut to {idle_cut * 1000:g} ms" if idle_cut is not None else "")
             self.play_once(accelerate, idle_cut)
+            self.passes_done += 1
+        self.progress.close()
         self.control.close()
         cnt = dict(zip(C.NAMES, self.engine.counters, strict=True))
         log.info("replay done in %.1fs: %d packets replayed, %d sessions (%d seen from their "

@@ -7,12 +7,13 @@ import select
 import socket
 import time
 
-from shm.segment import Segment
+from shm.segment import LinkState, Segment
 from shm.table import SlotTable
 from tcpcopyd import capture
 from tcpcopyd import counters as C
 from tcpcopyd.control import ControlGroup
 from tcpcopyd.engine import Engine
+from tcpcopyd.netlink import LinkWatch
 from tcpcopyd.options import Settings, Transfer
 from tcpcopyd.rewrite import Rewrite, expand_pool
 from tcpcopyd.sender import RawSender
@@ -140,6 +141,14 @@ class Worker(service_worker.Worker):
                                  self.index, self.n_workers)
         self.counters = self.engine.counters
         self.watch = SettingsWatch("tcpcopyd", self.seg, cfg)
+        # worker 1 watches the capture interface for the operator (all workers' sockets
+        # resume by themselves when it comes back)
+        self.link_watch = self.watch_link(cfg.interface) if self.index == 0 else None
+        self.down_since: float | None = None
+        if self.link_watch is not None:
+            self.epoll.register(self.link_watch.fileno(), select.EPOLLIN)
+            if not self.link_watch.up:
+                self.interface_went_down(time.monotonic())
         restored = self.engine.restore(time.monotonic())
         if restored:
             log.info("worker %d carries on %d session(s) from the shm table", self.index + 1,
@@ -150,6 +159,7 @@ class Worker(service_worker.Worker):
     def run(self) -> None:
         engine, control, cap, ep = self.engine, self.control, self.cap, self.epoll
         capfd = cap.fileno()
+        watchfd = self.link_watch.fileno() if self.link_watch else -1
         read, on_packet = self.reader.read, engine.on_client_packet
         next_sync = next_expire = next_table = 0.0
         while not self.stop:
@@ -167,6 +177,8 @@ class Worker(service_worker.Worker):
                 if fd == capfd:
                     # the rest, if any, in the next round, after the timers
                     read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
+                elif fd == watchfd:
+                    self.on_link_event(now)
                 else:
                     on_control_event(engine, control, fd, ev, now)
             send_due(engine, control, now)
@@ -193,11 +205,46 @@ class Worker(service_worker.Worker):
         cnt[C.INDEX["lag_drops"]] += reader.take_dropped()
         cnt[C.INDEX["capture_lag_ms"]] = int(reader.lag * 1000)
         cnt[C.INDEX["capture_lag_peak_ms"]] = int(reader.take_peak() * 1000)
+        cnt[C.INDEX["interface_down"]] = int(self.down_since is not None)
         connects, errors = self.control.connects, self.control.errors
         cnt[C.INDEX["control_connects"]] += connects - self._links_seen[0]
         cnt[C.INDEX["control_errors"]] += errors - self._links_seen[1]
         self._links_seen = (connects, errors)
         self.heartbeat()
+
+    @staticmethod
+    def watch_link(iface: str) -> LinkWatch | None:
+        try:
+            return LinkWatch(iface)
+        except OSError as e:   # no netlink here (a sandbox): capture resumes by itself
+            log.warning("cannot follow %s's state through netlink (%s): its going down "
+                        "will not show in status", iface, e.strerror or e)
+            return None
+
+    def on_link_event(self, now: float) -> None:
+        state = self.link_watch.changes()
+        if state is False:
+            self.interface_went_down(now)
+        elif state is True and self.down_since is not None:
+            gap = now - self.down_since
+            self.down_since = None
+            self.counters[C.INDEX["interface_down_ms"]] += int(gap * 1000)
+            log.info("%s is up again after %.1fs: capture resumes (the traffic of the gap "
+                     "was not copied)", self.cfg.interface, gap)
+
+    def interface_went_down(self, now: float) -> None:
+        iface = self.cfg.interface
+        self.down_since = now
+        self.counters[C.INDEX["interface_downs"]] += 1
+        if self.link_watch.removed:
+            log.error("%s was removed: capture cannot resume on it; start tcpcopyd again "
+                      "once it is back (tcpcopyd@%s.service, bound to the device, is stopped "
+                      "and started with it)", iface, iface)
+        else:
+            log.warning("%s is down: nothing to capture until it comes back", iface)
+
+    def link_states(self) -> list[LinkState]:
+        return self.control.states()
 
     def finish(self) -> None:
         engine = self.engine
@@ -210,3 +257,5 @@ class Worker(service_worker.Worker):
         engine.sync_table()
         self.heartbeat()
         self.control.close()
+        if self.link_watch is not None:
+            self.link_watch.close()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need, once: Debian packages (real servers, load
-# tools, iptables, the NetfilterQueue build deps) and a virtualenv in .venv with tcpcopyd.
+# tools, iptables, the NetfilterQueue build deps, Prometheus and promtool) and a virtualenv in .venv with tcpcopyd.
 # Sourced by tools/demo and tools/test; safe to run again (it only adds what is missing).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,7 +10,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 APT_PACKAGES=(python3 python3-venv python3-dev gcc libnetfilter-queue-dev iptables iproute2
               nginx-light memcached nghttp2-client curl wrk apache2-utils util-linux procps
-              kmod tcpdump ethtool)
+              kmod tcpdump ethtool prometheus)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
@@ -29,6 +29,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ $had_policy = 0 ] && rm -f /usr/sbin/policy-rc.d
     rm -f /usr/sbin/policy-rc.d.tcpcopyd
 fi
+# the group whose members may read the daemons' status (the Debian package makes it too)
+getent group tcpcopyd >/dev/null || groupadd --system tcpcopyd
 # the kernel's NFQUEUE support (built in on some kernels, modules on others)
 modprobe -q nfnetlink_queue 2>/dev/null || true
 modprobe -q xt_NFQUEUE 2>/dev/null || true

@@ -18,7 +18,7 @@ import statistics
 import sys
 
 from shm import segment as shmseg
-from tcpcopyd import ctl
+from tcpcopyd import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.delays import copy_delays, percentiles, start_capture, stop_capture
 from tcpcopyd.lab.lab import Lab, wait_for
@@ -76,7 +76,7 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
         for d, name in (("tcpcopyd", "kernel_drops"), ("interceptd", "queue_drops")):
             if pair == "ours":
                 seg = shmseg.attach(f"{lab.ns.prefix}-{d}")
-                drops[f"{d}_{name}"] = ctl.totals(seg).get(name, 0)
+                drops[f"{d}_{name}"] = status.totals(seg).get(name, 0)
                 seg.close()
         delay = {}
         if captures:

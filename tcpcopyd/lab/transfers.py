@@ -10,7 +10,7 @@ import sys
 import time
 
 from shm import segment as shmseg
-from tcpcopyd import ctl
+from tcpcopyd import status
 from tcpcopyd.lab.lab import Lab, wait_for
 from tcpcopyd.lab.net import CLIENT_NET, ONLINE_IP
 
@@ -55,7 +55,7 @@ def run(size_mib: int, count: int, drop: float) -> dict:
         exact = sum(1 for f in lab.nginx_log("target")
                     if f[2] == "200" and f[7] != "-" and sha256(f[7]) == want)
         seg = shmseg.attach(f"{lab.ns.prefix}-tcpcopyd")
-        totals = ctl.totals(seg)
+        totals = status.totals(seg)
         seg.close()
     finally:
         lab.down()

@@ -34,6 +34,7 @@ from setproctitle import setproctitle
 from shm import seqlock
 from shm.segment import Segment
 from tcpcopyd.service import logs
+from tcpcopyd.service.pageserver import PageServer
 from tcpcopyd.service.sdnotify import Notifier
 from tcpcopyd.service.startup import EARLY_SIGNALS
 from tcpcopyd.service.worker import BootError, Worker
@@ -98,9 +99,11 @@ class Arbiter:
     def __init__(self, prog: str, label: str, n_workers: int, seg: Segment,
                  factory: Callable[[int, int], Worker], cpus: list[int],
                  status: Callable[[], str] | None = None,
-                 reload: Callable[[], None] | None = None) -> None:
+                 reload: Callable[[], None] | None = None,
+                 pages: PageServer | None = None) -> None:
         """``factory(index, cpu)`` builds a worker in the master, before the fork;
-        ``status()`` gives systemd's STATUS line, ``reload()`` applies a SIGHUP."""
+        ``status()`` gives systemd's STATUS line, ``reload()`` applies a SIGHUP; ``pages``
+        (metrics_listen) is served from the master's loop."""
         self.prog = prog
         self.label = label
         self.n_workers = n_workers
@@ -121,6 +124,7 @@ class Arbiter:
         self._boot_errors: dict[int, tuple[int, str]] = {}
         self.status = status
         self.reload = reload
+        self.pages = pages
         self.notifier = Notifier()
         self.ready = False
         self._next_status = 0.0
@@ -196,11 +200,16 @@ class Arbiter:
     def wait(self, timeout: float) -> None:
         if self.signals:
             return
+        pages = self.pages
+        readers = [self._pipe_r, *(pages.readers() if pages else ())]
         try:
-            ready, _, _ = select.select([self._pipe_r], [], [], timeout)
+            ready, writable, _ = select.select(readers, pages.writers() if pages else [], [],
+                                               timeout)
         except InterruptedError:
             return
-        if ready:
+        if pages:
+            pages.on_ready({*ready, *writable})
+        if self._pipe_r in ready:
             try:
                 while os.read(self._pipe_r, 4096):
                     pass
@@ -270,6 +279,8 @@ class Arbiter:
             for sig in HANDLED:
                 signal.signal(sig, signal.SIG_DFL)
             self.notifier.close()
+            if self.pages:
+                self.pages.close()
             for fd in (self._pipe_r, self._pipe_w, self._boot_r):
                 os.close(fd)
             try:
@@ -414,6 +425,8 @@ class Arbiter:
                 _kill(pid, signal.SIGKILL)
 
     def finish(self) -> int:
+        if self.pages:
+            self.pages.close()
         sig = signal.SIGTERM if self.stopping == "graceful" else signal.SIGQUIT
         for pid in self.workers:
             _kill(pid, sig)

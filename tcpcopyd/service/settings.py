@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -64,11 +65,40 @@ class Setting:
     # value -> a TOML/JSON value that ``parse`` turns back into it (shm, status, logs)
     show: Callable[[Any], Any] = _same
 
+    def shown_default(self) -> str:
+        """The default as the docs show it ("required", "on", "64 MiB", ...)."""
+        if self.required:
+            return "required"
+        if self.default_text is not None:
+            return self.default_text
+        v = self.default
+        if v is None:
+            return "none"
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        if isinstance(v, float) and v.is_integer():
+            return str(int(v))
+        if isinstance(v, int) and v >= 1 << 20 and v % (1 << 20) == 0:
+            return f"{v >> 20} MiB"
+        return str(v)
+
     def encode(self, value: Any) -> Any:
         return None if value is None else self.show(value)
 
     def decode(self, raw: Any) -> Any:
         return None if raw is None else self.parse(raw)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML form for {v!r}")
 
 
 def setting(flags: tuple[str, ...], default: Any, parse: Callable[[Any], Any], help: str,
@@ -153,6 +183,17 @@ class Layout:
     tables: Callable[[dict[str, Any], dict[str, dict[str, Any]]], list[str]]
     checked: Callable[[str], bool]
     describe: str
+    # a positional form of the command line (tcpcopy's first one): its metavar, and a
+    # function from its words to (values, as if flags gave them; values used where neither
+    # a flag nor the file gives one); it raises SettingError
+    positional: str | None = None
+    from_words: Callable[[list[str]], tuple[dict[str, Any], dict[str, Any]]] | None = None
+
+
+def version() -> str:
+    """The release of this code."""
+    from tcpcopyd import __version__
+    return __version__
 
 
 def die(prog: str, message: str, code: int) -> NoReturn:
@@ -174,6 +215,7 @@ def load(prog: str, description: str, registry: Registry,
          argv: Sequence[str] | None, layout: Layout) -> Any:
     """A validated ``registry.config`` from the command line and ``--config FILE``."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--version", action="version", version=f"{prog} {version()}")
     ap.add_argument("--config", metavar="FILE", help="read settings from this TOML file "
                     f"({layout.describe}); command-line flags override it")
     for s in registry:
@@ -184,8 +226,11 @@ def load(prog: str, description: str, registry: Registry,
         else:
             kw["metavar"] = s.metavar
         ap.add_argument(*s.flags, **kw)
+    if layout.positional:
+        ap.add_argument("words", nargs="*", metavar=layout.positional,
+                        help="the same as the flags they stand for (see the manual)")
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns = ap.parse_args(argv)
+    ns = ap.parse_intermixed_args(argv) if layout.positional else ap.parse_args(argv)
     cfg = registry.config(argv=argv)
     cli: dict[str, Any] = {}
     for s in registry:
@@ -196,6 +241,18 @@ def load(prog: str, description: str, registry: Registry,
             cli[s.name] = s.parse(raw)
         except SettingError as e:
             raise ConfigError(f"{s.flags[0]} {raw!r}: {e}", EX_USAGE) from None
+    fallback: dict[str, Any] = {}
+    if getattr(ns, "words", None) and layout.from_words:
+        try:
+            given, fallback = layout.from_words(ns.words)
+        except SettingError as e:
+            raise ConfigError(f"{' '.join(ns.words)}: {e}", EX_USAGE) from None
+        for name, value in given.items():
+            if name in cli:
+                flag = registry.by_name[name].flags[0]
+                raise ConfigError(f"{flag} and {' '.join(ns.words)} both say {name}: give "
+                                  "one of them", EX_USAGE)
+            cli[name] = value
     if ns.config:
         data = read_file(ns.config)
         tables = check_file(ns.config, data, registry, layout)
@@ -207,6 +264,10 @@ def load(prog: str, description: str, registry: Registry,
     for name, value in cli.items():
         setattr(cfg, name, value)
         cfg.source[name] = "cli"
+    for name, value in fallback.items():
+        if name not in cfg.source:
+            setattr(cfg, name, value)
+            cfg.source[name] = "cli"
     for s in registry:
         if s.required and s.name not in cfg.source:
             if ns.config:
@@ -465,3 +526,21 @@ def pidfile_setting(example: str) -> Any:
     return setting(("-P", "--pidfile"), None, text,
                    "write the master's pid here (removed at exit); under systemd only "
                    "/run/tcpcopyd is writable", metavar="FILE", example=example)
+
+
+def address_port(raw: Any) -> tuple[str, int]:
+    """``IP:PORT``"""
+    text_ = str(raw).strip()
+    host, sep, p = text_.rpartition(":")
+    if not sep:
+        raise SettingError(f"{text_!r} is not IP:PORT, e.g. 127.0.0.1:9821")
+    return ipv4(host), port(p)
+
+
+def metrics_listen_setting() -> Any:
+    return setting(("--metrics-listen",), None, address_port,
+                   "serve Prometheus metrics (GET /metrics) on this IP:PORT from the master; "
+                   "off by default (tcpcopyctl metrics prints the same)", metavar="IP:PORT",
+                   example="127.0.0.1:9821", default_text="off",
+                   show=lambda a: f"{a[0]}:{a[1]}")
+

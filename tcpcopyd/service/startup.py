@@ -1,4 +1,4 @@
-"""What a daemon's start-up shares: the one-line failure message, the version, the pid
+"""What a daemon's start-up shares: the one-line failure message, the pid
 file, the CPUs to pin workers to, and stop signals that arrive before the arbiter runs."""
 from __future__ import annotations
 
@@ -21,15 +21,6 @@ def catch_early_signals() -> None:
 def fail(prog: str, message: str, code: int = 1) -> int:
     print(f"{prog}: {message}", file=sys.stderr)
     return code
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-    try:
-        return dist_version("tcpcopyd")
-    except PackageNotFoundError:
-        return "dev"
 
 
 def write_pidfile(path: str | None) -> None:

@@ -19,7 +19,7 @@ import time
 
 from setproctitle import setproctitle
 
-from shm.segment import Segment
+from shm.segment import LinkState, Segment, pack_links
 from shm.seqlock import TornRead
 from tcpcopyd.service import capabilities, logs
 
@@ -95,9 +95,15 @@ class Worker:
         for i, v in enumerate(previous[:len(self.counters)]):
             self.counters[i] += v
 
+    def link_states(self) -> list[LinkState]:
+        """The worker's links to its peers, for status (none by default)."""
+        return []
+
     def heartbeat(self) -> None:
-        """Publish the counters and say "alive" to the master (the worker's shm record)."""
-        self.seg.write_worker(self.index, os.getpid(), self.cpu, self.started, self.counters)
+        """Publish the counters and links and say "alive" to the master (the worker's shm
+        record)."""
+        self.seg.write_worker(self.index, os.getpid(), self.cpu, self.started, self.counters,
+                              pack_links(self.link_states()))
 
     def _on_stop(self, how: str) -> None:
         if self.stop != "fast":

@@ -9,7 +9,7 @@ import ipaddress
 import pytest
 
 from shm import segment as shmseg
-from tcpcopyd import ctl
+from tcpcopyd import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import command
 from tcpcopyd.lab.net import (
@@ -31,7 +31,7 @@ NO_TCPCOPYD = {"tcpcopyd": False, "memcached": False}
 def totals(lab, name: str = "tcpcopyd") -> dict[str, int]:
     seg = shmseg.attach(f"{lab.ns.prefix}-{name}")
     try:
-        return ctl.totals(seg)
+        return status.totals(seg)
     finally:
         seg.close()
 

@@ -8,7 +8,7 @@ import pytest
 
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import bin_path
-from tcpcopyd.lab.net import TARGET_IP
+from tcpcopyd.lab.net import ONLINE_IP, TARGET_IP
 from tests.lab.conftest import target_caught_up
 
 pytestmark = pytest.mark.lab
@@ -70,3 +70,18 @@ def test_several_interceptds_one_of_them_down(lab):
     r = load.h2load(lab, requests=200, rate=200)
     assert r.succeeded == 200
     assert len(target_caught_up(lab, 200)) == 200
+
+
+@pytest.mark.parametrize("lab", [{"tcpcopyd": False, "memcached": False}], indirect=True)
+def test_the_seed_command_form(lab):
+    """tcpcopy's first form, LOCAL_IP LOCAL_PORT REMOTE_IP REMOTE_PORT: the rule, interceptd
+    at the remote address and the interface holding the local address, with no flag."""
+    lab.start("tcpcopyd", lab.ns.online,
+              [bin_path("tcpcopyd"), ONLINE_IP, "80", TARGET_IP, "80",
+               "--instance", f"{lab.ns.prefix}-tcpcopyd"])
+    lab.wait_log("tcpcopyd", f"on eth0 -> interceptd {TARGET_IP}:36524")
+    lab.wait_log("tcpcopyd", "connected to interceptd")
+    r = load.h2load(lab, requests=200, rate=200)
+    assert r.succeeded == 200
+    assert len(target_caught_up(lab, 200)) == 200
+    assert lab.stop("tcpcopyd") == 0

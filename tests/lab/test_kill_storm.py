@@ -17,7 +17,7 @@ import pytest
 from shm import segment as shmseg
 from shm import seqlock
 from shm.table import SlotTable
-from tcpcopyd import ctl
+from tcpcopyd import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import wait_for
 from tcpcopyd.service import arbiter
@@ -131,7 +131,7 @@ def test_two_hundred_sigkills_under_load_the_service_recovers_every_time(lab):
     assert not missing, (f"last requests of long connections {missing} not on the target; "
                          f"last seen there: {[last_seen(target, i) for i in missing]}; "
                          f"their sessions: {sessions_of(segs['tcpcopyd'], target, missing)}; "
-                         f"{ {name: ctl.totals(seg) for name, seg in segs.items()} }")
+                         f"{ {name: status.totals(seg) for name, seg in segs.items()} }")
     for name, seg in segs.items():
         assert "crash loop" not in lab.log_text(name)
         # each kill was answered by exactly one new worker, shown in the segment
@@ -142,7 +142,7 @@ def test_two_hundred_sigkills_under_load_the_service_recovers_every_time(lab):
     r = load.h2load(lab, requests=2000, rate=500)
     assert r.succeeded == 2000
     assert len(target_caught_up(lab, before + 2000)) - before == 2000
-    c = ctl.totals(segs["tcpcopyd"])
+    c = status.totals(segs["tcpcopyd"])
     assert c["sessions_restored"] > 0      # killed workers' sessions were carried on
     lost = online_during - len([f for f in target if not f[6].startswith("/?final=")])
     print(f"{KILLS} kills (seed {seed}): recovery p50 {statistics.median(recoveries):.3f}s, "

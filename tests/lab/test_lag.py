@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from shm import segment as shmseg
-from tcpcopyd import ctl
+from tcpcopyd import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import wait_for
 from tests.lab.conftest import target_caught_up
@@ -35,14 +35,14 @@ def test_a_worker_that_falls_behind_drops_what_is_too_old_and_stays_live(lab):
         os.kill(worker.pid, signal.SIGCONT)
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
-            peaks.append(ctl.totals(seg)["capture_lag_peak_ms"])
+            peaks.append(status.totals(seg)["capture_lag_peak_ms"])
             time.sleep(0.05)
         client.communicate(timeout=120)
     finally:
         if client.poll() is None:
             client.kill()
             client.wait()
-    c = ctl.totals(seg)
+    c = status.totals(seg)
     seg.close()
     print(f"stalled 2 s: lag_drops {c['lag_drops']}, handed-on lag peaks after it "
           f"{max(peaks)} ms (max-lag {MAX_LAG * 1000:.0f} ms), kernel drops "

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from shm import segment as shmseg
-from tcpcopyd import ctl
+from tcpcopyd import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.net import ONLINE_IP
 from tests.lab.conftest import target_caught_up
@@ -78,7 +78,7 @@ def test_a_spoofed_flood_at_the_online_host_is_bounded_and_the_copy_goes_on(lab,
     real = [f for f in target if f[5] == "GET" and f[6] == "/" and f[2] == "200"]
     seg = shmseg.attach(f"{lab.ns.prefix}-tcpcopyd")
     try:
-        c = ctl.totals(seg)
+        c = status.totals(seg)
         # no worker fell silent (its loop turns to its heartbeat whatever arrives)
         assert [seg.read_worker(i).restarts for i in range(workers)] == [0] * workers
     finally:

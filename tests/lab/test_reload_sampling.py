@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from shm import segment as shmseg
-from tcpcopyd import ctl
+from tcpcopyd import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import wait_for
 
@@ -21,7 +21,7 @@ NO_TCPCOPYD = {"tcpcopyd": False}
 def totals(lab) -> dict[str, int]:
     seg = shmseg.attach(f"{lab.ns.prefix}-tcpcopyd")
     try:
-        return ctl.totals(seg)
+        return status.totals(seg)
     finally:
         seg.close()
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from shm import segment as shmseg
-from tcpcopyd import ctl, wire
+from tcpcopyd import status, wire
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import command, wait_for
 from tcpcopyd.lab.net import (
@@ -50,7 +50,7 @@ def attack(lab, *args: str, timeout: float = 120) -> dict[str, str]:
 def totals(lab, name: str) -> dict[str, int]:
     seg = shmseg.attach(f"{lab.ns.prefix}-{name}")
     try:
-        return ctl.totals(seg)
+        return status.totals(seg)
     finally:
         seg.close()
 

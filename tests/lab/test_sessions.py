@@ -65,14 +65,14 @@ def test_memcached_sets_reach_the_target(lab):
 def counters(lab) -> dict[str, int]:
     """the non-zero counters of both daemons, to say where something went"""
     from shm import segment as shmseg
-    from tcpcopyd import ctl
+    from tcpcopyd import status
     out = {}
     for name in ("tcpcopyd", "interceptd"):
         try:
             seg = shmseg.attach(f"{lab.ns.prefix}-{name}")
         except shmseg.SegmentError:
             continue
-        out.update({f"{name}.{k}": v for k, v in ctl.totals(seg).items() if v})
+        out.update({f"{name}.{k}": v for k, v in status.totals(seg).items() if v})
         seg.close()
     return out
 

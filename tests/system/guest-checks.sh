@@ -101,6 +101,14 @@ check "interceptd: master and 2 workers in tcpcopyctl status" \
     json_check interceptd "d['master']['pid'] == $(systemctl show -p MainPID --value interceptd) and len(d['workers']) == 2 and d['healthy']"
 
 # ---------------------------------------------------------------- tcpcopyd@eth0
+check "tcpcopyd@eth0: bound to its device (drop-in)" \
+    sh -c 'systemctl show -p BindsTo --value tcpcopyd@eth0 | grep -q sys-subsystem-net-devices-eth0.device'
+# a container has no udev, hence no device units: the drop-in is masked, as README says
+mkdir -p /etc/systemd/system/tcpcopyd@.service.d
+ln -s /dev/null /etc/systemd/system/tcpcopyd@.service.d/device.conf
+systemctl daemon-reload
+check "tcpcopyd@eth0: the device drop-in masked in a container" \
+    sh -c '! systemctl show -p BindsTo --value tcpcopyd@eth0 | grep -q device'
 check "tcpcopyd@eth0: systemctl start (READY after the workers)" systemctl start tcpcopyd@eth0
 check "tcpcopyd@eth0: active" systemctl is-active --quiet tcpcopyd@eth0
 MAINPID=$(systemctl show -p MainPID --value tcpcopyd@eth0)
@@ -110,7 +118,34 @@ check "tcpcopyd@eth0: process titles" sh -c 'ps -eo args= | grep -q "^tcpcopyd: 
 check "tcpcopyd@eth0: STATUS line" wait_until 15 sh -c 'systemctl show -p StatusText --value tcpcopyd@eth0 | grep -q "2/2 workers; captured"'
 check "tcpcopyd@eth0: connected to interceptd" wait_until 15 journal_has tcpcopyd@eth0 "connected to interceptd"
 tcpcopyctl status
-check "tcpcopyctl status: exit 0 when all healthy" tcpcopyctl status
+check "tcpcopyctl status: exit 0 when all healthy" wait_until 15 tcpcopyctl status
+GID=$(getent group tcpcopyd | cut -d: -f3)
+check "group tcpcopyd made by the package" [ -n "$GID" ]
+check "tcpcopyd@eth0: segment readable by the group tcpcopyd" \
+    sh -c "[ \"\$(stat -c %g:%a /run/tcpcopyd/tcpcopyd.eth0.shm)\" = $GID:640 ]"
+check "tcpcopyctl status: a member of tcpcopyd reads it without root" \
+    setpriv --reuid=nobody --regid=nogroup --groups="$GID" tcpcopyctl status
+check "tcpcopyctl status: others are told they may not (exit 4)" \
+    sh -c 'setpriv --reuid=nobody --regid=nogroup --clear-groups tcpcopyctl status; [ $? = 4 ]'
+check "tcpcopyctl metrics: Prometheus text of both daemons" \
+    sh -c 'tcpcopyctl metrics | grep -q "^tcpcopyd_state{instance_name=\"tcpcopyd.eth0\",state=\"healthy\"} 1" && tcpcopyctl metrics | grep -q "^interceptd_state{instance_name=\"interceptd\",state=\"healthy\"} 1"'
+mkdir -p /var/lib/prometheus/node-exporter
+check "tcpcopyd-metrics.service: writes the textfile" \
+    sh -c 'systemctl start tcpcopyd-metrics.service && grep -q "^tcpcopyd_sent_total" /var/lib/prometheus/node-exporter/tcpcopyd.prom'
+check "tcpcopyd-metrics.timer: a unit of the package" systemctl cat tcpcopyd-metrics.timer
+systemctl stop interceptd
+check "tcpcopyctl status: down (exit 3) while no interceptd answers" \
+    wait_until 15 sh -c 'tcpcopyctl status tcpcopyd.eth0 >/dev/null; [ $? = 3 ]'
+systemctl start interceptd
+check "tcpcopyctl status: healthy again once interceptd is back" \
+    wait_until 30 tcpcopyctl status tcpcopyd.eth0
+
+# ---------------------------------------------------------------- what the packages hold
+check "--version on every command" sh -c 'tcpcopyd --version && interceptd --version && tcpcopyctl --version'
+check "man pages installed" sh -c 'for p in man8/tcpcopyd.8 man8/interceptd.8 man8/tcpcopyctl.8 man5/tcpcopyd.conf.5 man5/interceptd.conf.5; do [ -e /usr/share/man/$p.gz ] || exit 1; done'
+check "README and BENCHMARKS in /usr/share/doc" sh -c '[ -e /usr/share/doc/tcpcopyd-common/README.md.gz ] && [ -e /usr/share/doc/tcpcopyd-common/BENCHMARKS.md.gz ]'
+check "the lab is not installed" sh -c '! python3 -c "import tcpcopyd.lab" 2>/dev/null'
+check "autopkgtest smoke test" /usr/local/bin/autopkgtest-smoke
 
 # ---------------------------------------------------------------- least privilege
 check "tcpcopyd@eth0: systemd-analyze security exposure at most 3.0" exposure_at_most tcpcopyd@eth0.service 3.0
@@ -177,6 +212,8 @@ check "purge: no process left" sh -c '! ps -eo args= | grep -q "^tcpcopyd:\|^int
 check "purge: no rule, no shm segment left" sh -c '! iptables -w 5 -S OUTPUT | grep -q NFQUEUE && ! ls /run/tcpcopyd | grep -q "\.shm$"'
 check "purge: config files and logs gone" sh -c '[ ! -e /etc/tcpcopyd.conf ] && [ ! -e /etc/interceptd.conf ] && [ ! -e /var/log/tcpcopyd ]'
 
+echo "--- tcpcopyd@eth0, first lines"
+journalctl -b -u tcpcopyd@eth0 --no-pager -o short-monotonic | head -40
 echo "--- journal"
 journalctl -b -u interceptd -u 'tcpcopyd@*' --no-pager -o short-monotonic | tail -80
 echo "GUEST-CHECKS-DONE failures=$failures"

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from tcpcopyd.lab.lab import bin_path
+from tcpcopyd.lab.lab import command
 from tcpcopyd.options import servers, transfers
 from tcpcopyd.service.settings import SettingError
 
@@ -13,7 +13,7 @@ GOOD = ["-x", "80-198.18.2.2:80", "-s", "198.18.2.2", "-i", "lo"]
 
 
 def run(prog, *args):
-    return subprocess.run([bin_path(prog), *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run([*command(prog), *args], capture_output=True, text=True, timeout=30)
 
 
 def test_unknown_flag():

@@ -11,7 +11,7 @@ import pytest
 from interceptd import options as imain
 from shm import segment as shmseg
 from tcpcopyd import docs, options
-from tcpcopyd.lab.lab import bin_path
+from tcpcopyd.lab.lab import command
 from tcpcopyd.service import logs
 from tcpcopyd.service.reload import Reloader, SettingsWatch
 from tcpcopyd.service.settings import EX_CONFIG, EX_USAGE, ConfigError, load
@@ -121,7 +121,7 @@ def test_bad_flag_value_is_a_usage_error():
 def test_daemon_exits_78_and_starts_nothing(tmp_path, prog):
     path = write(tmp_path, "[default]\nmtu = 'big'\n[interceptd]\nqueues = 0\n")
     before = set(shmseg.list_segments(""))
-    r = subprocess.run([bin_path(prog), "--config", path], capture_output=True, text=True,
+    r = subprocess.run([*command(prog), "--config", path], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 78
     [line] = r.stderr.strip().splitlines()

@@ -79,3 +79,15 @@ def test_random_bytes_after_a_valid_header_never_crash(tmp_path_factory, tail):
     skipped: collections.Counter = collections.Counter()
     for _ts, pkt in pcapfile.packets(str(path), skipped):
         assert len(pkt) >= 20
+
+
+def test_the_position_follows_the_reading_to_the_end_of_the_file(tmp_path):
+    path = tmp_path / "c.pcap"
+    path.write_bytes(pcap(1, [FRAMES[1]] * 2000))
+    position = pcapfile.Position()
+    shares = [position.share for _ in pcapfile.packets(str(path), collections.Counter(),
+                                                        position=position)]
+    assert position.size == path.stat().st_size
+    assert shares == sorted(shares)          # never backwards
+    assert 0 < shares[len(shares) // 2] < 1  # in the middle, somewhere in the file
+    assert position.share == 1.0

@@ -13,7 +13,7 @@ import pytest
 from interceptd import options as ioptions
 from shm import segment as shmseg
 from tcpcopyd import options
-from tcpcopyd.lab.lab import bin_path
+from tcpcopyd.lab.lab import command
 from tcpcopyd.service.reload import Reloader
 from tcpcopyd.service.settings import EX_CONFIG, EX_USAGE, ConfigError, load
 
@@ -105,7 +105,7 @@ def test_a_reload_that_cannot_be_applied_changes_nothing_and_the_master_goes_on(
 
 
 def run(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([bin_path("tcpcopyd"), *args], capture_output=True, text=True,
+    return subprocess.run([*command("tcpcopyd"), *args], capture_output=True, text=True,
                           timeout=30, cwd=cwd)
 
 

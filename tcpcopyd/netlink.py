@@ -1,0 +1,139 @@
+"""The host's network facts through netlink (pyroute2), never by running `ip` or
+`ethtool`: routes, links (up, MTU, GRO), which interface holds an address, and a watch on
+one interface's state (``LinkWatch``: tcpcopyd notices its capture interface going down
+and coming back)."""
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger("tcpcopyd.netlink")
+
+IFF_UP = 0x1
+IFF_RUNNING = 0x40
+RTN_UNICAST = 1
+RTMGRP_LINK = 0x1
+
+
+@dataclass(frozen=True)
+class Route:
+    dev: str
+    gateway: str | None
+    unicast: bool
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    index: int
+    up: bool           # administratively up and carrier on (IFF_UP and IFF_RUNNING)
+    admin_up: bool     # IFF_UP
+    mtu: int
+
+
+def _link(msg) -> Link:
+    flags = msg["flags"]
+    return Link(msg.get_attr("IFLA_IFNAME"), msg["index"],
+                bool(flags & IFF_UP and flags & IFF_RUNNING), bool(flags & IFF_UP),
+                msg.get_attr("IFLA_MTU") or 0)
+
+
+def route_get(dst: str) -> Route | None:
+    """The kernel's route for ``dst`` (as `ip route get`), None if it has none."""
+    with IPRoute() as ipr:
+        try:
+            msg = ipr.route("get", dst=dst)[0]
+        except (NetlinkError, IndexError):
+            return None
+        oif = msg.get_attr("RTA_OIF")
+        links = ipr.get_links(oif) if oif else []
+        dev = links[0].get_attr("IFLA_IFNAME") if links else "?"
+        return Route(dev, msg.get_attr("RTA_GATEWAY"), msg["type"] == RTN_UNICAST)
+
+
+def default_gateway() -> str | None:
+    with IPRoute() as ipr:
+        for msg in ipr.get_default_routes(family=socket.AF_INET):
+            gw = msg.get_attr("RTA_GATEWAY")
+            if gw:
+                return gw
+    return None
+
+
+def links() -> list[Link]:
+    with IPRoute() as ipr:
+        return [_link(msg) for msg in ipr.get_links()]
+
+
+def link(name: str) -> Link | None:
+    return next((lk for lk in links() if lk.name == name), None)
+
+
+def interface_of(address: str) -> str | None:
+    """The interface of this host that holds ``address``, if one does."""
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=socket.AF_INET, address=address):
+            found = ipr.get_links(msg["index"])
+            if found:
+                return found[0].get_attr("IFLA_IFNAME")
+    return None
+
+
+def gro(name: str) -> bool | None:
+    """Whether generic receive offload is on (None: unknown)."""
+    try:
+        from pyroute2.ethtool import Ethtool
+        ethtool = Ethtool()
+    except Exception:   # noqa: BLE001 - an old pyroute2, or no ethtool netlink family
+        return None
+    try:
+        feature = ethtool.get_features(name).features.get("rx-gro")
+        return None if feature is None else bool(feature.enable)
+    except Exception:   # noqa: BLE001 - unknown is an answer here
+        return None
+    finally:
+        ethtool.close()
+
+
+class LinkWatch:
+    """One interface's state, followed from the caller's poll loop: a netlink socket of the
+    link group wakes it up (``fileno``), ``changes()`` then reads the state again and says
+    whether the interface went down or came back up (or None: no change)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                  | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        self.sock.bind((0, RTMGRP_LINK))
+        current = link(name)
+        self.index = current.index if current else 0
+        self.up = bool(current and current.up)
+        self.removed = current is None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def changes(self) -> bool | None:
+        """Drain the events, look at the interface; its new state if it changed (True:
+        up). One removed (or replaced by another of the same name) stays down."""
+        while True:
+            try:
+                self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError:   # ENOBUFS: events were lost; the state is read anyway
+                break
+        before = self.up
+        current = None if self.removed else link(self.name)
+        if current is None or current.index != self.index:
+            self.up, self.removed = False, True
+        else:
+            self.up = current.up
+        return self.up if self.up != before else None
+
+    def close(self) -> None:
+        self.sock.close()

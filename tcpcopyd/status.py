@@ -1,0 +1,327 @@
+"""The state of every tcpcopyd/interceptd running on this host, read from their shm segments
+(counters, heartbeats, links, live settings) and psutil (CPU, memory, uptime), and judged:
+
+  healthy   every worker serving, every interceptd link up, no drop counter rising, the
+            capture lag within half of max_lag
+  degraded  serving, but not all of it: a worker stale or waiting to be started again, an
+            interceptd with a link down, drops rising, the capture falling behind
+  down      not serving: the master is gone (a stale segment), no worker runs, or tcpcopyd
+            reaches no interceptd at all (nothing is copied)
+
+``tcpcopyctl status`` prints it (exit 0 healthy, 1 degraded, 3 down or not running);
+``tcpcopyd.metrics`` exports the same figures for Prometheus."""
+from __future__ import annotations
+
+import functools
+import signal
+import time
+from dataclasses import dataclass
+from types import ModuleType
+
+from interceptd import counters as icounters
+from shm import segment as shmseg
+from shm import seqlock
+from tcpcopyd import counters as tcounters
+
+KINDS = {1: ("tcpcopyd", tcounters), 2: ("interceptd", icounters)}
+# a worker whose heartbeat is older than this is reported stale
+STALE_SECONDS = 5.0
+STATES = ("healthy", "degraded", "down")
+# tcpctl status's exit code for each state, and when nothing runs
+EXIT_CODES = {"healthy": 0, "degraded": 1, "down": 3}
+EXIT_NOT_RUNNING = 3
+# and when a segment exists that this user may not read
+EXIT_NO_ACCESS = 4
+
+
+def dumps(obj: object) -> str:
+    """JSON, with orjson when it is installed (the Debian packages make it optional)."""
+    try:
+        import orjson
+    except ImportError:
+        import json
+        return json.dumps(obj, indent=2)
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode()
+
+
+@dataclass
+class Found:
+    segments: list[shmseg.Segment]
+    skipped: list[str]       # segments not trusted or not understood, and why
+    denied: list[str]        # segments this user may not read
+
+
+def find_segments() -> Found:
+    """The segments of the runtime directory we can trust (attached read-only)."""
+    found = Found([], [], [])
+    for name in shmseg.list_segments(""):
+        try:
+            seg = shmseg.attach(name, readonly=True)
+        except shmseg.SegmentDenied as e:
+            found.denied.append(str(e))
+            continue
+        except shmseg.SegmentError as e:
+            found.skipped.append(str(e))
+            continue
+        if seg.kind not in KINDS:
+            found.skipped.append(f"{seg.path}: unknown kind {seg.kind}")
+            seg.close()
+            continue
+        found.segments.append(seg)
+    return found
+
+
+def worker_pids(seg: shmseg.Segment) -> list[int]:
+    out = []
+    for i in range(seg.n_workers):
+        try:
+            out.append(seg.read_worker(i).pid)
+        except seqlock.TornRead:
+            pass
+    return out
+
+
+@functools.cache
+def _psutil() -> ModuleType | None:
+    """psutil, if it can work here: a daemon's master under the unit's ProcSubset=pid
+    (serving metrics_listen) has no /proc/stat, which psutil reads when imported."""
+    try:
+        import psutil
+    except (ImportError, OSError):
+        return None
+    return psutil
+
+
+def proc_info(pid: int) -> dict:
+    """The process's figures (CPU %, RSS, uptime, CPUs, title) where they can be read."""
+    ps = _psutil()
+    if ps is None:
+        return {"pid": pid, "alive": shmseg.pid_alive(pid)}
+    info: dict = {"pid": pid, "alive": True}
+    try:
+        p = ps.Process(pid)
+        with p.oneshot():
+            info["rss_bytes"] = p.memory_info().rss
+            info["cpus"] = sorted(p.cpu_affinity())
+            info["title"] = " ".join(p.cmdline())
+            info["cpu_percent"] = p.cpu_percent(interval=None)
+            info["uptime_s"] = time.time() - p.create_time()   # needs /proc/stat
+    except ps.NoSuchProcess:
+        return {"pid": pid, "alive": False}
+    except (ps.AccessDenied, OSError):
+        pass
+    return info
+
+
+def prime_cpu(pids: list[int]) -> None:
+    """psutil measures CPU % since the previous call: make one now."""
+    ps = _psutil()
+    for pid in pids if ps else ():
+        try:
+            ps.Process(pid).cpu_percent(interval=None)
+        except (ps.NoSuchProcess, ps.AccessDenied, ValueError, OSError):
+            pass
+
+
+def totals(seg: shmseg.Segment) -> dict[str, int]:
+    """The counters of a daemon's workers added up, by name."""
+    _, counters = KINDS.get(seg.kind, ("", None))
+    return seg.totals(counters.NAMES if counters else ())
+
+
+def exit_words(code: int) -> str:
+    """How a worker ended, from its supervision record (-N: killed by signal N)."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def link_table(workers: list[dict], now: float) -> list[dict]:
+    """The workers' links to each interceptd, added up per address."""
+    by_peer: dict[tuple[str, int], dict] = {}
+    for w in workers:
+        for link in w["links"]:
+            peer = by_peer.setdefault((link.host, link.port), {
+                "address": link.host, "port": link.port, "links": 0, "up": 0,
+                "connects": 0, "errors": 0, "since": None, "reason": ""})
+            peer["links"] += link.links
+            peer["up"] += link.up
+            peer["connects"] += link.connects
+            peer["errors"] += link.errors
+            peer["reason"] = peer["reason"] or link.reason
+            peer.setdefault("_since", []).append((bool(link.up), link.since))
+    out = []
+    for peer in by_peer.values():
+        up = peer["up"] > 0
+        sinces = [t for state, t in peer.pop("_since") if state == up]
+        peer["state"] = ("up" if peer["up"] == peer["links"] else "partly up") if up \
+            else ("down" if peer["errors"] else "connecting")
+        peer["since"] = min(sinces) if sinces else None
+        peer["for_s"] = now - peer["since"] if peer["since"] else None
+        # every connection that came up after the first of each link is a reconnect
+        peer["reconnects"] = max(0, peer["connects"] - peer["links"])
+        if up:
+            peer["reason"] = ""
+        out.append(peer)
+    return out
+
+
+def judge(d: dict) -> tuple[str, list[str]]:
+    """The daemon's state and what keeps it from healthy."""
+    down, degraded = [], []
+    if not d["master"].get("alive", True):
+        down.append(f"master pid {d['master']['pid']} is not running (a stale segment)")
+    running = [w for w in d["workers"] if w.get("alive", True) and w["pid"]]
+    if not running:
+        down.append("no worker is running")
+    for w in d["workers"]:
+        age = w["heartbeat_age_s"]
+        if age is None or age > STALE_SECONDS:
+            degraded.append(f"worker {w['index']} heartbeat "
+                            + ("missing" if age is None else f"{age:.1f}s old"))
+        if w["respawn_in_s"]:
+            degraded.append(f"worker {w['index']} {w['last_exit']}; the next one starts in "
+                            f"{w['respawn_in_s']:.1f}s")
+    links = d.get("links", [])
+    if d["program"] == "tcpcopyd":
+        if links and not any(p["up"] for p in links):
+            down.append("no interceptd reachable: " + "; ".join(
+                f"{p['address']}:{p['port']} {p['state']}"
+                + (f" ({p['reason']})" if p["reason"] else "") for p in links))
+        else:
+            degraded += [f"interceptd {p['address']}:{p['port']}: {p['up']}/{p['links']} "
+                         f"links up" + (f" ({p['reason']})" if p["reason"] else "")
+                         for p in links if p["up"] < p["links"]]
+        if any(w["counters"].get("interface_down") for w in d["workers"]):
+            down.append(f"the capture interface {d['label']} is down")
+        max_lag = d["settings"].get("max_lag")
+        if max_lag and d["lag_ms"] > max_lag * 1000 / 2:
+            degraded.append(f"capture lag {d['lag_ms']} ms (max_lag {max_lag * 1000:.0f} ms: "
+                            "the worker is falling behind)")
+    degraded += [f"{name} rising ({rate:.1f}/s)" for name, rate in d["drops_rising"].items()]
+    if down:
+        return "down", down + degraded
+    return ("degraded" if degraded else "healthy"), degraded
+
+
+def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
+             elapsed: float = 0.0) -> dict:
+    prog, counters = KINDS.get(seg.kind, (f"kind{seg.kind}", None))
+    master = proc_info(seg.master_pid)
+    now = time.time()
+    workers, sums, unreadable = [], {}, []
+    names = counters.NAMES if counters else ()
+    for i in range(seg.n_workers):
+        try:
+            rec = seg.read_worker(i)
+        except seqlock.TornRead:
+            unreadable.append(i + 1)
+            continue
+        info = proc_info(rec.pid) if rec.pid else {"pid": 0, "alive": False}
+        vals = dict(zip(names, rec.counters, strict=False))
+        for k, v in vals.items():
+            sums[k] = sums.get(k, 0) + v
+        workers.append({"index": i + 1, "cpu": rec.cpu, "restarts": rec.restarts,
+                        "recent_deaths": rec.recent_deaths,
+                        "last_exit": exit_words(rec.last_exit)
+                        if rec.restarts or rec.recent_deaths else None,
+                        "respawn_in_s": max(0.0, rec.respawn_at - now) if rec.respawn_at
+                        > now else None,
+                        "heartbeat_age_s": now - rec.heartbeat if rec.heartbeat else None,
+                        **info, "counters": vals, "links": rec.links})
+    gauges = counters.GAUGES if counters else frozenset()
+    rates = {k: (v - before.get(k, 0)) / elapsed for k, v in sums.items()
+             if before is not None and elapsed > 0 and k not in gauges}
+    drops = counters.DROPS if counters else frozenset()
+    try:
+        live = seg.read_settings()
+    except (seqlock.TornRead, ValueError):
+        live = {}
+    d = {"name": seg.name, "program": prog, "label": seg.label, "master": master,
+         "settings": live, "workers": workers, "totals": sums, "rates_per_s": rates,
+         "links": link_table(workers, now),
+         "lag_ms": max((w["counters"].get("capture_lag_ms", 0) for w in workers), default=0),
+         "drops": {k: sums.get(k, 0) for k in sorted(drops)},
+         "drops_rising": {k: rates[k] for k in sorted(drops) if rates.get(k, 0) > 0}}
+    state, problems = judge(d)
+    problems += [f"worker {i} stopped in the middle of updating its record"
+                 for i in unreadable]
+    for w in workers:
+        w["links"] = [link.__dict__ for link in w["links"]]
+    d.update(state=state, healthy=state == "healthy", problems=problems)
+    return d
+
+
+def sample(segs: list[shmseg.Segment], interval: float) -> list[dict]:
+    """Every daemon described, rates and CPU % measured over ``interval`` seconds."""
+    for s in segs:
+        prime_cpu([s.master_pid, *worker_pids(s)])
+    before = [totals(s) for s in segs]
+    t0 = time.monotonic()
+    time.sleep(interval)
+    elapsed = time.monotonic() - t0
+    return [describe(s, b, elapsed) for s, b in zip(segs, before, strict=True)]
+
+
+def exit_code(report: list[dict]) -> int:
+    return max((EXIT_CODES[d["state"]] for d in report), default=EXIT_NOT_RUNNING)
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return (f"{seconds // 86400}d{seconds % 86400 // 3600}h" if seconds >= 86400 else
+            f"{seconds // 3600}h{seconds % 3600 // 60}m" if seconds >= 3600 else
+            f"{seconds // 60}m{seconds % 60}s" if seconds >= 60 else f"{seconds}s")
+
+
+def render(d: dict) -> str:
+    lines = [f"{d['program']} {d['name']} [{d['label']}]: {d['state'].upper()}"
+             + ("" if not d["problems"] else ": " + "; ".join(d["problems"]))]
+    m = d["master"]
+    lines.append(f"  master   pid {m['pid']:<7} "
+                 + (f"cpu {m.get('cpu_percent', 0):5.1f}%  rss {m.get('rss_bytes', 0) >> 20} MiB"
+                    f"  up {_ago(m.get('uptime_s'))}" if m.get("alive", True)
+                    else "not running"))
+    for w in d["workers"]:
+        hb = w["heartbeat_age_s"]
+        lines.append(
+            f"  worker {w['index']} pid {w['pid']:<7} cpu={w['cpu']} "
+            + (f"cpu {w.get('cpu_percent', 0):5.1f}%  rss {w.get('rss_bytes', 0) >> 20} MiB  "
+               f"up {_ago(w.get('uptime_s'))}" if w.get("alive", True) else "not running")
+            + f"  restarts {w['restarts']}"
+            + (f" ({w['recent_deaths']} recent, last {w['last_exit']})"
+               if w["recent_deaths"] else "")
+            + "  heartbeat " + ("-" if hb is None else f"{hb:.1f}s ago"))
+    for p in d["links"]:
+        lines.append(f"  interceptd {p['address']}:{p['port']}  {p['state']} "
+                     f"({p['up']}/{p['links']} links) for {_ago(p['for_s'])}  "
+                     f"reconnects {p['reconnects']}"
+                     + (f"  last error: {p['reason']}" if p["reason"] else ""))
+    if d["program"] == "tcpcopyd":
+        lines.append(f"  capture lag {d['lag_ms']} ms"
+                     + (f" (max_lag {d['settings']['max_lag'] * 1000:.0f} ms)"
+                        if d["settings"].get("max_lag") else ""))
+    drops = {k: v for k, v in d["drops"].items() if v}
+    lines.append("  drops " + (", ".join(
+        f"{k} {v}" + (f" (rising {d['drops_rising'][k]:.1f}/s)" if k in d["drops_rising"]
+                      else "") for k, v in drops.items()) if drops else "none"))
+    if d.get("settings"):
+        lines.append("  settings " + " ".join(f"{k}={_short(v)}" for k, v in
+                                              sorted(d["settings"].items())))
+    width = max((len(k) for k in d["totals"]), default=0)
+    for k, v in d["totals"].items():
+        if v:
+            rate = d["rates_per_s"].get(k)
+            lines.append(f"    {k:<{width}} {v:>12}" + (f"  {rate:10.1f}/s" if rate else ""))
+    return "\n".join(lines)
+
+
+def _short(v: object) -> str:
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return "-" if v is None else str(v)
