@@ -73,6 +73,10 @@ class ControlServer:
     def __len__(self) -> int:
         return len(self.peers)
 
+    def payload_peers(self) -> int:
+        """Connections that asked for the answers' first bytes (a comparison test)."""
+        return sum(1 for p in self.peers.values() if p.payload)
+
     def on_event(self, fd: int, ev: int, now: float) -> bool:
         """Handle an epoll event if ``fd`` is the control port or one of our peers."""
         if fd == self.listen_fd:
@@ -217,14 +221,17 @@ class ControlServer:
         peer.offered = True
         if peer.refused is not None:
             self._refuse(peer, wire.NOT_ALLOWED, peer.refused)
+        granted = features & wire.FEATURE_PAYLOAD
+        peer.payload = bool(granted)
         if self.secret is None:
-            peer.out += wire.ext_frame(wire.EXT_WELCOME)
+            peer.out += wire.ext_frame(wire.EXT_WELCOME, granted)
         elif not features & wire.FEATURE_AUTH:
             self.counters[C.INDEX["auth_failures"]] += 1
             self._refuse(peer, wire.SECRET_WANTED, "it wants the shared secret")
         else:
             peer.nonce = os.urandom(wire.NONCE_SIZE)
-            peer.out += wire.ext_frame(wire.EXT_WELCOME, wire.FEATURE_AUTH, peer.nonce)
+            peer.out += wire.ext_frame(wire.EXT_WELCOME, wire.FEATURE_AUTH | granted,
+                                       peer.nonce)
 
     def _on_proof(self, peer: Peer, part: bytes) -> None:
         if not peer.nonce or peer.ready:

@@ -28,12 +28,14 @@ COUNTERS = (
     ("routes_refused", "registrations of a session another peer address holds (refused)"),
     ("routes_over_limit", "registrations refused: max_routes(_per_connection) reached"),
     ("replies_foreign", "replies whose source is not their session's registered target"),
+    ("peers_payload", "gauge: connected tcpcopyd control connections that asked for the "
+                      "first bytes of the target's answers (a comparison test)"),
     ("accept_paused", "times accept stopped for a while: out of file descriptors"),
 )
 NAMES = tuple(name for name, _ in COUNTERS)
 HELP = dict(COUNTERS)
 INDEX = {name: i for i, name in enumerate(NAMES)}
-GAUGES = frozenset({"peers", "routes"})
+GAUGES = frozenset({"peers", "routes", "peers_payload"})
 # counters whose rise means replies that did not reach their tcpcopyd (status: "drops
 # rising")
 DROPS = frozenset({"queue_drops", "delay_expired", "delay_full", "slow_peer_dropped",

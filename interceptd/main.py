@@ -12,7 +12,7 @@ from interceptd import rules, shared
 from interceptd.options import LAYOUT, REGISTRY, Settings
 from interceptd.worker import Worker, dispatch
 from shm import segment as shmseg
-from tcpcopyd import capture, metrics
+from tcpcopyd import capture, metrics, wire
 from tcpcopyd.service import capabilities, logs
 from tcpcopyd.service.arbiter import Arbiter
 from tcpcopyd.service.instance import InstanceError, InstanceLock
@@ -35,7 +35,7 @@ log = logging.getLogger(PROG)
 # packets the kernel may hold for a queue before dropping them (fail-closed)
 QUEUE_MAXLEN = 16384
 # bytes of each queued packet copied to us: IPv4 header + the largest TCP header
-COPY_RANGE = 60 + 60
+COPY_RANGE = 60 + 60 + wire.PREFIX_MAX
 # NFQUEUE copy mode "packet"
 NFQNL_COPY_PACKET = 2
 

@@ -42,7 +42,7 @@ class Peer:
 
     __slots__ = ("sock", "name", "id", "address", "inbuf", "pending", "out", "alive",
                  "versioned", "since", "ready", "offered", "nonce", "proof",
-                 "refused")
+                 "refused", "payload")
 
     def __init__(self, sock: socket.socket, name: str, peer_id: int = 0,
                  address: bytes = b"\0\0\0\0", since: float = 0.0) -> None:
@@ -61,6 +61,7 @@ class Peer:
         self.nonce = b""                 # the challenge it must prove the secret on
         self.proof = bytearray()         # PROOF parts received so far
         self.refused: str | None = None  # why it is refused (it is told if it offered)
+        self.payload = False             # it asked for answers' first bytes (FEATURE_PAYLOAD)
 
 
 def route_key(ip: bytes, port: int) -> bytes:
@@ -244,5 +245,5 @@ class Router:
             self.counters[C.INDEX["slow_peer_dropped"]] += len(peer.pending)
         else:
             self.counters[C.INDEX["routed"]] += len(peer.pending)
-            peer.out += wire.combine(peer.pending)
+            peer.out += wire.combine(peer.pending, peer.payload)
         peer.pending.clear()

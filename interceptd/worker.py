@@ -17,6 +17,7 @@ from interceptd.options import Settings
 from interceptd.router import Router
 from interceptd.shared import RefusalLog, Shared
 from shm.segment import Segment
+from shm.seqlock import TornRead
 from tcpcopyd import wire
 from tcpcopyd.capture import stats as capture_stats
 from tcpcopyd.service import worker as service_worker
@@ -29,6 +30,11 @@ SYNC_INTERVAL = 0.1
 QUEUED, MALFORMED = C.INDEX["queued"], C.INDEX["malformed"]
 # packets read from a capture socket (assistant mode) before the loop looks at the rest
 CAPTURE_BATCH = 512
+# the sessions whose last answer's ack is remembered (to find each answer's first segment)
+ANSWERS_SEEN_MAX = 65536
+# a hand-off ring record that announces a reply record with payload bytes: the next ring
+# record is its header, then as many records as its payload fills
+PREFIX_MARK = b"\0PFX"
 
 # The NFQUEUE bindings are made by the master (so a dying worker does not unbind its queue:
 # packets wait in the kernel for the next one). Their callback is this trampoline, pointed
@@ -94,6 +100,10 @@ class Worker(service_worker.Worker):
                                      RefusalLog(self.seg).due)
         self.watch = SettingsWatch("interceptd", self.seg, self.cfg)
         self.buf = bytearray(65536)
+        # a comparison test is on (some tcpcopyd asked for the answers' first bytes): the
+        # first data segment of each answer goes with its payload's first bytes
+        self.want_prefix = False
+        self.last_ack: dict[bytes, bytes] = {}
         log.info("worker %d reading %s, control port %s:%d", self.index + 1,
                  self.source_name, *self.listener.getsockname()[:2])
 
@@ -138,6 +148,8 @@ class Worker(service_worker.Worker):
         self.control.tick(now)
         self.watch.poll()
         cnt[C.INDEX["peers"]] = len(self.control)
+        cnt[C.INDEX["peers_payload"]] = self.control.payload_peers()
+        self.want_prefix = self._prefix_wanted()
         cnt[C.INDEX["routes"]] = len(self.router.routes)
         if self.capture is not None:
             cnt[C.INDEX["queue_drops"]] += capture_stats(self.capture)[1]
@@ -163,7 +175,7 @@ class Worker(service_worker.Worker):
         try:
             if payload[9] != 6:
                 raise wire.ProtocolError("not TCP")
-            self.router.route(wire.reply_header(payload), time.monotonic())
+            self.router.route(self._record(payload), time.monotonic())
         except (wire.ProtocolError, IndexError):
             cnt[MALFORMED] += 1
 
@@ -171,7 +183,7 @@ class Worker(service_worker.Worker):
         """Assistant mode: replies the target routed here (the kernel drops them after us,
         since this host does not forward)."""
         cnt, cap, buf = self.counters, self.capture, self.buf
-        route, reply_header = self.router.route, wire.reply_header
+        route, record = self.router.route, self._record
         for _ in range(CAPTURE_BATCH):
             try:
                 n = cap.recv_into(buf)
@@ -179,30 +191,94 @@ class Worker(service_worker.Worker):
                 return
             cnt[QUEUED] += 1
             try:
-                route(reply_header(memoryview(buf)[:n]), now)
+                route(record(memoryview(buf)[:n]), now)
             except (wire.ProtocolError, IndexError):
                 cnt[MALFORMED] += 1
+
+    def _prefix_wanted(self) -> bool:
+        """Whether any worker serves a tcpcopyd that asked for the answers' first bytes."""
+        i = C.INDEX["peers_payload"]
+        if self.counters[i]:
+            return True
+        for w in range(self.n_workers):
+            try:
+                if w != self.index and self.seg.read_worker(w).counters[i]:
+                    return True
+            except TornRead:
+                return self.want_prefix
+        return False
+
+    def _record(self, packet) -> bytes:
+        """The reply record of a packet of the target: its header, and for the first data
+        segment of an answer (its ack is new: the client's request moved it) the first
+        bytes of its payload, when a comparison test wants them."""
+        if not self.want_prefix:
+            return wire.reply_header(packet)
+        ihl = (packet[0] & 0x0F) * 4
+        data = ihl + (packet[ihl + 12] >> 4) * 4
+        if int.from_bytes(packet[2:4], "big") <= data:
+            return wire.reply_header(packet)
+        key = bytes(packet[16:20]) + bytes(packet[ihl + 2:ihl + 4])
+        ack = bytes(packet[ihl + 8:ihl + 12])
+        if self.last_ack.get(key) == ack:
+            return wire.reply_header(packet)
+        if len(self.last_ack) >= ANSWERS_SEEN_MAX:
+            self.last_ack.clear()
+        self.last_ack[key] = ack
+        return wire.reply_record(packet, wire.PREFIX_MAX)
 
     def _drain(self, now: float) -> None:
         deliver = self.router.deliver
         for ring in self.inbound:
             records = ring.pop_all()
-            self.counters[C.INDEX["handed_in"]] += len(records)
-            for h in records:
-                deliver(h, now)
+            i = n = 0
+            while i < len(records):
+                r = records[i]
+                if r[:4] == PREFIX_MARK:
+                    length = int.from_bytes(r[4:6], "big")
+                    chunks = -(-length // wire.REPLY_SIZE)
+                    rec = records[i + 1] + b"".join(records[i + 2:i + 2 + chunks])[:length]
+                    i += 2 + chunks
+                else:
+                    rec, i = r, i + 1
+                deliver(rec, now)
+                n += 1
+            self.counters[C.INDEX["handed_in"]] += n
 
     def _hand_off(self) -> None:
-        for dst, headers in self.router.outbox.items():
-            n = self.outbound[dst].push(headers)
+        for dst, records in self.router.outbox.items():
+            ring = self.outbound[dst]
+            room = ring.capacity - len(ring)
+            flat: list[bytes] = []
+            n = 0
+            for rec in records:
+                group = ring_records(rec)
+                if len(flat) + len(group) > room:
+                    break
+                flat += group
+                n += 1
+            ring.push(flat)
             self.counters[C.INDEX["handed_off"]] += n
-            if n < len(headers):
-                self.counters[C.INDEX["handoff_full"]] += len(headers) - n
+            if n < len(records):
+                self.counters[C.INDEX["handoff_full"]] += len(records) - n
             if n:
                 try:
                     os.eventfd_write(self.wakeups[dst], 1)
                 except BlockingIOError:
                     pass
         self.router.outbox.clear()
+
+
+def ring_records(record: bytes) -> list[bytes]:
+    """A reply record as hand-off ring records: its header alone, or (with payload bytes)
+    a PREFIX_MARK record with the payload's length, the header, the payload in records."""
+    size = wire.REPLY_SIZE
+    if len(record) == size:
+        return [record]
+    extra = record[size:]
+    head = (PREFIX_MARK + len(extra).to_bytes(2, "big")).ljust(size, b"\0")
+    return [head, record[:size],
+            *(extra[i:i + size].ljust(size, b"\0") for i in range(0, len(extra), size))]
 
 
 def queue_drops(queue_num: int) -> int:

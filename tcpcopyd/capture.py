@@ -19,6 +19,9 @@ from collections.abc import Callable
 
 # linux/if_ether.h
 ETH_P_IP = 0x0800
+ETH_P_ALL = 0x0003
+# classic BPF ancillary data: the packet's protocol (linux/filter.h SKF_AD_OFF + 0)
+SKF_AD_PROTOCOL = 0xFFFFF000
 # linux/if_packet.h socket options
 SOL_PACKET = 263
 PACKET_STATISTICS = 6
@@ -91,18 +94,24 @@ SKIP_PURE_ACKS = [
 ]
 
 
-def bpf_program(ports: list[int], source: bool = False) -> list[tuple[int, int, int, int]]:
+def bpf_program(ports: list[int], source: bool = False, answers: bool = False
+                ) -> list[tuple[int, int, int, int]]:
     """Instructions (code, jt, jf, k) accepting the client's TCP segments to any of
     ``ports`` (network layer) that carry a payload, SYN, FIN or RST; ``source``: every
     TCP segment from any of them (interceptd's assistant mode, which needs the target's
-    ACKs). Every port's test jumps at most one instruction ahead, so any number of ports
-    fits (up to BPF_MAXINSNS)."""
+    ACKs); ``answers``: the server's segments from them that carry a payload, SYN, FIN or
+    RST (the comparison test). Every port's test jumps at most one instruction ahead, so
+    any number of ports fits (up to BPF_MAXINSNS)."""
     ports = list(dict.fromkeys(ports))
     if not ports:
         raise ValueError("no service ports")
     if 20 + 2 * len(ports) > BPF_MAXINSNS:
         raise ValueError(f"{len(ports)} ports are more than a socket filter can take")
     prog = [
+        # the answers' socket takes every protocol (outgoing packets reach only those)
+        *([(BPF_LD_H_ABS, 0, 0, SKF_AD_PROTOCOL),   # A = the packet's protocol
+           (BPF_JEQ_K, 1, 0, ETH_P_IP),              # IPv4? on, else
+           (BPF_RET_K, 0, 0, 0)] if answers else []),  #   drop
         (BPF_LD_B_ABS, 0, 0, 9),             # A = ip protocol
         (BPF_JEQ_K, 1, 0, 6),                # TCP? on, else
         (BPF_RET_K, 0, 0, 0),                #   drop
@@ -110,8 +119,8 @@ def bpf_program(ports: list[int], source: bool = False) -> list[tuple[int, int, 
         (BPF_JSET_K, 0, 1, 0x1FFF),          # a fragment (not the first)?
         (BPF_RET_K, 0, 0, 0),                #   drop
         (BPF_LDX_B_MSH, 0, 0, 0),            # X = ip header length
-        *([] if source else SKIP_PURE_ACKS),
-        (BPF_LD_H_IND, 0, 0, 0 if source else 2),   # A = tcp source / destination port
+        *([] if source and not answers else SKIP_PURE_ACKS),
+        (BPF_LD_H_IND, 0, 0, 0 if source or answers else 2),   # A = source / dest. port
     ]
     for port in ports:
         prog.append((BPF_JEQ_K, 0, 1, port))     # this port? accept, else the next
@@ -128,25 +137,30 @@ def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) ->
 
 
 def open_capture(iface: str, ports: list[int], fanout_group: int | None,
-                 rcvbuf: int = 32 << 20, source: bool = False) -> socket.socket:
+                 rcvbuf: int = 32 << 20, source: bool = False,
+                 answers: bool = False) -> socket.socket:
     """An AF_PACKET socket on ``iface`` delivering client packets to ``ports`` (or, with
-    ``source``, server packets from them)."""
+    ``source``, server packets from them; with ``answers``, the online server's answers,
+    which this host sends: the only socket that does not ignore outgoing packets)."""
     try:
         socket.if_nametoindex(iface)
     except OSError:
         raise CaptureError(f"interface {iface!r} does not exist (see `ip link`)") from None
     try:
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+        # outgoing packets (the online server's answers) reach only ETH_P_ALL sockets
+        proto = ETH_P_ALL if answers else ETH_P_IP
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(proto))
     except PermissionError:
         raise CaptureError("AF_PACKET capture needs root (or CAP_NET_RAW)") from None
     try:
-        attach_filter(sock, bpf_program(ports, source))
-        sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        attach_filter(sock, bpf_program(ports, source, answers))
+        if not answers:
+            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.bind((iface, ETH_P_IP))
+        sock.bind((iface, proto))
         if fanout_group is not None:
             join_fanout(sock, fanout_group)
         # drain what arrived before the filter was attached

@@ -34,9 +34,11 @@ HELLO_WAIT = 2.0
 
 class ControlLink:
     def __init__(self, host: str, port: int, epoll: select.epoll,
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, payload: bool = False) -> None:
         self.host, self.port = host, port
         self.secret = secret
+        self.want_payload = payload   # ask for the answers' first bytes (comparison test)
+        self.payload = False          # interceptd sends them
         self.handshake_until = 0.0   # waiting for the answer to our offer until then
         self._warned_no_auth = False
         self.address = socket.inet_aton(host)
@@ -101,7 +103,8 @@ class ControlLink:
                 return [], False
             self.connecting = False
             self.out[:0] = wire.version_message() + wire.hello_message(
-                wire.FEATURE_AUTH if self.secret else 0)
+                (wire.FEATURE_AUTH if self.secret else 0)
+                | (wire.FEATURE_PAYLOAD if self.want_payload else 0))
             self._flush_out(now)
             if self.secret:
                 self.handshake_until = now + HELLO_WAIT
@@ -145,6 +148,7 @@ class ControlLink:
             return False
         if ext.kind != wire.EXT_WELCOME:
             return False
+        self.payload = bool(ext.features & wire.FEATURE_PAYLOAD)
         if ext.features & wire.FEATURE_AUTH:
             if not self.secret:
                 self._failed(now, f"it wants the shared secret "
@@ -235,9 +239,10 @@ class ControlGroup:
     to each (-C), a session always uses the same one of them."""
 
     def __init__(self, servers: list[tuple[str, int]], epoll: select.epoll,
-                 per_server: int = 1, secret: bytes | None = None) -> None:
+                 per_server: int = 1, secret: bytes | None = None,
+                 payload: bool = False) -> None:
         self.per_server = per_server
-        self.links = [ControlLink(host, port, epoll, secret) for host, port in servers
+        self.links = [ControlLink(host, port, epoll, secret, payload) for host, port in servers
                       for _ in range(per_server)]
         self.addresses = {link.address for link in self.links}
 

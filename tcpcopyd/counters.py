@@ -55,6 +55,10 @@ COUNTERS = (
                   "fallen behind: the copy stays live)"),
     ("capture_lag_ms", "gauge: how old the packets the worker reads are, ms (0: none waiting)"),
     ("capture_lag_peak_ms", "gauge: the oldest packet handed on in the last 0.1 s, ms"),
+    ("exchanges", "comparison test: exchanges (a request and its answers online and on "
+                  "the target) handed to the master for compare_log"),
+    ("compare_dropped", "comparison test: exchanges dropped because the master did not "
+                        "take them in time (its ring was full)"),
     ("interface_down", "gauge: 1 while the capture interface is down (nothing to capture; "
                        "capture resumes when it comes back)"),
     ("interface_downs", "times the capture interface went down"),

@@ -58,6 +58,26 @@ def show_metrics(args: argparse.Namespace) -> int:
     return st.EXIT_NO_ACCESS if found.denied and not found.segments else 0
 
 
+def show_report(args: argparse.Namespace) -> int:
+    from tcpcopyd import report
+    try:
+        summary = report.summarize(report.read(args.file), args.ignore)
+        if args.html:
+            with open(args.html, "w") as f:
+                f.write(report.html(summary, f"tcpcopyd comparison: {args.file}"))
+    except report.ReportError as e:
+        print(f"tcpcopyctl: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"tcpcopyctl: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(st.dumps(report.public(summary)) + "\n")
+    else:
+        print(report.text(summary))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """tcpcopyctl's command line (also the source of its man page)."""
     ap = argparse.ArgumentParser(prog="tcpcopyctl", description="Inspect tcpcopyd/interceptd.")
@@ -74,6 +94,15 @@ def parser() -> argparse.ArgumentParser:
                         "in Prometheus's text format")
     mp.add_argument("--output", metavar="FILE", help="write them to FILE atomically (for "
                     "node-exporter's textfile collector) instead of standard output")
+    rp = sub.add_parser("report", help="the comparison test's summary from a compare_log "
+                        "file: mismatches by status pair and path, size and content "
+                        "differences, latency online and on the target, the slowest paths")
+    rp.add_argument("file", help="the compare_log file (JSON lines)")
+    rp.add_argument("--json", action="store_true", help="the summary as JSON")
+    rp.add_argument("--html", metavar="OUT", help="also write one self-contained HTML page")
+    rp.add_argument("--ignore", action="append", metavar="RULE",
+                    help="judge the contents again with this noise rule (a header name, or "
+                    "re:EXPRESSION) instead of those the log was written with; repeatable")
     dr = sub.add_parser("doctor", help="check this host's set-up; prints the fix of each "
                         "problem (exit 0: all checks passed)")
     dr.add_argument("--client", default="", metavar="ADDR[,ADDR]",
@@ -94,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return doctor.run(args.role, args.args, clients)
     if args.command == "metrics":
         return show_metrics(args)
+    if args.command == "report":
+        return show_report(args)
     return status(args)
 
 

@@ -161,6 +161,9 @@ class Engine:
         self.idle: OrderedDict[tuple, Session] = OrderedDict()
         self.busy: OrderedDict[tuple, Session] = OrderedDict()
         self.counters = [0] * len(C.NAMES)
+        # the comparison test (tcpcopyd.compare.Exchanges), told what the first copy of
+        # each session sends and receives; None: off
+        self.observer = None
         self.timers: list[tuple[float, int, Session]] = []
         self._timer_seq = 0
         self.touched: set[Session] = set()
@@ -544,6 +547,8 @@ class Engine:
                 return
         if plen:
             end = seq_add(seq, plen)
+            if self.observer is not None and s.copy == 0:
+                self.observer.target_answer(s.cap or s.key, seq, ack, plen, hdr[64:], now)
             if seq_lt(s.rcv_nxt, end):
                 s.rcv_nxt = end
             s.awaiting = False
@@ -765,6 +770,8 @@ class Engine:
             q.popleft()
             self._send_segment(s, seq, flags, payload)
             self.counters[C.BYTES_SENT] += n
+            if n and self.observer is not None and s.copy == 0:
+                self.observer.target_request(s.cap or s.key, seq, payload, now)
             s.unacked.append([seq, flags, payload, False])
             s.snd_nxt = seq_add(seq, n + (1 if flags & FIN else 0))
             if n:
@@ -871,6 +878,8 @@ class Engine:
             log.debug("session %s ends: %s (state %s)", s.describe(), reason,
                       State(s.state & 0xFF))
         self.counters[C.INDEX[reason]] += 1
+        if self.observer is not None and s.copy == 0:
+            self.observer.closed(s.cap or s.key)
         del self.sessions[s.key]
         self.idle.pop(s.key, None)
         self.busy.pop(s.key, None)

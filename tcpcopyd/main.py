@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from shm import segment as shmseg
-from tcpcopyd import capture, metrics, options
+from tcpcopyd import capture, comparelog, metrics, options
 from tcpcopyd import counters as C
 from tcpcopyd.options import Settings
 from tcpcopyd.sender import SendError, open_raw_socket
@@ -131,23 +131,33 @@ def online(cfg: Settings, instance: str) -> int:
     """Capture on the interface, with the instance taken: the workers and their master."""
     ports = [t.port for t in cfg.transfer]
     group = os.getpid() & 0xFFFF
-    sockets = []
+    sockets: list = []
+    answers: list = []   # the comparison test: the online server's answers
     try:
         for _ in range(cfg.workers):
             sockets.append(capture.open_capture(cfg.interface, ports, group))
+        for _ in range(cfg.workers if cfg.compare else 0):
+            # a fanout group of its own, of as many sockets: a connection's answers reach
+            # the worker that has its requests (the kernel's flow hash is symmetric)
+            answers.append(capture.open_capture(cfg.interface, ports, (group + 1) & 0xFFFF,
+                                                answers=True))
     except capture.CaptureError as e:
-        for s in sockets:
+        for s in sockets + answers:
             s.close()
         return fail(str(e))
     try:
         seg = shmseg.create(instance, KIND, cfg.workers, cfg.session_slots, SLOT_SIZE,
-                            label=cfg.interface)
+                            label=cfg.interface,
+                            extra_size=comparelog.extra_size(cfg.workers) if cfg.compare
+                            else 0)
     except (shmseg.SegmentError, OSError) as e:
-        for s in sockets:
+        for s in sockets + answers:
             s.close()
         return fail(f"shared memory: {e}")
+    clog = None
+
     def factory(index: int, cpu: int) -> Worker:
-        return Worker(cfg, index, cpu, seg, sockets)
+        return Worker(cfg, index, cpu, seg, sockets, answers)
 
     try:
         try:
@@ -156,6 +166,12 @@ def online(cfg: Settings, instance: str) -> int:
             return fail(str(e), e.code)
         if seg.not_shared:
             log.warning("%s: %s", seg.path, seg.not_shared)
+        if cfg.compare:
+            try:
+                clog = comparelog.CompareLog(cfg.compare_log, seg, cfg.compare_ignore)
+            except OSError as e:
+                bad = cfg.invalid("compare_log", f"cannot write it: {e.strerror}")
+                return fail(str(bad), bad.code)
         write_pidfile(cfg.pidfile)
         reload = Reloader(PROG, DESCRIPTION, options.REGISTRY, options.LAYOUT, cfg, seg,
                           not_live)
@@ -167,9 +183,13 @@ def online(cfg: Settings, instance: str) -> int:
                             ("sessions_active", "capture_lag_ms", "lag_drops",
                              "kernel_drops"))
         return Arbiter(PROG, cfg.interface, cfg.workers, seg, factory, allowed_cpus(),
-                       status=status, reload=reload, pages=pages).run()
+                       status=status, reload=reload, pages=pages,
+                       tick=clog.drain if clog else None,
+                       reopen=clog.reopen if clog else None).run()
     finally:
-        for s in sockets:
+        if clog is not None:
+            clog.close()
+        for s in sockets + answers:
             s.close()
         seg.close()
         seg.unlink()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from tcpcopyd import netlink, wire
+from tcpcopyd import answers, netlink, wire
 from tcpcopyd.service.settings import (
     Config,
     Layout,
@@ -121,6 +121,17 @@ def always_on(raw: object) -> bool:
         raise SettingError("tcpcopyd always keeps running without interceptd; the key "
                            "only accepts true")
     return True
+
+
+def noise_rules(raw: object) -> tuple[str, ...]:
+    """header names, or re:EXPRESSION"""
+    out = []
+    for item in list_items(raw):
+        try:
+            out.append(answers.check_rule(str(item)))
+        except ValueError as e:
+            raise SettingError(str(e)) from None
+    return tuple(out)
 
 
 def percent(raw: object) -> int:
@@ -259,6 +270,22 @@ class Settings(Config):
         "captured packets older than this when their turn comes are dropped (counted "
         "lag_drops) until the worker is back within half of it: a copy that falls behind "
         "stays live; seconds", metavar="SECONDS", example=1, live=True)
+    compare: bool = setting(
+        ("--compare",), False, boolean,
+        "comparison test: also capture the online server's answers, ask interceptd for the "
+        "first bytes of the target's, and write every exchange (request, both answers' "
+        "status, size and timing) to compare_log; tcpcopyctl report reads it",
+        is_flag=True, example=False)
+    compare_log: str | None = setting(
+        ("--compare-log",), None, text,
+        "the comparison test's exchanges, JSON lines (reopened on SIGUSR1)",
+        metavar="FILE", example="/var/log/tcpcopyd/compare-eth0.jsonl",
+        default_text="/var/log/tcpcopyd/compare-IFACE.jsonl")
+    compare_ignore: tuple[str, ...] = setting(
+        ("--compare-ignore",), ("Date",), noise_rules,
+        "what differs between any two answers and is not compared: header names, or "
+        "re:EXPRESSION (bytes matching it)", metavar="RULES", example=["Date", "Expires"],
+        default_text="Date", show=list)
     pace_timeout: float = setting(
         ("--pace-timeout",), 2.0, float_range(0, 600),
         "longest wait for the target's answer before the next request goes anyway",
@@ -268,6 +295,11 @@ class Settings(Config):
     def finish(self) -> None:
         if self.workers is None:
             self.workers = len(os.sched_getaffinity(0))
+        if self.compare and self.interface and "/" in self.interface:
+            raise self.invalid("compare", "the comparison test needs a live capture (the "
+                               "online server's answers), not a capture file")
+        if self.compare and self.compare_log is None:
+            self.compare_log = f"/var/log/tcpcopyd/compare-{self.interface}.jsonl"
         if self.session_slots < MIN_SLOTS_PER_WORKER * self.workers:
             raise self.invalid("session_slots", f"{self.workers} workers need at least "
                                f"{MIN_SLOTS_PER_WORKER * self.workers} "

@@ -19,6 +19,11 @@ Extensions, negotiated (a peer that did not ask never sees one):
 - tcpcopyd proves the secret with PROOF_PARTS messages of type PROOF, whose four address
   and port fields carry 12 bytes each of HMAC-SHA256(secret, AUTH_CONTEXT + nonce). Until
   then interceptd takes no registration from it.
+- FEATURE_PAYLOAD (tcpcopyd's comparison test): offered in the HELLO, granted in the
+  WELCOME. interceptd then sends the first data segment of each of the target's answers
+  (its ack differs from the previous data segment's) as a payload frame: ``u16
+  PAYLOAD_MARK, u16 length`` (at most PREFIX_MAX), its 64-byte reply header, then the first
+  ``length`` bytes of its payload. Other replies travel in combined frames as before.
 """
 from __future__ import annotations
 
@@ -62,6 +67,15 @@ HELLO = 0x4558
 PROOF = 0x4559
 # features (bit flags) in a HELLO and in a WELCOME
 FEATURE_AUTH = 1
+FEATURE_PAYLOAD = 2
+# in place of a combined frame's count: a payload frame follows
+PAYLOAD_MARK = 0xFFFE
+PAYLOAD_HEAD = Record("PayloadHead", (
+    ("mark", "H"),           # PAYLOAD_MARK
+    ("length", "H"),         # bytes of payload after the reply header
+), order="!")
+# most payload bytes of an answer forwarded
+PREFIX_MAX = 256
 # in place of a combined frame's count: one extension record follows
 EXT_MARK = 0xFFFF
 EXT = Record("Extension", (
@@ -182,15 +196,40 @@ def reply_header(ip_packet: bytes | memoryview) -> bytes:
     return head + tcp
 
 
-def combine(headers: list[bytes]) -> bytes:
-    """Frame reply headers as combined frames of at most MAX_COMBINED each."""
+def reply_record(ip_packet: bytes | memoryview, prefix: int) -> bytes:
+    """The reply header of a packet, followed by the first ``prefix`` bytes of its TCP
+    payload (none if it has none)."""
+    header = reply_header(ip_packet)
+    if prefix <= 0:
+        return header
+    start = (ip_packet[0] & 0x0F) * 4 + (ip_packet[(ip_packet[0] & 0x0F) * 4 + 12] >> 4) * 4
+    end = min(len(ip_packet), int.from_bytes(ip_packet[2:4], "big"), start + prefix)
+    return header + bytes(ip_packet[start:end]) if end > start else header
+
+
+def combine(records: list[bytes], payload: bool = False) -> bytes:
+    """Frame reply records: headers in combined frames of at most MAX_COMBINED each; a
+    record with payload bytes (after its 64-byte header) as a payload frame if ``payload``
+    (the peer asked for them), else as its header alone. The order is kept."""
     out = bytearray()
+    run: list[bytes] = []
+    for r in records:
+        if len(r) > REPLY_SIZE and payload:
+            _combined(out, run)
+            run = []
+            out += PAYLOAD_HEAD.pack(PAYLOAD_MARK, len(r) - REPLY_SIZE) + r
+        else:
+            run.append(r[:REPLY_SIZE])
+    _combined(out, run)
+    return bytes(out)
+
+
+def _combined(out: bytearray, headers: list[bytes]) -> None:
     for i in range(0, len(headers), MAX_COMBINED):
         chunk = headers[i:i + MAX_COMBINED]
         out += COMBINED_HEAD.pack(len(chunk))
         for h in chunk:
             out += h
-    return bytes(out)
 
 
 def split_combined(buf: bytearray, extensions: list[tuple] | None = None) -> list[bytes]:
@@ -205,6 +244,19 @@ def split_combined(buf: bytearray, extensions: list[tuple] | None = None) -> lis
     pos, n = 0, len(buf)
     while n - pos >= 2:
         count = COMBINED_HEAD.unpack_from(buf, pos).count
+        if count == PAYLOAD_MARK and extensions is not None:
+            if n - pos < PAYLOAD_HEAD.size:
+                break
+            length = PAYLOAD_HEAD.unpack_from(buf, pos).length
+            if length > PREFIX_MAX:
+                del buf[:pos]
+                raise ProtocolError(f"payload frame of {length} bytes, above {PREFIX_MAX}")
+            need = PAYLOAD_HEAD.size + REPLY_SIZE + length
+            if n - pos < need:
+                break
+            out.append(bytes(buf[pos + PAYLOAD_HEAD.size:pos + need]))
+            pos += need
+            continue
         if count == EXT_MARK and extensions is not None:
             if n - pos < 2 + REPLY_SIZE:
                 break

@@ -9,8 +9,9 @@ import time
 
 from shm.segment import LinkState, Segment
 from shm.table import SlotTable
-from tcpcopyd import capture
+from tcpcopyd import capture, comparelog
 from tcpcopyd import counters as C
+from tcpcopyd.compare import Exchanges
 from tcpcopyd.control import ControlGroup
 from tcpcopyd.engine import Engine
 from tcpcopyd.netlink import LinkWatch
@@ -113,11 +114,14 @@ class Worker(service_worker.Worker):
     """One capture socket of the fanout group, its sessions and its control links."""
 
     def __init__(self, cfg: Settings, index: int, cpu: int, seg: Segment,
-                 sockets: list[socket.socket]) -> None:
-        """``sockets``: every worker's capture socket (the child keeps its own)."""
+                 sockets: list[socket.socket], answers: list[socket.socket] = ()) -> None:
+        """``sockets``: every worker's capture socket (the child keeps its own);
+        ``answers``: every worker's socket of the online server's answers (the comparison
+        test)."""
         super().__init__(index, cfg.workers, cpu, seg)
         self.cfg = cfg
         self.sockets = sockets
+        self.answer_sockets = answers
 
     @property
     def title(self) -> str:
@@ -129,18 +133,35 @@ class Worker(service_worker.Worker):
         for i, s in enumerate(self.sockets):
             if i != self.index:
                 s.close()
+        for i, s in enumerate(self.answer_sockets):
+            if i != self.index:
+                s.close()
         self.cap = self.sockets[self.index]
         self.cap.setblocking(False)
         self.reader = capture.CaptureReader(self.cap, cfg.max_lag)
         self.epoll = select.epoll()
         self.epoll.register(self.cap.fileno(), select.EPOLLIN)
         table = SlotTable(self.seg, SLOT)
-        self.control = ControlGroup(cfg.server, self.epoll, cfg.connections, cfg.secret)
+        self.control = ControlGroup(cfg.server, self.epoll, cfg.connections, cfg.secret,
+                                    payload=cfg.compare)
         self._links_seen = (0, 0)   # the links' connects and errors already counted
         self.engine = engine_for(cfg, self.control, table, table.owned_range(self.index),
                                  self.index, self.n_workers)
         self.counters = self.engine.counters
         self.watch = SettingsWatch("tcpcopyd", self.seg, cfg)
+        self.answers = self.exchanges = None
+        if cfg.compare:
+            self.answers = self.answer_sockets[self.index]
+            self.answers.setblocking(False)
+            self.epoll.register(self.answers.fileno(), select.EPOLLIN)
+            self.ring = comparelog.ring(self.seg, self.index)
+            # the online side is timed by the kernel's capture time of each packet
+            offset = time.time() - time.monotonic()
+            cap, answers = self.cap, self.answers
+            self.exchanges = self.engine.observer = Exchanges(
+                self.emit_exchange, self.engine,
+                lambda: capture.packet_time(cap) - offset,
+                lambda: capture.packet_time(answers) - offset)
         # worker 1 watches the capture interface for the operator (all workers' sockets
         # resume by themselves when it comes back)
         self.link_watch = self.watch_link(cfg.interface) if self.index == 0 else None
@@ -159,8 +180,15 @@ class Worker(service_worker.Worker):
     def run(self) -> None:
         engine, control, cap, ep = self.engine, self.control, self.cap, self.epoll
         capfd = cap.fileno()
+        answersfd = self.answers.fileno() if self.answers is not None else -1
         watchfd = self.link_watch.fileno() if self.link_watch else -1
         read, on_packet = self.reader.read, engine.on_client_packet
+        if self.exchanges is not None:
+            request_packet = self.exchanges.request_packet
+
+            def on_packet(buf, n, now):
+                engine.on_client_packet(buf, n, now)
+                request_packet(buf, n)
         next_sync = next_expire = next_table = 0.0
         while not self.stop:
             now = time.monotonic()
@@ -177,6 +205,11 @@ class Worker(service_worker.Worker):
                 if fd == capfd:
                     # the rest, if any, in the next round, after the timers
                     read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
+                elif fd == answersfd:
+                    # the requests first: an answer is sent after its request arrived,
+                    # so the capture socket holds that request by now
+                    read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
+                    self.read_answers()
                 elif fd == watchfd:
                     self.on_link_event(now)
                 else:
@@ -191,6 +224,8 @@ class Worker(service_worker.Worker):
                 if now >= next_expire:
                     next_expire = now + EXPIRE_INTERVAL
                     engine.expire_idle(now)
+                    if self.exchanges is not None:
+                        self.exchanges.sweep(now)
                 self.sync()
         self.finish()
 
@@ -211,6 +246,28 @@ class Worker(service_worker.Worker):
         cnt[C.INDEX["control_errors"]] += errors - self._links_seen[1]
         self._links_seen = (connects, errors)
         self.heartbeat()
+
+    def read_answers(self) -> None:
+        """The online server's answers (the comparison test), a batch at most."""
+        recv_into, buf, answer = self.answers.recv_into, self.reader.buf, \
+            self.exchanges.answer_packet
+        for _ in range(CAPTURE_BATCH):
+            try:
+                n = recv_into(buf)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in capture.INTERFACE_GONE:
+                    return
+                raise
+            answer(buf, n)
+
+    def emit_exchange(self, record: dict) -> None:
+        """A finished exchange to the master (never waiting: a full ring drops it)."""
+        if self.ring.push([comparelog.encode(record)]):
+            self.counters[C.INDEX["exchanges"]] += 1
+        else:
+            self.counters[C.INDEX["compare_dropped"]] += 1
 
     @staticmethod
     def watch_link(iface: str) -> LinkWatch | None:

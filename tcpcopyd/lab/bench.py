@@ -55,7 +55,9 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
             start_c_pair(lab)
         else:
             lab.start_interceptd([80], extra=["--queues", str(workers)])
-            lab.start_tcpcopyd([80], extra=["--workers", str(workers)])
+            compare = ["--compare", "--compare-log", os.path.join(lab.dir, "compare.jsonl")]
+            lab.start_tcpcopyd([80], extra=["--workers", str(workers),
+                                            *(compare if pair == "compare" else [])])
         if delays:
             captures = {host: (path, start_capture(lab, getattr(lab.ns, host), path))
                         for host in ("online", "target")
@@ -74,7 +76,7 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
         leaked = sum(lab.ns.leaked().values())
         drops = {"tcpcopyd_kernel_drops": 0, "interceptd_queue_drops": 0}
         for d, name in (("tcpcopyd", "kernel_drops"), ("interceptd", "queue_drops")):
-            if pair == "ours":
+            if pair != "c":
                 seg = shmseg.attach(f"{lab.ns.prefix}-{d}")
                 drops[f"{d}_{name}"] = status.totals(seg).get(name, 0)
                 seg.close()
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="longest wait for the target to catch up after the load, seconds")
     ap.add_argument("--pairs", default="ours",
                     help="ours, c (the C tcpcopy + intercept from TCPCOPYD_C_TCPCOPY and "
-                    "TCPCOPYD_C_INTERCEPT) or both, e.g. ours,c; they alternate run by run")
+                    "TCPCOPYD_C_INTERCEPT), compare (ours with --compare), comma-separated; "
+                    "they alternate run by run")
     ap.add_argument("--compare-c", action="store_true",
                     help="side by side with the C pair: the same as --pairs ours,c --delays")
     ap.add_argument("--delays", action="store_true",
@@ -146,16 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     if not set(modes) <= {"nfqueue", "assistant"}:
         print("--interception: nfqueue, assistant or both", file=sys.stderr)
         return 2
-    if not set(pairs) <= {"ours", "c"}:
-        print("--pairs: ours, c or both", file=sys.stderr)
+    if not set(pairs) <= {"ours", "c", "compare"}:
+        print("--pairs: ours, c, compare (ours with --compare), comma-separated",
+              file=sys.stderr)
         return 2
     if "c" in pairs and not (os.access(C_TCPCOPY, os.X_OK) and os.access(C_INTERCEPT, os.X_OK)):
         print("--pairs c: set TCPCOPYD_C_TCPCOPY and TCPCOPYD_C_INTERCEPT to the C binaries",
               file=sys.stderr)
         return 2
     # the C pair has one process each, with NFQUEUE
-    combos = [(w, m, p) for p in pairs for w in (counts if p == "ours" else [1])
-              for m in (modes if p == "ours" else ["nfqueue"])]
+    combos = [(w, m, p) for p in pairs for w in (counts if p != "c" else [1])
+              for m in (modes if p != "c" else ["nfqueue"])]
     rows = []
     for rate in [int(x) for x in args.rates.split(",")]:
         # the combinations alternate run by run, so each meets the same machine noise
@@ -201,7 +205,8 @@ def table(rows: list, requests: int, delays: bool) -> str:
         head += ["SYN delay p50/p90/p99 ms", "data delay p50/p90/p99 ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rate, (workers, mode, pair), m, runs in rows:
-        cells = [rate, f"{m['achieved_per_s']:.0f}", "C" if pair == "c" else "ours", workers,
+        cells = [rate, f"{m['achieved_per_s']:.0f}",
+                 {"c": "C", "compare": "ours --compare"}.get(pair, "ours"), workers,
                  mode, requests, f"{m['loss_pct']:.3f}",
                  f"{max(r['loss_pct'] for r in runs):.3f}", f"{m['tcpcopyd_cpu_pct']:.0f}",
                  f"{m['tcpcopyd_us_per_req']:.0f}", f"{m['interceptd_cpu_pct']:.0f}",

@@ -62,9 +62,11 @@ def command(name: str) -> list[str]:
 class Lab:
     def __init__(self, prefix: str = "tcl", nginx_workers: int = 1,
                  cpus: dict[str, str] | None = None, second_online: bool = False,
-                 assistant: bool = False, attacker: bool = False) -> None:
+                 assistant: bool = False, attacker: bool = False,
+                 nginx_extra: dict[str, str] | None = None) -> None:
         self.ns = Namespaces(prefix, second_online, assistant, attacker)
         self.nginx_workers = nginx_workers
+        self.nginx_extra = nginx_extra or {}   # host -> more nginx directives
         self.cpus = cpus or {}   # daemon -> CPU list for taskset (its workers pin inside it)
         self.dir = tempfile.mkdtemp(prefix=f"{prefix}-lab-")
         self.procs: dict[str, subprocess.Popen] = {}
@@ -77,7 +79,8 @@ class Lab:
             os.makedirs(root, exist_ok=True)
             conf = os.path.join(root, "nginx.conf")
             with open(conf, "w") as f:
-                f.write(servers.nginx_conf(root, HTTP_PORT, self.nginx_workers))
+                f.write(servers.nginx_conf(root, HTTP_PORT, self.nginx_workers,
+                                           self.nginx_extra.get(host, "")))
             self.start(f"nginx-{host}", getattr(self.ns, host),
                        ["nginx", "-c", conf, "-e", os.path.join(root, "error.log")])
             if memcached and host != "online2":

@@ -12,8 +12,13 @@ LOG_FORMAT = ("$remote_addr $remote_port $status $request_length $bytes_sent "
 BIG_FILE_SIZE = 50 * 1024 * 1024
 
 
-def nginx_conf(root: str, port: int = 80, workers: int = 1) -> str:
-    """An nginx configuration running in the foreground with everything under ``root``."""
+# size of /slow.bin (the comparison test's slow answer on the target)
+SLOW_FILE_SIZE = 64 * 1024
+
+
+def nginx_conf(root: str, port: int = 80, workers: int = 1, extra: str = "") -> str:
+    """An nginx configuration running in the foreground with everything under ``root``;
+    ``extra``: more directives for its server (locations that differ between hosts)."""
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi", "www"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     with open(os.path.join(root, "www", "index.html"), "w") as f:
@@ -21,6 +26,8 @@ def nginx_conf(root: str, port: int = 80, workers: int = 1) -> str:
     # a large file for download tests, sparse (no disk used)
     with open(os.path.join(root, "www", "big.bin"), "wb") as f:
         f.truncate(BIG_FILE_SIZE)
+    with open(os.path.join(root, "www", "slow.bin"), "wb") as f:
+        f.write(b"s" * SLOW_FILE_SIZE)
     return f"""
 worker_processes {workers};
 user root;  # the lab's files belong to root
@@ -43,6 +50,7 @@ http {{
         listen {port} backlog=8192;
         root {root}/www;
         location = / {{ return 200 "hello from the lab\\n"; }}
+        {extra}
         location /upload {{
             # every request body is kept in a file of its own, named in the access log
             client_body_in_file_only on;

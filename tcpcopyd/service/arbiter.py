@@ -100,10 +100,13 @@ class Arbiter:
                  factory: Callable[[int, int], Worker], cpus: list[int],
                  status: Callable[[], str] | None = None,
                  reload: Callable[[], None] | None = None,
-                 pages: PageServer | None = None) -> None:
+                 pages: PageServer | None = None,
+                 tick: Callable[[], object] | None = None,
+                 reopen: Callable[[], None] | None = None) -> None:
         """``factory(index, cpu)`` builds a worker in the master, before the fork;
         ``status()`` gives systemd's STATUS line, ``reload()`` applies a SIGHUP; ``pages``
-        (metrics_listen) is served from the master's loop."""
+        (metrics_listen) is served from the master's loop; ``tick()`` runs at every turn
+        of it (at least once a second); ``reopen()`` with the log files (SIGUSR1)."""
         self.prog = prog
         self.label = label
         self.n_workers = n_workers
@@ -125,6 +128,8 @@ class Arbiter:
         self.status = status
         self.reload = reload
         self.pages = pages
+        self.tick = tick
+        self.reopen = reopen
         self.notifier = Notifier()
         self.ready = False
         self._next_status = 0.0
@@ -148,6 +153,8 @@ class Arbiter:
             while self.signals:
                 self.dispatch(self.signals.pop(0))
             self.reap()
+            if self.tick is not None:
+                self.tick()
             if self.stopping:
                 self.notifier.send("STOPPING=1")
                 return self.finish()
@@ -235,6 +242,8 @@ class Arbiter:
 
     def handle_usr1(self) -> None:
         logs.reopen()
+        if self.reopen is not None:
+            self.reopen()
         for pid in self.workers:
             _kill(pid, signal.SIGUSR1)
         log.info("SIGUSR1: log files reopened (master and %d worker(s))", len(self.workers))

@@ -23,10 +23,11 @@ def lab(request):
     that no packet of the target reached the client or the online host, and that both
     daemons stop cleanly leaving no iptables rule or shm segment."""
     want = {"interceptd": True, "tcpcopyd": True, "memcached": True, "second_online": False,
-            "assistant": False, "attacker": False, **getattr(request, "param", {})}
+            "assistant": False, "attacker": False, "nginx_extra": None,
+            **getattr(request, "param", {})}
     prefix = f"t{os.getpid() % 1000}x{next(_ids)}"
     lab = Lab(prefix, second_online=want["second_online"], assistant=want["assistant"],
-              attacker=want["attacker"])
+              attacker=want["attacker"], nginx_extra=want["nginx_extra"])
     try:
         lab.up(memcached=want["memcached"])
         if want["interceptd"]:

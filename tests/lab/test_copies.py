@@ -11,7 +11,7 @@ import pytest
 from shm import segment as shmseg
 from tcpcopyd import status
 from tcpcopyd.lab import load
-from tcpcopyd.lab.lab import command
+from tcpcopyd.lab.lab import command, wait_for
 from tcpcopyd.lab.net import (
     CLIENT2_IP,
     CLIENT_IP,
@@ -50,6 +50,8 @@ def test_three_copies_of_every_session(lab):
     assert len(target) == 9000
     assert all(f[2] == "200" for f in target)
     assert all(in_block(f[1], 0) for f in target)
+    # the workers publish their counters every 0.1 s: the last ones may not be out yet
+    wait_for(lambda: totals(lab)["sessions_opened"] >= 9000, 10, "9000 sessions counted")
     c = totals(lab)
     assert c["sessions_target_rst"] == 0 and c["sessions_refused"] == 0, c
     assert c["sessions_opened"] == 9000
@@ -71,6 +73,8 @@ def test_two_instances_with_their_own_port_blocks(lab):
                                      else None for f in target)
         assert blocks == {1: 2000, 2: 2000}
         for name in ("tcpcopyd", "tcpcopyd2"):
+            wait_for(lambda n=name: totals(lab, n)["sessions_opened"] >= 2000, 10,
+                     f"2000 sessions counted by {name}")
             c = totals(lab, name)
             assert c["sessions_target_rst"] == 0 and c["sessions_opened"] == 2000, (name, c)
     finally:

@@ -5,6 +5,7 @@ intercept 1.0, which ignores the offer. Set TCPCOPYD_C_TCPCOPY / TCPCOPYD_C_INTE
 the binaries."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -40,14 +41,19 @@ def test_the_c_tcpcopy_with_our_interceptd_when_its_allow_list_admits_it(lab):
                     reason="set TCPCOPYD_C_INTERCEPT to a C intercept 1.0 binary")
 @pytest.mark.parametrize("lab", [{"memcached": False, "interceptd": False,
                                   "tcpcopyd": False}], indirect=True)
-@pytest.mark.parametrize("secret", [False, True], ids=["no secret", "with a secret"])
-def test_our_tcpcopyd_offering_extensions_with_the_c_intercept(lab, secret):
+@pytest.mark.parametrize("mode", ["plain", "secret", "compare"],
+                         ids=["no secret", "with a secret", "comparing"])
+def test_our_tcpcopyd_offering_extensions_with_the_c_intercept(lab, mode):
     rule = ["OUTPUT", "-p", "tcp", "--sport", "80", "-m", "comment", "--comment", C_RULE_TAG,
             "-j", "NFQUEUE", "--queue-num", "0"]
     lab.ns.run(lab.ns.target, ["iptables", "-w", "5", "-I", *rule])
     try:
         lab.start("interceptd", lab.ns.target, [C_INTERCEPT, "-l", "/dev/stdout"])
         extra = []
+        secret = mode == "secret"
+        compare_log = os.path.join(lab.dir, "compare.jsonl")
+        if mode == "compare":   # the C intercept sends no answer's first bytes
+            extra = ["--compare", "--compare-log", compare_log]
         if secret:      # it cannot prove it to a C intercept: it goes on, with a warning
             path = os.path.join(lab.dir, "secret")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -65,5 +71,12 @@ def test_our_tcpcopyd_offering_extensions_with_the_c_intercept(lab, secret):
                  "the C intercept to log our offer")
         lab.stop("tcpcopyd")
         lab.stop("interceptd", signal.SIGINT)
+        if mode == "compare":   # sizes and times of both sides; no target status
+            with open(compare_log) as f:
+                recs = [json.loads(line) for line in f]
+            assert len(recs) >= 1900
+            assert all(r["online"]["status"] == "200" for r in recs if r["online"])
+            assert all(r["target"]["status"] == "" and r["same_status"] is None
+                       and r["target"]["size"] > 0 for r in recs if r["target"])
     finally:
         lab.ns.run(lab.ns.target, ["iptables", "-w", "5", "-D", *rule], check=False)

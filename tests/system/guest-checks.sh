@@ -145,6 +145,7 @@ check "--version on every command" sh -c 'tcpcopyd --version && interceptd --ver
 check "man pages installed" sh -c 'for p in man8/tcpcopyd.8 man8/interceptd.8 man8/tcpcopyctl.8 man5/tcpcopyd.conf.5 man5/interceptd.conf.5; do [ -e /usr/share/man/$p.gz ] || exit 1; done'
 check "README and BENCHMARKS in /usr/share/doc" sh -c '[ -e /usr/share/doc/tcpcopyd-common/README.md.gz ] && [ -e /usr/share/doc/tcpcopyd-common/BENCHMARKS.md.gz ]'
 check "the lab is not installed" sh -c '! python3 -c "import tcpcopyd.lab" 2>/dev/null'
+check "logrotate files installed" sh -c '[ -e /etc/logrotate.d/tcpcopyd ] && [ -e /etc/logrotate.d/interceptd ]'
 check "autopkgtest smoke test" /usr/local/bin/autopkgtest-smoke
 
 # ---------------------------------------------------------------- least privilege

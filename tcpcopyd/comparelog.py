@@ -1,0 +1,123 @@
+"""The comparison test's records, from the workers to ``compare_log``: each worker puts the
+exchanges it saw whole (``tcpcopyd.compare``) in its ring of the shm segment, never
+waiting (a full ring drops the record, counted ``compare_dropped``); the master drains the
+rings, judges each pair (``tcpcopyd.answers``, with the noise rules of the settings) and
+appends it as one JSON line."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+
+from shm.ring import Ring, ring_size
+from shm.segment import Segment
+from tcpcopyd import answers
+from tcpcopyd.compare import PREFIX, REQUEST_PREFIX
+
+log = logging.getLogger("tcpcopyd.compare")
+
+RECORD = 2048          # bytes of one ring record: u16 length, then JSON
+RING_CAPACITY = 512    # records per worker
+LENGTH = struct.Struct("<H")
+
+
+def extra_size(workers: int) -> int:
+    return workers * ring_size(RING_CAPACITY, RECORD)
+
+
+def ring(seg: Segment, index: int) -> Ring:
+    return Ring(seg.mm, seg.extra_off + index * ring_size(RING_CAPACITY, RECORD),
+                RING_CAPACITY, RECORD)
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "backslashreplace")
+
+
+def encode(rec: dict) -> bytes:
+    """A worker's record as a ring record (prefixes shortened until it fits)."""
+    cip, cport, tip, tport = rec["key"]
+    limit = PREFIX
+    while True:
+        body = {"ts": rec["ts"], "client": f"{socket.inet_ntoa(cip)}:{cport}",
+                "target_address": f"{socket.inet_ntoa(tip)}:{tport}", "n": rec["n"],
+                "request": _text(rec["request"][:min(limit, REQUEST_PREFIX)])}
+        for side in ("online", "target"):
+            v = rec[side]
+            body[side] = None if v is None else {**v, "first": _text(v["first"][:limit])}
+        data = json.dumps(body, separators=(",", ":")).encode()
+        if len(data) <= RECORD - LENGTH.size or limit == 0:
+            data = data[:RECORD - LENGTH.size]
+            return (LENGTH.pack(len(data)) + data).ljust(RECORD, b"\0")
+        limit //= 2
+
+
+def decode(record: bytes) -> dict | None:
+    (n,) = LENGTH.unpack_from(record)
+    try:
+        return json.loads(bytes(record[LENGTH.size:LENGTH.size + n]))
+    except ValueError:
+        return None
+
+
+def judged(rec: dict, rules: answers.Rules) -> dict:
+    """The record as written: with the request's path, each side's status, and how the two
+    sides compare (None where a side is missing)."""
+    request = answers.as_bytes(rec["request"])
+    rec["path"] = answers.path_of(request)
+    for side in ("online", "target"):
+        if rec.get(side):
+            rec[side]["status"] = answers.status_of(answers.as_bytes(rec[side]["first"]))
+    o, t = rec.get("online"), rec.get("target")
+    if o and t:
+        a, b = answers.as_bytes(o["first"]), answers.as_bytes(t["first"])
+        n = min(len(a), len(b))
+        rec.update(answers.judge(a[:n], b[:n], o["size"], t["size"], rules))
+        rec["same_status"] = o["status"] == t["status"] if a and b else None
+    else:
+        rec.update(same_status=None, same_size=None, same_content=None)
+    return rec
+
+
+class CompareLog:
+    """The master's side: drains every worker's ring into the file (reopened on SIGUSR1,
+    for logrotate)."""
+
+    def __init__(self, path: str, seg: Segment, rules: list[str]) -> None:
+        self.path = path
+        self.rings = [ring(seg, i) for i in range(seg.n_workers)]
+        self.rules = answers.Rules.parse(rules)
+        self.written = 0
+        self.file = self._open()
+
+    def _open(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o750, exist_ok=True)
+        return open(self.path, "a", buffering=1 << 16)
+
+    def set_rules(self, rules: list[str]) -> None:
+        self.rules = answers.Rules.parse(rules)
+
+    def drain(self) -> int:
+        n = 0
+        for r in self.rings:
+            for record in r.pop_all():
+                rec = decode(record)
+                if rec is None:
+                    continue
+                self.file.write(json.dumps(judged(rec, self.rules), separators=(",", ":"))
+                                + "\n")
+                n += 1
+        if n:
+            self.file.flush()
+            self.written += n
+        return n
+
+    def reopen(self) -> None:
+        self.file.close()
+        self.file = self._open()
+
+    def close(self) -> None:
+        self.drain()
+        self.file.close()

@@ -1,0 +1,279 @@
+"""`tcpcopyctl report FILE`: the comparison test's summary from its JSON lines
+(``compare_log``): exchanges compared, status mismatches by pair (200→500) and by path,
+size and content differences, latency (time to the answer's last byte) p50/p90/p99 online
+and on the target and their ratio, the slowest paths; ``--json`` the same as JSON, ``--html
+OUT`` one self-contained page with the same numbers and pictures (latency distributions,
+mismatch table, timeline of rate and latency)."""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from html import escape
+
+from tcpcopyd import answers
+
+SLOWEST = 10
+
+
+class ReportError(RuntimeError):
+    """A file that cannot be read as a comparison log."""
+
+
+def read(path: str) -> Iterator[dict]:
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise ReportError(f"{path}: {e.strerror}") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise ReportError(f"{path}:{n}: not a JSON line of compare_log") from None
+            if not isinstance(rec, dict) or "request" not in rec:
+                raise ReportError(f"{path}:{n}: not a record of compare_log")
+            yield rec
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (nearest rank) of ``values``."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+
+def _pcts(values: list[float]) -> dict:
+    return {f"p{q}": (None if (v := percentile(values, q)) is None else round(v, 3))
+            for q in (50, 90, 99)}
+
+
+def summarize(records: Iterable[dict], ignore: list[str] | None = None) -> dict:
+    """The report's numbers; ``ignore``: the contents judged again with these noise rules
+    (instead of those the log was written with)."""
+    rules = answers.Rules.parse(ignore) if ignore else None
+    exchanges = compared = size_diff = content_diff = online_only = target_only = 0
+    pairs: Counter = Counter()
+    by_path: Counter = Counter()
+    lat_o: list[float] = []
+    lat_t: list[float] = []
+    path_lat: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+    per_second: dict[int, list] = defaultdict(lambda: [0, [], []])
+    start = None
+    for rec in records:
+        exchanges += 1
+        o, t = rec.get("online"), rec.get("target")
+        path = rec.get("path") or answers.path_of(answers.as_bytes(rec["request"]))
+        if start is None:
+            start = rec.get("ts", 0)
+        sec = per_second[int(rec.get("ts", 0) - start)]
+        sec[0] += 1
+        if o and o.get("ttlb_ms") is not None:
+            lat_o.append(o["ttlb_ms"])
+            path_lat[path][0].append(o["ttlb_ms"])
+            sec[1].append(o["ttlb_ms"])
+        if t and t.get("ttlb_ms") is not None:
+            lat_t.append(t["ttlb_ms"])
+            path_lat[path][1].append(t["ttlb_ms"])
+            sec[2].append(t["ttlb_ms"])
+        if not (o and t):
+            online_only += bool(o)
+            target_only += bool(t)
+            continue
+        compared += 1
+        if rec.get("same_status") is False:
+            pairs[f"{o.get('status')}→{t.get('status')}"] += 1
+            by_path[path] += 1
+        if rec.get("same_size") is False:
+            size_diff += 1
+        same = rec.get("same_content")
+        if rules is not None and o.get("first") is not None and t.get("first") is not None:
+            a, b = answers.as_bytes(o["first"]), answers.as_bytes(t["first"])
+            n = min(len(a), len(b))
+            same = rules.clean(a[:n]) == rules.clean(b[:n])
+        if same is False:
+            content_diff += 1
+    po, pt = _pcts(lat_o), _pcts(lat_t)
+    slowest = []
+    for path, (lo, lt) in path_lat.items():
+        if lt:
+            o90, t90 = percentile(lo, 90), percentile(lt, 90)
+            slowest.append({"path": path, "exchanges": max(len(lo), len(lt)),
+                            "online_p90_ms": o90, "target_p90_ms": t90,
+                            "ratio": round(t90 / o90, 2) if o90 else None})
+    slowest.sort(key=lambda p: -(p["target_p90_ms"] or 0))
+    return {
+        "exchanges": exchanges, "compared": compared,
+        "status_mismatches": sum(pairs.values()),
+        "status_mismatch_pairs": dict(pairs.most_common()),
+        "status_mismatches_by_path": dict(by_path.most_common()),
+        "size_differences": size_diff, "content_differences": content_diff,
+        "online_only": online_only, "target_only": target_only,
+        "online_latency_ms": po, "target_latency_ms": pt,
+        "latency_ratio": {k: (round(pt[k] / po[k], 2) if po[k] and pt[k] is not None
+                              else None) for k in po},
+        "slowest_paths": slowest[:SLOWEST],
+        "timeline": [{"second": s, "exchanges": v[0],
+                      "online_p50_ms": percentile(v[1], 50),
+                      "target_p50_ms": percentile(v[2], 50)}
+                     for s, v in sorted(per_second.items())],
+        "_latencies": (sorted(lat_o), sorted(lat_t)),
+    }
+
+
+def public(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if not k.startswith("_")}
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def text(summary: dict) -> str:
+    s = summary
+    lines = [f"exchanges {s['exchanges']}, compared {s['compared']} (online only "
+             f"{s['online_only']}, target only {s['target_only']})",
+             f"status mismatches {s['status_mismatches']}"
+             + "".join(f"\n  {pair}: {n}" for pair, n in s["status_mismatch_pairs"].items()),
+             "  by path:" + "".join(f"\n    {p}: {n}" for p, n in
+                                   s["status_mismatches_by_path"].items())
+             if s["status_mismatches_by_path"] else "",
+             f"size differences {s['size_differences']}, content differences "
+             f"{s['content_differences']}",
+             "latency ms (to the last byte)   p50      p90      p99"]
+    for side in ("online", "target"):
+        p = s[f"{side}_latency_ms"]
+        lines.append(f"  {side:<29}{_ms(p['p50']):>8} {_ms(p['p90']):>8} {_ms(p['p99']):>8}")
+    r = s["latency_ratio"]
+    lines.append(f"  {'target / online':<29}{_ms(r['p50']):>8} {_ms(r['p90']):>8} "
+                 f"{_ms(r['p99']):>8}")
+    if s["slowest_paths"]:
+        lines.append("slowest paths on the target (p90 ms: online, target, ratio)")
+        for p in s["slowest_paths"]:
+            lines.append(f"  {p['path']:<40} {_ms(p['online_p90_ms']):>8} "
+                         f"{_ms(p['target_p90_ms']):>8} {_ms(p['ratio']):>6}"
+                         f"  ({p['exchanges']})")
+    return "\n".join(line for line in lines if line)
+
+
+# ------------------------------------------------------------------ the HTML page
+W, H, PAD = 640, 300, 50
+
+
+def _svg_cdf(online: list[float], target: list[float]) -> str:
+    top = max([*online, *target, 1.0])
+    scale = math.log10(top + 1)
+
+    def path(values: list[float]) -> str:
+        if not values:
+            return ""
+        pts = []
+        for i, v in enumerate(values):
+            x = PAD + (W - 2 * PAD) * math.log10(v + 1) / scale
+            y = H - PAD - (H - 2 * PAD) * (i + 1) / len(values)
+            pts.append(f"{x:.1f},{y:.1f}")
+        return " ".join(pts)
+    ticks = "".join(
+        f'<text x="{PAD + (W - 2 * PAD) * math.log10(v + 1) / scale:.1f}" y="{H - PAD + 16}"'
+        f' text-anchor="middle" font-size="11">{v:g}</text>'
+        for v in (0.1, 1, 10, 100, 1000, 10000) if v <= top)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}">'
+            f'<rect width="{W}" height="{H}" fill="white"/>'
+            f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="black"/>'
+            f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="black"/>{ticks}'
+            f'<text x="{W / 2}" y="{H - 10}" text-anchor="middle" font-size="12">latency, '
+            f'ms (log)</text>'
+            f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{path(online)}"/>'
+            f'<polyline fill="none" stroke="#d62728" stroke-width="2" '
+            f'stroke-dasharray="6 3" points="{path(target)}"/>'
+            f'<text x="{W - PAD - 120}" y="{PAD + 10}" fill="#1f77b4" font-size="12">'
+            f'online</text><text x="{W - PAD - 60}" y="{PAD + 10}" fill="#d62728" '
+            f'font-size="12">target</text></svg>')
+
+
+def _svg_timeline(timeline: list[dict]) -> str:
+    if not timeline:
+        return "<p>no exchanges</p>"
+    n = max(t["second"] for t in timeline) + 1
+    top_rate = max(t["exchanges"] for t in timeline) or 1
+    top_lat = max([t[k] or 0 for t in timeline for k in ("online_p50_ms", "target_p50_ms")]
+                  + [1.0])
+
+    def x(sec: int) -> float:
+        return PAD + (W - 2 * PAD) * (sec + 0.5) / n
+
+    def y(value: float, top: float) -> float:
+        return H - PAD - (H - 2 * PAD) * value / top
+    bars = "".join(
+        f'<rect x="{x(t["second"]) - 2:.1f}" width="4" y="{y(t["exchanges"], top_rate):.1f}"'
+        f' height="{H - PAD - y(t["exchanges"], top_rate):.1f}" fill="#bbbbbb"/>'
+        for t in timeline)
+
+    def line(key: str, colour: str) -> str:
+        pts = " ".join(f"{x(t['second']):.1f},{y(t[key], top_lat):.1f}"
+                       for t in timeline if t[key] is not None)
+        return f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>'
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}">'
+            f'<rect width="{W}" height="{H}" fill="white"/>{bars}'
+            f'{line("online_p50_ms", "#1f77b4")}{line("target_p50_ms", "#d62728")}'
+            f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="black"/>'
+            f'<text x="{W / 2}" y="{H - 10}" text-anchor="middle" font-size="12">seconds '
+            f'(grey: exchanges per second, max {top_rate}; lines: latency p50, max '
+            f'{top_lat:.1f} ms)</text></svg>')
+
+
+def html(summary: dict, title: str) -> str:
+    s = summary
+    online, target = s["_latencies"]
+
+    def cell(key: str, value: object) -> str:
+        return f'<td id="{key}">{escape(str(value))}</td>'
+    numbers = "".join(
+        f"<tr><th>{escape(label)}</th>{cell(key, s[key])}</tr>"
+        for key, label in (("exchanges", "exchanges"), ("compared", "compared"),
+                           ("status_mismatches", "status mismatches"),
+                           ("size_differences", "size differences"),
+                           ("content_differences", "content differences"),
+                           ("online_only", "online only"), ("target_only", "target only")))
+    lat = "".join(
+        f"<tr><th>{side}</th>" + "".join(
+            cell(f"{side}_latency_ms.{q}", _ms(s[f'{side}_latency_ms'][q]))
+            for q in ("p50", "p90", "p99")) + "</tr>"
+        for side in ("online", "target"))
+    lat += "<tr><th>target / online</th>" + "".join(
+        cell(f"latency_ratio.{q}", _ms(s["latency_ratio"][q])) for q in ("p50", "p90", "p99")
+    ) + "</tr>"
+    pairs = "".join(f"<tr><td>{escape(p)}</td><td>{n}</td></tr>"
+                    for p, n in s["status_mismatch_pairs"].items()) or \
+        '<tr><td colspan="2">none</td></tr>'
+    paths = "".join(f"<tr><td>{escape(p)}</td><td>{n}</td></tr>"
+                    for p, n in s["status_mismatches_by_path"].items()) or \
+        '<tr><td colspan="2">none</td></tr>'
+    slow = "".join(f"<tr><td>{escape(p['path'])}</td><td>{p['exchanges']}</td>"
+                   f"<td>{_ms(p['online_p90_ms'])}</td><td>{_ms(p['target_p90_ms'])}</td>"
+                   f"<td>{_ms(p['ratio'])}</td></tr>" for p in s["slowest_paths"])
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:72em}}
+table{{border-collapse:collapse;margin:0.5em 0 1.5em}}
+td,th{{border:1px solid #ccc;padding:0.25em 0.6em;text-align:right}}
+th{{text-align:left;background:#f4f4f4}}</style></head><body>
+<h1>{escape(title)}</h1>
+<h2>Exchanges</h2><table>{numbers}</table>
+<h2>Latency to the last byte, ms</h2>
+<table><tr><th></th><th>p50</th><th>p90</th><th>p99</th></tr>{lat}</table>
+<h2>Latency distributions</h2>{_svg_cdf(online, target)}
+<h2>Status mismatches</h2>
+<table><tr><th>online → target</th><th>exchanges</th></tr>{pairs}</table>
+<table><tr><th>path</th><th>mismatches</th></tr>{paths}</table>
+<h2>Slowest paths on the target</h2>
+<table><tr><th>path</th><th>exchanges</th><th>online p90</th><th>target p90</th>
+<th>ratio</th></tr>{slow}</table>
+<h2>Timeline</h2>{_svg_timeline(s["timeline"])}
+</body></html>
+"""
