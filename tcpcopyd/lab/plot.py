@@ -10,7 +10,10 @@ WIDTH, HEIGHT = 1060, 420
 PANEL = 420            # width of a panel's plot area
 MARGIN = (70, 40, 60)  # left, top, bottom
 COLORS = {("ours", "tcpcopyd"): "#1f77b4", ("ours", "interceptd"): "#6baed6",
-          ("c", "tcpcopyd"): "#d62728", ("c", "interceptd"): "#ff9896"}
+          ("c", "tcpcopyd"): "#d62728", ("c", "interceptd"): "#ff9896",
+          ("compare", "tcpcopyd"): "#2ca02c", ("compare", "interceptd"): "#98df8a"}
+# how a pair of tools/bench is named in the legend
+PAIR_NAMES = {"ours": "ours", "c": "C", "compare": "ours --compare"}
 DASHES = ["", "6 3", "2 3", "8 3 2 3"]
 
 
@@ -73,7 +76,7 @@ def bench_svg(rows: list) -> str:
                    'stroke-width="2"/>')
         for x, y in pts:
             out.append(f'<circle cx="{fx(x):.1f}" cy="{fy(y):.1f}" r="3" fill="{color}"/>')
-        name = f"{'C' if pair == 'c' else 'ours'} {daemon}"
+        name = f"{PAIR_NAMES.get(pair, pair)} {daemon}"
         out.append(f'<text x="{x0 + 10}" y="{top + 14 + 15 * i}" fill="{color}">'
                    f'{escape(name)}</text>')
     # panel 2: CDF of the first data segment's added delay (ms, log scale)
@@ -105,7 +108,7 @@ def bench_svg(rows: list) -> str:
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
             out.append(f'<polyline points="{path}" fill="none" stroke="{color}" '
                        f'stroke-width="2" stroke-dasharray="{dash}"/>')
-            name = f"{'C' if pair == 'c' else 'ours'} {rate}/s"
+            name = f"{PAIR_NAMES.get(pair, pair)} {rate}/s"
             ly = bottom - 10 - 15 * i
             out.append(f'<line x1="{x0 + PANEL - 140}" y1="{ly - 4}" x2="{x0 + PANEL - 116}" '
                        f'y2="{ly - 4}" stroke="{color}" stroke-width="2" '
