@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tcpcopyd import metrics
+from tcpcopyd import answers, metrics
 from tcpcopyd import status as st
 from tcpcopyd.service.settings import version
 
@@ -78,6 +78,13 @@ def show_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def noise_rule(text: str) -> str:
+    try:
+        return answers.check_rule(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parser() -> argparse.ArgumentParser:
     """tcpcopyctl's command line (also the source of its man page)."""
     ap = argparse.ArgumentParser(prog="tcpcopyctl", description="Inspect tcpcopyd/interceptd.")
@@ -100,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("file", help="the compare_log file (JSON lines)")
     rp.add_argument("--json", action="store_true", help="the summary as JSON")
     rp.add_argument("--html", metavar="OUT", help="also write one self-contained HTML page")
-    rp.add_argument("--ignore", action="append", metavar="RULE",
+    rp.add_argument("--ignore", action="append", metavar="RULE", type=noise_rule,
                     help="judge the contents again with this noise rule (a header name, or "
                     "re:EXPRESSION) instead of those the log was written with; repeatable")
     dr = sub.add_parser("doctor", help="check this host's set-up; prints the fix of each "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
+
 from interceptd.worker import PREFIX_MARK, ring_records
 from tcpcopyd import answers, compare, comparelog, report, wire
 from tcpcopyd.compare import Exchanges
@@ -154,3 +156,20 @@ def test_an_answer_read_before_its_request_waits_for_it():
     ex.closed(KEY)
     assert [(r["request"], r["online"]["size"], r["online"]["ttfb_ms"]) for r in out] == \
         [(b"set a", 8, 1.0), (b"set b", 8, 1.0)]
+
+
+def test_the_report_command_names_a_bad_file_or_rule(tmp_path, capsys):
+    from tcpcopyd import ctl
+    bad = tmp_path / "x.jsonl"
+    bad.write_text("not json\n")
+    assert ctl.main(["report", str(bad)]) == 1
+    assert f"{bad}:1: not a JSON line of compare_log" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        ctl.main(["report", str(bad), "--ignore", "re:("])
+    assert e.value.code == 2
+    assert "not a regular expression" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    page = tmp_path / "empty.html"
+    assert ctl.main(["report", str(empty), "--html", str(page)]) == 0
+    assert '<td id="exchanges">0</td>' in page.read_text()
