@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import struct
+import time
 
 from shm.ring import Ring, ring_size
 from shm.segment import Segment
@@ -83,41 +84,65 @@ def judged(rec: dict, rules: answers.Rules) -> dict:
 
 class CompareLog:
     """The master's side: drains every worker's ring into the file (reopened on SIGUSR1,
-    for logrotate)."""
+    for logrotate). A file that cannot be written (a full disk) never stops the master:
+    the exchanges are dropped, counted, and said once a minute."""
 
-    def __init__(self, path: str, seg: Segment, rules: list[str]) -> None:
+    def __init__(self, path: str, seg: Segment, rules: tuple[str, ...]) -> None:
         self.path = path
         self.rings = [ring(seg, i) for i in range(seg.n_workers)]
-        self.rules = answers.Rules.parse(rules)
+        self.rules = answers.Rules.parse(list(rules))
         self.written = 0
+        self.lost = 0
+        self._said = 0.0
         self.file = self._open()
 
     def _open(self):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o750, exist_ok=True)
         return open(self.path, "a", buffering=1 << 16)
 
-    def set_rules(self, rules: list[str]) -> None:
-        self.rules = answers.Rules.parse(rules)
-
     def drain(self) -> int:
-        n = 0
+        lines = []
         for r in self.rings:
             for record in r.pop_all():
                 rec = decode(record)
-                if rec is None:
-                    continue
-                self.file.write(json.dumps(judged(rec, self.rules), separators=(",", ":"))
-                                + "\n")
-                n += 1
-        if n:
+                try:
+                    lines.append(json.dumps(judged(rec, self.rules), separators=(",", ":")))
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    self.lost += 1    # not a record a worker of this release makes
+        if not lines:
+            return 0
+        try:
+            if self.file is None:
+                self.file = self._open()
+            self.file.write("\n".join(lines) + "\n")
             self.file.flush()
-            self.written += n
-        return n
+        except OSError as e:
+            self.lost += len(lines)
+            now = time.monotonic()
+            if now - self._said >= 60:
+                self._said = now
+                log.error("compare_log %s: cannot write (%s): %d exchange(s) lost so far",
+                          self.path, e.strerror or e, self.lost)
+            return 0
+        self.written += len(lines)
+        return len(lines)
 
     def reopen(self) -> None:
-        self.file.close()
-        self.file = self._open()
+        try:
+            if self.file is not None:
+                self.file.close()
+        except OSError:
+            pass
+        try:
+            self.file = self._open()
+        except OSError as e:
+            self.file = None      # tried again at the next drain
+            log.error("compare_log %s: cannot reopen it: %s", self.path, e.strerror or e)
 
     def close(self) -> None:
         self.drain()
-        self.file.close()
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
