@@ -112,8 +112,9 @@ def test_the_doctor_on_the_online_host_says_it_is_not_allowed(lab):
             f"{ONLINE_TARGET_SIDE_IP}: {ONLINE_TARGET_SIDE_IP} is not in its allow list\n"
             "      fix: add our address to allow in /etc/interceptd.conf on the target "
             "host") in r.stdout, r.stdout
-    assert (f"interceptd {TARGET_IP}:36524: refused us: {ONLINE_TARGET_SIDE_IP} is not in "
-            "its allow list (add our address to allow") in lab.log_text("tcpcopyd")
+    # the workers reconnect with a backoff, each on its own: wait for the first refusal
+    lab.wait_log("tcpcopyd", f"interceptd {TARGET_IP}:36524: refused us: "
+                 f"{ONLINE_TARGET_SIDE_IP} is not in its allow list (add our address to allow")
 
 
 @pytest.mark.parametrize("lab", [ATTACKER], indirect=True)
