@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import psutil
 
+from shm import segment as shmseg
+from shm import seqlock
 from tcpcopyd.lab import servers
 from tcpcopyd.lab.net import (
     ASSISTANT_IP,
@@ -189,7 +191,24 @@ class Lab:
         if wait_connected:
             self.wait_log("tcpcopyd", "connected to interceptd",
                           count=seen["connected to interceptd"] + 1)
+            self.wait_workers_connected(f"{self.ns.prefix}-tcpcopyd")
         return p
+
+    def wait_workers_connected(self, instance: str, timeout: float = 30.0) -> None:
+        """Until every worker of a tcpcopyd has a control link up (its shm link records):
+        the workers boot and connect each on its own."""
+        seg = shmseg.attach(instance, readonly=True)
+
+        def connected() -> bool:
+            try:
+                return all(any(link.up for link in seg.read_worker(i).links)
+                           for i in range(seg.n_workers))
+            except seqlock.TornRead:
+                return False
+        try:
+            wait_for(connected, timeout, f"every worker of {instance} to connect")
+        finally:
+            seg.close()
 
     def daemon_cpu_seconds(self, name: str) -> float:
         """utime+stime of a daemon's master and workers (alive ones)."""
