@@ -160,8 +160,6 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
             pages = metrics.page_server(cfg, seg)
         except ConfigError as e:
             return fail(str(e), e.code)
-        if seg.not_shared:
-            log.warning("%s: %s", seg.path, seg.not_shared)
         write_pidfile(cfg.pidfile)
         reload = Reloader(PROG, DESCRIPTION, REGISTRY, LAYOUT, cfg, seg)
         reload.publish()

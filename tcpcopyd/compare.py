@@ -21,6 +21,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+from tcpcopyd.packet import seq_add, seq_lt
+
 # bytes of a request and of an answer kept
 REQUEST_PREFIX = 128
 PREFIX = 256
@@ -35,10 +37,6 @@ MAX_EXCHANGES = 100_000
 # answers read before the request they answer (two sockets: the answers' may be read
 # first), per connection, until that request is read
 MAX_EARLY = 64
-
-
-def seq_lt(a: int, b: int) -> bool:
-    return 0 < ((b - a) & 0xFFFFFFFF) < 0x80000000
 
 
 class Side:
@@ -80,7 +78,7 @@ class Exchange:
 
     def extend(self, seq: int, nbytes: int, payload: bytes) -> bool:
         """Take client data at ``seq``; whether it brought new bytes."""
-        end = (seq + nbytes) & 0xFFFFFFFF
+        end = seq_add(seq, nbytes)
         if not seq_lt(self.end, end):
             return False
         if seq == self.end and len(self.request) < REQUEST_PREFIX:
@@ -260,7 +258,7 @@ class Exchanges:
     def _new(c: Conversation, attr: str, seq: int, nbytes: int) -> bool:
         """Whether answer bytes at ``seq`` are new (not a retransmission)."""
         expected = getattr(c, attr)
-        end = (seq + nbytes) & 0xFFFFFFFF
+        end = seq_add(seq, nbytes)
         if expected is not None and not seq_lt(expected, end):
             return False
         setattr(c, attr, end)

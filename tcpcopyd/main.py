@@ -164,8 +164,6 @@ def online(cfg: Settings, instance: str) -> int:
             pages = metrics.page_server(cfg, seg)
         except ConfigError as e:
             return fail(str(e), e.code)
-        if seg.not_shared:
-            log.warning("%s: %s", seg.path, seg.not_shared)
         if cfg.compare:
             try:
                 clog = comparelog.CompareLog(cfg.compare_log, seg, cfg.compare_ignore)

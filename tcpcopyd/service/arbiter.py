@@ -137,6 +137,8 @@ class Arbiter:
     # ---------------------------------------------------------------- main loop
     def run(self) -> int:
         setproctitle(f"{self.prog}: master [{self.label}]")
+        if self.seg.not_shared:
+            log.warning("%s: %s", self.seg.path, self.seg.not_shared)
         for fd in (self._pipe_r, self._pipe_w, self._boot_r):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self._pipe_w)
