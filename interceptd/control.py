@@ -131,8 +131,11 @@ class ControlServer:
                     log.warning("accept: %s", e)
                 return
             address = socket.inet_aton(addr[0])
-            if len(self.peers) >= self.max_peers or \
-                    self.per_address.get(address, 0) >= self.max_peers_per_address:
+            full = len(self.peers) >= self.max_peers \
+                and not self._make_room(lambda p: True)
+            if not full and self.per_address.get(address, 0) >= self.max_peers_per_address:
+                full = not self._make_room(lambda p, a=address: p.address == a)
+            if full:
                 self.counters[C.INDEX["peers_over_limit"]] += 1
                 _reset(sock)
                 continue
@@ -153,6 +156,20 @@ class ControlServer:
                                 "/etc/interceptd.conf, or --allow)", addr[0])
                 continue
             log.info("tcpcopyd %s connected to worker %d", peer.name, self.index + 1)
+
+    def _make_room(self, among: Callable[[Peer], bool]) -> bool:
+        """At a limit: end the oldest connection ``among`` those still in their handshake
+        or refused (a working tcpcopyd's connections are never ended for a newcomer), so
+        that silent or refused peers cannot keep a tcpcopyd that reconnects out."""
+        waiting = [(p.since, fd, p) for fd, p in self.peers.items()
+                   if not p.ready and among(p)]
+        if not waiting:
+            return False
+        _, fd, peer = min(waiting, key=lambda w: (w[0], w[1]))
+        self.counters[C.INDEX["peers_displaced"]] += 1
+        self._drop(fd, peer, None if peer.refused else "displaced before finishing its "
+                   "handshake (the connection limit was reached)")
+        return True
 
     def _pause(self, now: float, e: OSError) -> None:
         """Out of descriptors (or memory): stop accepting for a while rather than spin on a
@@ -195,14 +212,13 @@ class ControlServer:
         Raises ProtocolError to drop the connection."""
         kind, cip, cport, tip, tport = msg
         if not peer.versioned:
-            if kind != wire.VERSION and (cip != b"\0\0\0\0" or cport):
+            # exactly the version message, checked here: nothing reaches the router first
+            if kind != wire.VERSION or cip != b"\0\0\0\0" or cport or tip != b"\0\0\0\0" \
+                    or tport:
                 self.counters[C.INDEX["bad_peers"]] += 1
                 raise wire.ProtocolError("did not begin with the version message (not a "
                                          "tcpcopyd?)")
-            self.router.on_message(peer, kind, cip, cport, now)   # the version check
-            if not peer.versioned:
-                self.counters[C.INDEX["bad_peers"]] += 1
-                raise wire.ProtocolError("did not begin with the version message")
+            peer.versioned = True
             peer.ready = peer.refused is None and self.secret is None
             return
         if kind == wire.HELLO:

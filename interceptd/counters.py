@@ -22,6 +22,8 @@ COUNTERS = (
     ("route_table_full", "sessions not published in the shared route table (full)"),
     ("peers_refused", "control connections from addresses not in `allow`"),
     ("peers_over_limit", "control connections closed at once: max_connections(_per_address)"),
+    ("peers_displaced", "connections still in their handshake (or refused) ended to make room "
+                        "for a new one at max_connections(_per_address)"),
     ("handshake_timeouts", "control connections closed: no handshake within the time allowed"),
     ("bad_peers", "control connections closed: the first message was not the version"),
     ("auth_failures", "control connections closed: no (or a wrong) proof of the secret"),

@@ -1,6 +1,7 @@
 """`interceptd`: the target-host daemon (entry point)."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -132,7 +133,8 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
     installed: list[list[str]] = []
     if not cfg.no_iptables:
         try:
-            installed = rules.install(cfg.service_port, cfg.queue_num, cfg.queues, tag)
+            installed = rules.install(cfg.service_port, cfg.queue_num, cfg.queues, tag,
+                                      cfg.instance)
         except rules.RuleError as e:
             listener.close()
             release()
@@ -150,7 +152,8 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
         source = f"capture on {cfg.interface} (assistant mode)"
     else:
         source = f"NFQUEUE {cfg.queue_num}..{cfg.queue_num + cfg.queues - 1}" + (
-            "" if installed else " (rules managed by the operator)")
+            f", guarded ({rules.guard_tag(cfg.instance)})" if installed
+            else " (rules managed by the operator)")
 
     def factory(index: int, cpu: int) -> Worker:
         return Worker(cfg, index, cpu, seg, listener, sources[index], wakeups)
@@ -160,7 +163,13 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
             pages = metrics.page_server(cfg, seg)
         except ConfigError as e:
             return fail(str(e), e.code)
-        write_pidfile(cfg.pidfile)
+        try:
+            write_pidfile(cfg.pidfile)
+        except OSError as e:
+            bad = cfg.invalid("pidfile", f"cannot write it: {e.strerror}"
+                              + (" (a symbolic link is never followed)"
+                                 if e.errno == errno.ELOOP else ""))
+            return fail(str(bad), bad.code)
         reload = Reloader(PROG, DESCRIPTION, REGISTRY, LAYOUT, cfg, seg)
         reload.publish()
         log.info("interceptd %s: service ports %s, %s, control %s:%d", version(),

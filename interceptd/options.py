@@ -27,6 +27,8 @@ from tcpcopyd.service.settings import (
     text,
 )
 
+# an allow network wider than this (fewer prefix bits) needs the shared secret
+WIDEST_ALLOW_WITHOUT_SECRET = 8
 # most workers (each pair of workers has a hand-off ring in shared memory)
 MAX_QUEUES = 64
 
@@ -99,6 +101,11 @@ class Settings(Config):
 
 
     def finish(self) -> None:
+        wide = [str(n) for n in self.allow if n.prefixlen < WIDEST_ALLOW_WITHOUT_SECRET]
+        if wide and self.secret_file is None:
+            raise self.invalid("allow", f"{', '.join(wide)} lets any host on it register "
+                               "sessions and read the target's replies: name the online "
+                               "hosts (e.g. 198.51.100.7/32), or set secret_file")
         if self.queues is None:
             self.queues = min(len(os.sched_getaffinity(0)), MAX_QUEUES)
         if self.queue_num + self.queues > 65536:

@@ -14,11 +14,13 @@ from collections.abc import Callable
 from interceptd import counters as C
 from interceptd.control import ControlServer
 from interceptd.options import Settings
+from interceptd.replies import Recorder
 from interceptd.router import Router
 from interceptd.shared import RefusalLog, Shared
 from shm.segment import Segment
 from shm.seqlock import TornRead
 from tcpcopyd import wire
+from tcpcopyd.capture import INTERFACE_GONE
 from tcpcopyd.capture import stats as capture_stats
 from tcpcopyd.service import worker as service_worker
 from tcpcopyd.service.reload import SettingsWatch
@@ -30,8 +32,6 @@ SYNC_INTERVAL = 0.1
 QUEUED, MALFORMED = C.INDEX["queued"], C.INDEX["malformed"]
 # packets read from a capture socket (assistant mode) before the loop looks at the rest
 CAPTURE_BATCH = 512
-# the sessions whose last answer's ack is remembered (to find each answer's first segment)
-ANSWERS_SEEN_MAX = 65536
 # a hand-off ring record that announces a reply record with payload bytes: the next ring
 # record is its header, then as many records as its payload fills
 PREFIX_MARK = b"\0PFX"
@@ -100,10 +100,7 @@ class Worker(service_worker.Worker):
                                      RefusalLog(self.seg).due)
         self.watch = SettingsWatch("interceptd", self.seg, self.cfg)
         self.buf = bytearray(65536)
-        # a comparison test is on (some tcpcopyd asked for the answers' first bytes): the
-        # first data segment of each answer goes with its payload's first bytes
-        self.want_prefix = False
-        self.last_ack: dict[bytes, bytes] = {}
+        self.recorder = Recorder()
         log.info("worker %d reading %s, control port %s:%d", self.index + 1,
                  self.source_name, *self.listener.getsockname()[:2])
 
@@ -149,7 +146,7 @@ class Worker(service_worker.Worker):
         self.watch.poll()
         cnt[C.INDEX["peers"]] = len(self.control)
         cnt[C.INDEX["peers_payload"]] = self.control.payload_peers()
-        self.want_prefix = self._prefix_wanted()
+        self.recorder.want_prefix = self._prefix_wanted()
         cnt[C.INDEX["routes"]] = len(self.router.routes)
         if self.capture is not None:
             cnt[C.INDEX["queue_drops"]] += capture_stats(self.capture)[1]
@@ -170,30 +167,38 @@ class Worker(service_worker.Worker):
         """One packet of the target, from NFQUEUE: dropped, its header routed."""
         payload = pkt.get_payload()
         pkt.drop()
-        cnt = self.counters
-        cnt[QUEUED] += 1
+        self.counters[QUEUED] += 1
+        self._on_reply(payload, time.monotonic())
+
+    def _on_reply(self, packet, now: float) -> None:
+        """Route the record of one packet of the target; a packet that is not a whole
+        IPv4/TCP header is counted and skipped. Nothing a packet holds stops the worker:
+        anything else that goes wrong with one is counted the same and logged."""
         try:
-            if payload[9] != 6:
-                raise wire.ProtocolError("not TCP")
-            self.router.route(self._record(payload), time.monotonic())
-        except (wire.ProtocolError, IndexError):
-            cnt[MALFORMED] += 1
+            self.router.route(self.recorder.record(packet), now)
+        except wire.ProtocolError:
+            self.counters[MALFORMED] += 1
+        except Exception:
+            self.counters[MALFORMED] += 1
+            log.exception("a packet of the target could not be handled (%d bytes, "
+                          "skipped)", len(packet))
 
     def _read_capture(self, now: float) -> None:
         """Assistant mode: replies the target routed here (the kernel drops them after us,
         since this host does not forward)."""
-        cnt, cap, buf = self.counters, self.capture, self.buf
-        route, record = self.router.route, self._record
+        cnt, cap, buf, on_reply = self.counters, self.capture, self.buf, self._on_reply
+        view = memoryview(buf)
         for _ in range(CAPTURE_BATCH):
             try:
                 n = cap.recv_into(buf)
             except BlockingIOError:
                 return
+            except OSError as e:
+                if e.errno in INTERFACE_GONE:   # down: the capture resumes when it is up
+                    return
+                raise
             cnt[QUEUED] += 1
-            try:
-                route(record(memoryview(buf)[:n]), now)
-            except (wire.ProtocolError, IndexError):
-                cnt[MALFORMED] += 1
+            on_reply(view[:n], now)
 
     def _prefix_wanted(self) -> bool:
         """Whether any worker serves a tcpcopyd that asked for the answers' first bytes."""
@@ -205,45 +210,17 @@ class Worker(service_worker.Worker):
                 if w != self.index and self.seg.read_worker(w).counters[i]:
                     return True
             except TornRead:
-                return self.want_prefix
+                return self.recorder.want_prefix
         return False
-
-    def _record(self, packet) -> bytes:
-        """The reply record of a packet of the target: its header, and for the first data
-        segment of an answer (its ack is new: the client's request moved it) the first
-        bytes of its payload, when a comparison test wants them."""
-        if not self.want_prefix:
-            return wire.reply_header(packet)
-        ihl = (packet[0] & 0x0F) * 4
-        data = ihl + (packet[ihl + 12] >> 4) * 4
-        if int.from_bytes(packet[2:4], "big") <= data:
-            return wire.reply_header(packet)
-        key = bytes(packet[16:20]) + bytes(packet[ihl + 2:ihl + 4])
-        ack = bytes(packet[ihl + 8:ihl + 12])
-        if self.last_ack.get(key) == ack:
-            return wire.reply_header(packet)
-        if len(self.last_ack) >= ANSWERS_SEEN_MAX:
-            self.last_ack.clear()
-        self.last_ack[key] = ack
-        return wire.reply_record(packet, wire.PREFIX_MAX)
 
     def _drain(self, now: float) -> None:
         deliver = self.router.deliver
         for ring in self.inbound:
-            records = ring.pop_all()
-            i = n = 0
-            while i < len(records):
-                r = records[i]
-                if r[:4] == PREFIX_MARK:
-                    length = int.from_bytes(r[4:6], "big")
-                    chunks = -(-length // wire.REPLY_SIZE)
-                    rec = records[i + 1] + b"".join(records[i + 2:i + 2 + chunks])[:length]
-                    i += 2 + chunks
-                else:
-                    rec, i = r, i + 1
+            records, broken = from_ring_records(ring.pop_all())
+            for rec in records:
                 deliver(rec, now)
-                n += 1
-            self.counters[C.INDEX["handed_in"]] += n
+            self.counters[C.INDEX["handed_in"]] += len(records)
+            self.counters[MALFORMED] += broken
 
     def _hand_off(self) -> None:
         for dst, records in self.router.outbox.items():
@@ -279,6 +256,32 @@ def ring_records(record: bytes) -> list[bytes]:
     head = (PREFIX_MARK + len(extra).to_bytes(2, "big")).ljust(size, b"\0")
     return [head, record[:size],
             *(extra[i:i + size].ljust(size, b"\0") for i in range(0, len(extra), size))]
+
+
+def from_ring_records(ring: list[bytes]) -> tuple[list[bytes], int]:
+    """The reply records a hand-off ring held (``ring_records`` in reverse), and how many
+    groups were broken (a PREFIX_MARK group cut short, a record of the wrong size: they
+    are skipped; only a bug or a damaged segment makes them)."""
+    size = wire.REPLY_SIZE
+    out: list[bytes] = []
+    broken = i = 0
+    while i < len(ring):
+        r = ring[i]
+        if len(r) != size:
+            broken, i = broken + 1, i + 1
+        elif r[:4] == PREFIX_MARK:
+            length = int.from_bytes(r[4:6], "big")
+            chunks = -(-length // size)
+            group = ring[i + 1:i + 2 + chunks]
+            i += 2 + chunks
+            if length > wire.PREFIX_MAX or len(group) < 1 + chunks:
+                broken += 1
+                continue
+            out.append(group[0] + b"".join(group[1:])[:length])
+        else:
+            out.append(r)
+            i += 1
+    return out, broken
 
 
 def queue_drops(queue_num: int) -> int:

@@ -298,6 +298,12 @@ class ControlGroup:
         n = self.per_server
         return links if n == 1 else links[s.client_port % n::n]
 
+    def carries(self, s: Session) -> bool:
+        """Whether a link ``s`` is registered on is up (the engine sends nothing else)."""
+        if len(self.links) == 1:
+            return self.links[0].up
+        return any(link.up for link in self._links_of(s))
+
     def register(self, s: Session) -> None:
         for link in self._links_of(s):
             link.register(s)

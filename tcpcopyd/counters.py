@@ -59,6 +59,9 @@ COUNTERS = (
                   "the target) handed to the master for compare_log"),
     ("compare_dropped", "comparison test: exchanges dropped because the master did not "
                         "take them in time (its ring was full)"),
+    ("held_no_link", "packets not sent to the target because no interceptd held their "
+                     "session's registration (its answer would not be caught): sent when a "
+                     "link comes up, or by the retransmission timer"),
     ("interface_down", "gauge: 1 while the capture interface is down (nothing to capture; "
                        "capture resumes when it comes back)"),
     ("interface_downs", "times the capture interface went down"),

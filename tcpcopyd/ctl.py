@@ -5,6 +5,7 @@ tcpcopyd.doctor."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -61,7 +62,8 @@ def show_metrics(args: argparse.Namespace) -> int:
 def show_report(args: argparse.Namespace) -> int:
     from tcpcopyd import report
     try:
-        summary = report.summarize(report.read(args.file), args.ignore)
+        skipped: list[str] = []
+        summary = report.summarize(report.read(args.file, skipped), args.ignore, skipped)
         if args.html:
             with open(args.html, "w") as f:
                 f.write(report.html(summary, f"tcpcopyd comparison: {args.file}"))
@@ -76,6 +78,31 @@ def show_report(args: argparse.Namespace) -> int:
     else:
         print(report.text(summary))
     return 0
+
+
+def release_guard(args: argparse.Namespace) -> int:
+    """The operator lifts an interceptd's guard: the target's replies on its service
+    ports go where the target routes them again (to the real clients, if they are on the
+    way). Nothing else does this: interceptd leaves its guard in place when it stops."""
+    from interceptd import rules
+    try:
+        n = rules.release_guard(args.instance)
+    except rules.RuleError as e:
+        print(f"tcpcopyctl: {e}", file=sys.stderr)
+        return 1
+    print(f"removed {n} guard rule(s) of interceptd {args.instance!r}" if n else
+          f"interceptd {args.instance!r} has no guard rule here")
+    return 0
+
+
+def interval(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and 0.05 <= v <= 3600):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds from 0.05 to 3600")
+    return v
 
 
 def noise_rule(text: str) -> str:
@@ -94,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
                         "(healthy, degraded, down) of the running daemons; exit 0 healthy, "
                         "1 degraded, 3 down or not running, 4 not allowed to read them")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+    sp.add_argument("--interval", type=interval, default=1.0, metavar="SECONDS",
                     help="rates and rising drops are measured over this long (default 1)")
     sp.add_argument("name", nargs="?", help="only this instance (shm segment name)")
     mp = sub.add_parser("metrics", help="every running daemon's counters, gauges and state "
@@ -119,6 +146,12 @@ def parser() -> argparse.ArgumentParser:
                     help="which daemon's host this is")
     dr.add_argument("args", nargs=argparse.REMAINDER,
                     help="the daemon's own flags, or --config FILE [-i IFACE]")
+    gp = sub.add_parser("release-guard", help="remove the DROP rules interceptd leaves on "
+                        "the target host so that no reply escapes while it is stopped (after "
+                        "this, with interceptd stopped, the target's replies reach the "
+                        "addresses they are sent to)")
+    gp.add_argument("instance", nargs="?", default="interceptd",
+                    help="the interceptd instance (default: interceptd)")
     return ap
 
 
@@ -132,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return show_metrics(args)
     if args.command == "report":
         return show_report(args)
+    if args.command == "release-guard":
+        return release_guard(args)
     return status(args)
 
 

@@ -97,6 +97,10 @@ class Control(Protocol):
 
     def register(self, s: Session) -> None: ...
 
+    def carries(self, s: Session) -> bool:
+        """Whether ``s`` is registered on a control link that is up now (registrations
+        are made again on every link that comes up)."""
+
     def flush(self, now: float) -> None: ...
 
     def unregister(self, s: Session) -> None: ...
@@ -793,6 +797,14 @@ class Engine:
         self._send_segment(s, s.snd_nxt, 0, b"")
 
     def _emit(self, pkt: bytearray, s: Session) -> None:
+        """Send one packet toward the target: only while an interceptd holds the session's
+        registration, so that the target's answer is caught (fail-closed). A reset (it
+        draws no answer) goes in any case, to free the target's connection. A packet held
+        back is counted and sent again by the retransmission timer or when a link comes
+        up (``on_control_up``)."""
+        if not (self.control.carries(s) or pkt[33] & RST):
+            self.counters[C.INDEX["held_no_link"]] += 1
+            return
         if self.sender.send(pkt, s.target_ip):
             self.counters[C.SENT] += 1
         else:
@@ -1041,9 +1053,12 @@ class Engine:
         return n
 
     def on_control_up(self, now: float) -> None:
-        """interceptd (re)connected: re-register sessions and resend what is outstanding."""
+        """interceptd (re)connected: re-register sessions and resend what is outstanding
+        (the registrations go out first, so interceptd knows where the answers go)."""
         for s in self.sessions.values():
             self.control.register(s)
+        self.control.flush(now)
+        for s in self.sessions.values():
             if s.state & SYN_SENT or s.unacked:
                 s.backoff = 0
                 self._retransmit_head(s, now)

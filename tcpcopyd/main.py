@@ -1,6 +1,7 @@
 """`tcpcopyd`: the online-host daemon (entry point)."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -170,7 +171,13 @@ def online(cfg: Settings, instance: str) -> int:
             except OSError as e:
                 bad = cfg.invalid("compare_log", f"cannot write it: {e.strerror}")
                 return fail(str(bad), bad.code)
-        write_pidfile(cfg.pidfile)
+        try:
+            write_pidfile(cfg.pidfile)
+        except OSError as e:
+            bad = cfg.invalid("pidfile", f"cannot write it: {e.strerror}"
+                              + (" (a symbolic link is never followed)"
+                                 if e.errno == errno.ELOOP else ""))
+            return fail(str(bad), bad.code)
         reload = Reloader(PROG, DESCRIPTION, options.REGISTRY, options.LAYOUT, cfg, seg,
                           not_live)
         reload.publish()

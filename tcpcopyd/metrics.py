@@ -9,6 +9,8 @@ its shm segment; ``instance`` is the scrape target's, set by Prometheus), ``work
 ``interceptd`` (ADDRESS:PORT)."""
 from __future__ import annotations
 
+import ipaddress
+import logging
 import math
 import os
 import tempfile
@@ -27,6 +29,8 @@ RENAMED = {
     "capture_lag_peak_ms": ("capture_lag_peak_seconds", 0.001),
     "interface_down_ms": ("interface_down_seconds", 0.001),
 }
+
+log = logging.getLogger("tcpcopyd.metrics")
 
 
 class Families:
@@ -173,6 +177,10 @@ def page_server(cfg: Config, seg: Segment) -> PageServer | None:
     if not cfg.metrics_listen:
         return None
     host, port = cfg.metrics_listen
+    if not ipaddress.ip_address(host).is_loopback:
+        log.warning("metrics_listen %s:%d is not a loopback address: every host that reaches "
+                    "it reads this daemon's counters and link addresses (firewall it, or "
+                    "listen on 127.0.0.1 behind the scraper's proxy)", host, port)
     try:
         return PageServer(host, port, lambda: exposition([describe(seg)]), CONTENT_TYPE)
     except OSError as e:

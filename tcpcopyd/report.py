@@ -21,23 +21,85 @@ class ReportError(RuntimeError):
     """A file that cannot be read as a comparison log."""
 
 
-def read(path: str) -> Iterator[dict]:
+def read(path: str, skipped: list | None = None) -> Iterator[dict]:
+    """The records of a compare_log file, each checked field by field (``record``). A
+    line that is not one is skipped and appended to ``skipped`` as ``"FILE:LINE: why"``;
+    a file none of whose lines is a record is a ReportError naming its first bad line."""
+    skipped = [] if skipped is None else skipped
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, encoding="utf-8", errors="replace")
     except OSError as e:
         raise ReportError(f"{path}: {e.strerror}") from None
+    good = 0
     with f:
         for n, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                rec = json.loads(line)
+                data = json.loads(line)
             except ValueError:
-                raise ReportError(f"{path}:{n}: not a JSON line of compare_log") from None
-            if not isinstance(rec, dict) or "request" not in rec:
-                raise ReportError(f"{path}:{n}: not a record of compare_log")
+                skipped.append(f"{path}:{n}: not a JSON line of compare_log")
+                continue
+            try:
+                rec = record(data)
+            except ValueError as e:
+                skipped.append(f"{path}:{n}: {e}")
+                continue
+            good += 1
             yield rec
+    if skipped and not good:
+        raise ReportError(skipped[0])
+
+
+def _number(v: object, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+            or v < 0 or v > 1e15:
+        raise ValueError(f"{what} is not a number of compare_log")
+    return float(v)
+
+
+def _side(v: object, what: str) -> dict | None:
+    """One side's answer (online or target) with the fields the report reads checked."""
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise ValueError(f"{what} is not an answer of compare_log")
+    out = dict(v)
+    if out.get("ttlb_ms") is not None:
+        out["ttlb_ms"] = _number(out["ttlb_ms"], f"{what}.ttlb_ms")
+    status = out.get("status")
+    if status is not None and (isinstance(status, bool) or not isinstance(status, int | str)):
+        raise ValueError(f"{what}.status is not a status")
+    if out.get("first") is not None and not isinstance(out["first"], str):
+        raise ValueError(f"{what}.first is not text")
+    return out
+
+
+def record(rec: object) -> dict:
+    """A compare_log record whose fields have the types the report reads; ValueError
+    says which field is wrong."""
+    if not isinstance(rec, dict) or "request" not in rec:
+        raise ValueError("not a record of compare_log")
+    if not isinstance(rec["request"], str):
+        raise ValueError("request is not text")
+    out = dict(rec)
+    out["ts"] = _number(rec.get("ts", 0), "ts")
+    if out.get("path") is not None and not isinstance(out["path"], str):
+        raise ValueError("path is not text")
+    out["online"] = _side(rec.get("online"), "online")
+    out["target"] = _side(rec.get("target"), "target")
+    for key in ("same_status", "same_size", "same_content"):
+        if out.get(key) is not None and not isinstance(out[key], bool):
+            raise ValueError(f"{key} is not true or false")
+    return out
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape sequences: they come from
+    production requests) shown as \\xNN, never sent to the terminal."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256
+                   else f"\\u{ord(c):04x}" for c in text)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -53,9 +115,11 @@ def _pcts(values: list[float]) -> dict:
             for q in (50, 90, 99)}
 
 
-def summarize(records: Iterable[dict], ignore: list[str] | None = None) -> dict:
+def summarize(records: Iterable[dict], ignore: list[str] | None = None,
+              skipped: list[str] | None = None) -> dict:
     """The report's numbers; ``ignore``: the contents judged again with these noise rules
-    (instead of those the log was written with)."""
+    (instead of those the log was written with); ``skipped``: the lines ``read`` skipped
+    (filled while ``records`` is read)."""
     rules = answers.Rules.parse(ignore) if ignore else None
     exchanges = compared = size_diff = content_diff = online_only = target_only = 0
     pairs: Counter = Counter()
@@ -122,6 +186,8 @@ def summarize(records: Iterable[dict], ignore: list[str] | None = None) -> dict:
                       "online_p50_ms": percentile(v[1], 50),
                       "target_p50_ms": percentile(v[2], 50)}
                      for s, v in sorted(per_second.items())],
+        "skipped": len(skipped or ()),
+        "first_skipped": skipped[0] if skipped else None,
         "_latencies": (sorted(lat_o), sorted(lat_t)),
     }
 
@@ -139,8 +205,9 @@ def text(summary: dict) -> str:
     lines = [f"exchanges {s['exchanges']}, compared {s['compared']} (online only "
              f"{s['online_only']}, target only {s['target_only']})",
              f"status mismatches {s['status_mismatches']}"
-             + "".join(f"\n  {pair}: {n}" for pair, n in s["status_mismatch_pairs"].items()),
-             "  by path:" + "".join(f"\n    {p}: {n}" for p, n in
+             + "".join(f"\n  {printable(pair)}: {n}"
+                       for pair, n in s["status_mismatch_pairs"].items()),
+             "  by path:" + "".join(f"\n    {printable(p)}: {n}" for p, n in
                                    s["status_mismatches_by_path"].items())
              if s["status_mismatches_by_path"] else "",
              f"size differences {s['size_differences']}, content differences "
@@ -155,9 +222,12 @@ def text(summary: dict) -> str:
     if s["slowest_paths"]:
         lines.append("slowest paths on the target (p90 ms: online, target, ratio)")
         for p in s["slowest_paths"]:
-            lines.append(f"  {p['path']:<40} {_ms(p['online_p90_ms']):>8} "
+            lines.append(f"  {printable(p['path']):<40} {_ms(p['online_p90_ms']):>8} "
                          f"{_ms(p['target_p90_ms']):>8} {_ms(p['ratio']):>6}"
                          f"  ({p['exchanges']})")
+    if s["skipped"]:
+        lines.append(f"skipped {s['skipped']} line(s) that are not records of compare_log "
+                     f"(first: {printable(s['first_skipped'])})")
     return "\n".join(line for line in lines if line)
 
 

@@ -154,7 +154,8 @@ def refused_frame(why: int, words: str) -> bytes:
 
 def refusal_reason(ext: tuple) -> str:
     """What a REFUSED extension record says, with the fix where the reason is known."""
-    words = ext.body.rstrip(b"\0").decode(errors="replace")
+    words = "".join(c if c.isprintable() else "?"      # a peer's words: no log forging
+                    for c in ext.body.rstrip(b"\0").decode(errors="replace"))
     fix = REFUSAL_FIX.get(ext.features)
     return f"{words} ({fix})" if fix else words
 
@@ -176,19 +177,27 @@ def reply_header(ip_packet: bytes | memoryview) -> bytes:
 
     IP options, if any, are removed (IHL set to 5, total length reduced to match) so the
     receiver finds the TCP header at offset 20 and the payload length stays right.
+    Raises ProtocolError for anything that is not a whole IPv4/TCP header whose lengths
+    agree (the caller counts it and skips the packet).
     """
-    if len(ip_packet) < 40:
-        raise ProtocolError(f"{len(ip_packet)}-byte packet is too short for IPv4+TCP")
+    n = len(ip_packet)
+    if n < 40:
+        raise ProtocolError(f"{n}-byte packet is too short for IPv4+TCP")
+    if ip_packet[0] >> 4 != 4 or ip_packet[9] != 6:
+        raise ProtocolError("not TCP over IPv4")
     ihl = (ip_packet[0] & 0x0F) * 4
+    tot = int.from_bytes(ip_packet[2:4], "big")
+    if ihl < 20 or n < ihl + 20:
+        raise ProtocolError(f"bad IP header length {ihl}")
+    doff = (ip_packet[ihl + 12] >> 4) * 4
+    if doff < 20 or tot < ihl + doff:
+        raise ProtocolError(f"total length {tot} shorter than the headers ({ihl}+{doff})")
     if ihl == 20:
         head = bytes(ip_packet[:20])
     else:
-        if ihl < 20 or len(ip_packet) < ihl + 20:
-            raise ProtocolError(f"bad IP header length {ihl}")
         head = bytearray(ip_packet[:20])
         head[0] = 0x45
-        tot = int.from_bytes(head[2:4], "big") - (ihl - 20)
-        head[2:4] = tot.to_bytes(2, "big")
+        head[2:4] = (tot - (ihl - 20)).to_bytes(2, "big")
         head = bytes(head)
     tcp = bytes(ip_packet[ihl:ihl + REPLY_TCP_SIZE])
     if len(tcp) < REPLY_TCP_SIZE:
@@ -196,15 +205,19 @@ def reply_header(ip_packet: bytes | memoryview) -> bytes:
     return head + tcp
 
 
+def payload_prefix(ip_packet: bytes | memoryview, prefix: int) -> bytes:
+    """The first ``prefix`` bytes of the TCP payload of a packet ``reply_header`` took."""
+    ihl = (ip_packet[0] & 0x0F) * 4
+    start = ihl + (ip_packet[ihl + 12] >> 4) * 4
+    end = min(len(ip_packet), int.from_bytes(ip_packet[2:4], "big"), start + prefix)
+    return bytes(ip_packet[start:end]) if end > start else b""
+
+
 def reply_record(ip_packet: bytes | memoryview, prefix: int) -> bytes:
     """The reply header of a packet, followed by the first ``prefix`` bytes of its TCP
     payload (none if it has none)."""
     header = reply_header(ip_packet)
-    if prefix <= 0:
-        return header
-    start = (ip_packet[0] & 0x0F) * 4 + (ip_packet[(ip_packet[0] & 0x0F) * 4 + 12] >> 4) * 4
-    end = min(len(ip_packet), int.from_bytes(ip_packet[2:4], "big"), start + prefix)
-    return header + bytes(ip_packet[start:end]) if end > start else header
+    return header + payload_prefix(ip_packet, prefix) if prefix > 0 else header
 
 
 def combine(records: list[bytes], payload: bool = False) -> bytes:

@@ -19,7 +19,9 @@ from collections.abc import Iterator
 
 from interceptd import counters as IC
 from interceptd.control import ControlServer
-from interceptd.router import Router
+from interceptd.replies import Recorder
+from interceptd.router import Peer, Router
+from interceptd.worker import from_ring_records, ring_records
 from tcpcopyd import counters as C
 from tcpcopyd import packet as P
 from tcpcopyd import wire
@@ -50,6 +52,9 @@ class NoControl:
     def unregister(self, s: object) -> None: ...
 
     def flush(self, now: float) -> None: ...
+
+    def carries(self, s: object) -> bool:
+        return True
 
 
 def _valid_packets(rng: random.Random) -> Iterator[bytes]:
@@ -124,6 +129,88 @@ def fuzz_engine(packets: int, seed: int) -> dict:
             "counters": counters}
 
 
+def _target_packets(rng: random.Random) -> Iterator[bytes]:
+    """Packets the target sends, as NFQUEUE or the assistant's capture hands them up: with
+    and without IP options, with and without payload."""
+    while True:
+        port = 40000 + rng.randrange(64)
+        pkt = bytearray(P.build(TARGET, CLIENT, 80, port, rng.randrange(1 << 32),
+                                rng.randrange(1 << 32), rng.randrange(64), rng.randrange(65536),
+                                rng.choice((b"", P.timestamp_option(5, 6))),
+                                rng.randbytes(rng.choice((0, 1, 300, 1460)))))
+        if rng.random() < 0.3:   # IP options: the header grows, the total length with it
+            opts = bytes(rng.randrange(1, 11) * 4)
+            pkt[20:20] = opts
+            pkt[0] = 0x40 | (5 + len(opts) // 4)
+            pkt[2:4] = (len(pkt)).to_bytes(2, "big")
+        yield bytes(pkt)
+
+
+def fuzz_replies(packets: int, seed: int) -> dict:
+    """``packets`` packets of the target through interceptd's reply path (the record made
+    of each, with and without the comparison test's payload prefix, then the router with
+    a registered peer, and the hand-off ring's records both ways): random bytes, mutated
+    packets, and headers whose lengths disagree. Only ProtocolError may come out (the
+    worker counts it as malformed)."""
+    rng = random.Random(seed)
+    cnt = [0] * len(IC.NAMES)
+    router, recorder = Router(cnt), Recorder()
+    sock = socket.socket()
+    peer = Peer(sock, "fuzz", 1, b"\x7f\0\0\1")
+    peer.ready = peer.versioned = True
+    for port in range(40000, 40064):
+        router.on_message(peer, wire.CLIENT_ADD, CLIENT, port, 0.0, TARGET, 80)
+    valid = _target_packets(rng)
+    malformed = routed = broken = 0
+    t0 = time.perf_counter()
+    try:
+        for i in range(packets):
+            kind = i % 4
+            if kind == 0:
+                pkt = rng.randbytes(rng.randrange(200))
+            elif kind == 3:   # the lengths lie: total length, IHL, data offset
+                b = bytearray(next(valid))
+                field = rng.randrange(3)
+                if field == 0:
+                    b[2:4] = rng.randrange(65536).to_bytes(2, "big")
+                elif field == 1:
+                    b[0] = 0x40 | rng.randrange(16)
+                else:
+                    ihl = (b[0] & 15) * 4
+                    if len(b) > ihl + 12:
+                        b[ihl + 12] = rng.randrange(256)
+                pkt = bytes(b)
+            else:
+                pkt = mutate(rng, next(valid))
+            recorder.want_prefix = bool(i & 8)
+            try:
+                record = recorder.record(memoryview(pkt))
+            except wire.ProtocolError:
+                malformed += 1
+                continue
+            router.route(record, 1.0)
+            routed += 1
+            groups = ring_records(record)
+            if rng.random() < 0.1:   # a damaged ring: cut, or garbage
+                groups = mutate(rng, b"".join(groups))
+                groups = [groups[j:j + 64] for j in range(0, len(groups), 64)]
+            back, bad = from_ring_records(groups)
+            broken += bad
+            for rec in back:
+                router.deliver(rec, 1.0)
+            if i % 256 == 255:
+                router.frame(peer)
+                peer.out.clear()
+                router.retry_delayed(10.0)
+    finally:
+        sock.close()
+    seconds = time.perf_counter() - t0
+    return {"inputs": packets, "malformed": malformed, "routed": routed,
+            "ring_groups_broken": broken, "seconds": round(seconds, 2),
+            "per_second": round(packets / seconds),
+            "router": {k: v for k, v in zip(IC.NAMES, cnt, strict=True) if v}}
+
+
 def _control_messages(rng: random.Random) -> bytes:
     """A control connection's bytes: the version message (mostly), then messages real,
     random or mutated."""
@@ -148,7 +235,12 @@ def fuzz_control(frames: int, seed: int) -> dict:
                                            rng.randrange(1 << 32), rng.randrange(1 << 32),
                                            rng.randrange(64), 1000, b"", b""))
                  for _ in range(rng.randrange(1, 20))]
-        frame = wire.combine(heads)
+        if rng.random() < 0.3:   # payload frames and an extension record among them
+            heads = [h + rng.randbytes(rng.randrange(wire.PREFIX_MAX + 1)) for h in heads]
+            frame = wire.ext_frame(wire.EXT_WELCOME, rng.randrange(4), rng.randbytes(32)) \
+                + wire.combine(heads, payload=True)
+        else:
+            frame = wire.combine(heads)
         data = mutate(rng, frame) if rng.random() < 0.7 else rng.randbytes(rng.randrange(200))
         buf, extensions = bytearray(data), []
         try:
@@ -215,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
+    replies = fuzz_replies(args.packets, args.seed)
+    routed = replies.pop("router")
+    print("replies: " + ", ".join(f"{k} {v}" for k, v in replies.items()))
+    print("  router counters: " + ", ".join(f"{k} {v}" for k, v in routed.items()))
     engine = fuzz_engine(args.packets, args.seed)
     counters = engine.pop("counters")
     print("engine: " + ", ".join(f"{k} {v}" for k, v in engine.items()))

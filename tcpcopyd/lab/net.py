@@ -20,9 +20,13 @@ host nor the assistant, for the tests of what a hostile neighbour can do:
     target (eth3 198.18.9.2) --eth3-- attacker (eth0 198.18.9.1, default route via the
         target)
 
-The target routes the client network to 198.18.2.254, an address nobody answers: its
-replies to clients are caught by interceptd's NFQUEUE rule on the way out, and if that rule
-is absent they die in ARP resolution, so they never reach the online host or a client.
+The target routes the client network back through the online host, which forwards it to
+the clients, as a real network would carry a reply that escaped: interceptd's NFQUEUE rule
+(or its guard, while no interceptd runs) must stop every reply on the way out. Counters in
+the raw table of the client and online hosts count every packet of the target's services
+that arrives there anyway (``leaked``); ``tests/lab/test_fail_closed.py`` shows they count
+a reply let through on purpose. (DEAD_END_IP, an address nobody answers, is what the doctor
+recommends on a real target host; tests that need it route to it themselves.)
 """
 from __future__ import annotations
 
@@ -43,7 +47,6 @@ CLIENT2_IP = "198.18.4.1"
 ONLINE2_IP = "198.18.4.2"
 ONLINE2_TARGET_SIDE_IP = "198.18.5.1"
 TARGET2_IP = "198.18.5.2"
-DEAD_END2_IP = "198.18.5.254"
 CLIENT2_NET = "198.18.4.0/24"
 ASSISTANT_IP = "198.18.8.1"
 TARGET_ASSISTANT_SIDE_IP = "198.18.8.2"
@@ -91,8 +94,8 @@ class Namespaces:
             netns.create(ns)
         self._link(self.client, "eth0", CLIENT_IP, self.online, "eth0", ONLINE_IP)
         self._link(self.online, "eth1", ONLINE_TARGET_SIDE_IP, self.target, "eth0", TARGET_IP)
-        with NetNS(self.target) as n:
-            n.route("add", dst=CLIENT_NET, gateway=DEAD_END_IP)
+        self._route_back(self.client, ONLINE_IP, self.online, ONLINE_TARGET_SIDE_IP,
+                         CLIENT_NET, "198.18.2.0/24")
         if self.with_assistant:
             self._link(self.target, "eth2", TARGET_ASSISTANT_SIDE_IP, self.assistant, "eth0",
                        ASSISTANT_IP)
@@ -119,8 +122,8 @@ class Namespaces:
             self._link(self.client2, "eth0", CLIENT2_IP, self.online2, "eth0", ONLINE2_IP)
             self._link(self.online2, "eth1", ONLINE2_TARGET_SIDE_IP, self.target, "eth1",
                        TARGET2_IP)
-            with NetNS(self.target) as n:
-                n.route("add", dst=CLIENT2_NET, gateway=DEAD_END2_IP)
+            self._route_back(self.client2, ONLINE2_IP, self.online2, ONLINE2_TARGET_SIDE_IP,
+                             CLIENT2_NET, "198.18.5.0/24")
         for ns in self.all:
             self.sysctl(ns, {
                 "net/ipv4/conf/all/rp_filter": "0",
@@ -136,6 +139,19 @@ class Namespaces:
                           target_ip, "-p", "tcp", "-m", "multiport", "--sports",
                           ",".join(map(str, SERVICE_PORTS)), "-m", "comment", "--comment",
                           LEAK_TAG])
+
+    def _route_back(self, client: str, online_ip: str, online: str, online_target_side: str,
+                    client_net: str, target_net: str) -> None:
+        """The target's way to the clients: through the online host, which forwards."""
+        with NetNS(self.target) as n:
+            n.route("add", dst=client_net, gateway=online_target_side)
+        with NetNS(client) as n:
+            n.route("add", dst=target_net, gateway=online_ip)
+        self.sysctl(online, {"net/ipv4/ip_forward": "1"})
+
+    def reset_leak_counters(self) -> None:
+        for ns in self.watched:
+            self.run(ns, ["iptables", "-w", "5", "-t", "raw", "-Z", "PREROUTING"])
 
     def _link(self, ns_a: str, if_a: str, ip_a: str, ns_b: str, if_b: str, ip_b: str) -> None:
         tmp_a, tmp_b = f"{self.prefix[:6]}{os.getpid() % 10000}a", \

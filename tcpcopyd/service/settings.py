@@ -293,6 +293,8 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {e}", EX_CONFIG) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text", EX_CONFIG) from None
+    except ValueError as e:   # tomllib's int() of a number of over 4300 digits
+        raise ConfigError(f"{path}: not a usable TOML file: {e}", EX_CONFIG) from None
 
 
 def check_file(path: str, data: dict[str, Any], registry: Registry,
@@ -348,7 +350,7 @@ def int_range(lo: int, hi: int) -> Callable[[Any], int]:
         what = f"expected an integer from {lo} to {hi}"
         if isinstance(raw, bool) or not isinstance(raw, int | str):
             raise SettingError(what + (f", not {raw!r}" if isinstance(raw, float) else ""))
-        if isinstance(raw, str) and not re.fullmatch(r"-?[0-9]+", raw.strip()):
+        if isinstance(raw, str) and not re.fullmatch(r"-?[0-9]{1,20}", raw.strip()):
             raise SettingError(what)
         v = int(raw)
         if not lo <= v <= hi:
@@ -365,7 +367,7 @@ def float_range(lo: float, hi: float) -> Callable[[Any], float]:
             raise SettingError(what)
         try:
             v = float(raw)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise SettingError(what) from None
         if not math.isfinite(v) or not lo <= v <= hi:
             raise SettingError(what)

@@ -24,8 +24,12 @@ def fail(prog: str, message: str, code: int = 1) -> int:
 
 
 def write_pidfile(path: str | None) -> None:
+    """Write our pid to ``path``, never through a symbolic link (a link planted there would
+    make root write where it points); raises OSError."""
     if path:
-        with open(path, "w") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
 
 

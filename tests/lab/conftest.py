@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
+import time
 
 import pytest
 
 from shm import segment as shmseg
-from tcpcopyd.lab.lab import Lab, wait_for
+from tcpcopyd.lab.lab import Lab, LabError, wait_for
 
 _ids = itertools.count()
 
@@ -40,7 +41,9 @@ def lab(request):
         rules = lab.ns.run(lab.ns.target, ["iptables", "-w", "5", "-S", "OUTPUT"]).stdout
         assert set(leaked.values()) == {0}, \
             f"target packets reached a client/online host: {leaked}"
-        assert all(rc in (0, None) for rc in rcs.values()), rcs
+        assert all(rc in (0, None) for rc in rcs.values()), \
+            "\n".join([str(rcs), *(f"--- {n}:\n{lab.log_text(n)[-4000:]}"
+                                    for n, rc in rcs.items() if rc)])
         assert "NFQUEUE" not in rules, rules
         assert not shmseg.list_segments(prefix), "shm segment left behind"
     finally:
@@ -48,13 +51,28 @@ def lab(request):
         lab.cleanup_files()
 
 
+# the target's log is taken as whole once it has not grown for this long, seconds (so that
+# a duplicate or a late copy beyond the expected count shows, and callers compare with ==)
+SETTLED = 0.5
+
+
 def target_caught_up(lab: Lab, expected: int, timeout: float = 60.0) -> list[list[str]]:
-    """Wait until the target's nginx logged ``expected`` requests; return its log."""
+    """Wait until the target's nginx logged ``expected`` requests and then nothing more for
+    SETTLED seconds; return its log (shorter if it timed out: the caller's assertion then
+    names the count)."""
     try:
         wait_for(lambda: len(lab.nginx_log("target")) >= expected, timeout,
                  f"{expected} requests in the target's access log")
-    except Exception:
-        pass
+    except LabError:
+        return lab.nginx_log("target")
+    seen = [len(lab.nginx_log("target")), time.monotonic()]
+
+    def settled() -> bool:
+        n = len(lab.nginx_log("target"))
+        if n != seen[0]:
+            seen[:] = [n, time.monotonic()]
+        return time.monotonic() - seen[1] >= SETTLED
+    wait_for(settled, 10.0, "the target's access log to stop growing")
     return lab.nginx_log("target")
 
 

@@ -67,7 +67,7 @@ def test_the_report_finds_what_differs_and_only_that(lab, tmp_path):
     gets = load.python_in(lab, lab.ns.client, load.MEMCACHED_GET, ONLINE_IP,
                           MEMCACHED_PORT, GETS, "cmp")
     assert f"ok={GETS}" in gets.stdout
-    assert len(target_caught_up(lab, sum(WORKLOAD.values()))) >= sum(WORKLOAD.values())
+    assert len(target_caught_up(lab, sum(WORKLOAD.values()))) == sum(WORKLOAD.values())
     http = sum(WORKLOAD.values())
 
     def logged() -> bool:

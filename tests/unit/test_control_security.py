@@ -138,12 +138,51 @@ def test_a_silent_peer_is_dropped_after_the_handshake_timeout(server):
 
 def test_connections_beyond_the_limit_per_address_are_closed_at_once(server):
     srv = server(max_peers_per_address=2)
-    kept = [client(srv), client(srv)]
+    kept = [client(srv, wire.version_message()), client(srv, wire.version_message())]
     extra = client(srv)
     assert closed(extra) and count(srv.counters, "peers_over_limit") == 1
     assert len(srv.control) == 2
     for c in kept:
         c.close()
+
+
+def test_silent_peers_cannot_keep_a_tcpcopyd_out(server):
+    """A flood of connections that never speak holds every slot: a tcpcopyd that connects
+    then still gets in (the oldest silent one makes room), and a working one is never
+    displaced."""
+    srv = server(max_peers=8, max_peers_per_address=8)
+    working = client(srv, wire.version_message(), add(40000))
+    silent = [client(srv) for _ in range(40)]
+    assert len(srv.control) == 8
+    assert count(srv.counters, "peers_displaced") == 40 - 7
+    late = client(srv, wire.version_message(), add(40002))
+    assert len(srv.router.routes) == 2                 # both tcpcopyds registered
+    for c in silent[-6:]:
+        c.sendall(wire.version_message())
+    srv.pump()
+    assert not closed_now(working) and not closed_now(late)
+    for c in [working, late, *silent]:
+        c.close()
+
+
+def closed_now(c: socket.socket) -> bool:
+    c.setblocking(False)
+    try:
+        return c.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        c.setblocking(True)
+        c.settimeout(2)
+
+
+def test_a_first_message_of_zeros_never_reaches_the_router(server):
+    srv = server()
+    c = client(srv, wire.client_message(wire.CLIENT_ADD, bytes(4), 0, bytes(4), 0))
+    assert closed(c) and not srv.router.routes
+    assert count(srv.counters, "bad_peers") == 1
 
 
 def test_with_a_secret_registrations_wait_for_the_proof(server):

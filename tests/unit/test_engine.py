@@ -47,6 +47,9 @@ class FakeControl:
     def flush(self, now):
         self.log.append(("flush",))
 
+    def carries(self, s):
+        return self.up
+
 
 def client_pkt(seq, ack, flags, payload=b"", options=b"", window=502):
     return P.build(CLIENT, ONLINE, CPORT, 80, seq, ack, flags, window, options, payload)
@@ -828,3 +831,39 @@ def test_at_the_worker_limit_data_held_beyond_a_gap_pays_before_in_order_data():
     feed(e, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"r" * 60_000))
     assert good.key in e.sessions and (CLIENT, CPORT + 1, TARGET, 80) not in e.sessions
     assert e.counters[C.INDEX["sessions_overflow"]] == 1 and e.ooo_bytes == 0
+
+
+def test_no_syn_goes_out_while_no_interceptd_holds_the_registration(eng):
+    """Fail-closed: the target's SYN-ACK would not be caught, so it is never provoked."""
+    eng.control.up = False
+    feed(eng, client_pkt(ISN, 0, P.SYN, options=SYN_OPTS, window=64240))
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"GET / HTTP/1.1\r\n\r\n"))
+    eng.tick(100.0 + 1.5)                    # the retransmission timer too
+    assert eng.sender.take() == []
+    assert eng.counters[C.INDEX["held_no_link"]] >= 2
+    eng.control.up = True
+    eng.control.log.clear()
+    eng.on_control_up(102.0)
+    # the registration is written out before the SYN goes
+    assert eng.control.log[:2] == [("add", CPORT), ("flush",)]
+    [syn] = eng.sender.take()
+    assert syn.flags == P.SYN and syn.seq == ISN
+
+
+def test_a_fake_syn_waits_for_a_link_too(eng):
+    eng.control.up = False
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"GET / HTTP/1.1\r\n\r\n"))
+    assert eng.sender.take() == []
+    assert eng.counters[C.INDEX["sessions_fake"]] == 1
+
+
+def test_established_sessions_send_nothing_but_resets_while_the_link_is_down(eng):
+    s = handshake(eng)
+    eng.sender.take()
+    eng.control.up = False
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"hello"))
+    assert eng.sender.take() == []
+    eng.close_all()
+    [rst] = eng.sender.take()
+    assert rst.flags & P.RST and not eng.sessions
+    assert s.freed

@@ -21,3 +21,26 @@ def test_random_and_mutated_control_frames_through_both_sides():
     inter = r["interceptd"]
     assert inter["peers_accepted"] == r["control_connections"]
     assert inter.get("bad_messages", 0) + inter.get("bad_peers", 0) > 0
+
+
+def test_random_mutated_and_lying_packets_through_interceptds_reply_path():
+    from tcpcopyd.lab.fuzz import fuzz_replies
+    r = fuzz_replies(40_000, seed=7)
+    assert r["malformed"] > 5_000 and r["routed"] > 5_000   # both kinds were exercised
+    assert r["ring_groups_broken"] > 0
+    assert r["router"]["routed"] > 0
+
+
+def test_a_short_total_length_with_ip_options_is_malformed_not_a_crash():
+    """The frame that killed assistant-mode workers (#19): options, total length < IHL."""
+    import pytest
+
+    from tcpcopyd import packet as P
+    from tcpcopyd import wire
+    from tcpcopyd.lab.fuzz import CLIENT, TARGET
+    pkt = bytearray(P.build(TARGET, CLIENT, 80, 40000, 1, 2, P.ACK, 100, b"", b"x"))
+    pkt[20:20] = bytes(8)
+    pkt[0] = 0x47
+    pkt[2:4] = (24).to_bytes(2, "big")
+    with pytest.raises(wire.ProtocolError):
+        wire.reply_header(bytes(pkt))

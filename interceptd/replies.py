@@ -1,0 +1,33 @@
+"""What interceptd sends tcpcopyd of each packet of the target: its reply record."""
+from __future__ import annotations
+
+from tcpcopyd import wire
+
+# the sessions whose last answer's ack is remembered (to find each answer's first segment)
+ANSWERS_SEEN_MAX = 65536
+
+
+class Recorder:
+    """Turns a packet of the target into its reply record: its 64-byte header, and for
+    the first data segment of an answer (its ack is new: the client's request moved it)
+    the first bytes of its payload, while a comparison test wants them."""
+
+    def __init__(self) -> None:
+        # some tcpcopyd asked for the answers' first bytes (a comparison test is on)
+        self.want_prefix = False
+        self.last_ack: dict[bytes, bytes] = {}
+
+    def record(self, packet: bytes | memoryview) -> bytes:
+        """Raises ProtocolError for a packet that is not a whole IPv4/TCP header."""
+        header = wire.reply_header(packet)
+        if not self.want_prefix or int.from_bytes(header[2:4], "big") \
+                <= 20 + (header[32] >> 4) * 4:
+            return header
+        key = header[16:20] + header[22:24]
+        ack = header[28:32]
+        if self.last_ack.get(key) == ack:
+            return header
+        if len(self.last_ack) >= ANSWERS_SEEN_MAX:
+            self.last_ack.clear()
+        self.last_ack[key] = ack
+        return header + wire.payload_prefix(packet, wire.PREFIX_MAX)
