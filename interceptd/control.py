@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable
 
 from interceptd import counters as C
-from interceptd.router import Peer, Router
+from interceptd.router import WORKER_MAX_PENDING, Peer, Router
 from tcpcopyd import wire
 
 log = logging.getLogger("interceptd.control")
@@ -91,9 +91,12 @@ class ControlServer:
     def flush(self) -> None:
         """Frame what the router queued for each peer and write it out."""
         frame = self.router.frame
+        room = WORKER_MAX_PENDING - sum(len(p.out) for p in self.peers.values())
         for fd, peer in list(self.peers.items()):
             if peer.pending:
-                frame(peer)
+                before = len(peer.out)
+                frame(peer, room)
+                room -= len(peer.out) - before
             if peer.out:
                 self._send(fd, peer)
 

@@ -23,6 +23,7 @@ from tcpcopyd.service.startup import (
     allowed_cpus,
     catch_early_signals,
     remove_pidfile,
+    unsupported_machine,
     write_pidfile,
 )
 from tcpcopyd.service.startup import fail as _fail
@@ -55,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         return fail(str(e), e.code)
     catch_early_signals()
+    why = unsupported_machine()
+    if why:
+        return fail(why, EX_CONFIG)
     missing = capabilities.missing(("CAP_NET_ADMIN", "CAP_NET_RAW"))
     if missing:
         return fail(f"needs {', '.join(missing)} (NFQUEUE and iptables): run it as root, "
@@ -103,6 +107,11 @@ def assistant(cfg: Settings) -> int:
     err = capture.check_interface(cfg.interface)
     if err:
         return fail(err, EX_CONFIG)
+    if forwards() and not cfg.assistant_forwarding_ok:
+        return fail("assistant mode on a host that forwards IPv4 (net.ipv4.ip_forward=1): "
+                    "the target's replies would go on to the real clients; sysctl -w "
+                    "net.ipv4.ip_forward=0, or --assistant-forwarding-ok if they are "
+                    "dropped some other way", EX_CONFIG)
     sockets = []
     try:
         for _ in range(cfg.queues):
@@ -114,6 +123,15 @@ def assistant(cfg: Settings) -> int:
         return fail(str(e))
     cfg.no_iptables = True
     return serve(cfg, sockets, lambda: [sock.close() for sock in sockets])
+
+
+def forwards() -> bool:
+    """Whether this host forwards IPv4 (an assistant must not: the replies end here)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False
 
 
 def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:

@@ -77,6 +77,11 @@ class Settings(Config):
         "fanout socket per worker) instead of NFQUEUE; the target routes the client "
         "addresses to this host, which drops them by routing (no forwarding)",
         metavar="IFACE", example="eth1", default_text="NFQUEUE")
+    assistant_forwarding_ok: bool = setting(
+        ("--assistant-forwarding-ok",), False, boolean,
+        "assistant mode starts even though this host forwards IPv4 (the operator drops "
+        "the target's replies some other way: without that, forwarding would carry them to "
+        "the real clients)", is_flag=True, example=False)
     no_iptables: bool = setting(
         ("--no-iptables",), False, boolean,
         "do not install/remove NFQUEUE rules (the operator manages them)", is_flag=True,

@@ -33,6 +33,9 @@ DELAY_MAX = 65536
 DELAY_RETRY_BUDGET = 2048
 # a peer with more unsent bytes than this stopped reading: its replies are dropped
 PEER_MAX_PENDING = 4 << 20
+# unsent bytes over all the peers of a worker, at most (beyond: replies dropped, counted):
+# 256 connections x 4 MiB would be 1 GiB, the unit's whole MemoryMax
+WORKER_MAX_PENDING = 32 << 20
 # the target of a session registered with zeros (not given): replies from anywhere
 ANY_TARGET = bytes(6)
 
@@ -237,11 +240,12 @@ class Router:
                 self.counters[C.INDEX["delay_expired"]] += len(held)
             self.n_delayed -= len(held)
 
-    def frame(self, peer: Peer) -> None:
-        """Move a peer's pending headers into its output buffer as combined frames."""
+    def frame(self, peer: Peer, room: int = WORKER_MAX_PENDING) -> None:
+        """Move a peer's pending headers into its output buffer as combined frames;
+        ``room``: what the worker's peers may still hold unsent, in all."""
         if not peer.pending:
             return
-        if len(peer.out) > PEER_MAX_PENDING:
+        if len(peer.out) > PEER_MAX_PENDING or room <= 0:
             self.counters[C.INDEX["slow_peer_dropped"]] += len(peer.pending)
         else:
             self.counters[C.INDEX["routed"]] += len(peer.pending)

@@ -101,6 +101,7 @@ class Worker(service_worker.Worker):
         self.watch = SettingsWatch("interceptd", self.seg, self.cfg)
         self.buf = bytearray(65536)
         self.recorder = Recorder()
+        self.route, self.record = self.router.route, self.recorder.record
         log.info("worker %d reading %s, control port %s:%d", self.index + 1,
                  self.source_name, *self.listener.getsockname()[:2])
 
@@ -167,21 +168,31 @@ class Worker(service_worker.Worker):
         """One packet of the target, from NFQUEUE: dropped, its header routed."""
         payload = pkt.get_payload()
         pkt.drop()
-        self.counters[QUEUED] += 1
-        self._on_reply(payload, time.monotonic())
+        cnt = self.counters
+        cnt[QUEUED] += 1
+        try:
+            self.route(self.record(payload), time.monotonic())
+        except wire.ProtocolError:
+            cnt[MALFORMED] += 1
+        except Exception:
+            self._unexpected(payload)
 
     def _on_reply(self, packet, now: float) -> None:
         """Route the record of one packet of the target; a packet that is not a whole
         IPv4/TCP header is counted and skipped. Nothing a packet holds stops the worker:
-        anything else that goes wrong with one is counted the same and logged."""
+        anything else that goes wrong with one is counted the same and logged. (The
+        NFQUEUE callback does the same inline: it runs once per reply.)"""
         try:
-            self.router.route(self.recorder.record(packet), now)
+            self.route(self.record(packet), now)
         except wire.ProtocolError:
             self.counters[MALFORMED] += 1
         except Exception:
-            self.counters[MALFORMED] += 1
-            log.exception("a packet of the target could not be handled (%d bytes, "
-                          "skipped)", len(packet))
+            self._unexpected(packet)
+
+    def _unexpected(self, packet) -> None:
+        self.counters[MALFORMED] += 1
+        log.exception("a packet of the target could not be handled (%d bytes, skipped)",
+                      len(packet))
 
     def _read_capture(self, now: float) -> None:
         """Assistant mode: replies the target routed here (the kernel drops them after us,

@@ -80,15 +80,27 @@ class OwnedRegion:
         self.t = table
         self.region = region
         self.where: dict[bytes, int] = {}   # key -> bucket index
-        self.deleted = 0
-        self.clear()
+        self.tombstones: set[int] = set()   # buckets marked DELETED
+        self.clear(whole=True)
 
-    def clear(self) -> None:
+    @property
+    def deleted(self) -> int:
+        return len(self.tombstones)
+
+    def clear(self, whole: bool = False) -> None:
+        """Empty the region: the buckets it holds (``whole``: every bucket, for a region a
+        dead predecessor may have left anything in). Each is emptied as a seqlock write,
+        its counter moving on: zeroing the counter with the body would let a reader that
+        began before see the same counter after, and take a torn bucket (ABA)."""
         t = self.t
-        start = t._bucket(self.region, 0)
-        t.mm[start:start + t.buckets * BUCKET_SIZE] = bytes(t.buckets * BUCKET_SIZE)
+        mm, state_at, empty = t.mm, 4 + BUCKET.offset("state"), (bytes(6), EMPTY, 0)
+        held = range(t.buckets) if whole else [*self.where.values(), *self.tombstones]
+        for i in held:
+            off = t._bucket(self.region, i)
+            if mm[off + state_at] != EMPTY or seqlock.SEQ.unpack_from(mm, off)[0] & 1:
+                seqlock.write(mm, off, BUCKET, empty)
         self.where.clear()
-        self.deleted = 0
+        self.tombstones.clear()
 
     def put(self, key: bytes, value: int) -> bool:
         t = self.t
@@ -103,9 +115,8 @@ class OwnedRegion:
                 off = t._bucket(self.region, j)
                 state = t.mm[off + 4 + BUCKET.offset("state")]
                 if state != USED:
-                    if state == DELETED:
-                        self.deleted -= 1
                     i = j & t.mask
+                    self.tombstones.discard(i)
                     break
             else:
                 return False
@@ -118,7 +129,7 @@ class OwnedRegion:
         if i is None:
             return
         seqlock.write(self.t.mm, self.t._bucket(self.region, i), BUCKET, (key, DELETED, 0))
-        self.deleted += 1
+        self.tombstones.add(i)
 
     def _rebuild(self) -> None:
         entries = []

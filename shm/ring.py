@@ -47,7 +47,10 @@ class Ring:
             words[self.tail] = tail + n
         return n
 
-    def pop_all(self) -> list[bytes]:
+    def pop_all(self, clear: bool = False) -> list[bytes]:
+        """Every record pushed since the last pop, oldest first; with ``clear`` their slots
+        are zeroed before they are handed back to the producer (records that should not
+        stay readable in the segment: the comparison test's production bytes)."""
         mm, rec, cap, words = self.mm, self.record, self.capacity, self.words
         head = words[self.head]
         tail = words[self.tail]
@@ -55,9 +58,12 @@ class Ring:
             return []
         base = self.data
         out = []
+        blank = bytes(rec) if clear else b""
         for i in range(head, tail):
             off = base + (i & (cap - 1)) * rec
             out.append(mm[off:off + rec])
+            if clear:
+                mm[off:off + rec] = blank
         words[self.head] = tail
         return out
 

@@ -63,6 +63,21 @@ def decode(record: bytes) -> dict | None:
         return None
 
 
+def open_private(path: str, mode: str):
+    """Open ``path`` for writing, readable by its owner only (0600) whatever the umask, and
+    made so if it was readable by others before; never through a symbolic link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | \
+        (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        return os.fdopen(fd, mode, buffering=1 << 16)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def judged(rec: dict, rules: answers.Rules) -> dict:
     """The record as written: with the request's path, each side's status, and how the two
     sides compare (None where a side is missing)."""
@@ -97,17 +112,19 @@ class CompareLog:
         self.file = self._open()
 
     def _open(self):
+        """The log, 0600 whatever the umask (it holds production requests and answers)."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o750, exist_ok=True)
-        return open(self.path, "a", buffering=1 << 16)
+        return open_private(self.path, "a")
 
     def drain(self) -> int:
         lines = []
         for r in self.rings:
-            for record in r.pop_all():
-                rec = decode(record)
+            for record in r.pop_all(clear=True):   # read, then wiped from the segment
                 try:
+                    rec = decode(record)
                     lines.append(json.dumps(judged(rec, self.rules), separators=(",", ":")))
-                except (KeyError, TypeError, ValueError, AttributeError):
+                except (KeyError, TypeError, ValueError, AttributeError, IndexError,
+                        struct.error):
                     self.lost += 1    # not a record a worker of this release makes
         if not lines:
             return 0

@@ -60,12 +60,12 @@ def show_metrics(args: argparse.Namespace) -> int:
 
 
 def show_report(args: argparse.Namespace) -> int:
-    from tcpcopyd import report
+    from tcpcopyd import comparelog, report
     try:
         skipped: list[str] = []
         summary = report.summarize(report.read(args.file, skipped), args.ignore, skipped)
         if args.html:
-            with open(args.html, "w") as f:
+            with comparelog.open_private(args.html, "w") as f:
                 f.write(report.html(summary, f"tcpcopyd comparison: {args.file}"))
     except report.ReportError as e:
         print(f"tcpcopyctl: {e}", file=sys.stderr)

@@ -28,6 +28,7 @@ from tcpcopyd.service.startup import (
     allowed_cpus,
     catch_early_signals,
     remove_pidfile,
+    unsupported_machine,
     write_pidfile,
 )
 from tcpcopyd.service.startup import fail as _fail
@@ -94,6 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         return fail(str(e), e.code)
     catch_early_signals()
+    why = unsupported_machine()
+    if why:
+        return fail(why, EX_CONFIG)
     missing = capabilities.missing(("CAP_NET_RAW",))
     if missing:
         return fail(f"needs {', '.join(missing)} (AF_PACKET capture and raw sockets): run it "

@@ -65,8 +65,8 @@ class Lab:
     def __init__(self, prefix: str = "tcl", nginx_workers: int = 1,
                  cpus: dict[str, str] | None = None, second_online: bool = False,
                  assistant: bool = False, attacker: bool = False,
-                 nginx_extra: dict[str, str] | None = None) -> None:
-        self.ns = Namespaces(prefix, second_online, assistant, attacker)
+                 nginx_extra: dict[str, str] | None = None, route_back: bool = True) -> None:
+        self.ns = Namespaces(prefix, second_online, assistant, attacker, route_back)
         self.nginx_workers = nginx_workers
         self.nginx_extra = nginx_extra or {}   # host -> more nginx directives
         self.cpus = cpus or {}   # daemon -> CPU list for taskset (its workers pin inside it)

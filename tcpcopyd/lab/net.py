@@ -20,13 +20,14 @@ host nor the assistant, for the tests of what a hostile neighbour can do:
     target (eth3 198.18.9.2) --eth3-- attacker (eth0 198.18.9.1, default route via the
         target)
 
-The target routes the client network back through the online host, which forwards it to
-the clients, as a real network would carry a reply that escaped: interceptd's NFQUEUE rule
-(or its guard, while no interceptd runs) must stop every reply on the way out. Counters in
-the raw table of the client and online hosts count every packet of the target's services
-that arrives there anyway (``leaked``); ``tests/lab/test_fail_closed.py`` shows they count
-a reply let through on purpose. (DEAD_END_IP, an address nobody answers, is what the doctor
-recommends on a real target host; tests that need it route to it themselves.)
+The target routes the client network back through the online host (``route_back``, the
+default), which forwards it to the clients, as a real network would carry a reply that
+escaped: interceptd's NFQUEUE rule (or its guard, while no interceptd runs) alone stops
+the replies. Counters in the raw table of the client and online hosts count every packet
+of the target's services that arrives there (``leaked``), so every lab test's "nothing
+leaked" can fail; ``tests/lab/test_fail_closed.py`` shows they count a reply let through on
+purpose. Without ``route_back`` the target routes the clients to DEAD_END_IP, an address
+nobody answers (what the doctor recommends on a real target host).
 """
 from __future__ import annotations
 
@@ -60,8 +61,10 @@ LEAK_TAG = "tcpcopyd-lab-leak"
 
 class Namespaces:
     def __init__(self, prefix: str, second_online: bool = False,
-                 assistant: bool = False, attacker: bool = False) -> None:
+                 assistant: bool = False, attacker: bool = False,
+                 route_back: bool = True) -> None:
         self.prefix = prefix
+        self.route_back = route_back
         self.client = f"{prefix}-client"
         self.online = f"{prefix}-online"
         self.target = f"{prefix}-target"
@@ -142,7 +145,13 @@ class Namespaces:
 
     def _route_back(self, client: str, online_ip: str, online: str, online_target_side: str,
                     client_net: str, target_net: str) -> None:
-        """The target's way to the clients: through the online host, which forwards."""
+        """The target's way to the clients: a dead end, or (``route_back``) through the
+        online host, which forwards."""
+        if not self.route_back:
+            dead_end = online_target_side.rsplit(".", 1)[0] + ".254"
+            with NetNS(self.target) as n:
+                n.route("add", dst=client_net, gateway=dead_end)
+            return
         with NetNS(self.target) as n:
             n.route("add", dst=client_net, gateway=online_target_side)
         with NetNS(client) as n:

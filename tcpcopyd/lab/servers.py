@@ -5,7 +5,7 @@ import os
 
 # nginx access log: one line per request, with what the tests compare
 LOG_FORMAT = ("$remote_addr $remote_port $status $request_length $bytes_sent "
-              "$request_method $request_uri $request_body_file")
+              "$request_method $request_uri $request_body_file $msec")
 
 
 # size of /big.bin served by both nginx

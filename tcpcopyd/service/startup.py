@@ -3,6 +3,7 @@ file, the CPUs to pin workers to, and stop signals that arrive before the arbite
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import sys
 
@@ -21,6 +22,21 @@ def catch_early_signals() -> None:
 def fail(prog: str, message: str, code: int = 1) -> int:
     print(f"{prog}: {message}", file=sys.stderr)
     return code
+
+
+# processors whose store order the shared-memory code relies on (x86-64 keeps stores in
+# order: shm/seqlock.py and shm/ring.py need no barrier there)
+SUPPORTED_MACHINES = ("x86_64", "amd64")
+
+
+def unsupported_machine() -> str | None:
+    """Why the daemons must not run on this processor, or None."""
+    machine = platform.machine()
+    if machine.lower() in SUPPORTED_MACHINES:
+        return None
+    return (f"this processor ({machine or 'unknown'}) is not supported: the shared session "
+            "table and rings rely on x86-64's store order, and would need memory barriers "
+            "here (run tcpcopyd/interceptd on x86-64 hosts)")
 
 
 def write_pidfile(path: str | None) -> None:

@@ -24,11 +24,12 @@ def lab(request):
     that no packet of the target reached the client or the online host, and that both
     daemons stop cleanly leaving no iptables rule or shm segment."""
     want = {"interceptd": True, "tcpcopyd": True, "memcached": True, "second_online": False,
-            "assistant": False, "attacker": False, "nginx_extra": None,
+            "assistant": False, "attacker": False, "nginx_extra": None, "route_back": True,
             **getattr(request, "param", {})}
     prefix = f"t{os.getpid() % 1000}x{next(_ids)}"
     lab = Lab(prefix, second_online=want["second_online"], assistant=want["assistant"],
-              attacker=want["attacker"], nginx_extra=want["nginx_extra"])
+              attacker=want["attacker"], nginx_extra=want["nginx_extra"],
+              route_back=want["route_back"])
     try:
         lab.up(memcached=want["memcached"])
         if want["interceptd"]:

@@ -1,7 +1,8 @@
 """Fail-closed (#19): no reply of the target reaches a client or the online host, whatever
 interceptd does — stopped, killed with SIGKILL, restarted, not started yet — and tcpcopyd
 finds each new interceptd by itself. The lab routes the target's replies back through the
-online host to the clients (as a real network would), with counters on both."""
+online host to the clients (as a real network would: no dead end), with counters on
+both."""
 from __future__ import annotations
 
 import signal

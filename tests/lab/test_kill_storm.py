@@ -29,6 +29,8 @@ pytestmark = pytest.mark.lab
 KILLS = int(os.environ.get("TCPCOPYD_KILL_STORM", "200"))
 LONG_CONNECTIONS = 40
 LONG_INTERVAL = 0.1          # each long connection asks every 0.1 s: 400 req/s in all
+# share of the requests during the storm that may go unreplicated
+LOSS_BOUND = 0.01
 # kills of one worker index within the arbiter's crash window stay below a crash loop
 PER_WINDOW = arbiter.CRASH_LOOP_DEATHS - 1
 WINDOW = arbiter.CRASH_WINDOW + 1.0
@@ -150,5 +152,10 @@ def test_two_hundred_sigkills_under_load_the_service_recovers_every_time(lab):
           f"not replicated; tcpcopyd sessions restored {c['sessions_restored']}, "
           f"torn {c['sessions_torn']}, resynced {c['sessions_resynced']}, stale target "
           f"connections reset {c['stale_connections_reset']}")
+    # what a kill may lose is what the killed worker held (captured, not yet sent or
+    # acknowledged): 0.31 % in BENCHMARKS.md; without the shm table carrying the sessions
+    # on, every session of a killed worker would be lost from then on
+    assert lost <= online_during * LOSS_BOUND, \
+        f"{lost} of {online_during} requests not replicated during the storm"
     for seg in segs.values():
         seg.close()

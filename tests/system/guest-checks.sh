@@ -191,6 +191,7 @@ check "tcpcopyd@eth0: stopped cleanly" [ "$(systemctl show -p Result --value tcp
 check "interceptd: systemctl stop" systemctl stop interceptd
 check "interceptd: no process left" no_process "interceptd:"
 check "interceptd: no NFQUEUE rule left" no_nfqueue_rule
+check "interceptd: its guard stays after the stop" sh -c 'iptables -w 5 -S OUTPUT | grep -q "interceptd-guard:interceptd.*DROP"'
 check "interceptd: no shm segment left" [ ! -e /run/tcpcopyd/interceptd.shm ]
 
 # ---------------------------------------------------------------- failures
@@ -210,7 +211,7 @@ check "log file: written under LogsDirectory" wait_until 10 grep -q "ready: 2 wo
 systemctl start interceptd
 check "purge: dpkg --purge tcpcopyd interceptd" sh -c 'dpkg --purge tcpcopyd interceptd >/root/purge.log 2>&1'
 check "purge: no process left" sh -c '! ps -eo args= | grep -q "^tcpcopyd:\|^interceptd:"'
-check "purge: no rule, no shm segment left" sh -c '! iptables -w 5 -S OUTPUT | grep -q NFQUEUE && ! ls /run/tcpcopyd | grep -q "\.shm$"'
+check "purge: no rule, no guard, no shm segment left" sh -c '! iptables -w 5 -S OUTPUT | grep -q "NFQUEUE\|interceptd-guard" && ! ls /run/tcpcopyd | grep -q "\.shm$"'
 check "purge: config files and logs gone" sh -c '[ ! -e /etc/tcpcopyd.conf ] && [ ! -e /etc/interceptd.conf ] && [ ! -e /var/log/tcpcopyd ]'
 
 echo "--- tcpcopyd@eth0, first lines"

@@ -80,3 +80,16 @@ def test_help_lists_every_flag(prog):
         from tcpcopyd.options import REGISTRY as T
         for s in (T if prog == "tcpcopyd" else I):
             assert s.flags[-1] in r.stdout, s.name
+
+
+@pytest.mark.parametrize("prog", ["tcpcopyd", "interceptd"])
+def test_the_daemons_refuse_a_processor_whose_store_order_they_do_not_rely_on(
+        prog, monkeypatch, capsys):
+    import importlib
+    import platform
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    main = importlib.import_module(f"{prog}.main").main
+    args = ["--service-port", "80"] if prog == "interceptd" else \
+        ["-x", "80-198.18.2.2:80", "-s", "198.18.2.2", "-i", "lo"]
+    assert main(args) == 78
+    assert "this processor (aarch64) is not supported" in capsys.readouterr().err

@@ -346,3 +346,29 @@ def test_a_full_delay_table_costs_a_bounded_round():
     for _ in range(10000 // R.DELAY_RETRY_BUDGET + 1):
         r.retry_delayed(10.0)                      # expired, a bounded share per round
     assert not r.delayed and r.n_delayed == 0
+
+
+def test_unsent_replies_are_bounded_per_worker_not_only_per_connection():
+    from interceptd import counters as IC
+    from interceptd.router import WORKER_MAX_PENDING, Peer, Router
+    cnt = [0] * len(IC.NAMES)
+    r = Router(cnt)
+    peers = []
+    try:
+        batch = [bytes(64)] * 20000          # about 1.3 MB once framed
+        for i in range(12):   # readers that never read, each under its own 4 MiB
+            p = Peer(socket.socket(), f"p{i}", i, bytes([10, 0, 0, i]))
+            p.out += bytes(5 << 19)           # 2.5 MiB: 30 MiB in all
+            p.pending.extend(batch)
+            peers.append(p)
+        room = WORKER_MAX_PENDING - sum(len(p.out) for p in peers)
+        for p in peers:
+            before = len(p.out)
+            r.frame(p, room)
+            room -= len(p.out) - before
+        # without the worker's bound: 30 + 12 x 1.3 MB
+        assert sum(len(p.out) for p in peers) <= WORKER_MAX_PENDING + 1_400_000
+        assert cnt[IC.INDEX["slow_peer_dropped"]] > 0
+    finally:
+        for p in peers:
+            p.sock.close()

@@ -69,3 +69,24 @@ def test_key_table_regions_have_one_writer_and_any_reader(seg):
         other.remove(k)
     assert all(table.find(k) == (1, i) for i, k in enumerate(keys[140:], 140))
     assert mine.put(keys[0], 7) and table.find(keys[0], skip=1) == (0, 7)
+
+
+def test_emptying_a_region_moves_every_counter_on(seg):
+    """No ABA: a reader that read a bucket's counter before the owner empties its region
+    (a rebuild) never finds the same counter after it, so it never takes a torn bucket."""
+    from shm import seqlock
+    from shm.keytable import BUCKET
+    table = KeyTable(seg.mm, seg.extra_off + ring_size(64, 64), 2, 256)
+    region = OwnedRegion(table, 0)
+    keys = [b"\xc6\x12\x01\x01" + i.to_bytes(2, "big") for i in range(100)]
+    for i, k in enumerate(keys):
+        region.put(k, i)
+    before = {i: seqlock.SEQ.unpack_from(seg.mm, table._bucket(0, i))[0]
+              for i in region.where.values()}
+    region.clear()
+    for i, seq in before.items():
+        off = table._bucket(0, i)
+        after = seqlock.SEQ.unpack_from(seg.mm, off)[0]
+        assert after > seq and not after & 1       # forward: never back to an old value
+        assert seqlock.read(seg.mm, off, BUCKET)[1] == 0    # EMPTY
+    assert all(table.lookup(0, k) is None for k in keys)
