@@ -115,5 +115,7 @@ def test_malformed_frames_at_the_assistant_stop_no_worker(lab):
     target = target_caught_up(lab, 4000)
     assert sum(1 for f in target if f[6] == "/?under=attack" and f[2] == "200") == 4000
     c = totals(lab, "interceptd")
-    assert c["malformed"] >= 15000, c          # seen, counted, skipped
+    # a quarter are the frame that killed workers (options, short total length): the
+    # capture filter passes them all; of the others it passes those whose ports it finds
+    assert c["malformed"] >= 4500, c          # seen, counted, skipped
     assert "exited with" not in lab.log_text("interceptd")   # no worker died
