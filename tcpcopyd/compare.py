@@ -141,6 +141,7 @@ class Exchanges:
         self.answer_clock = answer_clock or time.monotonic
         self.conversations: OrderedDict[tuple, Conversation] = OrderedDict()
         self.pending = 0            # exchanges held, all connections
+        self.answers_lost = 0       # online answers dropped: MAX_EARLY of them were waiting
         self.wall_offset = time.time() - time.monotonic()
 
     def _conv(self, key: tuple, now: float, create: bool) -> Conversation | None:
@@ -175,21 +176,23 @@ class Exchanges:
                                 bytes(buf[start:min(end, start + REQUEST_PREFIX)]),
                                 self.request_clock())
 
-    def answer_packet(self, buf, n: int) -> None:
-        """A captured packet of the online server's answer."""
+    def answer_packet(self, buf, n: int) -> bool:
+        """A captured packet of the online server's answer; whether it answers client data
+        not read yet (it waits for it: the caller reads the capture before more answers)."""
         f = tcp_fields(buf, n)
         if f is None or f[7] <= f[6]:
-            return
+            return False
         src, dst, sport, dport, seq, ack, start, end = f
         targets = self.engine.targets
         target = targets.get(sport) or targets.get((src, sport))
         if target is None:
-            return
+            return False
         key = (dst, dport, target[0], target[1])
         if key in self.conversations or key in self.engine.sessions:
-            self.online_answer(key, seq, ack, end - start,
-                               bytes(buf[start:min(end, start + PREFIX)]),
-                               self.answer_clock())
+            return self.online_answer(key, seq, ack, end - start,
+                                      bytes(buf[start:min(end, start + PREFIX)]),
+                                      self.answer_clock())
+        return False
 
     def online_request(self, key: tuple, seq: int, ack: int, nbytes: int, payload: bytes,
                        now: float) -> None:
@@ -210,15 +213,19 @@ class Exchanges:
                 self._online_answer(key, c, *a)
 
     def online_answer(self, key: tuple, seq: int, ack: int, nbytes: int, payload: bytes,
-                      now: float) -> None:
+                      now: float) -> bool:
+        """Whether the answer waits for client data not read yet."""
         c = self._conv(key, now, create=True)
         last = c.exchanges[-1] if c.exchanges else None
         if last is None or seq_lt(last.end, ack):
             # it answers client data not read yet: it waits for it
             if len(c.early) < MAX_EARLY:
                 c.early.append((seq, ack, nbytes, payload, now))
-            return
+            else:
+                self.answers_lost += 1
+            return True
         self._online_answer(key, c, seq, ack, nbytes, payload, now)
+        return False
 
     def _online_answer(self, key: tuple, c: Conversation, seq: int, ack: int, nbytes: int,
                        payload: bytes, now: float) -> None:

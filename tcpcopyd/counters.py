@@ -59,6 +59,9 @@ COUNTERS = (
                   "the target) handed to the master for compare_log"),
     ("compare_dropped", "comparison test: exchanges dropped because the master did not "
                         "take them in time (its ring was full)"),
+    ("compare_answers_lost", "comparison test: online answers dropped because more than "
+                             "64 of one connection's answers came before their requests "
+                             "were read (those exchanges show an online size too small)"),
     ("held_no_link", "packets not sent to the target because no interceptd held their "
                      "session's registration (its answer would not be caught): sent when a "
                      "link comes up, or by the retransmission timer"),

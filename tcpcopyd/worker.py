@@ -6,6 +6,7 @@ import logging
 import select
 import socket
 import time
+from collections.abc import Callable
 
 from shm.segment import LinkState, Segment
 from shm.table import SlotTable
@@ -209,7 +210,7 @@ class Worker(service_worker.Worker):
                     # the requests first: an answer is sent after its request arrived,
                     # so the capture socket holds that request by now
                     read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
-                    self.read_answers()
+                    self.read_answers(on_packet, now)
                 elif fd == watchfd:
                     self.on_link_event(now)
                 else:
@@ -241,14 +242,22 @@ class Worker(service_worker.Worker):
         cnt[C.INDEX["capture_lag_ms"]] = int(reader.lag * 1000)
         cnt[C.INDEX["capture_lag_peak_ms"]] = int(reader.take_peak() * 1000)
         cnt[C.INDEX["interface_down"]] = int(self.down_since is not None)
+        if self.exchanges is not None:
+            ex = self.exchanges
+            cnt[C.INDEX["compare_answers_lost"]] += ex.answers_lost
+            ex.answers_lost = 0
         connects, errors = self.control.connects, self.control.errors
         cnt[C.INDEX["control_connects"]] += connects - self._links_seen[0]
         cnt[C.INDEX["control_errors"]] += errors - self._links_seen[1]
         self._links_seen = (connects, errors)
         self.heartbeat()
 
-    def read_answers(self) -> None:
-        """The online server's answers (the comparison test), a batch at most."""
+    def read_answers(self, on_packet: Callable[[bytearray, int, float], None],
+                     now: float) -> None:
+        """The online server's answers (the comparison test), a batch at most. An answer
+        to a request not read yet (the worker was held up between its two sockets: the
+        answers ran ahead) has the capture read again at once, before the answers behind
+        it pile up beyond what a connection may hold early."""
         recv_into, buf, answer = self.answers.recv_into, self.reader.buf, \
             self.exchanges.answer_packet
         for _ in range(CAPTURE_BATCH):
@@ -260,7 +269,8 @@ class Worker(service_worker.Worker):
                 if e.errno in capture.INTERFACE_GONE:
                     return
                 raise
-            answer(buf, n)
+            if answer(buf, n):
+                self.reader.read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
 
     def emit_exchange(self, record: dict) -> None:
         """A finished exchange to the master (never waiting: a full ring drops it)."""

@@ -82,12 +82,17 @@ def register(args: argparse.Namespace) -> dict:
 
 def flood_routes(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
-    socks = [_connect(args.host, args.port) for _ in range(args.connections)]
+    # each connection speaks at once, as a tcpcopyd does (interceptd ends silent ones to
+    # make room for new connections at its limits)
+    socks = []
+    for _ in range(args.connections):
+        s = _connect(args.host, args.port)
+        s.setblocking(True)
+        s.sendall(wire.version_message())
+        socks.append(s)
     sent = 0
     per = args.registrations // args.connections
     for s in socks:
-        s.setblocking(True)
-        s.sendall(wire.version_message())
         batch = bytearray()
         for _ in range(per):
             batch += wire.client_message(wire.CLIENT_ADD, rng.randbytes(4),

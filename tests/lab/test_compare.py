@@ -94,7 +94,9 @@ def test_the_report_finds_what_differs_and_only_that(lab, tmp_path):
     s = json.loads(out.stdout)
     assert s["exchanges"] == s["compared"] == len(recs)
     assert s["online_only"] == s["target_only"] == 0
-    assert s["size_differences"] == WORKLOAD["/fail"]
+    differ = [(r["path"], r["online"]["size"], r["target"]["size"]) for r in recs
+              if r.get("same_size") is False and r["path"] != "/fail"]
+    assert s["size_differences"] == WORKLOAD["/fail"], differ[:20]
     assert s["status_mismatches"] == WORKLOAD["/fail"]
     assert s["status_mismatch_pairs"] == {"200→500": WORKLOAD["/fail"]}
     assert s["status_mismatches_by_path"] == {"/fail": WORKLOAD["/fail"]}

@@ -151,12 +151,28 @@ def test_the_exchanges_held_are_bounded(monkeypatch):
 def test_an_answer_read_before_its_request_waits_for_it():
     ex, out = exchanges()
     ex.online_request(KEY, 1, 100, 5, b"set a", 1.0)
-    ex.online_answer(KEY, 100, 6, 8, b"STORED\r\n", 1.001)
-    ex.online_answer(KEY, 108, 11, 8, b"STORED\r\n", 1.003)   # the next one's, read first
+    assert not ex.online_answer(KEY, 100, 6, 8, b"STORED\r\n", 1.001)
+    # the next one's, read first: it waits, and says so (the worker reads the capture)
+    assert ex.online_answer(KEY, 108, 11, 8, b"STORED\r\n", 1.003)
     ex.online_request(KEY, 6, 108, 5, b"set b", 1.002)
     ex.closed(KEY)
     assert [(r["request"], r["online"]["size"], r["online"]["ttfb_ms"]) for r in out] == \
         [(b"set a", 8, 1.0), (b"set b", 8, 1.0)]
+    assert ex.answers_lost == 0
+
+
+def test_answers_far_ahead_of_their_requests_are_counted_when_dropped():
+    ex, out = exchanges()
+    ex.online_request(KEY, 1, 100, 5, b"set 0", 1.0)
+    ahead = compare.MAX_EARLY + 3
+    for i in range(1, ahead + 1):       # the answers to sets 1.. before those sets
+        assert ex.online_answer(KEY, 100 + 8 * i, 6 + 5 * i, 8, b"STORED\r\n", 1.0 + i)
+    assert ex.answers_lost == 3
+    for i in range(1, ahead + 1):
+        ex.online_request(KEY, 1 + 5 * i, 100 + 8 * i, 5, b"set %d" % i, 2.0 + i)
+    ex.closed(KEY)
+    sizes = [r["online"]["size"] for r in out]
+    assert sizes[1:] == [8] * compare.MAX_EARLY + [0] * 3
 
 
 def test_the_report_command_names_a_bad_file_or_rule(tmp_path, capsys):
