@@ -1,5 +1,5 @@
 """interceptd's side of the control channel: the tcpcopyd connections one worker accepted
-(tcpcopyd's side is ``tcpcopyd.control``). It reads their 14-byte messages for the router,
+(tcpcopyd's side is ``tcpcopyd.online.control``). It reads their 14-byte messages for the router,
 writes out the reply headers the router framed for them, and drops a connection that
 breaks the protocol or goes away. Non-blocking, on the worker's epoll.
 
@@ -25,8 +25,8 @@ import socket
 from collections.abc import Callable
 
 from interceptd import counters as C
-from interceptd.router import WORKER_MAX_PENDING, Peer, Router
-from tcpcopyd import wire
+from interceptd.router import WORKER_MAX_PENDING, Holder, Router
+from tcpcopyd.net import wire
 
 log = logging.getLogger("interceptd.control")
 
@@ -41,6 +41,28 @@ ACCEPT_PAUSE = 1.0
 REFUSED_LOG_EVERY = 60.0
 # addresses remembered for that (then the memory is cleared)
 REFUSED_LOG_MAX = 10000
+
+
+class Peer(Holder):
+    """One tcpcopyd control connection: its socket, what it sent that is not read yet, and
+    where its handshake stands (the routes it holds are the router's ``Holder`` part)."""
+
+    __slots__ = ("sock", "name", "id", "inbuf", "since", "ready", "offered", "nonce", "proof",
+                 "refused")
+
+    def __init__(self, sock: socket.socket, name: str, peer_id: int = 0,
+                 address: bytes = b"\0\0\0\0", since: float = 0.0) -> None:
+        super().__init__(address)
+        self.sock = sock
+        self.name = name
+        self.id = peer_id
+        self.inbuf = bytearray()
+        self.since = since               # accepted at (monotonic)
+        self.ready = False               # handshake over: registrations taken
+        self.offered = False             # sent a HELLO: extension frames may go to it
+        self.nonce = b""                 # the challenge it must prove the secret on
+        self.proof = bytearray()         # PROOF parts received so far
+        self.refused: str | None = None  # why it is refused (it is told if it offered)
 
 
 class ControlServer:

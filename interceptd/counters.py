@@ -1,6 +1,10 @@
 """Names of interceptd's per-worker counters (index = position in shm)."""
 from __future__ import annotations
 
+from tcpcopyd.health import kinds
+
+KIND = 2        # the kind number of interceptd's shm segments
+
 COUNTERS = (
     ("queued", "target packets read from the NFQUEUE (all dropped: fail-closed)"),
     ("malformed", "queued packets that are not TCP/IPv4 (dropped, skipped)"),
@@ -42,3 +46,4 @@ GAUGES = frozenset({"peers", "routes", "peers_payload"})
 # rising")
 DROPS = frozenset({"queue_drops", "delay_expired", "delay_full", "slow_peer_dropped",
                    "handoff_full", "route_table_full", "routes_over_limit"})
+kinds.register(KIND, "interceptd", COUNTERS, GAUGES, DROPS)

@@ -13,7 +13,8 @@ from interceptd import rules, shared
 from interceptd.options import LAYOUT, REGISTRY, Settings
 from interceptd.worker import Worker, dispatch
 from shm import segment as shmseg
-from tcpcopyd import capture, metrics, wire
+from tcpcopyd.health import metrics
+from tcpcopyd.net import capture, wire
 from tcpcopyd.service import capabilities, logs
 from tcpcopyd.service.arbiter import Arbiter
 from tcpcopyd.service.instance import InstanceError, InstanceLock
@@ -29,8 +30,6 @@ from tcpcopyd.service.startup import (
 from tcpcopyd.service.startup import fail as _fail
 
 PROG = "interceptd"
-# shm segment kind
-KIND = 2
 
 log = logging.getLogger(PROG)
 
@@ -158,7 +157,7 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
             release()
             return fail(str(e))
     try:
-        seg = shmseg.create(cfg.instance, KIND, cfg.queues, 0, 64,
+        seg = shmseg.create(cfg.instance, C.KIND, cfg.queues, 0, 64,
                             label=",".join(map(str, cfg.service_port)),
                             extra_size=shared.extra_size(cfg.queues, cfg.max_routes))
     except (shmseg.SegmentError, OSError) as e:

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
-from tcpcopyd import wire
+from tcpcopyd.net import wire
 from tcpcopyd.service.settings import (
     Config,
     Layout,

@@ -1,7 +1,7 @@
 """What interceptd sends tcpcopyd of each packet of the target: its reply record."""
 from __future__ import annotations
 
-from tcpcopyd import wire
+from tcpcopyd.net import wire
 
 # the sessions whose last answer's ack is remembered (to find each answer's first segment)
 ANSWERS_SEEN_MAX = 65536

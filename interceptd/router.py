@@ -18,11 +18,10 @@ in assistant mode) is dropped. Every refusal is counted.
 from __future__ import annotations
 
 import itertools
-import socket
 
 from interceptd import counters as C
 from shm.keytable import KeyTable, OwnedRegion
-from tcpcopyd import wire
+from tcpcopyd.net import wire
 
 # how long a reply waits for its session's CLIENT_ADD, seconds
 DELAY_SECONDS = 3.0
@@ -40,30 +39,19 @@ WORKER_MAX_PENDING = 32 << 20
 ANY_TARGET = bytes(6)
 
 
-class Peer:
-    """One tcpcopyd control connection."""
+class Holder:
+    """What the router knows of a control connection that holds routes: the address that
+    owns them, whether it spoke the version message, and the reply headers on their way to
+    it (the control server's ``Peer`` adds the connection and its handshake)."""
 
-    __slots__ = ("sock", "name", "id", "address", "inbuf", "pending", "out", "alive",
-                 "versioned", "since", "ready", "offered", "nonce", "proof",
-                 "refused", "payload")
+    __slots__ = ("address", "alive", "versioned", "pending", "out", "payload")
 
-    def __init__(self, sock: socket.socket, name: str, peer_id: int = 0,
-                 address: bytes = b"\0\0\0\0", since: float = 0.0) -> None:
-        self.sock = sock
-        self.name = name
-        self.id = peer_id
+    def __init__(self, address: bytes) -> None:
         self.address = address           # the peer's IPv4 address (owner of its routes)
-        self.inbuf = bytearray()
-        self.pending: list[bytes] = []   # reply headers not yet framed
-        self.out = bytearray()           # framed bytes not yet sent
         self.alive = True
         self.versioned = False
-        self.since = since               # accepted at (monotonic)
-        self.ready = False               # handshake over: registrations taken
-        self.offered = False             # sent a HELLO: extension frames may go to it
-        self.nonce = b""                 # the challenge it must prove the secret on
-        self.proof = bytearray()         # PROOF parts received so far
-        self.refused: str | None = None  # why it is refused (it is told if it offered)
+        self.pending: list[bytes] = []   # reply headers not yet framed
+        self.out = bytearray()           # framed bytes not yet sent
         self.payload = False             # it asked for answers' first bytes (FEATURE_PAYLOAD)
 
 
@@ -71,7 +59,7 @@ def route_key(ip: bytes, port: int) -> bytes:
     return ip + port.to_bytes(2, "big")
 
 
-def owner_id(peer: Peer) -> int:
+def owner_id(peer: Holder) -> int:
     """What the shared route table records of a route's holder: its peer address."""
     return int.from_bytes(peer.address, "big")
 
@@ -84,7 +72,7 @@ class Router:
         self.max_routes = max_routes
         self.max_routes_per_address = max_routes_per_address
         # client address + port -> (peer, target address + port registered with it)
-        self.routes: dict[bytes, tuple[Peer, bytes]] = {}
+        self.routes: dict[bytes, tuple[Holder, bytes]] = {}
         # peer address -> its routes, oldest registration first
         self.by_address: dict[bytes, dict[bytes, None]] = {}
         self._targets: dict[bytes, bytes] = {}   # one bytes object per target (memory)
@@ -95,7 +83,7 @@ class Router:
         self.outbox: dict[int, list[bytes]] = {}   # worker index -> headers to hand over
 
     # --------------------------------------------------------------- control messages
-    def on_message(self, peer: Peer, kind: int, client_ip: bytes, client_port: int,
+    def on_message(self, peer: Holder, kind: int, client_ip: bytes, client_port: int,
                    now: float, target_ip: bytes = b"\0\0\0\0", target_port: int = 0) -> None:
         cnt = self.counters
         if kind == wire.CLIENT_ADD:
@@ -130,7 +118,7 @@ class Router:
         else:
             cnt[C.INDEX["bad_messages"]] += 1
 
-    def _may_register(self, peer: Peer, key: bytes) -> bool:
+    def _may_register(self, peer: Holder, key: bytes) -> bool:
         """A registration is refused when another peer address holds the session (here or
         at another worker), or when the worker holds all the routes it may; counted."""
         entry = self.routes.get(key)
@@ -147,7 +135,7 @@ class Router:
             return False
         return True
 
-    def _add_route(self, peer: Peer, key: bytes, target: bytes) -> None:
+    def _add_route(self, peer: Holder, key: bytes, target: bytes) -> None:
         mine = self.by_address.get(peer.address)
         if mine is not None:
             if key in mine:
@@ -169,12 +157,12 @@ class Router:
         if self.shared is not None:
             self.shared.remove(key)
 
-    def routes_of(self, peer: Peer) -> list[bytes]:
+    def routes_of(self, peer: Holder) -> list[bytes]:
         """The sessions ``peer`` holds."""
         routes = self.routes
         return [k for k in self.by_address.get(peer.address, ()) if routes[k][0] is peer]
 
-    def drop_peer(self, peer: Peer) -> None:
+    def drop_peer(self, peer: Holder) -> None:
         peer.alive = False
         for key in self.routes_of(peer):
             self._remove_route(key)
@@ -203,7 +191,7 @@ class Router:
         else:
             self._delay(key, header, now)
 
-    def _to_peer(self, peer: Peer, target: bytes, header: bytes) -> None:
+    def _to_peer(self, peer: Holder, target: bytes, header: bytes) -> None:
         """Queue a reply for its peer if it comes from the target its session was
         registered for (source address + port)."""
         if target != header[12:16] + header[20:22] and target != ANY_TARGET:
@@ -240,7 +228,7 @@ class Router:
                 self.counters[C.INDEX["delay_expired"]] += len(held)
             self.n_delayed -= len(held)
 
-    def frame(self, peer: Peer, room: int = WORKER_MAX_PENDING) -> None:
+    def frame(self, peer: Holder, room: int = WORKER_MAX_PENDING) -> None:
         """Move a peer's pending headers into its output buffer as combined frames;
         ``room``: what the worker's peers may still hold unsent, in all."""
         if not peer.pending:

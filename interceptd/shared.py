@@ -8,7 +8,7 @@ import struct
 from shm.keytable import KeyTable, region_size
 from shm.ring import Ring, ring_size
 from shm.segment import Segment
-from tcpcopyd import wire
+from tcpcopyd.net import wire
 
 
 def route_buckets(max_routes: int) -> int:

@@ -19,9 +19,9 @@ from interceptd.router import Router
 from interceptd.shared import RefusalLog, Shared
 from shm.segment import Segment
 from shm.seqlock import TornRead
-from tcpcopyd import wire
-from tcpcopyd.capture import INTERFACE_GONE
-from tcpcopyd.capture import stats as capture_stats
+from tcpcopyd.net import wire
+from tcpcopyd.net.capture import INTERFACE_GONE
+from tcpcopyd.net.capture import stats as capture_stats
 from tcpcopyd.service import worker as service_worker
 from tcpcopyd.service.reload import SettingsWatch
 

@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 
-from tcpcopyd import packet, wire
+from tcpcopyd.net import packet, wire
 
 
 def _connect(host: str, port: int) -> socket.socket:

@@ -18,7 +18,7 @@ import statistics
 import sys
 
 from shm import segment as shmseg
-from tcpcopyd import status
+from tcpcopyd.health import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.delays import copy_delays, percentiles, start_capture, stop_capture
 from tcpcopyd.lab.lab import Lab, wait_for

@@ -8,8 +8,8 @@ import collections
 import statistics
 import subprocess
 
-from tcpcopyd import packet as P
-from tcpcopyd.pcapfile import packets
+from tcpcopyd.net import packet as P
+from tcpcopyd.net.pcapfile import packets
 
 # client segments to the service port: SYNs (without ACK) and segments that push data
 FILTER = ("tcp dst port {port} and ((tcp[tcpflags] & (tcp-syn|tcp-ack)) == tcp-syn "

@@ -14,9 +14,9 @@ import statistics
 import sys
 import time
 
-from tcpcopyd import packet as P
-from tcpcopyd.engine import Engine
 from tcpcopyd.lab.fuzz import NoControl
+from tcpcopyd.net import packet as P
+from tcpcopyd.online.engine import Engine
 
 CLIENT = socket.inet_aton("198.18.1.1")
 OTHER = socket.inet_aton("198.18.1.9")

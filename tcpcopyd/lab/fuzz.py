@@ -18,14 +18,14 @@ import time
 from collections.abc import Iterator
 
 from interceptd import counters as IC
-from interceptd.control import ControlServer
+from interceptd.control import ControlServer, Peer
 from interceptd.replies import Recorder
-from interceptd.router import Peer, Router
+from interceptd.router import Router
 from interceptd.worker import from_ring_records, ring_records
-from tcpcopyd import counters as C
-from tcpcopyd import packet as P
-from tcpcopyd import wire
-from tcpcopyd.engine import Engine
+from tcpcopyd.net import packet as P
+from tcpcopyd.net import wire
+from tcpcopyd.online import counters as C
+from tcpcopyd.online.engine import Engine
 
 CLIENT = socket.inet_aton("198.18.1.1")
 ONLINE = socket.inet_aton("198.18.1.2")

@@ -43,8 +43,8 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: floa
     raise LabError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-MODULES = {"tcpcopyd": "tcpcopyd.main", "interceptd": "interceptd.main",
-           "tcpcopyctl": "tcpcopyd.ctl"}
+MODULES = {"tcpcopyd": "tcpcopyd.online.main", "interceptd": "interceptd.main",
+           "tcpcopyctl": "tcpcopyd.ctl.cli"}
 
 
 def bin_path(name: str) -> str:

@@ -10,7 +10,7 @@ import sys
 import time
 
 from shm import segment as shmseg
-from tcpcopyd import status
+from tcpcopyd.health import status
 from tcpcopyd.lab.lab import Lab, wait_for
 from tcpcopyd.lab.net import CLIENT_NET, ONLINE_IP
 

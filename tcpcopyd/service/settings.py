@@ -2,7 +2,7 @@
 daemon's ``Config`` dataclass, with its CLI flag (tcpcopy's letter where it has one),
 config-file key, default, parser, help, an example and whether a reload (SIGHUP) may change
 it. Used by both daemons, by the README's option tables and by the shipped config files
-(``tcpcopyd.docs`` writes both from the registry).
+(``tcpcopyd.ctl.docs`` writes both from the registry).
 
 Config files are TOML. tcpcopyd reads the ``[default]`` table and then the table named after
 its capture interface (``[eth0]``), which overrides it; interceptd reads the ``[interceptd]``

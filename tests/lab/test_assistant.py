@@ -65,7 +65,7 @@ def test_doctor_on_the_assistant_host(lab):
 # checks them before interceptd's capture does.
 MALFORMED_FRAMES = r'''
 import random, socket, sys
-from tcpcopyd import packet as P
+from tcpcopyd.net import packet as P
 iface, n = sys.argv[1], int(sys.argv[2])
 dst_mac = bytes.fromhex(sys.argv[3])
 src_mac = bytes.fromhex(open(f"/sys/class/net/{iface}/address").read().strip()

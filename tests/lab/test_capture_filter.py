@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from tcpcopyd import packet as P
-from tcpcopyd.capture import open_capture
+from tcpcopyd.net import packet as P
+from tcpcopyd.net.capture import open_capture
 
 pytestmark = pytest.mark.lab
 

@@ -9,7 +9,7 @@ import ipaddress
 import pytest
 
 from shm import segment as shmseg
-from tcpcopyd import status
+from tcpcopyd.health import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import command, wait_for
 from tcpcopyd.lab.net import (
@@ -20,7 +20,7 @@ from tcpcopyd.lab.net import (
     TARGET2_IP,
     TARGET_IP,
 )
-from tcpcopyd.rewrite import BLOCK_SIZE, FIRST_PORT
+from tcpcopyd.online.rewrite import BLOCK_SIZE, FIRST_PORT
 from tests.lab.conftest import target_caught_up
 
 pytestmark = pytest.mark.lab

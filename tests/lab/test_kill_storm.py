@@ -17,11 +17,11 @@ import pytest
 from shm import segment as shmseg
 from shm import seqlock
 from shm.table import SlotTable
-from tcpcopyd import status
+from tcpcopyd.health import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import wait_for
+from tcpcopyd.online.session import SLOT
 from tcpcopyd.service import arbiter
-from tcpcopyd.session import SLOT
 from tests.lab.conftest import target_caught_up
 
 pytestmark = pytest.mark.lab

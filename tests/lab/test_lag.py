@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from shm import segment as shmseg
-from tcpcopyd import status
+from tcpcopyd.health import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import wait_for
 from tests.lab.conftest import target_caught_up

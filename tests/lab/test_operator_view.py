@@ -16,7 +16,7 @@ import urllib.parse
 import pytest
 
 from shm import rundir
-from tcpcopyd import ctl
+from tcpcopyd.ctl import cli as ctl
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import command, wait_for
 from tests.lab.conftest import ctl_status, target_caught_up

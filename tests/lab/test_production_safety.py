@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from shm import segment as shmseg
-from tcpcopyd import status
+from tcpcopyd.health import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.net import ONLINE_IP
 from tests.lab.conftest import target_caught_up

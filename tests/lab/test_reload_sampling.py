@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from shm import segment as shmseg
-from tcpcopyd import status
+from tcpcopyd.health import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import wait_for
 

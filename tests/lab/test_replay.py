@@ -9,10 +9,10 @@ import re
 
 import pytest
 
-from tcpcopyd import pcapfile
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import bin_path, wait_for
 from tcpcopyd.lab.net import ONLINE_IP, TARGET_IP
+from tcpcopyd.net import pcapfile
 from tests.lab.conftest import target_caught_up
 
 pytestmark = pytest.mark.lab

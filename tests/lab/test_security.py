@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from shm import segment as shmseg
-from tcpcopyd import status, wire
+from tcpcopyd.health import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import command, wait_for
 from tcpcopyd.lab.net import (
@@ -24,6 +24,7 @@ from tcpcopyd.lab.net import (
     TARGET_ATTACKER_SIDE_IP,
     TARGET_IP,
 )
+from tcpcopyd.net import wire
 from tests.lab.conftest import target_caught_up
 
 pytestmark = pytest.mark.lab

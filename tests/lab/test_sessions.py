@@ -65,7 +65,7 @@ def test_memcached_sets_reach_the_target(lab):
 def counters(lab) -> dict[str, int]:
     """the non-zero counters of both daemons, to say where something went"""
     from shm import segment as shmseg
-    from tcpcopyd import status
+    from tcpcopyd.health import status
     out = {}
     for name in ("tcpcopyd", "interceptd"):
         try:

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tcpcopyd.docs import ROOT
+from tcpcopyd.ctl.docs import ROOT
 
 pytestmark = [pytest.mark.lab, pytest.mark.system]
 

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from tcpcopyd.lab.lab import command
-from tcpcopyd.options import servers, transfers
+from tcpcopyd.online.options import servers, transfers
 from tcpcopyd.service.settings import SettingError
 
 GOOD = ["-x", "80-198.18.2.2:80", "-s", "198.18.2.2", "-i", "lo"]
@@ -77,7 +77,7 @@ def test_help_lists_every_flag(prog):
     assert r.returncode == 0, r.stderr
     if prog != "tcpcopyctl":
         from interceptd.options import REGISTRY as I
-        from tcpcopyd.options import REGISTRY as T
+        from tcpcopyd.online.options import REGISTRY as T
         for s in (T if prog == "tcpcopyd" else I):
             assert s.flags[-1] in r.stdout, s.name
 

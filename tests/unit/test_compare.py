@@ -10,8 +10,10 @@ import socket
 import pytest
 
 from interceptd.worker import PREFIX_MARK, ring_records
-from tcpcopyd import answers, compare, comparelog, report, wire
-from tcpcopyd.compare import Exchanges
+from tcpcopyd.ctl import report
+from tcpcopyd.net import wire
+from tcpcopyd.online import answers, compare, comparelog
+from tcpcopyd.online.compare import Exchanges
 
 KEY = (socket.inet_aton("198.18.1.1"), 40000, socket.inet_aton("198.18.2.2"), 80)
 OK = b"HTTP/1.1 200 OK\r\nDate: Mon, 30 Nov 2026 08:00:00 GMT\r\nContent-Length: 2\r\n\r\nok"
@@ -176,7 +178,7 @@ def test_answers_far_ahead_of_their_requests_are_counted_when_dropped():
 
 
 def test_the_report_command_names_a_bad_file_or_rule(tmp_path, capsys):
-    from tcpcopyd import ctl
+    from tcpcopyd.ctl import cli as ctl
     bad = tmp_path / "x.jsonl"
     bad.write_text("not json\n")
     assert ctl.main(["report", str(bad)]) == 1

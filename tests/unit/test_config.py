@@ -10,8 +10,9 @@ import pytest
 
 from interceptd import options as imain
 from shm import segment as shmseg
-from tcpcopyd import docs, options
+from tcpcopyd.ctl import docs
 from tcpcopyd.lab.lab import command
+from tcpcopyd.online import options
 from tcpcopyd.service import logs
 from tcpcopyd.service.reload import Reloader, SettingsWatch
 from tcpcopyd.service.settings import EX_CONFIG, EX_USAGE, ConfigError, load
@@ -131,7 +132,7 @@ def test_daemon_exits_78_and_starts_nothing(tmp_path, prog):
 
 def test_generated_docs_and_config_files_are_current():
     stale = [str(p) for p, text in docs.generated().items() if p.read_text() != text]
-    assert not stale, f"run `python -m tcpcopyd.docs` to update {stale}"
+    assert not stale, f"run `python -m tcpcopyd.ctl.docs` to update {stale}"
 
 
 def test_shipped_config_files_parse_and_name_every_key():
@@ -188,7 +189,7 @@ def test_repeated_errors_are_rate_limited():
 
 
 def test_sampling_is_a_stable_share_of_client_ports():
-    from tcpcopyd.engine import sampled
+    from tcpcopyd.online.engine import sampled
     src = bytes([198, 18, 1, 1])
     picked = [p for p in range(1024, 21024) if sampled(src, p, 20)]
     assert 0.18 < len(picked) / 20000 < 0.22
@@ -197,7 +198,7 @@ def test_sampling_is_a_stable_share_of_client_ports():
 
 
 def test_a_reload_may_retarget_ports_but_not_capture_new_ones():
-    from tcpcopyd.main import not_live
+    from tcpcopyd.online.main import not_live
     base = ["-s", "198.18.2.2", "-i", "lo", "-x"]
 
     def cfg(rules: str):

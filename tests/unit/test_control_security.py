@@ -11,10 +11,10 @@ import pytest
 
 from interceptd import counters as IC
 from interceptd import router as R
-from interceptd.control import ControlServer
-from interceptd.router import Peer, Router
-from tcpcopyd import wire
-from tcpcopyd.control import ControlLink
+from interceptd.control import ControlServer, Peer
+from interceptd.router import Router
+from tcpcopyd.net import wire
+from tcpcopyd.online.control import ControlLink
 
 LOOPBACK = (__import__("ipaddress").IPv4Network("127.0.0.0/8"),)
 ELSEWHERE = (__import__("ipaddress").IPv4Network("198.18.9.0/24"),)
@@ -307,7 +307,7 @@ def test_an_address_beyond_its_share_loses_its_oldest_routes_the_total_is_refuse
 
 
 def reply_from(source: bytes, port: int) -> bytes:
-    from tcpcopyd import packet as P
+    from tcpcopyd.net import packet as P
     return wire.reply_header(P.build(source, CIP, 80, port, 1, 1, P.ACK, 100))
 
 
@@ -350,7 +350,8 @@ def test_a_full_delay_table_costs_a_bounded_round():
 
 def test_unsent_replies_are_bounded_per_worker_not_only_per_connection():
     from interceptd import counters as IC
-    from interceptd.router import WORKER_MAX_PENDING, Peer, Router
+    from interceptd.control import Peer
+    from interceptd.router import WORKER_MAX_PENDING, Router
     cnt = [0] * len(IC.NAMES)
     r = Router(cnt)
     peers = []

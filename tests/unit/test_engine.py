@@ -3,11 +3,11 @@ import socket
 
 import pytest
 
-from tcpcopyd import counters as C
-from tcpcopyd import packet as P
-from tcpcopyd import wire
-from tcpcopyd.engine import SEGMENT_COST, Engine
-from tcpcopyd.session import ESTABLISHED, FAKE, TIMESTAMPS
+from tcpcopyd.net import packet as P
+from tcpcopyd.net import wire
+from tcpcopyd.online import counters as C
+from tcpcopyd.online.engine import SEGMENT_COST, Engine
+from tcpcopyd.online.session import ESTABLISHED, FAKE, TIMESTAMPS
 
 CLIENT = socket.inet_aton("198.18.1.1")
 ONLINE = socket.inet_aton("198.18.1.2")
@@ -368,7 +368,7 @@ def slot_table():
 
     from shm import segment as shmseg
     from shm.table import SlotTable
-    from tcpcopyd.session import SLOT, SLOT_SIZE
+    from tcpcopyd.online.session import SLOT, SLOT_SIZE
     seg = shmseg.create(f"tcpcopyd-test-slots-{os.getpid()}", 1, 1, 16, SLOT_SIZE)
     yield SlotTable(seg, SLOT)
     seg.close()
@@ -426,7 +426,7 @@ def test_a_request_the_dead_worker_captured_but_never_sent_is_not_skipped_over(s
 
 def test_a_slot_torn_by_a_killed_worker_is_a_lost_session_not_a_crash(slot_table):
     from shm import seqlock
-    from tcpcopyd.session import SLOT
+    from tcpcopyd.online.session import SLOT
     table, seg = slot_table, slot_table.seg
     old = worker_engine(table)
     handshake(old)
@@ -549,8 +549,8 @@ def test_memory_cap_refuses_new_sessions_and_resets_the_one_that_grows_past_it()
 def test_several_connections_per_interceptd_give_a_session_always_the_same_one():
     import select
 
-    from tcpcopyd.control import ControlGroup
-    from tcpcopyd.session import Session
+    from tcpcopyd.online.control import ControlGroup
+    from tcpcopyd.online.session import Session
     ep = select.epoll()
     g = ControlGroup([("198.18.2.3", 36524), ("198.18.2.4", 36524)], ep, per_server=3)
     for link in g.links:
@@ -567,8 +567,8 @@ def test_several_connections_per_interceptd_give_a_session_always_the_same_one()
 def test_a_session_is_registered_with_the_interceptd_of_its_target_if_any():
     import select
 
-    from tcpcopyd.control import ControlGroup
-    from tcpcopyd.session import Session
+    from tcpcopyd.online.control import ControlGroup
+    from tcpcopyd.online.session import Session
     ep = select.epoll()
     g = ControlGroup([("198.18.2.2", 36524), ("198.18.2.3", 36524)], ep)
     for link in g.links:
@@ -582,14 +582,14 @@ def test_a_session_is_registered_with_the_interceptd_of_its_target_if_any():
 
 
 def test_loopback_clients_get_the_localhost_address():
-    from tcpcopyd.rewrite import LOOPBACK, Rewrite
+    from tcpcopyd.online.rewrite import LOOPBACK, Rewrite
     rw = Rewrite(localhost_as=socket.inet_aton("198.18.1.9"))
     assert rw.address(LOOPBACK) == socket.inet_aton("198.18.1.9")
     assert rw.address(CLIENT) == CLIENT
 
 
 def test_port_classes_of_workers_and_blocks_never_overlap():
-    from tcpcopyd.rewrite import Rewrite
+    from tcpcopyd.online.rewrite import Rewrite
     classes = []
     for block in (0, 1, 7):
         for worker in range(3):
@@ -609,14 +609,14 @@ def test_port_classes_of_workers_and_blocks_never_overlap():
 
 
 def test_freed_ports_are_not_handed_out_again_at_once():
-    from tcpcopyd.rewrite import Rewrite
+    from tcpcopyd.online.rewrite import Rewrite
     rw = Rewrite(1, 0)
     first = rw.port(CLIENT, lambda p: False)
     assert rw.port(CLIENT, lambda p: False) != first
 
 
 def copies_engine(**kw):
-    from tcpcopyd.rewrite import Rewrite
+    from tcpcopyd.online.rewrite import Rewrite
     return Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(30),
                   rewrite=Rewrite(**kw))
 
@@ -644,7 +644,7 @@ def test_three_copies_of_a_session_each_complete_on_its_own_port():
 
 
 def test_client_pool_addresses_replace_the_client_and_leave_out_the_target():
-    from tcpcopyd.rewrite import expand_pool
+    from tcpcopyd.online.rewrite import expand_pool
     pool = expand_pool(["198.18.2.x"], {"198.18.2.2"})
     assert len(pool) == 253 and TARGET not in pool
     e = copies_engine(pool=pool)
@@ -682,7 +682,7 @@ def test_a_reused_port_waits_while_the_previous_session_still_has_data_for_the_t
 
 
 def test_a_held_session_gives_up_waiting_after_a_while(eng):
-    from tcpcopyd.portreuse import HOLD as REUSE_HOLD
+    from tcpcopyd.online.portreuse import HOLD as REUSE_HOLD
     handshake(eng)
     feed(eng, client_pkt(ISN + 1, ONLINE_ISN, P.ACK | P.PSH, b"GET /old HTTP/1.1\r\n\r\n"))
     feed(eng, client_pkt(ISN + 90000, 0, P.SYN, options=SYN_OPTS))
@@ -780,7 +780,7 @@ def test_out_of_order_data_is_held_in_order_and_bounded(eng):
 
 
 def test_too_many_segments_out_of_order_reset_the_session(eng):
-    from tcpcopyd import engine as E
+    from tcpcopyd.online import engine as E
     handshake(eng)
     for i in range(E.MAX_OUT_OF_ORDER + 1):
         feed(eng, client_pkt(ISN + 10 + i, ONLINE_ISN + 1, P.ACK, b"x"))

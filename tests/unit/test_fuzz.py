@@ -35,9 +35,9 @@ def test_a_short_total_length_with_ip_options_is_malformed_not_a_crash():
     """The frame that killed assistant-mode workers (#19): options, total length < IHL."""
     import pytest
 
-    from tcpcopyd import packet as P
-    from tcpcopyd import wire
     from tcpcopyd.lab.fuzz import CLIENT, TARGET
+    from tcpcopyd.net import packet as P
+    from tcpcopyd.net import wire
     pkt = bytearray(P.build(TARGET, CLIENT, 80, 40000, 1, 2, P.ACK, 100, b"", b"x"))
     pkt[20:20] = bytes(8)
     pkt[0] = 0x47

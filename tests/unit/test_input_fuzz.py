@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from interceptd import options as ioptions
-from tcpcopyd import options
+from tcpcopyd.online import options
 from tcpcopyd.service.settings import EX_CONFIG, EX_USAGE, ConfigError, load
 
 HUGE = "9" * 5000
@@ -101,7 +101,7 @@ def _mutations(rng: random.Random):
 
 
 def test_compare_log_records_of_every_wrong_type_never_crash_the_report(tmp_path):
-    from tcpcopyd import report
+    from tcpcopyd.ctl import report
     rng = random.Random(3)
     lines = [json.dumps(GOOD)] + [json.dumps(r, allow_nan=True) for r in _mutations(rng)]
     lines += ["{", "[]", "null", "1", '"x"', "\x00\xff", json.dumps(GOOD)]
@@ -123,7 +123,7 @@ def test_compare_rings_drained_are_wiped_and_garbage_in_them_is_counted(tmp_path
     import os
 
     from shm import segment as shmseg
-    from tcpcopyd import comparelog
+    from tcpcopyd.online import comparelog
     seg = shmseg.create(f"test-fuzzring-{os.getpid()}", 1, 1, 0, 64,
                         extra_size=comparelog.extra_size(1))
     old = os.umask(0)

@@ -3,7 +3,7 @@ import struct
 
 import pytest
 
-from tcpcopyd import packet as P
+from tcpcopyd.net import packet as P
 
 # A SYN laid out as Linux sends one (198.18.1.1:46000 -> 198.18.1.2:80), IP checksum 0
 SYN = bytes.fromhex(

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpcopyd import pcapfile
+from tcpcopyd.net import pcapfile
 
 IP = (bytes.fromhex("45000028000040004006" "0000" "c6120101c6120102")
       + struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, 0x50, 2, 1000, 0, 0))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import logging
 
-from tcpcopyd import progress
-from tcpcopyd.progress import Progress
+from tcpcopyd.online import progress
+from tcpcopyd.online.progress import Progress
 
 
 class Terminal(io.StringIO):

@@ -5,10 +5,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from interceptd import counters as IC
-from interceptd.router import Peer, Router
-from tcpcopyd import packet as P
-from tcpcopyd import wire
-from tcpcopyd.engine import Engine
+from interceptd.control import Peer
+from interceptd.router import Router
+from tcpcopyd.net import packet as P
+from tcpcopyd.net import wire
+from tcpcopyd.online.engine import Engine
 from tests.unit.test_engine import CLIENT, ONLINE, TARGET, FakeControl, FakeSender
 
 

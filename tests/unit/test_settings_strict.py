@@ -12,8 +12,8 @@ import pytest
 
 from interceptd import options as ioptions
 from shm import segment as shmseg
-from tcpcopyd import options
 from tcpcopyd.lab.lab import command
+from tcpcopyd.online import options
 from tcpcopyd.service.reload import Reloader
 from tcpcopyd.service.settings import EX_CONFIG, EX_USAGE, ConfigError, load
 
@@ -59,7 +59,7 @@ def test_any_number_of_rules_up_to_the_documented_maximum(tmp_path):
     rules = ",".join(f"{1000 + i}-198.18.2.2:{1000 + i}" for i in range(options.MAX_TRANSFERS))
     cfg = load("tcpcopyd", "", options.REGISTRY, ["-x", rules, *BASE], options.LAYOUT)
     assert len(cfg.transfer) == options.MAX_TRANSFERS
-    from tcpcopyd.capture import BPF_MAXINSNS, bpf_program
+    from tcpcopyd.net.capture import BPF_MAXINSNS, bpf_program
     assert len(bpf_program([t.port for t in cfg.transfer])) <= BPF_MAXINSNS
     with pytest.raises(ConfigError, match=rf"{options.MAX_TRANSFERS + 1} rules: at most "
                                           rf"{options.MAX_TRANSFERS}"):

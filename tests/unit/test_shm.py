@@ -146,7 +146,7 @@ def test_the_shm_records_keep_their_places():
     # a reader of another release finds the header fields where they always were
     assert shmseg.HEADER.offset("master_pid") == 28 and shmseg.HEADER.size == 64
     assert shmseg.WORKER.offset("counters") == 24
-    from tcpcopyd.session import SLOT, SLOT_SIZE
+    from tcpcopyd.online.session import SLOT, SLOT_SIZE
     assert SLOT.size + 4 <= SLOT_SIZE
 
 

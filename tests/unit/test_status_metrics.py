@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from shm.segment import LinkState, pack_links, unpack_links
-from tcpcopyd import counters as C
-from tcpcopyd import metrics, status
+from tcpcopyd.health import metrics, status
+from tcpcopyd.online import counters as C
 
 NOW = 1_000_000.0
 

@@ -1,6 +1,6 @@
 import pytest
 
-from tcpcopyd import wire
+from tcpcopyd.net import wire
 
 CIP = bytes([198, 18, 1, 1])
 TIP = bytes([198, 18, 2, 2])
@@ -85,7 +85,8 @@ def test_interceptd_refuses_a_peer_of_another_protocol_version():
     import socket
 
     from interceptd import counters as IC
-    from interceptd.router import Peer, Router
+    from interceptd.control import Peer
+    from interceptd.router import Router
     r = Router([0] * len(IC.NAMES))
     peer = Peer(socket.socket(), "test")
     try:

@@ -13,9 +13,7 @@ from collections import OrderedDict
 from typing import Protocol
 
 from shm.seqlock import TornRead
-from tcpcopyd import counters as C
-from tcpcopyd.copies import Copies
-from tcpcopyd.packet import (
+from tcpcopyd.net.packet import (
     ACK,
     FIN,
     IP_TCP,
@@ -36,10 +34,12 @@ from tcpcopyd.packet import (
     timestamp_of,
     timestamp_option,
 )
-from tcpcopyd.portreuse import PortReuse
-from tcpcopyd.reorder import OutOfOrder
-from tcpcopyd.rewrite import Rewrite
-from tcpcopyd.session import (
+from tcpcopyd.online import counters as C
+from tcpcopyd.online.copies import Copies
+from tcpcopyd.online.portreuse import PortReuse
+from tcpcopyd.online.reorder import OutOfOrder
+from tcpcopyd.online.rewrite import Rewrite
+from tcpcopyd.online.session import (
     CLIENT_FIN,
     CLIENT_RST,
     ESTABLISHED,
@@ -165,7 +165,7 @@ class Engine:
         self.idle: OrderedDict[tuple, Session] = OrderedDict()
         self.busy: OrderedDict[tuple, Session] = OrderedDict()
         self.counters = [0] * len(C.NAMES)
-        # the comparison test (tcpcopyd.compare.Exchanges), told what the first copy of
+        # the comparison test (tcpcopyd.online.compare.Exchanges), told what the first copy of
         # each session sends and receives; None: off
         self.observer = None
         self.timers: list[tuple[float, int, Session]] = []
@@ -221,7 +221,7 @@ class Engine:
                              bytes(buf[20 + thl:end]) if end > 20 + thl else b"", now)
 
     def _client_packet_with_ip_options(self, buf, n: int, now: float) -> None:
-        from tcpcopyd.packet import MalformedPacket, parse
+        from tcpcopyd.net.packet import MalformedPacket, parse
         try:
             p = parse(buf, n)
         except MalformedPacket:

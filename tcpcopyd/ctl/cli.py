@@ -1,7 +1,7 @@
 """`tcpcopyctl status [--json] [NAME]`: every running tcpcopyd/interceptd on this host and
-whether it is healthy, degraded or down (tcpcopyd.status). `tcpcopyctl metrics`: the same
-figures in Prometheus's text format (tcpcopyd.metrics). `tcpcopyctl doctor`: see
-tcpcopyd.doctor."""
+whether it is healthy, degraded or down (tcpcopyd.health.status). `tcpcopyctl metrics`: the same
+figures in Prometheus's text format (tcpcopyd.health.metrics). `tcpcopyctl doctor`: see
+tcpcopyd.ctl.doctor."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +9,11 @@ import math
 import sys
 from collections.abc import Sequence
 
-from tcpcopyd import answers, metrics
-from tcpcopyd import status as st
+import interceptd.counters  # noqa: F401  (registers interceptd's segments)
+import tcpcopyd.online.counters  # noqa: F401  (registers tcpcopyd's segments)
+from tcpcopyd.health import metrics
+from tcpcopyd.health import status as st
+from tcpcopyd.online import answers
 from tcpcopyd.service.settings import version
 
 
@@ -60,7 +63,8 @@ def show_metrics(args: argparse.Namespace) -> int:
 
 
 def show_report(args: argparse.Namespace) -> int:
-    from tcpcopyd import comparelog, report
+    from tcpcopyd.ctl import report
+    from tcpcopyd.online import comparelog
     try:
         skipped: list[str] = []
         summary = report.summarize(report.read(args.file, skipped), args.ignore, skipped)
@@ -158,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "doctor":
-        from tcpcopyd import doctor
+        from tcpcopyd.ctl import doctor
         clients = [c.strip() for c in args.client.split(",") if c.strip()]
         return doctor.run(args.role, args.args, clients)
     if args.command == "metrics":

@@ -8,10 +8,14 @@ import sys
 from collections.abc import Sequence
 
 from shm import segment as shmseg
-from tcpcopyd import capture, comparelog, metrics, options
-from tcpcopyd import counters as C
-from tcpcopyd.options import Settings
-from tcpcopyd.sender import SendError, open_raw_socket
+from tcpcopyd.health import metrics
+from tcpcopyd.net import capture
+from tcpcopyd.net.sender import SendError, open_raw_socket
+from tcpcopyd.online import comparelog, options
+from tcpcopyd.online import counters as C
+from tcpcopyd.online.options import Settings
+from tcpcopyd.online.session import SLOT_SIZE
+from tcpcopyd.online.worker import Worker
 from tcpcopyd.service import capabilities, logs
 from tcpcopyd.service.arbiter import Arbiter
 from tcpcopyd.service.instance import InstanceError, InstanceLock
@@ -32,12 +36,8 @@ from tcpcopyd.service.startup import (
     write_pidfile,
 )
 from tcpcopyd.service.startup import fail as _fail
-from tcpcopyd.session import SLOT_SIZE
-from tcpcopyd.worker import Worker
 
 PROG = "tcpcopyd"
-# shm segment kind
-KIND = 1
 
 log = logging.getLogger(PROG)
 
@@ -74,8 +74,8 @@ def interface_error(name: str) -> str | None:
 
 def replay(cfg: Settings) -> int:
     """`-i ./FILE`: replay a capture file offline, in this process."""
-    from tcpcopyd.pcapfile import CaptureFileError
-    from tcpcopyd.replay import Replay
+    from tcpcopyd.net.pcapfile import CaptureFileError
+    from tcpcopyd.online.replay import Replay
     try:
         open_raw_socket().close()
         idle_cut = None if cfg.idle_cut is None else cfg.idle_cut / 1000
@@ -151,7 +151,7 @@ def online(cfg: Settings, instance: str) -> int:
             s.close()
         return fail(str(e))
     try:
-        seg = shmseg.create(instance, KIND, cfg.workers, cfg.session_slots, SLOT_SIZE,
+        seg = shmseg.create(instance, C.KIND, cfg.workers, cfg.session_slots, SLOT_SIZE,
                             label=cfg.interface,
                             extra_size=comparelog.extra_size(cfg.workers) if cfg.compare
                             else 0)

@@ -89,7 +89,7 @@ class Session:
         self.cap_nxt = 0          # next client sequence number expected from the capture
         self.unsent: deque[list] = deque()   # [seq, flags, payload, new_request]
         self.unacked: deque[list] = deque()  # [seq, flags, payload, retransmitted]
-        self.ooo = None   # tcpcopyd.reorder.OutOfOrder: client segments ahead of a gap
+        self.ooo = None   # tcpcopyd.online.reorder.OutOfOrder: client segments ahead of a gap
         self.buffered = 0         # bytes held in unsent + unacked + ooo (payload + overhead)
         self.target_isn = 0
         self.rcv_nxt = 0          # target's next sequence number: what we acknowledge

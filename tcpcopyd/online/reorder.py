@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import heapq
 
-from tcpcopyd.packet import seq_diff
+from tcpcopyd.net.packet import seq_diff
 
 
 class OutOfOrder:

@@ -17,8 +17,8 @@ import socket
 import time
 
 from shm.segment import LinkState
-from tcpcopyd import wire
-from tcpcopyd.session import Session
+from tcpcopyd.net import wire
+from tcpcopyd.online.session import Session
 
 log = logging.getLogger("tcpcopyd.control")
 

@@ -1,6 +1,10 @@
 """Names of tcpcopyd's per-worker counters (index = position in shm)."""
 from __future__ import annotations
 
+from tcpcopyd.health import kinds
+
+KIND = 1        # the kind number of tcpcopyd's shm segments
+
 COUNTERS = (
     ("captured", "client packets read from the capture socket"),
     ("malformed", "captured packets that are not well-formed TCP/IPv4 (skipped)"),
@@ -86,3 +90,4 @@ GAUGES = frozenset({"sessions_active", "capture_lag_ms", "capture_lag_peak_ms",
 DROPS = frozenset({"kernel_drops", "lag_drops", "send_errors", "sessions_overflow",
                    "sessions_evicted", "sessions_gave_up", "sessions_broken",
                    "sessions_refused", "sessions_torn"})
+kinds.register(KIND, "tcpcopyd", COUNTERS, GAUGES, DROPS)

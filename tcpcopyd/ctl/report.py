@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from html import escape
 
-from tcpcopyd import answers
+from tcpcopyd.online import answers
 
 SLOWEST = 10
 

@@ -9,8 +9,8 @@ starts a new group, whose copies get ports of their own.
 """
 from __future__ import annotations
 
-from tcpcopyd.rewrite import Rewrite
-from tcpcopyd.session import Session
+from tcpcopyd.online.rewrite import Rewrite
+from tcpcopyd.online.session import Session
 
 
 class Copies:

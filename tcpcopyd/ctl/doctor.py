@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from tcpcopyd import netlink, wire
+from tcpcopyd.net import netlink, wire
 from tcpcopyd.service import capabilities
 from tcpcopyd.service.settings import Config, ConfigError, load, load_secret
 
@@ -315,7 +315,7 @@ def render(checks: Sequence[Check]) -> str:
 def run(role: str, argv: list[str], clients: list[str],
         out: Callable[[str], None] = print) -> int:
     if role == "tcpcopyd":
-        from tcpcopyd.options import LAYOUT, REGISTRY
+        from tcpcopyd.online.options import LAYOUT, REGISTRY
         checks: Callable[[Config], Iterator[Check]] = online_checks
     else:
         from interceptd.options import LAYOUT, REGISTRY

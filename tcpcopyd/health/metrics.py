@@ -1,5 +1,5 @@
 """The Prometheus text exposition (version 0.0.4) of running daemons, from their status
-(``tcpcopyd.status.describe``): every counter and gauge of the workers, added up per
+(``tcpcopyd.health.status.describe``): every counter and gauge of the workers, added up per
 instance (``tcpcopyd_sent_total``) and per worker (``tcpcopyd_worker_sent_total``), the
 state, the workers' supervision and processes, and tcpcopyd's links to each interceptd.
 
@@ -17,9 +17,10 @@ import tempfile
 from collections.abc import Iterable
 
 from shm.segment import Segment
+from tcpcopyd.health.kinds import by_prog
+from tcpcopyd.health.status import STATES, describe
 from tcpcopyd.service.pageserver import PageServer
 from tcpcopyd.service.settings import Config, version
-from tcpcopyd.status import KINDS, STATES, describe
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # counters whose name says a unit, by counter name: (metric name, factor to base units)
@@ -88,7 +89,7 @@ def counter_metric(name: str, gauge: bool) -> tuple[str, float]:
 def add_daemon(f: Families, d: dict) -> None:
     """One daemon's figures (a ``status.describe`` result)."""
     prog = d["program"]
-    counters = next(module for p, module in KINDS.values() if p == prog)
+    daemon = by_prog(prog)
     inst = {"instance_name": d["name"]}
     for state in STATES:
         f.add(f"{prog}_state", "gauge", f"1 for the state {prog} is in (healthy: all "
@@ -115,10 +116,10 @@ def add_daemon(f: Families, d: dict) -> None:
             f.add(f"{prog}_worker_heartbeat_age_seconds", "gauge",
                   "time since the worker last wrote its record", lw,
                   round(w["heartbeat_age_s"], 3))
-    for name in counters.NAMES:
-        gauge = name in counters.GAUGES
+    for name in daemon.names:
+        gauge = name in daemon.gauges
         metric, factor = counter_metric(name, gauge)
-        help = counters.HELP[name].removeprefix("gauge: ")
+        help = daemon.help[name].removeprefix("gauge: ")
         kind = "gauge" if gauge else "counter"
         total = d["totals"].get(name, 0)
         f.add(f"{prog}_{metric}", kind, help + " (all workers)", inst,

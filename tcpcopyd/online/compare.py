@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from tcpcopyd.packet import seq_add, seq_lt
+from tcpcopyd.net.packet import seq_add, seq_lt
 
 # bytes of a request and of an answer kept
 REQUEST_PREFIX = 128

@@ -1,12 +1,12 @@
 """The man pages, written in roff from the settings registries and tcpcopyctl's command line
-(``tcpcopyd.docs`` writes them to debian/man/; a unit test keeps them in step):
+(``tcpcopyd.ctl.docs`` writes them to debian/man/; a unit test keeps them in step):
 tcpcopyd(8), interceptd(8), tcpcopyctl(8), tcpcopyd.conf(5), interceptd.conf(5)."""
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 
-from tcpcopyd import ctl
+from tcpcopyd.ctl import cli as ctl
 from tcpcopyd.service.settings import Setting, toml_value, version
 
 Section = tuple[str, str]   # (heading, roff body)

@@ -1,7 +1,7 @@
 """The comparison test's records, from the workers to ``compare_log``: each worker puts the
-exchanges it saw whole (``tcpcopyd.compare``) in its ring of the shm segment, never
+exchanges it saw whole (``tcpcopyd.online.compare``) in its ring of the shm segment, never
 waiting (a full ring drops the record, counted ``compare_dropped``); the master drains the
-rings, judges each pair (``tcpcopyd.answers``, with the noise rules of the settings) and
+rings, judges each pair (``tcpcopyd.online.answers``, with the noise rules of the settings) and
 appends it as one JSON line."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import time
 
 from shm.ring import Ring, ring_size
 from shm.segment import Segment
-from tcpcopyd import answers
-from tcpcopyd.compare import PREFIX, REQUEST_PREFIX
+from tcpcopyd.online import answers
+from tcpcopyd.online.compare import PREFIX, REQUEST_PREFIX
 
 log = logging.getLogger("tcpcopyd.compare")
 

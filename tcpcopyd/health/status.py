@@ -9,7 +9,7 @@
             reaches no interceptd at all (nothing is copied)
 
 ``tcpcopyctl status`` prints it (exit 0 healthy, 1 degraded, 3 down or not running);
-``tcpcopyd.metrics`` exports the same figures for Prometheus."""
+``tcpcopyd.health.metrics`` exports the same figures for Prometheus."""
 from __future__ import annotations
 
 import functools
@@ -18,12 +18,10 @@ import time
 from dataclasses import dataclass
 from types import ModuleType
 
-from interceptd import counters as icounters
 from shm import segment as shmseg
 from shm import seqlock
-from tcpcopyd import counters as tcounters
+from tcpcopyd.health.kinds import KINDS
 
-KINDS = {1: ("tcpcopyd", tcounters), 2: ("interceptd", icounters)}
 # a worker whose heartbeat is older than this is reported stale
 STALE_SECONDS = 5.0
 STATES = ("healthy", "degraded", "down")
@@ -125,8 +123,8 @@ def prime_cpu(pids: list[int]) -> None:
 
 def totals(seg: shmseg.Segment) -> dict[str, int]:
     """The counters of a daemon's workers added up, by name."""
-    _, counters = KINDS.get(seg.kind, ("", None))
-    return seg.totals(counters.NAMES if counters else ())
+    kind = KINDS.get(seg.kind)
+    return seg.totals(kind.names if kind else ())
 
 
 def exit_words(code: int) -> str:
@@ -209,11 +207,12 @@ def judge(d: dict) -> tuple[str, list[str]]:
 
 def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
              elapsed: float = 0.0) -> dict:
-    prog, counters = KINDS.get(seg.kind, (f"kind{seg.kind}", None))
+    kind = KINDS.get(seg.kind)
+    prog = kind.prog if kind else f"kind{seg.kind}"
     master = proc_info(seg.master_pid)
     now = time.time()
     workers, sums, unreadable = [], {}, []
-    names = counters.NAMES if counters else ()
+    names = kind.names if kind else ()
     for i in range(seg.n_workers):
         try:
             rec = seg.read_worker(i)
@@ -232,10 +231,10 @@ def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
                         > now else None,
                         "heartbeat_age_s": now - rec.heartbeat if rec.heartbeat else None,
                         **info, "counters": vals, "links": rec.links})
-    gauges = counters.GAUGES if counters else frozenset()
+    gauges = kind.gauges if kind else frozenset()
     rates = {k: (v - before.get(k, 0)) / elapsed for k, v in sums.items()
              if before is not None and elapsed > 0 and k not in gauges}
-    drops = counters.DROPS if counters else frozenset()
+    drops = kind.drops if kind else frozenset()
     try:
         live = seg.read_settings()
     except (seqlock.TornRead, ValueError):

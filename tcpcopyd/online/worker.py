@@ -10,18 +10,19 @@ from collections.abc import Callable
 
 from shm.segment import LinkState, Segment
 from shm.table import SlotTable
-from tcpcopyd import capture, comparelog
-from tcpcopyd import counters as C
-from tcpcopyd.compare import Exchanges
-from tcpcopyd.control import ControlGroup
-from tcpcopyd.engine import Engine
-from tcpcopyd.netlink import LinkWatch
-from tcpcopyd.options import Settings, Transfer
-from tcpcopyd.rewrite import Rewrite, expand_pool
-from tcpcopyd.sender import RawSender
+from tcpcopyd.net import capture
+from tcpcopyd.net.netlink import LinkWatch
+from tcpcopyd.net.sender import RawSender
+from tcpcopyd.online import comparelog
+from tcpcopyd.online import counters as C
+from tcpcopyd.online.compare import Exchanges
+from tcpcopyd.online.control import ControlGroup
+from tcpcopyd.online.engine import Engine
+from tcpcopyd.online.options import Settings, Transfer
+from tcpcopyd.online.rewrite import Rewrite, expand_pool
+from tcpcopyd.online.session import SLOT
 from tcpcopyd.service import worker as service_worker
 from tcpcopyd.service.reload import SettingsWatch
-from tcpcopyd.session import SLOT
 
 log = logging.getLogger("tcpcopyd.worker")
 

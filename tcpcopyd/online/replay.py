@@ -12,12 +12,12 @@ import signal
 import struct
 import time
 
-from tcpcopyd import counters as C
-from tcpcopyd import pcapfile
-from tcpcopyd.control import ControlGroup
-from tcpcopyd.progress import Progress
+from tcpcopyd.net import pcapfile
+from tcpcopyd.online import counters as C
+from tcpcopyd.online.control import ControlGroup
+from tcpcopyd.online.progress import Progress
+from tcpcopyd.online.worker import engine_for, on_control_event, send_due
 from tcpcopyd.service.startup import EARLY_SIGNALS
-from tcpcopyd.worker import engine_for, on_control_event, send_due
 
 log = logging.getLogger("tcpcopyd.replay")
 

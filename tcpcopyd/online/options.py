@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from tcpcopyd import answers, netlink, wire
+from tcpcopyd.net import netlink, wire
+from tcpcopyd.online import answers
 from tcpcopyd.service.settings import (
     Config,
     Layout,

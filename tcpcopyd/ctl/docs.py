@@ -1,7 +1,7 @@
 """The README's option tables, the shipped config files and the man pages (debian/man/),
 written from the settings registries so that they cannot drift from the code.
 
-``python -m tcpcopyd.docs`` rewrites them; ``--check`` only says whether they are current
+``python -m tcpcopyd.ctl.docs`` rewrites them; ``--check`` only says whether they are current
 (a unit test runs it)."""
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from tcpcopyd import man
+from tcpcopyd.ctl import man
 from tcpcopyd.service.settings import Setting, toml_value
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _registries() -> tuple[Sequence[Setting], Sequence[Setting]]:
     from interceptd.options import REGISTRY as INTERCEPTD
-    from tcpcopyd.options import REGISTRY as TCPCOPYD
+    from tcpcopyd.online.options import REGISTRY as TCPCOPYD
     return TCPCOPYD, INTERCEPTD
 
 
@@ -96,7 +96,7 @@ def interceptd_conf(registry: Sequence[Setting]) -> str:
 
 def readme(text: str, tcpcopyd: Sequence[Setting], interceptd: Sequence[Setting]) -> str:
     for name, registry in (("tcpcopyd", tcpcopyd), ("interceptd", interceptd)):
-        begin = f"<!-- BEGIN options {name} (python -m tcpcopyd.docs) -->\n"
+        begin = f"<!-- BEGIN options {name} (python -m tcpcopyd.ctl.docs) -->\n"
         end = f"<!-- END options {name} -->"
         i, j = text.index(begin) + len(begin), text.index(end)
         text = text[:i] + options_table(registry) + text[j:]
@@ -116,7 +116,7 @@ def generated() -> dict[Path, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tcpcopyd.docs", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m tcpcopyd.ctl.docs", description=__doc__)
     ap.add_argument("--check", action="store_true", help="only report stale files")
     args = ap.parse_args(argv)
     stale = []
