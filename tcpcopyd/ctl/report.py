@@ -115,80 +115,95 @@ def _pcts(values: list[float]) -> dict:
             for q in (50, 90, 99)}
 
 
+class _Tally:
+    """The report's counts and latencies, added up record by record."""
+
+    def __init__(self, rules: answers.Rules | None) -> None:
+        self.rules = rules
+        self.exchanges = self.compared = self.size_diff = self.content_diff = 0
+        self.online_only = self.target_only = 0
+        self.pairs: Counter = Counter()
+        self.by_path: Counter = Counter()
+        self.lat_o: list[float] = []
+        self.lat_t: list[float] = []
+        self.path_lat: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+        self.per_second: dict[int, list] = defaultdict(lambda: [0, [], []])
+        self.start: float | None = None
+
+    def add(self, rec: dict) -> None:
+        self.exchanges += 1
+        o, t = rec.get("online"), rec.get("target")
+        path = rec.get("path") or answers.path_of(answers.as_bytes(rec["request"]))
+        if self.start is None:
+            self.start = rec.get("ts", 0)
+        sec = self.per_second[int(rec.get("ts", 0) - self.start)]
+        sec[0] += 1
+        for side, lat, i in ((o, self.lat_o, 0), (t, self.lat_t, 1)):
+            if side and side.get("ttlb_ms") is not None:
+                lat.append(side["ttlb_ms"])
+                self.path_lat[path][i].append(side["ttlb_ms"])
+                sec[1 + i].append(side["ttlb_ms"])
+        if not (o and t):
+            self.online_only += bool(o)
+            self.target_only += bool(t)
+            return
+        self.compared += 1
+        if rec.get("same_status") is False:
+            self.pairs[f"{o.get('status')}→{t.get('status')}"] += 1
+            self.by_path[path] += 1
+        if rec.get("same_size") is False:
+            self.size_diff += 1
+        if self._same_content(rec, o, t) is False:
+            self.content_diff += 1
+
+    def _same_content(self, rec: dict, o: dict, t: dict) -> bool | None:
+        """As the log says, or judged again with the report's own noise rules."""
+        if self.rules is None or o.get("first") is None or t.get("first") is None:
+            return rec.get("same_content")
+        a, b = answers.as_bytes(o["first"]), answers.as_bytes(t["first"])
+        n = min(len(a), len(b))
+        return self.rules.clean(a[:n]) == self.rules.clean(b[:n])
+
+    def slowest(self) -> list[dict]:
+        """The paths by the target's p90 answer time, slowest first."""
+        out = []
+        for path, (lo, lt) in self.path_lat.items():
+            if lt:
+                o90, t90 = percentile(lo, 90), percentile(lt, 90)
+                out.append({"path": path, "exchanges": max(len(lo), len(lt)),
+                            "online_p90_ms": o90, "target_p90_ms": t90,
+                            "ratio": round(t90 / o90, 2) if o90 else None})
+        out.sort(key=lambda p: -(p["target_p90_ms"] or 0))
+        return out[:SLOWEST]
+
+
 def summarize(records: Iterable[dict], ignore: list[str] | None = None,
               skipped: list[str] | None = None) -> dict:
     """The report's numbers; ``ignore``: the contents judged again with these noise rules
     (instead of those the log was written with); ``skipped``: the lines ``read`` skipped
     (filled while ``records`` is read)."""
-    rules = answers.Rules.parse(ignore) if ignore else None
-    exchanges = compared = size_diff = content_diff = online_only = target_only = 0
-    pairs: Counter = Counter()
-    by_path: Counter = Counter()
-    lat_o: list[float] = []
-    lat_t: list[float] = []
-    path_lat: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
-    per_second: dict[int, list] = defaultdict(lambda: [0, [], []])
-    start = None
+    tally = _Tally(answers.Rules.parse(ignore) if ignore else None)
     for rec in records:
-        exchanges += 1
-        o, t = rec.get("online"), rec.get("target")
-        path = rec.get("path") or answers.path_of(answers.as_bytes(rec["request"]))
-        if start is None:
-            start = rec.get("ts", 0)
-        sec = per_second[int(rec.get("ts", 0) - start)]
-        sec[0] += 1
-        if o and o.get("ttlb_ms") is not None:
-            lat_o.append(o["ttlb_ms"])
-            path_lat[path][0].append(o["ttlb_ms"])
-            sec[1].append(o["ttlb_ms"])
-        if t and t.get("ttlb_ms") is not None:
-            lat_t.append(t["ttlb_ms"])
-            path_lat[path][1].append(t["ttlb_ms"])
-            sec[2].append(t["ttlb_ms"])
-        if not (o and t):
-            online_only += bool(o)
-            target_only += bool(t)
-            continue
-        compared += 1
-        if rec.get("same_status") is False:
-            pairs[f"{o.get('status')}→{t.get('status')}"] += 1
-            by_path[path] += 1
-        if rec.get("same_size") is False:
-            size_diff += 1
-        same = rec.get("same_content")
-        if rules is not None and o.get("first") is not None and t.get("first") is not None:
-            a, b = answers.as_bytes(o["first"]), answers.as_bytes(t["first"])
-            n = min(len(a), len(b))
-            same = rules.clean(a[:n]) == rules.clean(b[:n])
-        if same is False:
-            content_diff += 1
-    po, pt = _pcts(lat_o), _pcts(lat_t)
-    slowest = []
-    for path, (lo, lt) in path_lat.items():
-        if lt:
-            o90, t90 = percentile(lo, 90), percentile(lt, 90)
-            slowest.append({"path": path, "exchanges": max(len(lo), len(lt)),
-                            "online_p90_ms": o90, "target_p90_ms": t90,
-                            "ratio": round(t90 / o90, 2) if o90 else None})
-    slowest.sort(key=lambda p: -(p["target_p90_ms"] or 0))
+        tally.add(rec)
+    po, pt = _pcts(tally.lat_o), _pcts(tally.lat_t)
     return {
-        "exchanges": exchanges, "compared": compared,
-        "status_mismatches": sum(pairs.values()),
-        "status_mismatch_pairs": dict(pairs.most_common()),
-        "status_mismatches_by_path": dict(by_path.most_common()),
-        "size_differences": size_diff, "content_differences": content_diff,
-        "online_only": online_only, "target_only": target_only,
+        "exchanges": tally.exchanges, "compared": tally.compared,
+        "status_mismatches": sum(tally.pairs.values()),
+        "status_mismatch_pairs": dict(tally.pairs.most_common()),
+        "status_mismatches_by_path": dict(tally.by_path.most_common()),
+        "size_differences": tally.size_diff, "content_differences": tally.content_diff,
+        "online_only": tally.online_only, "target_only": tally.target_only,
         "online_latency_ms": po, "target_latency_ms": pt,
         "latency_ratio": {k: (round(pt[k] / po[k], 2) if po[k] and pt[k] is not None
                               else None) for k in po},
-        "slowest_paths": slowest[:SLOWEST],
+        "slowest_paths": tally.slowest(),
         "timeline": [{"second": s, "exchanges": v[0],
                       "online_p50_ms": percentile(v[1], 50),
                       "target_p50_ms": percentile(v[2], 50)}
-                     for s, v in sorted(per_second.items())],
+                     for s, v in sorted(tally.per_second.items())],
         "skipped": len(skipped or ()),
         "first_skipped": skipped[0] if skipped else None,
-        "_latencies": (sorted(lat_o), sorted(lat_t)),
+        "_latencies": (sorted(tally.lat_o), sorted(tally.lat_t)),
     }
 
 

@@ -175,34 +175,51 @@ def judge(d: dict) -> tuple[str, list[str]]:
     running = [w for w in d["workers"] if w.get("alive", True) and w["pid"]]
     if not running:
         down.append("no worker is running")
-    for w in d["workers"]:
-        age = w["heartbeat_age_s"]
-        if age is None or age > STALE_SECONDS:
-            degraded.append(f"worker {w['index']} heartbeat "
-                            + ("missing" if age is None else f"{age:.1f}s old"))
-        if w["respawn_in_s"]:
-            degraded.append(f"worker {w['index']} {w['last_exit']}; the next one starts in "
-                            f"{w['respawn_in_s']:.1f}s")
-    links = d.get("links", [])
+    degraded += _worker_problems(d["workers"])
     if d["program"] == "tcpcopyd":
-        if links and not any(p["up"] for p in links):
-            down.append("no interceptd reachable: " + "; ".join(
-                f"{p['address']}:{p['port']} {p['state']}"
-                + (f" ({p['reason']})" if p["reason"] else "") for p in links))
-        else:
-            degraded += [f"interceptd {p['address']}:{p['port']}: {p['up']}/{p['links']} "
-                         f"links up" + (f" ({p['reason']})" if p["reason"] else "")
-                         for p in links if p["up"] < p["links"]]
-        if any(w["counters"].get("interface_down") for w in d["workers"]):
-            down.append(f"the capture interface {d['label']} is down")
-        max_lag = d["settings"].get("max_lag")
-        if max_lag and d["lag_ms"] > max_lag * 1000 / 2:
-            degraded.append(f"capture lag {d['lag_ms']} ms (max_lag {max_lag * 1000:.0f} ms: "
-                            "the worker is falling behind)")
+        online_down, online_degraded = _online_problems(d)
+        down += online_down
+        degraded += online_degraded
     degraded += [f"{name} rising ({rate:.1f}/s)" for name, rate in d["drops_rising"].items()]
     if down:
         return "down", down + degraded
     return ("degraded" if degraded else "healthy"), degraded
+
+
+def _worker_problems(workers: list[dict]) -> list[str]:
+    """Workers whose heartbeat is late, and those waiting to be started again."""
+    out = []
+    for w in workers:
+        age = w["heartbeat_age_s"]
+        if age is None or age > STALE_SECONDS:
+            out.append(f"worker {w['index']} heartbeat "
+                       + ("missing" if age is None else f"{age:.1f}s old"))
+        if w["respawn_in_s"]:
+            out.append(f"worker {w['index']} {w['last_exit']}; the next one starts in "
+                       f"{w['respawn_in_s']:.1f}s")
+    return out
+
+
+def _online_problems(d: dict) -> tuple[list[str], list[str]]:
+    """What only tcpcopyd can suffer (down, degraded): no interceptd reachable, links down,
+    the capture interface down, a capture lag near max_lag."""
+    down, degraded = [], []
+    links = d.get("links", [])
+    if links and not any(p["up"] for p in links):
+        down.append("no interceptd reachable: " + "; ".join(
+            f"{p['address']}:{p['port']} {p['state']}"
+            + (f" ({p['reason']})" if p["reason"] else "") for p in links))
+    else:
+        degraded += [f"interceptd {p['address']}:{p['port']}: {p['up']}/{p['links']} "
+                     f"links up" + (f" ({p['reason']})" if p["reason"] else "")
+                     for p in links if p["up"] < p["links"]]
+    if any(w["counters"].get("interface_down") for w in d["workers"]):
+        down.append(f"the capture interface {d['label']} is down")
+    max_lag = d["settings"].get("max_lag")
+    if max_lag and d["lag_ms"] > max_lag * 1000 / 2:
+        degraded.append(f"capture lag {d['lag_ms']} ms (max_lag {max_lag * 1000:.0f} ms: "
+                        "the worker is falling behind)")
+    return down, degraded
 
 
 def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
@@ -219,18 +236,10 @@ def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
         except seqlock.TornRead:
             unreadable.append(i + 1)
             continue
-        info = proc_info(rec.pid) if rec.pid else {"pid": 0, "alive": False}
-        vals = dict(zip(names, rec.counters, strict=False))
-        for k, v in vals.items():
+        w = _worker_entry(i, rec, names, now)
+        for k, v in w["counters"].items():
             sums[k] = sums.get(k, 0) + v
-        workers.append({"index": i + 1, "cpu": rec.cpu, "restarts": rec.restarts,
-                        "recent_deaths": rec.recent_deaths,
-                        "last_exit": exit_words(rec.last_exit)
-                        if rec.restarts or rec.recent_deaths else None,
-                        "respawn_in_s": max(0.0, rec.respawn_at - now) if rec.respawn_at
-                        > now else None,
-                        "heartbeat_age_s": now - rec.heartbeat if rec.heartbeat else None,
-                        **info, "counters": vals, "links": rec.links})
+        workers.append(w)
     gauges = kind.gauges if kind else frozenset()
     rates = {k: (v - before.get(k, 0)) / elapsed for k, v in sums.items()
              if before is not None and elapsed > 0 and k not in gauges}
@@ -252,6 +261,19 @@ def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
         w["links"] = [link.__dict__ for link in w["links"]]
     d.update(state=state, healthy=state == "healthy", problems=problems)
     return d
+
+
+def _worker_entry(i: int, rec, names: tuple[str, ...], now: float) -> dict:
+    """One worker as status shows it: its supervision record, process and counters."""
+    info = proc_info(rec.pid) if rec.pid else {"pid": 0, "alive": False}
+    return {"index": i + 1, "cpu": rec.cpu, "restarts": rec.restarts,
+            "recent_deaths": rec.recent_deaths,
+            "last_exit": exit_words(rec.last_exit) if rec.restarts or rec.recent_deaths
+            else None,
+            "respawn_in_s": max(0.0, rec.respawn_at - now) if rec.respawn_at > now else None,
+            "heartbeat_age_s": now - rec.heartbeat if rec.heartbeat else None,
+            **info, "counters": dict(zip(names, rec.counters, strict=False)),
+            "links": rec.links}
 
 
 def sample(segs: list[shmseg.Segment], interval: float) -> list[dict]:
@@ -282,20 +304,8 @@ def render(d: dict) -> str:
     lines = [f"{d['program']} {d['name']} [{d['label']}]: {d['state'].upper()}"
              + ("" if not d["problems"] else ": " + "; ".join(d["problems"]))]
     m = d["master"]
-    lines.append(f"  master   pid {m['pid']:<7} "
-                 + (f"cpu {m.get('cpu_percent', 0):5.1f}%  rss {m.get('rss_bytes', 0) >> 20} MiB"
-                    f"  up {_ago(m.get('uptime_s'))}" if m.get("alive", True)
-                    else "not running"))
-    for w in d["workers"]:
-        hb = w["heartbeat_age_s"]
-        lines.append(
-            f"  worker {w['index']} pid {w['pid']:<7} cpu={w['cpu']} "
-            + (f"cpu {w.get('cpu_percent', 0):5.1f}%  rss {w.get('rss_bytes', 0) >> 20} MiB  "
-               f"up {_ago(w.get('uptime_s'))}" if w.get("alive", True) else "not running")
-            + f"  restarts {w['restarts']}"
-            + (f" ({w['recent_deaths']} recent, last {w['last_exit']})"
-               if w["recent_deaths"] else "")
-            + "  heartbeat " + ("-" if hb is None else f"{hb:.1f}s ago"))
+    lines.append(f"  master   pid {m['pid']:<7} " + _process_words(m))
+    lines += [_worker_line(w) for w in d["workers"]]
     for p in d["links"]:
         lines.append(f"  interceptd {p['address']}:{p['port']}  {p['state']} "
                      f"({p['up']}/{p['links']} links) for {_ago(p['for_s'])}  "
@@ -305,10 +315,7 @@ def render(d: dict) -> str:
         lines.append(f"  capture lag {d['lag_ms']} ms"
                      + (f" (max_lag {d['settings']['max_lag'] * 1000:.0f} ms)"
                         if d["settings"].get("max_lag") else ""))
-    drops = {k: v for k, v in d["drops"].items() if v}
-    lines.append("  drops " + (", ".join(
-        f"{k} {v}" + (f" (rising {d['drops_rising'][k]:.1f}/s)" if k in d["drops_rising"]
-                      else "") for k, v in drops.items()) if drops else "none"))
+    lines.append(_drops_line(d))
     if d.get("settings"):
         lines.append("  settings " + " ".join(f"{k}={_short(v)}" for k, v in
                                               sorted(d["settings"].items())))
@@ -318,6 +325,30 @@ def render(d: dict) -> str:
             rate = d["rates_per_s"].get(k)
             lines.append(f"    {k:<{width}} {v:>12}" + (f"  {rate:10.1f}/s" if rate else ""))
     return "\n".join(lines)
+
+
+def _process_words(p: dict) -> str:
+    """CPU, memory and uptime of a master or worker process, or that it is not running."""
+    if not p.get("alive", True):
+        return "not running"
+    return (f"cpu {p.get('cpu_percent', 0):5.1f}%  rss {p.get('rss_bytes', 0) >> 20} MiB  "
+            f"up {_ago(p.get('uptime_s'))}")
+
+
+def _worker_line(w: dict) -> str:
+    hb = w["heartbeat_age_s"]
+    return (f"  worker {w['index']} pid {w['pid']:<7} cpu={w['cpu']} " + _process_words(w)
+            + f"  restarts {w['restarts']}"
+            + (f" ({w['recent_deaths']} recent, last {w['last_exit']})"
+               if w["recent_deaths"] else "")
+            + "  heartbeat " + ("-" if hb is None else f"{hb:.1f}s ago"))
+
+
+def _drops_line(d: dict) -> str:
+    drops = {k: v for k, v in d["drops"].items() if v}
+    return "  drops " + (", ".join(
+        f"{k} {v}" + (f" (rising {d['drops_rising'][k]:.1f}/s)" if k in d["drops_rising"]
+                      else "") for k, v in drops.items()) if drops else "none")
 
 
 def _short(v: object) -> str:

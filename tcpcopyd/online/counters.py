@@ -83,6 +83,21 @@ CAPTURED, MALFORMED, NO_SESSION, DUPLICATE, OUT_OF_ORDER, SENT, SEND_ERRORS, BYT
     REPLIES, REPLIES_NO_SESSION, REPLIES_MALFORMED = range(11)
 assert NAMES[REPLIES_MALFORMED] == "replies_malformed"
 OVERSIZE = INDEX["oversize_frames"]
+# the other counters the engine adds to, by their names in upper case
+(NOT_SAMPLED, NOT_FROM_SYN, PORT_REUSE_HELD, OUT_OF_WINDOW, SESSIONS_OPENED, SESSIONS_FAKE,
+ SESSIONS_REFUSED, RESETS_OUT_OF_WINDOW, CHALLENGE_ACKS, STALE_CONNECTIONS_RESET,
+ HANDSHAKE_RESTARTS, FAST_RETRANSMITS, RETRANSMITS, PACED, HELD_NO_LINK, SESSIONS_ACTIVE,
+ SESSIONS_RESTORED, SESSIONS_TORN) = (INDEX[n] for n in (
+    "not_sampled", "not_from_syn", "port_reuse_held", "out_of_window", "sessions_opened",
+    "sessions_fake", "sessions_refused", "resets_out_of_window", "challenge_acks",
+    "stale_connections_reset", "handshake_restarts", "fast_retransmits", "retransmits",
+    "paced", "held_no_link", "sessions_active", "sessions_restored", "sessions_torn"))
+# why a session ended: the counter its end adds to
+(SESSIONS_CLOSED, SESSIONS_EXPIRED, SESSIONS_TARGET_RST, SESSIONS_REUSED, SESSIONS_OVERFLOW,
+ SESSIONS_EVICTED, SESSIONS_GAVE_UP, SESSIONS_BROKEN, SESSIONS_RESYNCED) = (INDEX[n] for n in (
+    "sessions_closed", "sessions_expired", "sessions_target_rst", "sessions_reused",
+    "sessions_overflow", "sessions_evicted", "sessions_gave_up", "sessions_broken",
+    "sessions_resynced"))
 # gauges are set, not added up over time
 GAUGES = frozenset({"sessions_active", "capture_lag_ms", "capture_lag_peak_ms",
                     "interface_down"})

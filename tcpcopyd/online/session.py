@@ -10,6 +10,7 @@ import socket
 from collections import deque
 
 from shm.record import Record
+from tcpcopyd.net.packet import FIN
 
 
 class State(enum.IntFlag):
@@ -59,8 +60,29 @@ SLOT = Record("Slot", (
 SLOT_SIZE = 128
 
 
+class Queued:
+    """One piece of the client's stream on its way to the target: in ``unsent`` (captured,
+    not sent yet) or in ``unacked`` (sent, not acknowledged yet). Mutable: a piece is cut
+    when the target's window or MSS takes only part of it, and trimmed when the target
+    acknowledges part of it."""
+
+    __slots__ = ("seq", "flags", "payload", "new_request")
+
+    def __init__(self, seq: int, flags: int, payload: bytes, new_request: bool = False) -> None:
+        self.seq = seq
+        self.flags = flags                # FIN and PSH as captured (ACK is always added)
+        self.payload = payload
+        # the client had acknowledged more of the online answer: it starts a new request,
+        # which waits (pacing) until the target has answered the one before
+        self.new_request = new_request
+
+    def end(self) -> int:
+        """The sequence number after it (a FIN counts one)."""
+        return (self.seq + len(self.payload) + (1 if self.flags & FIN else 0)) & 0xFFFFFFFF
+
+
 class Session:
-    """State of one session; segments are lists ``[seq, flags, payload, extra]``."""
+    """One replicated session: the fake client's state of its connection to the target."""
 
     __slots__ = (
         "key", "client_ip", "client_port", "target_ip", "target_port", "slot", "state",
@@ -87,8 +109,8 @@ class Session:
         self.snd_una = 0          # oldest client byte the target has not acknowledged
         self.snd_nxt = 0          # next client sequence number to send to the target
         self.cap_nxt = 0          # next client sequence number expected from the capture
-        self.unsent: deque[list] = deque()   # [seq, flags, payload, new_request]
-        self.unacked: deque[list] = deque()  # [seq, flags, payload, retransmitted]
+        self.unsent: deque[Queued] = deque()    # captured, not sent yet
+        self.unacked: deque[Queued] = deque()   # sent, not acknowledged yet
         self.ooo = None   # tcpcopyd.online.reorder.OutOfOrder: client segments ahead of a gap
         self.buffered = 0         # bytes held in unsent + unacked + ooo (payload + overhead)
         self.target_isn = 0

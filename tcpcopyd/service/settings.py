@@ -213,54 +213,17 @@ def parse_args(prog: str, description: str, registry: Registry,
 
 def load(prog: str, description: str, registry: Registry,
          argv: Sequence[str] | None, layout: Layout) -> Any:
-    """A validated ``registry.config`` from the command line and ``--config FILE``."""
-    ap = argparse.ArgumentParser(prog=prog, description=description)
-    ap.add_argument("--version", action="version", version=f"{prog} {version()}")
-    ap.add_argument("--config", metavar="FILE", help="read settings from this TOML file "
-                    f"({layout.describe}); command-line flags override it")
-    for s in registry:
-        kw: dict[str, Any] = {"dest": s.name, "help": s.help, "default": None}
-        if s.is_flag:
-            kw["action"] = "store_const"
-            kw["const"] = True
-        else:
-            kw["metavar"] = s.metavar
-        ap.add_argument(*s.flags, **kw)
-    if layout.positional:
-        ap.add_argument("words", nargs="*", metavar=layout.positional,
-                        help="the same as the flags they stand for (see the manual)")
+    """A validated ``registry.config`` from the command line and ``--config FILE``: the
+    file's values, then the flags over them, then what positional words say of the rest."""
+    ap = _parser(prog, description, registry, layout)
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = ap.parse_intermixed_args(argv) if layout.positional else ap.parse_args(argv)
     cfg = registry.config(argv=argv)
-    cli: dict[str, Any] = {}
-    for s in registry:
-        raw = getattr(ns, s.name)
-        if raw is None:
-            continue
-        try:
-            cli[s.name] = s.parse(raw)
-        except SettingError as e:
-            raise ConfigError(f"{s.flags[0]} {raw!r}: {e}", EX_USAGE) from None
-    fallback: dict[str, Any] = {}
-    if getattr(ns, "words", None) and layout.from_words:
-        try:
-            given, fallback = layout.from_words(ns.words)
-        except SettingError as e:
-            raise ConfigError(f"{' '.join(ns.words)}: {e}", EX_USAGE) from None
-        for name, value in given.items():
-            if name in cli:
-                flag = registry.by_name[name].flags[0]
-                raise ConfigError(f"{flag} and {' '.join(ns.words)} both say {name}: give "
-                                  "one of them", EX_USAGE)
-            cli[name] = value
+    cli = _flags(ns, registry)
+    fallback = _words(ns, registry, layout, cli)
+    applied: list[str] = []
     if ns.config:
-        data = read_file(ns.config)
-        tables = check_file(ns.config, data, registry, layout)
-        applied = layout.tables(cli, tables)
-        for name in applied:
-            for key, value in tables.get(name, {}).items():
-                setattr(cfg, key, value)
-                cfg.source[key] = f"{ns.config} [{name}]"
+        applied = _apply_file(cfg, ns.config, registry, layout, cli)
     for name, value in cli.items():
         setattr(cfg, name, value)
         cfg.source[name] = "cli"
@@ -277,6 +240,73 @@ def load(prog: str, description: str, registry: Registry,
             raise ConfigError(f"{' / '.join(s.flags)} is required ({s.help})", EX_USAGE)
     cfg.finish()
     return cfg
+
+
+def _parser(prog: str, description: str, registry: Registry,
+            layout: Layout) -> argparse.ArgumentParser:
+    """The command line: a flag per setting of the registry, --config, --version."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--version", action="version", version=f"{prog} {version()}")
+    ap.add_argument("--config", metavar="FILE", help="read settings from this TOML file "
+                    f"({layout.describe}); command-line flags override it")
+    for s in registry:
+        kw: dict[str, Any] = {"dest": s.name, "help": s.help, "default": None}
+        if s.is_flag:
+            kw["action"] = "store_const"
+            kw["const"] = True
+        else:
+            kw["metavar"] = s.metavar
+        ap.add_argument(*s.flags, **kw)
+    if layout.positional:
+        ap.add_argument("words", nargs="*", metavar=layout.positional,
+                        help="the same as the flags they stand for (see the manual)")
+    return ap
+
+
+def _flags(ns: argparse.Namespace, registry: Registry) -> dict[str, Any]:
+    """The settings the flags gave, parsed."""
+    cli: dict[str, Any] = {}
+    for s in registry:
+        raw = getattr(ns, s.name)
+        if raw is None:
+            continue
+        try:
+            cli[s.name] = s.parse(raw)
+        except SettingError as e:
+            raise ConfigError(f"{s.flags[0]} {raw!r}: {e}", EX_USAGE) from None
+    return cli
+
+
+def _words(ns: argparse.Namespace, registry: Registry, layout: Layout,
+           cli: dict[str, Any]) -> dict[str, Any]:
+    """What the positional words say: the settings they give go into ``cli`` (a setting
+    given by a flag too is an error); returns those they give only where nothing else
+    does."""
+    if not (getattr(ns, "words", None) and layout.from_words):
+        return {}
+    try:
+        given, fallback = layout.from_words(ns.words)
+    except SettingError as e:
+        raise ConfigError(f"{' '.join(ns.words)}: {e}", EX_USAGE) from None
+    for name, value in given.items():
+        if name in cli:
+            flag = registry.by_name[name].flags[0]
+            raise ConfigError(f"{flag} and {' '.join(ns.words)} both say {name}: give one "
+                              "of them", EX_USAGE)
+        cli[name] = value
+    return fallback
+
+
+def _apply_file(cfg: Any, path: str, registry: Registry, layout: Layout,
+                cli: dict[str, Any]) -> list[str]:
+    """Set what the config file's tables for this daemon say; returns their names."""
+    tables = check_file(path, read_file(path), registry, layout)
+    applied = layout.tables(cli, tables)
+    for name in applied:
+        for key, value in tables.get(name, {}).items():
+            setattr(cfg, key, value)
+            cfg.source[key] = f"{path} [{name}]"
+    return applied
 
 
 def read_file(path: str) -> dict[str, Any]:

@@ -678,7 +678,7 @@ def test_a_reused_port_waits_while_the_previous_session_still_has_data_for_the_t
     [syn] = eng.sender.take()
     assert syn.flags == P.SYN and syn.seq == ISN + 90000
     s = eng.sessions[(CLIENT, CPORT, TARGET, 80)]
-    assert s.isn == ISN + 90000 and s.unsent and s.unsent[0][2].startswith(b"GET /new")
+    assert s.isn == ISN + 90000 and s.unsent and s.unsent[0].payload.startswith(b"GET /new")
 
 
 def test_a_held_session_gives_up_waiting_after_a_while(eng):
