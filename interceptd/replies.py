@@ -1,6 +1,7 @@
 """What interceptd sends tcpcopyd of each packet of the target: its reply record."""
 from __future__ import annotations
 
+from tcpcopyd.net import packet as P
 from tcpcopyd.net import wire
 
 # the sessions whose last answer's ack is remembered (to find each answer's first segment)
@@ -20,11 +21,10 @@ class Recorder:
     def record(self, packet: bytes | memoryview) -> bytes:
         """Raises ProtocolError for a packet that is not a whole IPv4/TCP header."""
         header = wire.reply_header(packet)
-        if not self.want_prefix or int.from_bytes(header[2:4], "big") \
-                <= 20 + (header[32] >> 4) * 4:
+        if not self.want_prefix or P.total_length(header) <= 20 + P.tcp_header_length(header):
             return header
-        key = header[16:20] + header[22:24]
-        ack = header[28:32]
+        key = P.destination(header)
+        ack = header[20 + P.TCP_ACK:20 + P.TCP_ACK + 4]
         if self.last_ack.get(key) == ack:
             return header
         if len(self.last_ack) >= ANSWERS_SEEN_MAX:

@@ -22,6 +22,7 @@ import itertools
 from interceptd import counters as C
 from shm.keytable import KeyTable, OwnedRegion
 from tcpcopyd.net import wire
+from tcpcopyd.net.packet import destination, source
 
 # how long a reply waits for its session's CLIENT_ADD, seconds
 DELAY_SECONDS = 3.0
@@ -170,7 +171,7 @@ class Router:
     # --------------------------------------------------------------- replies
     def route(self, header: bytes, now: float) -> None:
         """Route one 64-byte reply header caught by this worker."""
-        key = header[16:20] + header[22:24]   # destination ip + destination port
+        key = destination(header)   # the client: destination ip + port
         entry = self.routes.get(key)
         if entry is not None:
             self._to_peer(entry[0], entry[1], header)
@@ -184,7 +185,7 @@ class Router:
 
     def deliver(self, header: bytes, now: float) -> None:
         """A reply header handed over by another worker: ours, or it waits."""
-        key = header[16:20] + header[22:24]
+        key = destination(header)
         entry = self.routes.get(key)
         if entry is not None:
             self._to_peer(entry[0], entry[1], header)
@@ -194,7 +195,7 @@ class Router:
     def _to_peer(self, peer: Holder, target: bytes, header: bytes) -> None:
         """Queue a reply for its peer if it comes from the target its session was
         registered for (source address + port)."""
-        if target != header[12:16] + header[20:22] and target != ANY_TARGET:
+        if target != source(header) and target != ANY_TARGET:
             self.counters[C.INDEX["replies_foreign"]] += 1
             return
         peer.pending.append(header)

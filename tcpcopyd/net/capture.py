@@ -17,6 +17,8 @@ import struct
 import time
 from collections.abc import Callable
 
+from tcpcopyd.net import packet as P
+
 # linux/if_ether.h
 ETH_P_IP = 0x0800
 ETH_P_ALL = 0x0003
@@ -80,14 +82,14 @@ class _SockFprog(ctypes.Structure):
 # the client segments the engine has no use for: a pure ACK (no payload, no SYN, FIN or
 # RST) moves nothing toward the target — the copy's own ACKs follow the target's replies
 SKIP_PURE_ACKS = [
-    (BPF_LD_B_IND, 0, 0, 13),            # A = tcp flags
+    (BPF_LD_B_IND, 0, 0, P.TCP_FLAGS),   # A = tcp flags
     (BPF_JSET_K, 8, 0, FIN_SYN_RST),     # SYN, FIN or RST? to the port check, else
-    (BPF_LD_B_IND, 0, 0, 12),            # A = tcp data offset << 4
+    (BPF_LD_B_IND, 0, 0, P.TCP_DATA_OFFSET),   # A = tcp data offset << 4
     (BPF_AND_K, 0, 0, 0xF0),
     (BPF_RSH_K, 0, 0, 2),                # A = tcp header length
     (BPF_ADD_X, 0, 0, 0),                # A = ip + tcp header length
     (BPF_TAX, 0, 0, 0),                  # X = A
-    (BPF_LD_H_ABS, 0, 0, 2),             # A = ip total length
+    (BPF_LD_H_ABS, 0, 0, P.IP_TOTAL_LENGTH),   # A = ip total length
     (BPF_JGT_X, 1, 0, 0),                # a payload? to the port check, else
     (BPF_RET_K, 0, 0, 0),                #   drop: a pure ACK
     (BPF_LDX_B_MSH, 0, 0, 0),            # X = ip header length (again)
@@ -112,15 +114,15 @@ def bpf_program(ports: list[int], source: bool = False, answers: bool = False
         *([(BPF_LD_H_ABS, 0, 0, SKF_AD_PROTOCOL),   # A = the packet's protocol
            (BPF_JEQ_K, 1, 0, ETH_P_IP),              # IPv4? on, else
            (BPF_RET_K, 0, 0, 0)] if answers else []),  #   drop
-        (BPF_LD_B_ABS, 0, 0, 9),             # A = ip protocol
-        (BPF_JEQ_K, 1, 0, 6),                # TCP? on, else
+        (BPF_LD_B_ABS, 0, 0, P.IP_PROTOCOL),     # A = ip protocol
+        (BPF_JEQ_K, 1, 0, P.IPPROTO_TCP),        # TCP? on, else
         (BPF_RET_K, 0, 0, 0),                #   drop
-        (BPF_LD_H_ABS, 0, 0, 6),             # A = flags/fragment offset
+        (BPF_LD_H_ABS, 0, 0, P.IPV4.offset("fragment")),   # A = flags/fragment offset
         (BPF_JSET_K, 0, 1, 0x1FFF),          # a fragment (not the first)?
         (BPF_RET_K, 0, 0, 0),                #   drop
         (BPF_LDX_B_MSH, 0, 0, 0),            # X = ip header length
         *([] if source and not answers else SKIP_PURE_ACKS),
-        (BPF_LD_H_IND, 0, 0, 0 if source or answers else 2),   # A = source / dest. port
+        (BPF_LD_H_IND, 0, 0, P.TCP_SPORT if source or answers else P.TCP_DPORT),   # A = port
     ]
     for port in ports:
         prog.append((BPF_JEQ_K, 0, 1, port))     # this port? accept, else the next

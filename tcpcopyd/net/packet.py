@@ -1,4 +1,5 @@
-"""IPv4/TCP header layouts, parsing and building on bytes (no per-packet objects).
+"""IPv4/TCP headers: their layout, declared once (the header view every decoder uses),
+parsing and building on bytes (no per-packet objects on the hot paths).
 
 Byte order: every address here is a 4-byte network-order ``bytes``; ports,
 sequence numbers and windows are host ints.
@@ -6,6 +7,8 @@ sequence numbers and windows are host ints.
 from __future__ import annotations
 
 import struct
+
+from shm.record import Record
 
 # IP protocol number of TCP
 IPPROTO_TCP = 6
@@ -31,11 +34,96 @@ IP_FRAG_MASK = 0x3FFF
 # sequence space modulus
 SEQ_MOD = 1 << 32
 
-# IPv4 header (no options) followed by the fixed TCP header, read in one call
-IP_TCP = struct.Struct("!BBHHHBBH4s4sHHIIHHHH")
-TCP_HDR = struct.Struct("!HHIIHHHH")
+# The headers, declared once as (name, format) fields in network order: their structs,
+# sizes and offsets derive from these tables, and every decoder of the project reads
+# packets through them (the structs, the offsets and the helpers below)
+IPV4 = Record("IPv4", (
+    ("version_ihl", "B"),    # version (4) in the high nibble, header length / 4 in the low
+    ("tos", "B"),
+    ("total_length", "H"),
+    ("id", "H"),
+    ("fragment", "H"),       # flags (DF, MF) and fragment offset
+    ("ttl", "B"),
+    ("protocol", "B"),
+    ("checksum", "H"),
+    ("src", "4s"),
+    ("dst", "4s"),
+), "!")
+TCP = Record("TCP", (
+    ("sport", "H"),
+    ("dport", "H"),
+    ("seq", "I"),
+    ("ack", "I"),
+    ("offset_flags", "H"),   # data offset / 4 in the high 4 bits, flags in the low byte
+    ("window", "H"),
+    ("checksum", "H"),
+    ("urgent", "H"),
+), "!")
+IP_PROTOCOL, IP_TOTAL_LENGTH, IP_SRC, IP_DST = (
+    IPV4.offset(f) for f in ("protocol", "total_length", "src", "dst"))
+TCP_SPORT, TCP_DPORT, TCP_SEQ, TCP_ACK, TCP_CHECKSUM = (
+    TCP.offset(f) for f in ("sport", "dport", "seq", "ack", "checksum"))
+TCP_DATA_OFFSET = TCP.offset("offset_flags")      # its high nibble
+TCP_FLAGS = TCP_DATA_OFFSET + 1                   # the flags byte
+# an IPv4 header without options followed by the fixed TCP header, read in one call
+IP_TCP = struct.Struct("!" + IPV4.struct.format[1:] + TCP.struct.format[1:])
+HEADERS = IP_TCP.size
+TCP_HDR = TCP.struct
 TS_OPT = struct.Struct("!BBBBII")  # NOP NOP kind=8 len=10 TSval TSecr
 U32 = struct.Struct("!I")
+_U16 = struct.Struct("!H")
+_PORTS_SEQ_ACK = struct.Struct("!HHII")
+
+
+def is_tcp_ipv4(buf: bytes | bytearray | memoryview) -> bool:
+    """Whether ``buf`` (at least one IPv4 header long) says IPv4 carrying TCP."""
+    return buf[0] >> 4 == 4 and buf[IP_PROTOCOL] == IPPROTO_TCP
+
+
+def ip_header_length(buf: bytes | bytearray | memoryview) -> int:
+    return (buf[0] & 0x0F) * 4
+
+
+def tcp_header_length(buf: bytes | bytearray | memoryview, ihl: int = 20) -> int:
+    """Of the TCP header at ``ihl``."""
+    return (buf[ihl + TCP_DATA_OFFSET] >> 4) * 4
+
+
+def total_length(buf: bytes | bytearray | memoryview) -> int:
+    return _U16.unpack_from(buf, IP_TOTAL_LENGTH)[0]
+
+
+def destination_port(buf: bytes | bytearray | memoryview, ihl: int = 20) -> int:
+    return _U16.unpack_from(buf, ihl + TCP_DPORT)[0]
+
+
+def source(buf: bytes | bytearray | memoryview) -> bytes:
+    """Source address and port (6 bytes) of a packet whose IPv4 header has no options (a
+    reply header)."""
+    return bytes(buf[IP_SRC:IP_SRC + 4]) + bytes(buf[20 + TCP_SPORT:20 + TCP_SPORT + 2])
+
+
+def destination(buf: bytes | bytearray | memoryview) -> bytes:
+    """Destination address and port (6 bytes) of a packet whose IPv4 header has no
+    options (a reply header)."""
+    return bytes(buf[IP_DST:IP_DST + 4]) + bytes(buf[20 + TCP_DPORT:20 + TCP_DPORT + 2])
+
+
+def segment_span(buf: bytes | bytearray | memoryview, n: int) -> tuple | None:
+    """(source, destination, source port, destination port, seq, ack, payload start,
+    payload end) of an IPv4/TCP packet of ``n`` bytes, None if it is not one. A total
+    length of 0 (a segmentation offload's large packet) means all ``n`` bytes."""
+    if n < HEADERS or not is_tcp_ipv4(buf):
+        return None
+    ihl = ip_header_length(buf)
+    if ihl < 20 or n < ihl + TCP.size:
+        return None
+    start = ihl + tcp_header_length(buf, ihl)
+    total = total_length(buf)
+    end = min(n, total) if total else n
+    sport, dport, seq, ack = _PORTS_SEQ_ACK.unpack_from(buf, ihl)
+    return (bytes(buf[IP_SRC:IP_SRC + 4]), bytes(buf[IP_DST:IP_DST + 4]), sport, dport, seq,
+            ack, start, end)
 
 
 class MalformedPacket(ValueError):
@@ -61,8 +149,8 @@ def seq_diff(a: int, b: int) -> int:
     return d - SEQ_MOD if d >= 0x80000000 else d
 
 
-class Segment:
-    """Fields of one parsed TCP/IPv4 segment (used off the tightest paths)."""
+class Packet:
+    """Fields of one parsed TCP/IPv4 packet (used off the tightest paths)."""
 
     __slots__ = ("src", "dst", "sport", "dport", "seq", "ack", "flags", "window",
                  "options", "payload", "ip_len")
@@ -74,10 +162,10 @@ class Segment:
         self.options, self.payload, self.ip_len = options, payload, ip_len
 
 
-def parse(buf: bytes | memoryview, length: int | None = None) -> Segment:
+def parse(buf: bytes | memoryview, length: int | None = None) -> Packet:
     """Parse an IPv4 packet holding TCP. Raises MalformedPacket."""
     n = len(buf) if length is None else length
-    if n < 40:
+    if n < HEADERS:
         raise MalformedPacket(f"{n} bytes is shorter than IPv4+TCP headers")
     (vihl, _tos, tot_len, _id, frag, _ttl, proto, _csum, src, dst,
      sport, dport, seq, ack, offflags, window, _tcsum, _urg) = IP_TCP.unpack_from(buf, 0)
@@ -87,7 +175,7 @@ def parse(buf: bytes | memoryview, length: int | None = None) -> Segment:
         raise MalformedPacket(f"IP protocol {proto}, not TCP")
     if frag & IP_FRAG_MASK:
         raise MalformedPacket("IP fragment")
-    ihl = (vihl & 0x0F) * 4
+    ihl = ip_header_length(buf)
     if ihl != 20:
         if ihl < 20 or ihl + 20 > n:
             raise MalformedPacket(f"bad IP header length {ihl}")
@@ -98,9 +186,9 @@ def parse(buf: bytes | memoryview, length: int | None = None) -> Segment:
     end = tot_len if tot_len <= n else n
     if end < ihl + thl:
         raise MalformedPacket(f"IP total length {tot_len} shorter than headers")
-    options = bytes(buf[ihl + 20:ihl + thl])
+    options = bytes(buf[ihl + TCP.size:ihl + thl])
     payload = bytes(buf[ihl + thl:end])
-    return Segment(src, dst, sport, dport, seq, ack, offflags & 0x3F, window, options,
+    return Packet(src, dst, sport, dport, seq, ack, offflags & 0x3F, window, options,
                    payload, tot_len)
 
 
@@ -182,11 +270,9 @@ def build(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, fl
     IP_TCP.pack_into(pkt, 0, 0x45, 0, total, 0, IP_DF, ttl, IPPROTO_TCP, 0, src, dst,
                      sport, dport, seq, ack, (thl << 10) | flags, window, 0, 0)
     if olen:
-        pkt[40:40 + olen] = options
+        pkt[HEADERS:HEADERS + olen] = options
     if payload:
         pkt[20 + thl:] = payload
-    csum = tcp_checksum(src, dst, memoryview(pkt)[20:])
-    pkt[36] = csum >> 8
-    pkt[37] = csum & 0xFF
+    _U16.pack_into(pkt, 20 + TCP_CHECKSUM, tcp_checksum(src, dst, memoryview(pkt)[20:]))
     return pkt
 

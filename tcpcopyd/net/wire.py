@@ -31,6 +31,7 @@ import hashlib
 import hmac
 
 from shm.record import Record
+from tcpcopyd.net import packet as P
 
 # default TCP port interceptd listens on
 DEFAULT_PORT = 36524
@@ -181,15 +182,15 @@ def reply_header(ip_packet: bytes | memoryview) -> bytes:
     agree (the caller counts it and skips the packet).
     """
     n = len(ip_packet)
-    if n < 40:
+    if n < P.HEADERS:
         raise ProtocolError(f"{n}-byte packet is too short for IPv4+TCP")
-    if ip_packet[0] >> 4 != 4 or ip_packet[9] != 6:
+    if not P.is_tcp_ipv4(ip_packet):
         raise ProtocolError("not TCP over IPv4")
-    ihl = (ip_packet[0] & 0x0F) * 4
-    tot = int.from_bytes(ip_packet[2:4], "big")
-    if ihl < 20 or n < ihl + 20:
+    ihl = P.ip_header_length(ip_packet)
+    tot = P.total_length(ip_packet)
+    if ihl < 20 or n < ihl + P.TCP.size:
         raise ProtocolError(f"bad IP header length {ihl}")
-    doff = (ip_packet[ihl + 12] >> 4) * 4
+    doff = P.tcp_header_length(ip_packet, ihl)
     if doff < 20 or tot < ihl + doff:
         raise ProtocolError(f"total length {tot} shorter than the headers ({ihl}+{doff})")
     if ihl == 20:
@@ -197,7 +198,7 @@ def reply_header(ip_packet: bytes | memoryview) -> bytes:
     else:
         head = bytearray(ip_packet[:20])
         head[0] = 0x45
-        head[2:4] = (tot - (ihl - 20)).to_bytes(2, "big")
+        head[P.IP_TOTAL_LENGTH:P.IP_TOTAL_LENGTH + 2] = (tot - (ihl - 20)).to_bytes(2, "big")
         head = bytes(head)
     tcp = bytes(ip_packet[ihl:ihl + REPLY_TCP_SIZE])
     if len(tcp) < REPLY_TCP_SIZE:
@@ -207,9 +208,9 @@ def reply_header(ip_packet: bytes | memoryview) -> bytes:
 
 def payload_prefix(ip_packet: bytes | memoryview, prefix: int) -> bytes:
     """The first ``prefix`` bytes of the TCP payload of a packet ``reply_header`` took."""
-    ihl = (ip_packet[0] & 0x0F) * 4
-    start = ihl + (ip_packet[ihl + 12] >> 4) * 4
-    end = min(len(ip_packet), int.from_bytes(ip_packet[2:4], "big"), start + prefix)
+    ihl = P.ip_header_length(ip_packet)
+    start = ihl + P.tcp_header_length(ip_packet, ihl)
+    end = min(len(ip_packet), P.total_length(ip_packet), start + prefix)
     return bytes(ip_packet[start:end]) if end > start else b""
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from tcpcopyd.net.packet import seq_add, seq_lt
+from tcpcopyd.net.packet import segment_span, seq_add, seq_lt
 
 # bytes of a request and of an answer kept
 REQUEST_PREFIX = 128
@@ -112,23 +112,6 @@ class Conversation:
         return None
 
 
-def tcp_fields(buf, n: int) -> tuple | None:
-    """(source, destination, source port, destination port, seq, ack, payload start,
-    payload end) of an IPv4/TCP packet, None if it is not one."""
-    if n < 40 or buf[0] >> 4 != 4 or buf[9] != 6:
-        return None
-    ihl = (buf[0] & 0x0F) * 4
-    if ihl < 20 or n < ihl + 20:
-        return None
-    start = ihl + (buf[ihl + 12] >> 4) * 4
-    total = (buf[2] << 8) | buf[3]
-    end = min(n, total) if total else n    # 0: a segmentation offload's large packet
-    return (bytes(buf[12:16]), bytes(buf[16:20]), (buf[ihl] << 8) | buf[ihl + 1],
-            (buf[ihl + 2] << 8) | buf[ihl + 3],
-            int.from_bytes(buf[ihl + 4:ihl + 8], "big"),
-            int.from_bytes(buf[ihl + 8:ihl + 12], "big"), start, end)
-
-
 class Exchanges:
     def __init__(self, emit, engine, request_clock=None, answer_clock=None) -> None:
         """``emit(record)`` takes each finished exchange (a dict); ``engine``: its targets
@@ -161,7 +144,7 @@ class Exchanges:
     # ------------------------------------------------------------ online (the capture)
     def request_packet(self, buf, n: int) -> None:
         """A captured client packet (the engine has had it)."""
-        f = tcp_fields(buf, n)
+        f = segment_span(buf, n)
         if f is None or f[7] <= f[6]:
             return
         src, dst, sport, dport, seq, ack, start, end = f
@@ -179,7 +162,7 @@ class Exchanges:
     def answer_packet(self, buf, n: int) -> bool:
         """A captured packet of the online server's answer; whether it answers client data
         not read yet (it waits for it: the caller reads the capture before more answers)."""
-        f = tcp_fields(buf, n)
+        f = segment_span(buf, n)
         if f is None or f[7] <= f[6]:
             return False
         src, dst, sport, dport, seq, ack, start, end = f

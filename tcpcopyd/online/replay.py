@@ -9,9 +9,9 @@ import collections
 import logging
 import select
 import signal
-import struct
 import time
 
+from tcpcopyd.net import packet as P
 from tcpcopyd.net import pcapfile
 from tcpcopyd.online import counters as C
 from tcpcopyd.online.control import ControlGroup
@@ -74,10 +74,10 @@ class Replay:
                 return
 
     def wanted(self, pkt: bytes) -> bool:
-        if pkt[9] != 6:
+        if len(pkt) < 20 or not P.is_tcp_ipv4(pkt):
             return False
-        ihl = (pkt[0] & 0xF) * 4
-        return len(pkt) >= ihl + 4 and struct.unpack_from("!H", pkt, ihl + 2)[0] in self.ports
+        ihl = P.ip_header_length(pkt)
+        return len(pkt) >= ihl + 4 and P.destination_port(pkt, ihl) in self.ports
 
     def play_once(self, accelerate: float, idle_cut: float | None) -> None:
         base_real = base_ts = prev = None

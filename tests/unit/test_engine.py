@@ -20,7 +20,7 @@ TARGET_ISN = 9_000_000
 
 class FakeSender:
     def __init__(self):
-        self.sent: list[P.Segment] = []
+        self.sent: list[P.Packet] = []
 
     def send(self, pkt, dst):
         assert dst == TARGET

@@ -12,7 +12,8 @@ from __future__ import annotations
 import heapq
 import logging
 
-from tcpcopyd.net.packet import IP_TCP, MalformedPacket, parse
+from tcpcopyd.net import wire
+from tcpcopyd.net.packet import HEADERS, IP_TCP, MalformedPacket, parse
 from tcpcopyd.online import counters as C
 from tcpcopyd.online.engine import persist
 from tcpcopyd.online.engine.admission import client_segment, start_held
@@ -57,7 +58,7 @@ class Engine(EngineState):
         if end > self.mtu:
             cnt[C.OVERSIZE] += 1
         client_segment(self, src, dst, sport, dport, seq, ack, offflags & 0x3F, window,
-                       bytes(buf[40:20 + thl]) if thl > 20 else b"",
+                       bytes(buf[HEADERS:20 + thl]) if thl > 20 else b"",
                        bytes(buf[20 + thl:end]) if end > 20 + thl else b"", now)
 
     def _client_packet_with_ip_options(self, buf, n: int, now: float) -> None:
@@ -93,7 +94,7 @@ class Engine(EngineState):
             cnt[C.REPLIES_MALFORMED] += 1
             return
         on_segment(self, s, seq, ack, offflags & 0x3F, window, plen,
-                   hdr[40:20 + thl] if thl > 20 else b"", hdr[64:], now)
+                   hdr[HEADERS:20 + thl] if thl > 20 else b"", hdr[wire.REPLY_SIZE:], now)
 
     # ------------------------------------------------------------------ sending
     def flush(self, now: float) -> None:

@@ -2,7 +2,7 @@
 through ``emit``, which holds back what no interceptd would catch the answer of."""
 from __future__ import annotations
 
-from tcpcopyd.net.packet import ACK, RST, SYN, build, timestamp_option
+from tcpcopyd.net.packet import ACK, RST, SYN, TCP_FLAGS, build, timestamp_option
 from tcpcopyd.online import counters as C
 from tcpcopyd.online.engine.state import EngineState
 from tcpcopyd.online.session import TIMESTAMPS, Session
@@ -14,7 +14,7 @@ def emit(e: EngineState, pkt: bytearray, s: Session) -> None:
     answer) goes in any case, to free the target's connection. A packet held back is
     counted and sent again by the retransmission timer or when a link comes up
     (``Engine.on_control_up``)."""
-    if not (e.control.carries(s) or pkt[33] & RST):
+    if not (e.control.carries(s) or pkt[20 + TCP_FLAGS] & RST):
         e.counters[C.HELD_NO_LINK] += 1
         return
     if e.sender.send(pkt, s.target_ip):
