@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 
 from tcpcopyd.net.packet import segment_span, seq_add, seq_lt
+from tcpcopyd.online.targets import Targets, target_for
 
 # bytes of a request and of an answer kept
 REQUEST_PREFIX = 128
@@ -113,16 +114,21 @@ class Conversation:
 
 
 class Exchanges:
-    def __init__(self, emit, engine, request_clock=None, answer_clock=None) -> None:
-        """``emit(record)`` takes each finished exchange (a dict); ``engine``: its targets
-        (they follow a reload) and its sessions (only copied sessions are compared);
+    """The exchanges of every copied connection of one worker, paired side by side: the
+    engine's observer (tcpcopyd.online.engine.state.Observer) for the client's data and
+    the target's side, and the worker's reader of the online server's answers."""
+
+    def __init__(self, emit, targets: Targets, request_clock=None, answer_clock=None) -> None:
+        """``emit(record)`` takes each finished exchange (a dict); ``targets``: where the
+        sessions are copied to (the worker sets it again after a reload);
         ``request_clock()``/``answer_clock()``: when the packet just read was captured
         (the kernel's time, on the monotonic scale), else when it is handled."""
         self.emit = emit
-        self.engine = engine
+        self.targets = targets
         self.request_clock = request_clock or time.monotonic
         self.answer_clock = answer_clock or time.monotonic
         self.conversations: OrderedDict[tuple, Conversation] = OrderedDict()
+        self.copied: set[tuple] = set()   # the sessions the engine has open (first copies)
         self.pending = 0            # exchanges held, all connections
         self.answers_lost = 0       # online answers dropped: MAX_EARLY of them were waiting
         self.wall_offset = time.time() - time.monotonic()
@@ -142,22 +148,13 @@ class Exchanges:
         return c
 
     # ------------------------------------------------------------ online (the capture)
-    def request_packet(self, buf, n: int) -> None:
-        """A captured client packet (the engine has had it)."""
-        f = segment_span(buf, n)
-        if f is None or f[7] <= f[6]:
-            return
-        src, dst, sport, dport, seq, ack, start, end = f
-        targets = self.engine.targets
-        target = targets.get(dport) or targets.get((dst, dport))
-        if target is None:
-            return
-        key = (src, sport, target[0], target[1])
-        engine = self.engine
-        if key in engine.sessions or (engine.copies is not None and engine.copies.group(key)):
-            self.online_request(key, seq, ack, end - start,
-                                bytes(buf[start:min(end, start + REQUEST_PREFIX)]),
-                                self.request_clock())
+    def opened(self, key: tuple) -> None:
+        self.copied.add(key)
+
+    def client_data(self, key: tuple, seq: int, ack: int, payload: bytes) -> None:
+        """Client data of a copied session, as the engine had it from the capture."""
+        self.online_request(key, seq, ack, len(payload), payload[:REQUEST_PREFIX],
+                            self.request_clock())
 
     def answer_packet(self, buf, n: int) -> bool:
         """A captured packet of the online server's answer; whether it answers client data
@@ -166,12 +163,11 @@ class Exchanges:
         if f is None or f[7] <= f[6]:
             return False
         src, dst, sport, dport, seq, ack, start, end = f
-        targets = self.engine.targets
-        target = targets.get(sport) or targets.get((src, sport))
+        target = target_for(self.targets, src, sport)
         if target is None:
             return False
         key = (dst, dport, target[0], target[1])
-        if key in self.conversations or key in self.engine.sessions:
+        if key in self.conversations or key in self.copied:
             return self.online_answer(key, seq, ack, end - start,
                                       bytes(buf[start:min(end, start + PREFIX)]),
                                       self.answer_clock())
@@ -307,6 +303,7 @@ class Exchanges:
 
     def closed(self, key: tuple) -> None:
         """The copy's session ended: what is left of the connection goes on."""
+        self.copied.discard(key)
         c = self.conversations.pop(key, None)
         if c is not None:
             self._finish(key, c, len(c.exchanges))

@@ -14,9 +14,10 @@ import time
 from tcpcopyd.net import packet as P
 from tcpcopyd.net import pcapfile
 from tcpcopyd.online import counters as C
+from tcpcopyd.online import loop
 from tcpcopyd.online.control import ControlGroup
 from tcpcopyd.online.progress import Progress
-from tcpcopyd.online.worker import engine_for, on_control_event, send_due
+from tcpcopyd.online.worker import engine_for
 from tcpcopyd.service.startup import EARLY_SIGNALS
 
 log = logging.getLogger("tcpcopyd.replay")
@@ -50,23 +51,13 @@ class Replay:
         """Serve the control links and the engine's timers until ``until`` (monotonic)."""
         engine, control = self.engine, self.control
         while not self.stop:
-            now = time.monotonic()
-            if control.maybe_connect(now):
-                engine.on_control_up(now)
-            nt = engine.next_timer()
-            wait = until - now
-            if nt is not None:
-                wait = min(wait, nt - now)
-            try:
-                events = self.ep.poll(max(0.0, min(wait, 0.1)))
-            except InterruptedError:
-                continue
-            now = time.monotonic()
+            events, now = loop.wait(engine, control, self.ep,
+                                    max(0.0, min(until - time.monotonic(), 0.1)))
             if not events and now < until:
                 self.show_progress()    # a long gap of the capture: the line stays fresh
             for fd, ev in events:
-                on_control_event(engine, control, fd, ev, now)
-            send_due(engine, control, now)
+                loop.on_control_event(engine, control, fd, ev, now)
+            loop.send_due(engine, now)
             if now >= self._next_expire:
                 self._next_expire = now + 1.0
                 engine.expire_idle(now)

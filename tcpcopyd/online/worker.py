@@ -13,14 +13,15 @@ from shm.table import SlotTable
 from tcpcopyd.net import capture
 from tcpcopyd.net.netlink import LinkWatch
 from tcpcopyd.net.sender import RawSender
-from tcpcopyd.online import comparelog
+from tcpcopyd.online import comparelog, loop
 from tcpcopyd.online import counters as C
 from tcpcopyd.online.compare import Exchanges
 from tcpcopyd.online.control import ControlGroup
 from tcpcopyd.online.engine import Engine
-from tcpcopyd.online.options import Settings, Transfer
+from tcpcopyd.online.options import Settings
 from tcpcopyd.online.rewrite import Rewrite, expand_pool
 from tcpcopyd.online.session import SLOT
+from tcpcopyd.online.targets import targets_of
 from tcpcopyd.service import worker as service_worker
 from tcpcopyd.service.reload import SettingsWatch
 
@@ -40,27 +41,6 @@ TABLE_INTERVAL = 0.02
 EXPIRE_INTERVAL = 1.0
 
 
-def targets_of(rules: list[Transfer]) -> dict:
-    """The engine's map: local port, or (online address, port) -> (target address, port)."""
-    return {t.port if t.online_ip is None else (socket.inet_aton(t.online_ip), t.port):
-            (socket.inet_aton(t.target_ip), t.target_port) for t in rules}
-
-
-def on_control_event(engine: Engine, control: ControlGroup, fd: int, ev: int,
-                     now: float) -> None:
-    """An epoll event of a control link: reply headers go to the engine; a link that came
-    up gets the live sessions registered again."""
-    link = control.link_of(fd)
-    if link is None:
-        return
-    headers, came_up = link.on_event(ev, now)
-    if came_up:
-        engine.on_control_up(now)
-    on_reply = engine.on_reply
-    for h in headers:
-        on_reply(h, now)
-
-
 def rewrite_for(cfg: Settings, worker: int, workers: int) -> Rewrite | None:
     """Who the target sees (-n, -f, -c, -H); None: the clients themselves."""
     if cfg.copies == 1 and cfg.port_block is None and not cfg.client_pool \
@@ -71,16 +51,6 @@ def rewrite_for(cfg: Settings, worker: int, workers: int) -> Rewrite | None:
                    expand_pool(cfg.client_pool or [], targets),
                    socket.inet_aton(cfg.localhost_as) if cfg.localhost_as else None,
                    worker, workers)
-
-
-def send_due(engine: Engine, control: ControlGroup, now: float) -> None:
-    """After a round of events: send what the engine queued, run its due timers, and
-    write the control messages out."""
-    engine.flush(now)
-    nt = engine.next_timer()
-    if nt is not None and nt <= now:
-        engine.tick(now)
-    control.flush(now)
 
 
 def engine_for(cfg: Settings, control: ControlGroup, table, slots: range, worker: int,
@@ -161,7 +131,7 @@ class Worker(service_worker.Worker):
             offset = time.time() - time.monotonic()
             cap, answers = self.cap, self.answers
             self.exchanges = self.engine.observer = Exchanges(
-                self.emit_exchange, self.engine,
+                self.emit_exchange, self.engine.targets,
                 lambda: capture.packet_time(cap) - offset,
                 lambda: capture.packet_time(answers) - offset)
         # worker 1 watches the capture interface for the operator (all workers' sockets
@@ -185,24 +155,9 @@ class Worker(service_worker.Worker):
         answersfd = self.answers.fileno() if self.answers is not None else -1
         watchfd = self.link_watch.fileno() if self.link_watch else -1
         read, on_packet = self.reader.read, engine.on_client_packet
-        if self.exchanges is not None:
-            request_packet = self.exchanges.request_packet
-
-            def on_packet(buf, n, now):
-                engine.on_client_packet(buf, n, now)
-                request_packet(buf, n)
         next_sync = next_expire = next_table = 0.0
         while not self.stop:
-            now = time.monotonic()
-            if control.maybe_connect(now):
-                engine.on_control_up(now)
-            nt = engine.next_timer()
-            timeout = SYNC_INTERVAL if nt is None else max(0.0, min(SYNC_INTERVAL, nt - now))
-            try:
-                events = ep.poll(timeout)
-            except InterruptedError:
-                continue
-            now = time.monotonic()
+            events, now = loop.wait(engine, control, ep, SYNC_INTERVAL)
             for fd, ev in events:
                 if fd == capfd:
                     # the rest, if any, in the next round, after the timers
@@ -215,8 +170,8 @@ class Worker(service_worker.Worker):
                 elif fd == watchfd:
                     self.on_link_event(now)
                 else:
-                    on_control_event(engine, control, fd, ev, now)
-            send_due(engine, control, now)
+                    loop.on_control_event(engine, control, fd, ev, now)
+            loop.send_due(engine, now)
             if now >= next_table:
                 # the session table is kept current, so a new worker can carry sessions on
                 next_table = now + TABLE_INTERVAL
@@ -237,6 +192,8 @@ class Worker(service_worker.Worker):
         cnt = self.counters
         if self.watch.poll() is not None:
             apply_live(self.engine, self.cfg, self.reader)
+            if self.exchanges is not None:
+                self.exchanges.targets = self.engine.targets
         cnt[C.INDEX["kernel_drops"]] += capture.stats(self.cap)[1]
         reader = self.reader
         cnt[C.INDEX["lag_drops"]] += reader.take_dropped()
@@ -319,7 +276,7 @@ class Worker(service_worker.Worker):
         if self.stop == "graceful":
             live = len(engine.sessions)
             engine.close_all()
-            self.control.flush(time.monotonic())
+            engine.flush(time.monotonic())     # the registrations' ends, the resets
             log.info("worker %d stopped; reset %d live session(s) toward the target",
                      self.index + 1, live)
         engine.sync_table()

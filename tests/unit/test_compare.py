@@ -20,15 +20,11 @@ OK = b"HTTP/1.1 200 OK\r\nDate: Mon, 30 Nov 2026 08:00:00 GMT\r\nContent-Length:
 FAIL = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
 
 
-class FakeEngine:
-    targets: dict = {}
-    sessions = {KEY: object()}
-    copies = None
-
-
 def exchanges() -> tuple[Exchanges, list[dict]]:
     out: list[dict] = []
-    return Exchanges(out.append, FakeEngine()), out
+    ex = Exchanges(out.append, {})
+    ex.opened(KEY)
+    return ex, out
 
 
 def test_exchanges_are_known_by_their_sequence_numbers_whatever_the_order():

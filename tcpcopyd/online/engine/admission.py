@@ -31,17 +31,27 @@ from tcpcopyd.online.engine.state import (
 )
 from tcpcopyd.online.engine.stream import enqueue
 from tcpcopyd.online.session import CLIENT_RST, FAKE, RESYNC, SYN_SENT, Session
+from tcpcopyd.online.targets import target_for
 
 
 def client_segment(e: EngineState, src: bytes, dst: bytes, sport: int, dport: int, seq: int,
                    ack: int, flags: int, window: int, options: bytes, payload: bytes,
                    now: float) -> None:
-    """One captured client segment, to every copy of its session."""
-    target = e.targets.get(dport) or e.targets.get((dst, dport))
+    """One captured client segment, to every copy of its session; its data, when its
+    session is copied, to the observer too."""
+    target = target_for(e.targets, dst, dport)
     if target is None:
         e.counters[C.NO_SESSION] += 1
         return
     cap = (src, sport, target[0], target[1])
+    _to_copies(e, cap, target, seq, ack, flags, window, options, payload, now)
+    if payload and e.observer is not None and (
+            cap in e.sessions or (e.copies is not None and e.copies.group(cap))):
+        e.observer.client_data(cap, seq, ack, payload)
+
+
+def _to_copies(e: EngineState, cap: tuple, target: tuple[bytes, int], seq: int, ack: int,
+               flags: int, window: int, options: bytes, payload: bytes, now: float) -> None:
     copies = e.copies
     if copies is None:
         if e.reuse and cap in e.reuse:
@@ -200,6 +210,8 @@ def open_session(e: EngineState, cap: tuple, copy: int, target: tuple[bytes, int
     s.client_tsval = tsval or 0
     e.sessions[key] = s
     e.idle[key] = s
+    if e.observer is not None and copy == 0:
+        e.observer.opened(cap)
     e.control.register(s)
     e.new.append(s)
     s.rtt_seq, s.rtt_time = s.snd_nxt, now

@@ -98,17 +98,28 @@ class Engine(EngineState):
 
     # ------------------------------------------------------------------ sending
     def flush(self, now: float) -> None:
-        """Send what the packets just processed allow: queued data, ACKs, session ends.
-        Registrations go out before the SYNs they are for (the control links are flushed
-        first), so interceptd knows where each SYN-ACK goes."""
+        """Send what the packets just processed allow. The one place control messages
+        leave, and first: a session's registration reaches interceptd before any packet
+        of it (interceptd must know where the SYN-ACK goes), and the registrations a link
+        that came up takes again before what is sent again on it. Then the SYNs of new
+        sessions, what is sent again, queued data, ACKs, session ends. What this work
+        queues for the control links (the CLIENT_DEL of a session that ended) leaves with
+        the next flush: the next turn of the loop."""
         if self.reuse.released:
-            start_held(self, now)
+            start_held(self, now)      # may open sessions: their registrations go now
+        self.control.flush(now)
         if self.new:
-            self.control.flush(now)
             for s in self.new:
                 if not s.freed:
                     send_syn(self, s)
             self.new.clear()
+        if self.resend:
+            for s in self.resend:
+                if not s.freed:
+                    s.backoff = 0
+                    retransmit_head(self, s)
+                    self.arm(s, now + s.rto)
+            self.resend.clear()
         touched, self.touched = self.touched, set()
         self.dirty |= touched
         for s in touched:
@@ -186,15 +197,13 @@ class Engine(EngineState):
 
     def on_control_up(self, now: float) -> None:
         """interceptd (re)connected: re-register sessions and resend what is outstanding
-        (the registrations go out first, so interceptd knows where the answers go)."""
+        at once (``flush`` sends the registrations first, so interceptd knows where the
+        answers go)."""
         for s in self.sessions.values():
             self.control.register(s)
-        self.control.flush(now)
-        for s in self.sessions.values():
             if s.state & SYN_SENT or s.unacked:
-                s.backoff = 0
-                retransmit_head(self, s)
-                self.arm(s, now + s.rto)
+                self.resend.append(s)
+        self.flush(now)
 
 
 def _timer_matters(s: Session, now: float) -> bool:

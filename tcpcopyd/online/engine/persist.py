@@ -42,6 +42,8 @@ def restore(e: EngineState, now: float) -> int:
         s = Session.from_slot(slot, v)
         e.sessions[s.key] = s
         e.idle[s.key] = s
+        if e.observer is not None:
+            e.observer.opened(s.key)
         if s.state & SYN_SENT:
             e.arm(s, now + RTO_INITIAL)
     e.free_slots = free

@@ -83,9 +83,15 @@ class Table(Protocol):
 
 
 class Observer(Protocol):
-    """Told what the first copy of each session sends to and receives from the target (the
-    comparison test, tcpcopyd.online.compare.Exchanges). ``key``: the captured session
-    (client ip, client port, target ip, target port)."""
+    """Told of the first copy of each session: that it opened, what the client sent on it,
+    what it sent to and received from the target, that it closed (the comparison test,
+    tcpcopyd.online.compare.Exchanges). ``key``: the captured session (client ip, client
+    port, target ip, target port)."""
+
+    def opened(self, key: tuple) -> None: ...
+
+    def client_data(self, key: tuple, seq: int, ack: int, payload: bytes) -> None:
+        """Data the client sent (captured), acknowledging ``ack`` of the online answer."""
 
     def target_request(self, key: tuple, seq: int, payload: bytes, now: float) -> None: ...
 
@@ -157,6 +163,9 @@ class EngineState:
         self.touched: set[Session] = set()   # sessions the packets just processed moved
         self.dirty: set[Session] = set()     # sessions whose shm slot is behind
         self.new: list[Session] = []     # sessions whose SYN waits for their CLIENT_ADD
+        # sessions whose outstanding packets go again once their registration is out (a
+        # control link came up)
+        self.resend: list[Session] = []
 
     def rate(self, now: float) -> int:
         """Percent of sessions copied now (-r, and while -g ramps up, 1 % more a second)."""
