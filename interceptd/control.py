@@ -66,6 +66,10 @@ class Peer(Holder):
 
 
 class ControlServer:
+    """The tcpcopyd connections one worker accepted: their handshake (version, the secret's proof,
+    extensions), their registrations handed to the router, the reply frames written back, and the
+    limits that keep a hostile peer from holding the slots."""
+
     def __init__(self, listener: socket.socket, epoll: select.epoll, router: Router,
                  counters: list[int], index: int, allow: tuple = (),
                  secret: bytes | None = None, max_peers: int = 256,

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from interceptd import counters as C
 from interceptd import rules, shared
 from interceptd.options import LAYOUT, REGISTRY, Settings
-from interceptd.worker import Worker, dispatch
+from interceptd.worker import QueueWorker, dispatch
 from shm import segment as shmseg
 from tcpcopyd.health import metrics
 from tcpcopyd.net import capture, wire
@@ -172,8 +172,8 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
             f", guarded ({rules.guard_tag(cfg.instance)})" if installed
             else " (rules managed by the operator)")
 
-    def factory(index: int, cpu: int) -> Worker:
-        return Worker(cfg, index, cpu, seg, listener, sources[index], wakeups)
+    def factory(index: int, cpu: int) -> QueueWorker:
+        return QueueWorker(cfg, index, cpu, seg, listener, sources[index], wakeups)
 
     try:
         try:

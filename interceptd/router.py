@@ -66,6 +66,10 @@ def owner_id(peer: Holder) -> int:
 
 
 class Router:
+    """One worker's routes (client address and port -> the connection that registered the session)
+    and the replies on their way along them: sent, handed to the worker that holds the route, or
+    held until the session is registered."""
+
     def __init__(self, counters: list[int], index: int = 0, table: KeyTable | None = None,
                  max_routes: int = 131072, max_routes_per_address: int = 65536) -> None:
         self.counters = counters

@@ -56,6 +56,9 @@ class RefusalLog:
 
 
 class Shared:
+    """This worker's view of what interceptd's workers share in the segment: the route table, the
+    hand-off rings and the memory of refusals logged."""
+
     def __init__(self, seg: Segment, max_routes: int) -> None:
         w = seg.n_workers
         self.workers = w

@@ -49,7 +49,10 @@ def dispatch(pkt) -> None:
         _handler(pkt)
 
 
-class Worker(service_worker.Worker):
+class QueueWorker(service_worker.WorkerProcess):
+    """One NFQUEUE (or assistant-mode capture socket) of interceptd, its control connections and its
+    routes."""
+
     def __init__(self, cfg: Settings, index: int, cpu: int, seg: Segment,
                  listener: socket.socket, source, wakeups: list[int]) -> None:
         """``source``: this worker's NFQUEUE binding, or (assistant mode) its AF_PACKET

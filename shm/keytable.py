@@ -29,6 +29,9 @@ def region_size(buckets: int) -> int:
 
 
 class KeyTable:
+    """Keys to values in shared memory, one region per writer: each worker writes only its own
+    region, any worker reads all of them without locks."""
+
     def __init__(self, mm: mmap.mmap, offset: int, regions: int, buckets: int) -> None:
         if buckets & (buckets - 1):
             raise ValueError("buckets must be a power of two")

@@ -16,6 +16,9 @@ from typing import Any
 
 
 class Record:
+    """One binary record type, declared once as its fields: struct, size, offsets and a named tuple
+    derive from them."""
+
     def __init__(self, name: str, fields: Sequence[tuple[str, str]], order: str = "<") -> None:
         if order not in "<>!":
             raise ValueError("records are packed: byte order '<', '>' or '!'")

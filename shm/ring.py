@@ -20,6 +20,8 @@ def ring_size(capacity: int, record: int) -> int:
 
 
 class Ring:
+    """One single-producer single-consumer ring of fixed-size records in shared memory."""
+
     def __init__(self, mm: mmap.mmap, offset: int, capacity: int, record: int) -> None:
         if capacity & (capacity - 1):
             raise ValueError("capacity must be a power of two")

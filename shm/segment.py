@@ -93,6 +93,8 @@ class SegmentDenied(SegmentError):
 
 @dataclass
 class WorkerRecord:
+    """What a worker's record in the segment says: who it is, its heartbeat, its supervision state,
+    its counters and links."""
     index: int
     pid: int
     cpu: int
@@ -141,6 +143,9 @@ def unpack_links(blob: bytes) -> tuple[LinkState, ...]:
 
 
 class Segment:
+    """One daemon's shared-memory segment, attached: its header, the workers' records, the published
+    settings, and the regions the daemon lays out after them."""
+
     def __init__(self, path: str, mm: mmap.mmap, owner: bool) -> None:
         self.path = path
         self.mm = mm

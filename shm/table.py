@@ -12,6 +12,9 @@ from shm.segment import Segment
 
 
 class SlotTable:
+    """The session table: fixed-size slots in the segment, each written by one worker under a
+    sequence counter and read by anyone without locks."""
+
     def __init__(self, seg: Segment, layout: struct.Struct) -> None:
         if layout.size + 4 > seg.slot_size:
             raise ValueError(f"slot layout of {layout.size} bytes exceeds {seg.slot_size}")

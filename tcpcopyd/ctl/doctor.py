@@ -30,6 +30,7 @@ NFQUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
 
 @dataclass
 class Check:
+    """The outcome of one check of `tcpcopyctl doctor`, and how to fix it if it failed."""
     name: str
     status: str          # OK, FAIL or SKIP
     detail: str

@@ -44,6 +44,7 @@ def dumps(obj: object) -> str:
 
 @dataclass
 class Found:
+    """The segments of the runtime directory: those that can be read, and why the others cannot."""
     segments: list[shmseg.Segment]
     skipped: list[str]       # segments not trusted or not understood, and why
     denied: list[str]        # segments this user may not read

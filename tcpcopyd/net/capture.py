@@ -76,6 +76,7 @@ def check_interface(name: str) -> str | None:
 
 
 class _SockFprog(ctypes.Structure):
+    """struct sock_fprog (linux/filter.h): a classic BPF program for SO_ATTACH_FILTER."""
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 

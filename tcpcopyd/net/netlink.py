@@ -21,6 +21,7 @@ RTMGRP_LINK = 0x1
 
 @dataclass(frozen=True)
 class Route:
+    """The route the kernel would take to one address."""
     dev: str
     gateway: str | None
     unicast: bool
@@ -28,6 +29,7 @@ class Route:
 
 @dataclass(frozen=True)
 class Link:
+    """One network interface and its state."""
     name: str
     index: int
     up: bool           # administratively up and carrier on (IFF_UP and IFF_RUNNING)

@@ -14,6 +14,8 @@ FIRST_LINE_MAX = 60
 
 @dataclass(frozen=True)
 class Rules:
+    """The noise rules of the comparison test: what differs between any two answers and is not
+    compared."""
     headers: frozenset[bytes]          # lower-case header names whose lines are ignored
     patterns: tuple[re.Pattern, ...]   # bytes patterns whose matches are ignored
 

@@ -67,6 +67,8 @@ class Side:
 
 
 class Exchange:
+    """One request (a run of client data sent with one acknowledgement number) and each side's
+    answer to it."""
     __slots__ = ("start", "end", "ack", "request", "online", "target")
 
     def __init__(self, start: int, ack: int | None) -> None:

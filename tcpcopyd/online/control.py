@@ -33,6 +33,9 @@ HELLO_WAIT = 2.0
 
 
 class ControlLink:
+    """The control connection to one interceptd: connecting (with backoff), the handshake, the
+    registrations written out, the reply frames read in."""
+
     def __init__(self, host: str, port: int, epoll: select.epoll,
                  secret: bytes | None = None, payload: bool = False) -> None:
         self.host, self.port = host, port

@@ -14,6 +14,9 @@ from tcpcopyd.online.session import Session
 
 
 class Copies:
+    """The open copies of each captured session (-n/-f/-c/-H) and the port each copy uses on the
+    target."""
+
     def __init__(self, rewrite: Rewrite) -> None:
         self.rewrite = rewrite
         self.n = rewrite.copies

@@ -15,7 +15,7 @@ from tcpcopyd.online import comparelog, options
 from tcpcopyd.online import counters as C
 from tcpcopyd.online.options import Settings
 from tcpcopyd.online.session import SLOT_SIZE
-from tcpcopyd.online.worker import Worker
+from tcpcopyd.online.worker import CaptureWorker
 from tcpcopyd.service import capabilities, logs
 from tcpcopyd.service.arbiter import Arbiter
 from tcpcopyd.service.instance import InstanceError, InstanceLock
@@ -161,8 +161,8 @@ def online(cfg: Settings, instance: str) -> int:
         return fail(f"shared memory: {e}")
     clog = None
 
-    def factory(index: int, cpu: int) -> Worker:
-        return Worker(cfg, index, cpu, seg, sockets, answers)
+    def factory(index: int, cpu: int) -> CaptureWorker:
+        return CaptureWorker(cfg, index, cpu, seg, sockets, answers)
 
     try:
         try:

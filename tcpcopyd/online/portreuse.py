@@ -12,14 +12,17 @@ from collections.abc import Iterator
 # how long a new session waits for the previous session of its client port, seconds
 HOLD = 10.0
 
-# a captured segment: seq, ack, flags, window, options, payload
-Segment = tuple[int, int, int, int, bytes, bytes]
+# a captured segment held: seq, ack, flags, window, options, payload
+Captured = tuple[int, int, int, int, bytes, bytes]
 
 
 class PortReuse:
+    """The new sessions that wait for the previous session of their client port to end, and what
+    they hold meanwhile."""
+
     def __init__(self, cost: int = 0) -> None:
         # captured key -> (since, target, segments held)
-        self.held: dict[tuple, tuple[float, tuple, list[Segment]]] = {}
+        self.held: dict[tuple, tuple[float, tuple, list[Captured]]] = {}
         self.released: list[tuple] = []
         self.cost = cost        # bytes a held segment costs beyond its payload
         self.bytes = 0          # bytes held in all
@@ -30,12 +33,12 @@ class PortReuse:
     def __contains__(self, cap: tuple) -> bool:
         return cap in self.held
 
-    def hold(self, cap: tuple, now: float, target: tuple, segment: Segment) -> None:
+    def hold(self, cap: tuple, now: float, target: tuple, segment: Captured) -> None:
         """The first segment (a SYN) of a new session on a port still in use."""
         self.held[cap] = (now, target, [segment])
         self.bytes += len(segment[5]) + self.cost
 
-    def add(self, cap: tuple, segment: Segment) -> int:
+    def add(self, cap: tuple, segment: Captured) -> int:
         """Hold one more segment of ``cap``'s new session; returns the bytes its session
         holds now."""
         segments = self.held[cap][2]
@@ -48,7 +51,7 @@ class PortReuse:
         if key in self.held:
             self.released.append(key)
 
-    def take_released(self) -> Iterator[tuple[tuple, tuple, list[Segment]]]:
+    def take_released(self) -> Iterator[tuple[tuple, tuple, list[Captured]]]:
         """(captured key, target, segments) of the sessions whose wait is over."""
         released, self.released = self.released, []
         for cap in released:

@@ -22,6 +22,8 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
+    """The progress line (or log line) of one offline replay."""
+
     def __init__(self, name: str, passes: int, stream: TextIO | None = None) -> None:
         self.name, self.passes = name, passes
         self.stream = sys.stderr if stream is None else stream

@@ -10,6 +10,7 @@ from tcpcopyd.net.packet import seq_diff
 
 
 class OutOfOrder:
+    """The segments of one session held beyond a gap, in sequence order, until the gap fills."""
     __slots__ = ("base", "heap", "segments", "cost", "bytes")
 
     def __init__(self, base: int, cost: int = 0) -> None:

@@ -31,6 +31,9 @@ DRAIN_MAX = 120.0
 
 
 class Replay:
+    """One offline replay of a capture file: the engine fed with its packets on their original
+    clock, the control links served meanwhile."""
+
     def __init__(self, cfg, path: str) -> None:
         self.cfg = cfg
         self.path = path

@@ -36,6 +36,9 @@ def expand_pool(items: list[str], exclude: set[str]) -> list[bytes]:
 
 
 class Rewrite:
+    """The address and port the target sees for each copy of a captured session (-n, -f, -c, -H),
+    the same in every worker."""
+
     def __init__(self, copies: int = 1, block: int = 0, pool: list[bytes] | None = None,
                  localhost_as: bytes | None = None, worker: int = 0, workers: int = 1) -> None:
         self.copies = copies

@@ -14,6 +14,7 @@ from tcpcopyd.net.packet import FIN
 
 
 class State(enum.IntFlag):
+    """Where a session stands: flags, several at once."""
     SYN_SENT = 1       # SYN (or fake SYN) sent, waiting for the target's SYN-ACK
     ESTABLISHED = 2    # handshake with the target completed
     CLIENT_FIN = 4     # the client closed: its FIN is queued after its data

@@ -82,7 +82,7 @@ def apply_live(engine: Engine, cfg: Settings, reader: capture.CaptureReader | No
              cfg.sample_rate, cfg.timeout)
 
 
-class Worker(service_worker.Worker):
+class CaptureWorker(service_worker.WorkerProcess):
     """One capture socket of the fanout group, its sessions and its control links."""
 
     def __init__(self, cfg: Settings, index: int, cpu: int, seg: Segment,

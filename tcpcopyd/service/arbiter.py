@@ -37,7 +37,7 @@ from tcpcopyd.service import logs
 from tcpcopyd.service.pageserver import PageServer
 from tcpcopyd.service.sdnotify import Notifier
 from tcpcopyd.service.startup import EARLY_SIGNALS
-from tcpcopyd.service.worker import BootError, Worker
+from tcpcopyd.service.worker import BootError, WorkerProcess
 
 log = logging.getLogger("arbiter")
 
@@ -96,8 +96,11 @@ class Supervised:
 
 
 class Arbiter:
+    """A daemon's master: forks the workers and keeps them running, stops the service on a failed
+    boot or a crash loop, relays signals, feeds systemd's watchdog and serves the metrics page."""
+
     def __init__(self, prog: str, label: str, n_workers: int, seg: Segment,
-                 factory: Callable[[int, int], Worker], cpus: list[int],
+                 factory: Callable[[int, int], WorkerProcess], cpus: list[int],
                  status: Callable[[], str] | None = None,
                  reload: Callable[[], None] | None = None,
                  pages: PageServer | None = None,
@@ -283,7 +286,7 @@ class Arbiter:
         self.started[pid] = time.time()
         log.info("worker %d/%d started: pid %d, cpu %d", index + 1, self.n_workers, pid, cpu)
 
-    def _child(self, worker: Worker) -> int:
+    def _child(self, worker: WorkerProcess) -> int:
         """The forked child: drop the master's machinery, boot the worker, run it."""
         try:
             signal.set_wakeup_fd(-1)
@@ -310,7 +313,7 @@ class Arbiter:
         finally:
             logging.shutdown()
 
-    def _report_boot_error(self, worker: Worker, e: BaseException) -> None:
+    def _report_boot_error(self, worker: WorkerProcess, e: BaseException) -> None:
         if isinstance(e, BootError):
             code, message = e.code, str(e)
             log.error("worker %d cannot start: %s", worker.index + 1, message)

@@ -20,10 +20,12 @@ CAP_LAST = 63
 
 
 class _Header(ctypes.Structure):
+    """struct __user_cap_header_struct (linux/capability.h)."""
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
 
 class _Data(ctypes.Structure):
+    """struct __user_cap_data_struct (linux/capability.h)."""
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
                 ("inheritable", ctypes.c_uint32)]
 

@@ -19,6 +19,8 @@ class InstanceError(RuntimeError):
 
 
 class InstanceLock:
+    """The lock that makes a master the only one running under its instance name."""
+
     def __init__(self, name: str) -> None:
         try:
             self.name = instance_name(name)

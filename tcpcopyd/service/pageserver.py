@@ -20,6 +20,8 @@ PATH = b"/metrics"
 
 
 class Client:
+    """One HTTP connection to the page server: what it sent, what it is sent."""
+
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
         self.inbuf = bytearray()
@@ -29,6 +31,9 @@ class Client:
 
 
 class PageServer:
+    """The master's one-page HTTP server (metrics_listen), served from the master's loop without
+    threads."""
+
     def __init__(self, host: str, port: int, render: Callable[[], str],
                  content_type: str) -> None:
         self.render, self.content_type = render, content_type

@@ -9,6 +9,8 @@ import time
 
 
 class Notifier:
+    """systemd's notify socket, if the daemon runs under systemd (else every call does nothing)."""
+
     def __init__(self) -> None:
         addr = os.environ.get("NOTIFY_SOCKET", "")
         self.sock: socket.socket | None = None

@@ -51,6 +51,7 @@ def _same(v: Any) -> Any:
 
 @dataclass(frozen=True)
 class Setting:
+    """One setting: its flag, key, default, parser, help, and whether a reload may change it."""
     name: str                       # attribute and config key
     flags: tuple[str, ...]          # CLI flags, e.g. ("-x", "--transfer")
     default: Any

@@ -34,7 +34,10 @@ class BootError(Exception):
         self.code = code
 
 
-class Worker:
+class WorkerProcess:
+    """A worker process as the arbiter sees it: built in the master, forked, set up in the child
+    (its boot), then run; the daemons' workers derive from it."""
+
     # the capabilities a booted worker keeps (documented in the README, checked at boot)
     capabilities: tuple[str, ...] = ()
 

@@ -8,10 +8,10 @@ import time
 from shm import segment as shmseg
 from tcpcopyd.service.arbiter import Arbiter
 from tcpcopyd.service.startup import catch_early_signals
-from tcpcopyd.service.worker import Worker
+from tcpcopyd.service.worker import WorkerProcess
 
 
-class FailingWorker(Worker):
+class FailingWorker(WorkerProcess):
     title = "test: worker"
 
     def __init__(self, index: int, seg, spawn_log: str) -> None:
@@ -31,7 +31,7 @@ def _run_arbiter(name: str, spawn_log: str, early_stop: bool = False) -> None:
         os.kill(os.getpid(), signal.SIGTERM)   # as if systemd stopped us while starting
     seg = shmseg.create(name, 1, 2, 0, 64)
 
-    def factory(index: int, cpu: int) -> Worker:
+    def factory(index: int, cpu: int) -> WorkerProcess:
         return FailingWorker(index, seg, spawn_log)
 
     try:

@@ -16,10 +16,10 @@ import pytest
 from shm import segment as shmseg
 from tcpcopyd.service import arbiter as arb
 from tcpcopyd.service.arbiter import Arbiter, respawn_delay
-from tcpcopyd.service.worker import BootError, Worker
+from tcpcopyd.service.worker import BootError, WorkerProcess
 
 
-class StandIn(Worker):
+class StandIn(WorkerProcess):
     """``setup`` and ``run`` do what the test asks; every start is logged with its time."""
 
     title = "test: worker"

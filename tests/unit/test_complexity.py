@@ -1,7 +1,8 @@
-"""A module a reader can hold: none over 600 lines, no function of cyclomatic complexity over
-20, outside the tests and the lab. Complexity as radon and mccabe count it: 1, plus one for
-each if, elif, conditional expression, loop, except clause, assert, match case,
-comprehension (and each of its conditions), and each extra operand of and / or."""
+"""Code a reader can hold, outside the tests and the lab: no module over 600 lines, no
+function of cyclomatic complexity over 20, no class without a docstring that says its job.
+Complexity as radon and mccabe count it: 1, plus one for each if, elif, conditional
+expression, loop, except clause, assert, match case, comprehension (and each of its
+conditions), and each extra operand of and / or."""
 from __future__ import annotations
 
 import ast
@@ -57,3 +58,10 @@ def test_no_function_is_over_complexity_20():
                     and (c := complexity(node)) > MAX_COMPLEXITY:
                 over.append(f"{p.relative_to(ROOT)}:{node.lineno} {node.name} ({c})")
     assert not over, "split these functions: " + ", ".join(over)
+
+
+def test_every_class_says_its_one_job():
+    bare = [f"{p.relative_to(ROOT)}:{node.lineno} {node.name}" for p in sources()
+            for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, ast.ClassDef) and not ast.get_docstring(node)]
+    assert not bare, "give these classes a docstring: " + ", ".join(bare)

@@ -44,14 +44,6 @@ def client_segment(e: EngineState, src: bytes, dst: bytes, sport: int, dport: in
         e.counters[C.NO_SESSION] += 1
         return
     cap = (src, sport, target[0], target[1])
-    _to_copies(e, cap, target, seq, ack, flags, window, options, payload, now)
-    if payload and e.observer is not None and (
-            cap in e.sessions or (e.copies is not None and e.copies.group(cap))):
-        e.observer.client_data(cap, seq, ack, payload)
-
-
-def _to_copies(e: EngineState, cap: tuple, target: tuple[bytes, int], seq: int, ack: int,
-               flags: int, window: int, options: bytes, payload: bytes, now: float) -> None:
     copies = e.copies
     if copies is None:
         if e.reuse and cap in e.reuse:
@@ -61,20 +53,23 @@ def _to_copies(e: EngineState, cap: tuple, target: tuple[bytes, int], seq: int, 
             if old is not None and (held > e.max_session_buffer or
                                     e.buffered_total + e.reuse.bytes > e.max_total):
                 close(e, old, C.SESSIONS_REUSED)   # no room to wait: go at once
-            return
-        segment(e, e.sessions.get(cap), cap, 0, target, seq, ack, flags, window, options,
-                payload, now)
-        return
-    if flags & SYN:
-        # the client reused the port: the new copies get ports of their own, the old ones
-        # finish what they still have for the target (or end now if nothing)
-        for c in copies.reused(cap, seq):
-            if not (c.unsent or c.unacked):
-                close(e, c, C.SESSIONS_REUSED)
-    for k in range(copies.n):
-        group = copies.group(cap)
-        segment(e, group[k] if group else None, cap, k, target, seq, ack, flags, window,
-                options, payload, now)
+        else:
+            segment(e, e.sessions.get(cap), cap, 0, target, seq, ack, flags, window, options,
+                    payload, now)
+    else:
+        if flags & SYN:
+            # the client reused the port: the new copies get ports of their own, the old
+            # ones finish what they still have for the target (or end now if nothing)
+            for c in copies.reused(cap, seq):
+                if not (c.unsent or c.unacked):
+                    close(e, c, C.SESSIONS_REUSED)
+        for k in range(copies.n):
+            group = copies.group(cap)
+            segment(e, group[k] if group else None, cap, k, target, seq, ack, flags, window,
+                    options, payload, now)
+    if payload and e.observer is not None and (
+            cap in e.sessions or (copies is not None and copies.group(cap))):
+        e.observer.client_data(cap, seq, ack, payload)
 
 
 def start_held(e: EngineState, now: float) -> None:
@@ -98,9 +93,11 @@ def segment(e: EngineState, s: Session | None, cap: tuple, copy: int,
     if flags & SYN:
         _on_syn(e, s, cap, copy, target, seq, ack, flags, window, options, payload, now)
         return
-    s = _session_for(e, s, cap, copy, target, seq, window, options, payload, now)
-    if s is not None:
-        _apply(e, s, seq, ack, flags, window, options, payload, now)
+    if s is None or (s.state & RESYNC and payload):
+        s = _session_for(e, s, cap, copy, target, seq, window, options, payload, now)
+        if s is None:
+            return
+    _apply(e, s, seq, ack, flags, window, options, payload, now)
 
 
 def _on_syn(e: EngineState, s: Session | None, cap: tuple, copy: int,

@@ -142,7 +142,10 @@ class Engine(EngineState):
             if not s.freed:
                 due[id(s)] = s
         for s in due.values():
-            if _timer_matters(s, now):
+            # skip a timer that no longer matters: an RTO an ACK has stopped, a delayed ACK
+            # that rode on data
+            if not s.freed and (s.unsent or s.gap_since or 0.0 < s.rto_at <= now
+                                or (s.need_ack and s.ack_at <= now) or 0.0 < s.close_at <= now):
                 self._due(s, now)
         self.flush(now)
 
@@ -204,10 +207,3 @@ class Engine(EngineState):
             if s.state & SYN_SENT or s.unacked:
                 self.resend.append(s)
         self.flush(now)
-
-
-def _timer_matters(s: Session, now: float) -> bool:
-    """False for a timer that no longer matters: an RTO an ACK has stopped, a delayed ACK
-    that rode on data."""
-    return not s.freed and bool(s.unsent or s.gap_since or 0.0 < s.rto_at <= now
-                                or (s.need_ack and s.ack_at <= now) or 0.0 < s.close_at <= now)

@@ -28,18 +28,37 @@ def push(e: EngineState, s: Session, now: float) -> None:
     limit = seq_add(s.snd_una, s.wnd)
     while q:
         piece = q[0]
-        if _waits(e, s, piece, now):
+        payload = piece.payload
+        if ((piece.new_request and s.awaiting) or (not payload and piece.flags & FIN)) \
+                and _waits(e, s, piece, now):
             break
-        if piece.payload:
+        n = len(payload)
+        if n and (n > s.mss or seq_diff(limit, piece.seq) < n):
             head = _fitting(e, s, piece, limit, now)
             if head is None:
                 break
             if head is piece:
                 q.popleft()
-        else:
+        else:       # the whole piece fits (the common case)
             q.popleft()
             head = piece
-        _send(e, s, head, now)
+        # sent for the first time: it waits in unacked for the target's ACK
+        seq, payload = head.seq, head.payload
+        n = len(payload)
+        send_segment(e, s, seq, head.flags, payload)
+        e.counters[C.BYTES_SENT] += n
+        if n and e.observer is not None and s.copy == 0:
+            e.observer.target_request(s.cap or s.key, seq, payload, now)
+        head.new_request = False
+        s.unacked.append(head)
+        s.snd_nxt = seq_add(seq, n + (1 if head.flags & FIN else 0))
+        if n:
+            s.awaiting = True
+            s.pace_at = now + e.pace_timeout
+        if s.rtt_seq is None:
+            s.rtt_seq, s.rtt_time = s.snd_nxt, now
+        if not s.rto_at:
+            e.arm(s, now + s.rto)
     e.dirty.add(s)
 
 
@@ -82,26 +101,6 @@ def _fitting(e: EngineState, s: Session, piece: Queued, limit: int,
         piece.payload[size:], False
     e.grow(s, SEGMENT_COST)     # one segment more held
     return head
-
-
-def _send(e: EngineState, s: Session, piece: Queued, now: float) -> None:
-    """Send ``piece`` for the first time; it waits in ``unacked`` for the target's ACK."""
-    seq, payload = piece.seq, piece.payload
-    n = len(payload)
-    send_segment(e, s, seq, piece.flags, payload)
-    e.counters[C.BYTES_SENT] += n
-    if n and e.observer is not None and s.copy == 0:
-        e.observer.target_request(s.cap or s.key, seq, payload, now)
-    piece.new_request = False
-    s.unacked.append(piece)
-    s.snd_nxt = piece.end()
-    if n:
-        s.awaiting = True
-        s.pace_at = now + e.pace_timeout
-    if s.rtt_seq is None:
-        s.rtt_seq, s.rtt_time = s.snd_nxt, now
-    if not s.rto_at:
-        e.arm(s, now + s.rto)
 
 
 def retransmit_head(e: EngineState, s: Session) -> None:
