@@ -88,7 +88,8 @@ def test_the_daemons_refuse_a_processor_whose_store_order_they_do_not_rely_on(
     import importlib
     import platform
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    main = importlib.import_module(f"{prog}.main").main
+    main = importlib.import_module({"tcpcopyd": "tcpcopyd.online.main",
+                                    "interceptd": "interceptd.main"}[prog]).main
     args = ["--service-port", "80"] if prog == "interceptd" else \
         ["-x", "80-198.18.2.2:80", "-s", "198.18.2.2", "-i", "lo"]
     assert main(args) == 78
