@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import psutil
 
+import interceptd.counters  # noqa: F401  (registers interceptd's segments for status)
+import tcpcopyd.online.counters  # noqa: F401  (and tcpcopyd's)
 from shm import segment as shmseg
 from shm import seqlock
 from tcpcopyd.lab import servers
