@@ -1,19 +1,24 @@
 """The comparison test's records, from the workers to ``compare_log``: each worker puts the
-exchanges it saw whole (``tcpcopyd.online.compare``) in its ring of the shm segment, never
-waiting (a full ring drops the record, counted ``compare_dropped``); the master drains the
-rings, judges each pair (``tcpcopyd.online.answers``, with the noise rules of the settings) and
-appends it as one JSON line."""
+exchanges it saw whole (``tcpcopyd.online.compare``) in its ring, never waiting (a full
+ring drops the record, counted ``compare_dropped``); the master drains the rings, wipes
+what it took, judges each pair (``tcpcopyd.online.answers``, with the noise rules of the
+settings) and appends it as one JSON line.
+
+The records hold production requests and answers, so the rings are not in the shm
+segment (which the status group reads): they are in memory the master maps before it
+forks the workers and shares with them only (anonymous, never a file, left out of core
+dumps). The log and its HTML report are 0600."""
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import socket
 import struct
 import time
 
 from shm.ring import Ring, ring_size
-from shm.segment import Segment
 from tcpcopyd.online import answers
 from tcpcopyd.online.compare import PREFIX, REQUEST_PREFIX
 
@@ -24,13 +29,19 @@ RING_CAPACITY = 512    # records per worker
 LENGTH = struct.Struct("<H")
 
 
-def extra_size(workers: int) -> int:
-    return workers * ring_size(RING_CAPACITY, RECORD)
+class Rings:
+    """Every worker's ring of records, in memory that only the master and the workers it
+    forks share."""
 
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.mm = mmap.mmap(-1, workers * ring_size(RING_CAPACITY, RECORD))
+        if hasattr(mmap, "MADV_DONTDUMP"):
+            self.mm.madvise(mmap.MADV_DONTDUMP)
 
-def ring(seg: Segment, index: int) -> Ring:
-    return Ring(seg.mm, seg.extra_off + index * ring_size(RING_CAPACITY, RECORD),
-                RING_CAPACITY, RECORD)
+    def ring(self, index: int) -> Ring:
+        """Worker ``index``'s ring."""
+        return Ring(self.mm, index * ring_size(RING_CAPACITY, RECORD), RING_CAPACITY, RECORD)
 
 
 def _text(data: bytes) -> str:
@@ -102,9 +113,9 @@ class CompareLog:
     for logrotate). A file that cannot be written (a full disk) never stops the master:
     the exchanges are dropped, counted, and said once a minute."""
 
-    def __init__(self, path: str, seg: Segment, rules: tuple[str, ...]) -> None:
+    def __init__(self, path: str, rings: Rings, rules: tuple[str, ...]) -> None:
         self.path = path
-        self.rings = [ring(seg, i) for i in range(seg.n_workers)]
+        self.rings = [rings.ring(i) for i in range(rings.workers)]
         self.rules = answers.Rules.parse(list(rules))
         self.written = 0
         self.lost = 0

@@ -152,17 +152,17 @@ def online(cfg: Settings, instance: str) -> int:
         return fail(str(e))
     try:
         seg = shmseg.create(instance, C.KIND, cfg.workers, cfg.session_slots, SLOT_SIZE,
-                            label=cfg.interface,
-                            extra_size=comparelog.extra_size(cfg.workers) if cfg.compare
-                            else 0)
+                            label=cfg.interface)
     except (shmseg.SegmentError, OSError) as e:
         for s in sockets + answers:
             s.close()
         return fail(f"shared memory: {e}")
     clog = None
+    # the comparison test's records: shared with the workers only, never with the segment
+    rings = comparelog.Rings(cfg.workers) if cfg.compare else None
 
     def factory(index: int, cpu: int) -> CaptureWorker:
-        return CaptureWorker(cfg, index, cpu, seg, sockets, answers)
+        return CaptureWorker(cfg, index, cpu, seg, sockets, answers, rings)
 
     try:
         try:
@@ -171,7 +171,7 @@ def online(cfg: Settings, instance: str) -> int:
             return fail(str(e), e.code)
         if cfg.compare:
             try:
-                clog = comparelog.CompareLog(cfg.compare_log, seg, cfg.compare_ignore)
+                clog = comparelog.CompareLog(cfg.compare_log, rings, cfg.compare_ignore)
             except OSError as e:
                 bad = cfg.invalid("compare_log", f"cannot write it: {e.strerror}")
                 return fail(str(bad), bad.code)

@@ -86,14 +86,16 @@ class CaptureWorker(service_worker.WorkerProcess):
     """One capture socket of the fanout group, its sessions and its control links."""
 
     def __init__(self, cfg: Settings, index: int, cpu: int, seg: Segment,
-                 sockets: list[socket.socket], answers: list[socket.socket] = ()) -> None:
+                 sockets: list[socket.socket], answers: list[socket.socket] = (),
+                 rings: comparelog.Rings | None = None) -> None:
         """``sockets``: every worker's capture socket (the child keeps its own);
-        ``answers``: every worker's socket of the online server's answers (the comparison
-        test)."""
+        ``answers``: every worker's socket of the online server's answers, ``rings``: the
+        rings of its records to the master (the comparison test)."""
         super().__init__(index, cfg.workers, cpu, seg)
         self.cfg = cfg
         self.sockets = sockets
         self.answer_sockets = answers
+        self.rings = rings
 
     @property
     def title(self) -> str:
@@ -126,7 +128,7 @@ class CaptureWorker(service_worker.WorkerProcess):
             self.answers = self.answer_sockets[self.index]
             self.answers.setblocking(False)
             self.epoll.register(self.answers.fileno(), select.EPOLLIN)
-            self.ring = comparelog.ring(self.seg, self.index)
+            self.ring = self.rings.ring(self.index)
             # the online side is timed by the kernel's capture time of each packet
             offset = time.time() - time.monotonic()
             cap, answers = self.cap, self.answers

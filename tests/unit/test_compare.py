@@ -4,7 +4,6 @@ interceptd's hand-off of records with payload, and the report."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 
 import pytest
@@ -191,23 +190,17 @@ def test_the_report_command_names_a_bad_file_or_rule(tmp_path, capsys):
 
 
 def test_the_master_never_stops_on_a_log_it_cannot_write(tmp_path):
-    from shm import segment as shmseg
-    seg = shmseg.create(f"test-clog-{os.getpid()}", 1, 1, 0, 64,
-                        extra_size=comparelog.extra_size(1))
-    try:
-        ex, out = exchanges()
-        ex.online_request(KEY, 1, 7, 5, b"get k", 1.0)
-        ex.closed(KEY)
-        clog = comparelog.CompareLog("/dev/full", seg, ("Date",))
-        comparelog.ring(seg, 0).push([comparelog.encode(out[0])])
-        assert clog.drain() == 0 and clog.lost == 1          # ENOSPC: counted, said
-        clog.path = str(tmp_path / "c.jsonl")
-        clog.reopen()
-        comparelog.ring(seg, 0).push([comparelog.encode(out[0])])
-        assert clog.drain() == 1
-        clog.close()
-        [line] = (tmp_path / "c.jsonl").read_text().splitlines()
-        assert json.loads(line)["request"] == "get k"
-    finally:
-        seg.close()
-        seg.unlink()
+    rings = comparelog.Rings(1)
+    ex, out = exchanges()
+    ex.online_request(KEY, 1, 7, 5, b"get k", 1.0)
+    ex.closed(KEY)
+    clog = comparelog.CompareLog("/dev/full", rings, ("Date",))
+    rings.ring(0).push([comparelog.encode(out[0])])
+    assert clog.drain() == 0 and clog.lost == 1          # ENOSPC: counted, said
+    clog.path = str(tmp_path / "c.jsonl")
+    clog.reopen()
+    rings.ring(0).push([comparelog.encode(out[0])])
+    assert clog.drain() == 1
+    clog.close()
+    [line] = (tmp_path / "c.jsonl").read_text().splitlines()
+    assert json.loads(line)["request"] == "get k"

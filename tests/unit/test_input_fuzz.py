@@ -117,20 +117,18 @@ def test_compare_log_records_of_every_wrong_type_never_crash_the_report(tmp_path
 
 # ---------------------------------------------------------------- the compare rings
 def test_compare_rings_drained_are_wiped_and_garbage_in_them_is_counted(tmp_path):
-    """Production bytes do not stay readable in the segment after the master took them;
-    records a worker of this release would not make are counted lost, never raised; the
-    log is 0600 whatever the umask."""
+    """Production bytes never reach the segment the status group reads, and do not stay in
+    the rings after the master took them; records a worker of this release would not make
+    are counted lost, never raised; the log is 0600 whatever the umask."""
     import os
 
-    from shm import segment as shmseg
     from tcpcopyd.online import comparelog
-    seg = shmseg.create(f"test-fuzzring-{os.getpid()}", 1, 1, 0, 64,
-                        extra_size=comparelog.extra_size(1))
+    rings = comparelog.Rings(1)
     old = os.umask(0)
     try:
         path = tmp_path / "c.jsonl"
-        clog = comparelog.CompareLog(str(path), seg, ("Date",))
-        ring = comparelog.ring(seg, 0)
+        clog = comparelog.CompareLog(str(path), rings, ("Date",))
+        ring = rings.ring(0)
         rng = random.Random(5)
         secret = b"Authorization: Bearer s3cr3t"
         good = {"ts": 1.0, "client": "198.18.1.1:1", "target_address": "198.18.2.2:80",
@@ -146,9 +144,7 @@ def test_compare_rings_drained_are_wiped_and_garbage_in_them_is_counted(tmp_path
         ring.push([r.ljust(comparelog.RECORD, b"\0")[:comparelog.RECORD] for r in records])
         assert clog.drain() == 1 and clog.lost == len(records) - 1
         clog.close()
-        assert secret not in bytes(seg.mm)
+        assert secret not in bytes(rings.mm)
         assert os.stat(path).st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
-        seg.close()
-        seg.unlink()
