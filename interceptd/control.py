@@ -9,8 +9,8 @@ Who may speak (see README, "Security model"):
 - each worker holds at most ``max_connections`` connections, ``max_connections_per_address``
   from one address; beyond, new ones are closed at once;
 - the first message must be the version message, and the handshake must be over within
-  HANDSHAKE_TIMEOUT (with ``secret_file``: after the proof of the shared secret, and no
-  registration is taken before);
+  HANDSHAKE_TIMEOUT (with ``secret_file``: both sides prove the secret, no registration
+  is taken before, and after it every batch both ways is tagged: ``tcpcopyd.net.auth``);
 - out of file descriptors, accepting pauses for ACCEPT_PAUSE instead of spinning.
 Every refusal is counted.
 """
@@ -19,14 +19,13 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-import os
 import select
 import socket
 from collections.abc import Callable
 
 from interceptd import counters as C
 from interceptd.router import WORKER_MAX_PENDING, Holder, Router
-from tcpcopyd.net import wire
+from tcpcopyd.net import auth, wire
 
 log = logging.getLogger("interceptd.control")
 
@@ -47,8 +46,8 @@ class Peer(Holder):
     """One tcpcopyd control connection: its socket, what it sent that is not read yet, and
     where its handshake stands (the routes it holds are the router's ``Holder`` part)."""
 
-    __slots__ = ("sock", "name", "id", "inbuf", "since", "ready", "offered", "nonce", "proof",
-                 "refused")
+    __slots__ = ("sock", "name", "id", "inbuf", "since", "ready", "offered", "features",
+                 "challenge", "seen", "proof", "refused", "writer", "reader")
 
     def __init__(self, sock: socket.socket, name: str, peer_id: int = 0,
                  address: bytes = b"\0\0\0\0", since: float = 0.0) -> None:
@@ -60,9 +59,13 @@ class Peer(Holder):
         self.since = since               # accepted at (monotonic)
         self.ready = False               # handshake over: registrations taken
         self.offered = False             # sent a HELLO: extension frames may go to it
-        self.nonce = b""                 # the challenge it must prove the secret on
+        self.features = 0                # what its HELLO offered
+        self.challenge = bytearray()     # CHALLENGE parts received so far (its nonce)
+        self.seen = b""                  # the handshake both proofs are bound to
         self.proof = bytearray()         # PROOF parts received so far
         self.refused: str | None = None  # why it is refused (it is told if it offered)
+        self.writer: auth.Tagger | None = None   # tags our batches to it (after the proofs)
+        self.reader: auth.Tagger | None = None   # checks its batches
 
 
 class ControlServer:
@@ -123,6 +126,8 @@ class ControlServer:
                 before = len(peer.out)
                 frame(peer, room)
                 room -= len(peer.out) - before
+                if peer.writer is not None and len(peer.out) > before:
+                    peer.out += wire.tag_frame(peer.writer.tag(peer.out[before:]))
             if peer.out:
                 self._send(fd, peer)
 
@@ -225,8 +230,11 @@ class ControlServer:
             if data:
                 peer.inbuf += data
                 try:
-                    for msg in wire.parse_client_messages(peer.inbuf):
-                        self._on_message(peer, msg, now)
+                    self._read(peer, now)
+                except wire.TagError as e:
+                    self.counters[C.INDEX["auth_failures"]] += 1
+                    self._drop(fd, peer, str(e))
+                    return
                 except wire.ProtocolError as e:
                     self._drop(fd, peer, None if peer.refused else str(e))
                     return
@@ -235,6 +243,18 @@ class ControlServer:
             return
         if ev & select.EPOLLOUT:
             self._send(fd, peer)
+
+    def _read(self, peer: Peer, now: float) -> None:
+        """The messages of ``peer.inbuf``: one by one in the handshake (what comes after the
+        proof is tagged), then all at once (with a secret, each batch once its tag checks)."""
+        while not peer.ready and len(peer.inbuf) >= wire.CLIENT_MSG_SIZE:
+            self._on_message(peer, wire.parse_client_messages(peer.inbuf, 1)[0], now)
+        if not peer.ready:
+            return
+        messages = wire.parse_client_messages(peer.inbuf) if peer.reader is None \
+            else wire.open_messages(peer.inbuf, peer.reader)
+        for msg in messages:
+            self._on_message(peer, msg, now)
 
     def _on_message(self, peer: Peer, msg: tuple, now: float) -> None:
         """One message: the handshake's here, registrations to the router once it is over.
@@ -251,9 +271,19 @@ class ControlServer:
             peer.ready = peer.refused is None and self.secret is None
             return
         if kind == wire.HELLO:
+            if peer.offered:
+                raise wire.ProtocolError("a second offer")
             self._on_hello(peer, int.from_bytes(cip, "big"))
-        elif kind == wire.PROOF:
-            self._on_proof(peer, wire.proof_part(cip, cport, tip, tport))
+        elif kind == wire.CHALLENGE and self.secret is None and peer.offered:
+            pass          # our WELCOME told it we have no secret: it leaves
+        elif kind in wire.HANDSHAKE_KINDS:
+            if peer.ready:
+                raise wire.ProtocolError("a handshake message after the handshake")
+            part = wire.proof_part(cip, cport, tip, tport)
+            if kind == wire.CHALLENGE:
+                self._on_challenge(peer, part)
+            else:
+                self._on_proof(peer, part)
         elif peer.refused is not None:
             raise wire.ProtocolError("refused")
         elif not peer.ready:
@@ -264,29 +294,43 @@ class ControlServer:
 
     def _on_hello(self, peer: Peer, features: int) -> None:
         peer.offered = True
+        peer.features = features
         if peer.refused is not None:
             self._refuse(peer, wire.NOT_ALLOWED, peer.refused)
-        granted = features & wire.FEATURE_PAYLOAD
-        peer.payload = bool(granted)
+        peer.payload = bool(features & wire.FEATURE_PAYLOAD)
         if self.secret is None:
-            peer.out += wire.ext_frame(wire.EXT_WELCOME, granted)
+            # a tcpcopyd that offers the secret learns we have none, and leaves
+            peer.out += wire.welcome_frame(features & wire.FEATURE_PAYLOAD)
         elif not features & wire.FEATURE_AUTH:
             self.counters[C.INDEX["auth_failures"]] += 1
             self._refuse(peer, wire.SECRET_WANTED, "it wants the shared secret")
-        else:
-            peer.nonce = os.urandom(wire.NONCE_SIZE)
-            peer.out += wire.ext_frame(wire.EXT_WELCOME, wire.FEATURE_AUTH | granted,
-                                       peer.nonce)
+        # else: the answer waits for its challenge
+
+    def _on_challenge(self, peer: Peer, part: bytes) -> None:
+        if self.secret is None or not peer.features & wire.FEATURE_AUTH:
+            raise wire.ProtocolError("a challenge nobody offered")
+        if peer.seen:
+            raise wire.ProtocolError("a second challenge")
+        peer.challenge += part
+        if len(peer.challenge) < 12 * wire.CHALLENGE_PARTS:
+            return
+        ours = auth.nonce()
+        granted = wire.FEATURE_AUTH | (peer.features & wire.FEATURE_PAYLOAD)
+        peer.seen = auth.transcript(bytes(peer.challenge[:auth.NONCE_SIZE]), ours,
+                                    peer.features, granted)
+        peer.out += wire.welcome_frame(granted, ours, auth.server_proof(self.secret, peer.seen))
 
     def _on_proof(self, peer: Peer, part: bytes) -> None:
-        if not peer.nonce or peer.ready:
+        if not peer.seen or self.secret is None:
             raise wire.ProtocolError("a proof nobody asked for")
         peer.proof += part
         if len(peer.proof) < 12 * wire.PROOF_PARTS:
             return
-        if not wire.check_proof(self.secret, peer.nonce, bytes(peer.proof)):
+        if not auth.same(auth.client_proof(self.secret, peer.seen),
+                         bytes(peer.proof[:32])):
             self.counters[C.INDEX["auth_failures"]] += 1
             self._refuse(peer, wire.WRONG_PROOF, "wrong proof of the shared secret")
+        peer.writer, peer.reader = auth.pair(self.secret, peer.seen, tcpcopyd=False)
         peer.ready = True
         log.info("tcpcopyd %s proved the shared secret", peer.name)
 

@@ -30,7 +30,8 @@ COUNTERS = (
                         "for a new one at max_connections(_per_address)"),
     ("handshake_timeouts", "control connections closed: no handshake within the time allowed"),
     ("bad_peers", "control connections closed: the first message was not the version"),
-    ("auth_failures", "control connections closed: no (or a wrong) proof of the secret"),
+    ("auth_failures", "control connections closed: no (or a wrong) proof of the secret, "
+     "or a batch with a wrong tag"),
     ("routes_refused", "registrations of a session another peer address holds (refused)"),
     ("routes_over_limit", "registrations refused: max_routes(_per_connection) reached"),
     ("replies_foreign", "replies whose source is not their session's registered target"),

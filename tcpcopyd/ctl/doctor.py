@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from tcpcopyd.net import netlink, wire
+from tcpcopyd.net import auth, netlink, wire
 from tcpcopyd.service import capabilities
 from tcpcopyd.service.settings import Config, ConfigError, load, load_secret
 
@@ -94,18 +94,23 @@ def version_probe(host: str, port: int, secret: bytes | None = None) -> tuple[st
     with s:
         ours = s.getsockname()[0]
         try:
-            s.sendall(wire.version_message()
-                      + wire.hello_message(wire.FEATURE_AUTH if secret else 0))
+            client_nonce = auth.nonce()
+            offered = wire.FEATURE_AUTH if secret else 0
+            s.sendall(wire.version_message() + wire.hello_message(offered)
+                      + (wire.challenge_messages(client_nonce) if secret else b""))
             answer = _read_answer(s)
-            if answer is not None and answer.kind == wire.EXT_WELCOME \
-                    and answer.features & wire.FEATURE_AUTH:
-                if secret is None:
+            if answer is not None and answer.kind == wire.EXT_WELCOME:
+                if secret is None and answer.features & wire.FEATURE_AUTH:
                     return "unwelcome", (f"interceptd at {host}:{port} wants the shared "
                                          f"secret and we have none "
                                          f"({wire.REFUSAL_FIX[wire.SECRET_WANTED]})")
-                s.sendall(wire.proof_messages(secret, answer.body[:wire.NONCE_SIZE]))
-                answer = _read_answer(s)
+                if secret is not None:
+                    return _prove(s, f"{host}:{port}", secret, client_nonce, answer)
         except TimeoutError:
+            if secret is not None:
+                return "unwelcome", (f"interceptd at {host}:{port} did not answer our offer "
+                                     f"(a C intercept?): it cannot prove the shared secret, "
+                                     f"and tcpcopyd with a secret will not use it")
             return "accepted", f"protocol version {wire.VERSION} (no extensions)"
         except OSError as e:
             return "refused", e.strerror or str(e)
@@ -114,8 +119,29 @@ def version_probe(host: str, port: int, secret: bytes | None = None) -> tuple[st
         if answer.kind == wire.EXT_REFUSED:
             return "unwelcome", (f"interceptd at {host}:{port} refused us, {ours}: "
                                  f"{wire.refusal_reason(answer)}")
-        return "accepted", f"protocol version {wire.VERSION}" + (
-            ", shared secret proved" if secret else "")
+        return "accepted", f"protocol version {wire.VERSION}"
+
+
+def _prove(s: socket.socket, where: str, secret: bytes, client_nonce: bytes, answer: tuple
+           ) -> tuple[str, str]:
+    """The rest of the handshake with a secret: interceptd's proof checked, ours sent, and
+    interceptd's verdict on it (it says nothing when it took it)."""
+    if not answer.features & wire.FEATURE_AUTH:
+        return "unwelcome", (f"interceptd at {where} has no shared secret (give it the same "
+                             f"secret_file; tcpcopyd with a secret will not use it)")
+    server_nonce, proof = wire.welcome_proof(answer)
+    seen = auth.transcript(client_nonce, server_nonce, wire.FEATURE_AUTH, answer.features)
+    if not auth.same(proof, auth.server_proof(secret, seen)):
+        return "unwelcome", (f"interceptd at {where} gave a wrong proof of the shared secret "
+                             f"(give both hosts the same secret_file)")
+    s.sendall(wire.proof_messages(auth.client_proof(secret, seen)))
+    try:
+        refusal = _read_answer(s)
+    except TimeoutError:
+        return "accepted", f"protocol version {wire.VERSION}, shared secret proved both ways"
+    if refusal is not None and refusal.kind == wire.EXT_REFUSED:
+        return "unwelcome", f"interceptd at {where} refused us: {wire.refusal_reason(refusal)}"
+    return "refused", "closed the connection after our proof"
 
 
 def _read_answer(s: socket.socket) -> tuple | None:

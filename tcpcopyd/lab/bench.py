@@ -28,6 +28,8 @@ C_TCPCOPY = os.environ.get("TCPCOPYD_C_TCPCOPY", "")
 C_INTERCEPT = os.environ.get("TCPCOPYD_C_INTERCEPT", "")
 # iptables comment of the rule the C intercept's runs need (it installs none itself)
 C_RULE_TAG = "tcpcopyd-bench-c-intercept"
+# how the table names each pair
+PAIR_NAMES = {"c": "C", "compare": "ours --compare", "secret": "ours, secret"}
 
 
 def start_c_pair(lab) -> None:
@@ -43,6 +45,15 @@ def start_c_pair(lab) -> None:
                                            check=False).stdout, 30, "the C tcpcopy to connect")
 
 
+def write_secret(directory: str) -> str:
+    """A shared secret for both daemons (``--pairs secret``), private to root."""
+    path = os.path.join(directory, "secret")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, os.urandom(24).hex().encode())
+    os.close(fd)
+    return path
+
+
 def one_run(rate: int, requests: int, per_connection: int, workers: int, threads: int = 1,
             nginx_workers: int = 1, settle: float = 30.0, cpus: dict[str, str] | None = None,
             assistant: bool = False, pair: str = "ours", delays: bool = False) -> dict:
@@ -54,9 +65,10 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
         if pair == "c":
             start_c_pair(lab)
         else:
-            lab.start_interceptd([80], extra=["--queues", str(workers)])
+            both = ["--secret-file", write_secret(lab.dir)] if pair == "secret" else []
+            lab.start_interceptd([80], extra=["--queues", str(workers), *both])
             compare = ["--compare", "--compare-log", os.path.join(lab.dir, "compare.jsonl")]
-            lab.start_tcpcopyd([80], extra=["--workers", str(workers),
+            lab.start_tcpcopyd([80], extra=["--workers", str(workers), *both,
                                             *(compare if pair == "compare" else [])])
         if delays:
             captures = {host: (path, start_capture(lab, getattr(lab.ns, host), path))
@@ -127,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="longest wait for the target to catch up after the load, seconds")
     ap.add_argument("--pairs", default="ours",
                     help="ours, c (the C tcpcopy + intercept from TCPCOPYD_C_TCPCOPY and "
-                    "TCPCOPYD_C_INTERCEPT), compare (ours with --compare), comma-separated; "
-                    "they alternate run by run")
+                    "TCPCOPYD_C_INTERCEPT), compare (ours with --compare), secret (ours with a "
+                    "shared secret: both proofs, every batch tagged), comma-separated; they "
+                    "alternate run by run")
     ap.add_argument("--compare-c", action="store_true",
                     help="side by side with the C pair: the same as --pairs ours,c --delays")
     ap.add_argument("--delays", action="store_true",
@@ -149,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     if not set(modes) <= {"nfqueue", "assistant"}:
         print("--interception: nfqueue, assistant or both", file=sys.stderr)
         return 2
-    if not set(pairs) <= {"ours", "c", "compare"}:
-        print("--pairs: ours, c, compare (ours with --compare), comma-separated",
-              file=sys.stderr)
+    if not set(pairs) <= {"ours", "c", "compare", "secret"}:
+        print("--pairs: ours, c, compare (ours with --compare), secret (ours with a shared "
+              "secret), comma-separated", file=sys.stderr)
         return 2
     if "c" in pairs and not (os.access(C_TCPCOPY, os.X_OK) and os.access(C_INTERCEPT, os.X_OK)):
         print("--pairs c: set TCPCOPYD_C_TCPCOPY and TCPCOPYD_C_INTERCEPT to the C binaries",
@@ -206,7 +219,7 @@ def table(rows: list, requests: int, delays: bool) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rate, (workers, mode, pair), m, runs in rows:
         cells = [rate, f"{m['achieved_per_s']:.0f}",
-                 {"c": "C", "compare": "ours --compare"}.get(pair, "ours"), workers,
+                 PAIR_NAMES.get(pair, "ours"), workers,
                  mode, requests, f"{m['loss_pct']:.3f}",
                  f"{max(r['loss_pct'] for r in runs):.3f}", f"{m['tcpcopyd_cpu_pct']:.0f}",
                  f"{m['tcpcopyd_us_per_req']:.0f}", f"{m['interceptd_cpu_pct']:.0f}",

@@ -11,14 +11,16 @@ options cut or zero-padded to 44 bytes); ``1 <= count <= MAX_COMBINED``.
 Extensions, negotiated (a peer that did not ask never sees one):
 - tcpcopyd sends HELLO right after the version message: a 14-byte message of type HELLO
   whose client-address field holds the features it offers (FEATURE_AUTH: it has the shared
-  secret). A C intercept 1.0 logs "unknown msg type" once and goes on.
+  secret; then CHALLENGE messages with its nonce follow). A C intercept 1.0 logs "unknown
+  msg type" once and goes on.
 - interceptd answers a HELLO, and only a HELLO, with one extension frame: ``u16 EXT_MARK``
-  (never a count) then a 64-byte EXT record: WELCOME (the features it wants; with
-  FEATURE_AUTH, a 32-byte nonce to prove the secret on) or REFUSED (why, in words), after
+  (never a count) then a 64-byte EXT record: WELCOME (the features it grants; with
+  FEATURE_AUTH, its nonce and its proof of the secret) or REFUSED (why, in words), after
   which it closes the connection.
-- tcpcopyd proves the secret with PROOF_PARTS messages of type PROOF, whose four address
-  and port fields carry 12 bytes each of HMAC-SHA256(secret, AUTH_CONTEXT + nonce). Until
-  then interceptd takes no registration from it.
+- FEATURE_AUTH: both sides prove the secret, and every batch after the handshake ends
+  with a tag (``tcpcopyd.net.auth`` says how): tcpcopyd's batches with a 14-byte message of
+  type TAG whose 12 free bytes are the tag, interceptd's with a tag frame, ``u16
+  TAG_MARK`` then the tag.
 - FEATURE_PAYLOAD (tcpcopyd's comparison test): offered in the HELLO, granted in the
   WELCOME. interceptd then sends the first data segment of each of the target's answers
   (its ack differs from the previous data segment's) as a payload frame: ``u16
@@ -27,10 +29,8 @@ Extensions, negotiated (a peer that did not ask never sees one):
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
-
 from shm.record import Record
+from tcpcopyd.net import auth
 from tcpcopyd.net import packet as P
 
 # default TCP port interceptd listens on
@@ -66,6 +66,10 @@ COMBINED_HEAD = Record("CombinedHead", (
 # extensions: message types, tcpcopyd -> interceptd
 HELLO = 0x4558
 PROOF = 0x4559
+CHALLENGE = 0x455A
+TAG = 0x455B
+# the handshake's messages (HELLO aside): taken before the handshake is over, never after
+HANDSHAKE_KINDS = (CHALLENGE, PROOF)
 # features (bit flags) in a HELLO and in a WELCOME
 FEATURE_AUTH = 1
 FEATURE_PAYLOAD = 2
@@ -77,6 +81,13 @@ PAYLOAD_HEAD = Record("PayloadHead", (
 ), order="!")
 # most payload bytes of an answer forwarded
 PREFIX_MAX = 256
+# in place of a combined frame's count: the tag of the bytes since the last one follows
+TAG_MARK = 0xFFFD
+TAG_FRAME_SIZE = 2 + auth.TAG_SIZE
+# most bytes a side takes before their tag: tcpcopyd tags its registrations at least this
+# often; interceptd tags every flush, which the router bounds to PEER_MAX_PENDING (4 MiB)
+UNTAGGED_UP_MAX = 64 << 10
+UNTAGGED_DOWN_MAX = 8 << 20
 # in place of a combined frame's count: one extension record follows
 EXT_MARK = 0xFFFF
 EXT = Record("Extension", (
@@ -97,15 +108,17 @@ REFUSAL_FIX = {
     SECRET_WANTED: "give tcpcopyd the same secret_file as interceptd",
     WRONG_PROOF: "give both hosts the same secret_file",
 }
-NONCE_SIZE = 32
-# what the proof's HMAC covers before the nonce (so it proves nothing else)
-AUTH_CONTEXT = b"tcpcopyd control v6 auth\0"
-# a proof (32 bytes) travels in the 12 free bytes of this many PROOF messages
+# a nonce or a proof (32 bytes) travels in the 12 free bytes of this many messages
 PROOF_PARTS = 3
+CHALLENGE_PARTS = 3
 
 
 class ProtocolError(ValueError):
     """A control-channel message that breaks the protocol."""
+
+
+class TagError(ProtocolError):
+    """A batch whose tag does not check (forged or changed on the way)."""
 
 
 def client_message(kind: int, client_ip: bytes, client_port: int, target_ip: bytes,
@@ -121,28 +134,49 @@ def hello_message(features: int) -> bytes:
     return CLIENT_MSG.pack(features.to_bytes(4, "big"), 0, HELLO, b"\0\0\0\0", 0)
 
 
-def proof(secret: bytes, nonce: bytes) -> bytes:
-    return hmac.new(secret, AUTH_CONTEXT + nonce, hashlib.sha256).digest()
-
-
-def proof_messages(secret: bytes, nonce: bytes) -> bytes:
-    """The PROOF messages answering ``nonce``."""
-    blob = proof(secret, nonce).ljust(12 * PROOF_PARTS, b"\0")
-    return b"".join(CLIENT_MSG.pack(part[0:4], int.from_bytes(part[4:6], "big"), PROOF,
+def parts_messages(kind: int, blob: bytes) -> bytes:
+    """``blob`` in the 12 free bytes of messages of type ``kind`` (zero-padded)."""
+    blob = blob.ljust(-(-len(blob) // 12) * 12, b"\0")
+    return b"".join(CLIENT_MSG.pack(part[0:4], int.from_bytes(part[4:6], "big"), kind,
                                     part[6:10], int.from_bytes(part[10:12], "big"))
                     for part in (blob[i:i + 12] for i in range(0, len(blob), 12)))
 
 
+def challenge_messages(client_nonce: bytes) -> bytes:
+    return parts_messages(CHALLENGE, client_nonce)
+
+
+def proof_messages(proof: bytes) -> bytes:
+    """The PROOF messages carrying tcpcopyd's proof (``auth.client_proof``)."""
+    return parts_messages(PROOF, proof)
+
+
 def proof_part(client_ip: bytes, client_port: int, target_ip: bytes, target_port: int
                ) -> bytes:
-    """The 12 bytes one PROOF message carries (its fields as ``parse_client_messages``
-    gives them)."""
+    """The 12 bytes one PROOF, CHALLENGE or TAG message carries (its fields as
+    ``parse_client_messages`` gives them)."""
     return client_ip + client_port.to_bytes(2, "big") + target_ip + \
         target_port.to_bytes(2, "big")
 
 
-def check_proof(secret: bytes, nonce: bytes, parts: bytes) -> bool:
-    return hmac.compare_digest(proof(secret, nonce), parts[:32])
+def tag_message(tag: bytes) -> bytes:
+    """tcpcopyd's end of a batch: its tag."""
+    return parts_messages(TAG, tag)
+
+
+def tag_frame(tag: bytes) -> bytes:
+    """interceptd's end of a batch: its tag."""
+    return COMBINED_HEAD.pack(TAG_MARK) + tag
+
+
+def welcome_frame(granted: int, server_nonce: bytes = b"", proof: bytes = b"") -> bytes:
+    return ext_frame(EXT_WELCOME, granted, server_nonce + proof)
+
+
+def welcome_proof(ext: tuple) -> tuple[bytes, bytes]:
+    """(interceptd's nonce, its proof) from a WELCOME record."""
+    return (ext.body[:auth.NONCE_SIZE],
+            ext.body[auth.NONCE_SIZE:auth.NONCE_SIZE + auth.SERVER_PROOF_SIZE])
 
 
 def ext_frame(kind: int, features: int = 0, body: bytes = b"") -> bytes:
@@ -161,15 +195,46 @@ def refusal_reason(ext: tuple) -> str:
     return f"{words} ({fix})" if fix else words
 
 
-def parse_client_messages(buf: bytearray) -> list[tuple[int, bytes, int, bytes, int]]:
-    """Consume whole 14-byte messages from ``buf``: (type, client_ip, client_port,
-    target_ip, target_port) each. A partial message stays in ``buf``."""
+Message = tuple[int, bytes, int, bytes, int]
+# where a message's type is, and a TAG message's type as it is there
+_TYPE_AT = CLIENT_MSG.offset("type")
+_TAG_TYPE = TAG.to_bytes(2, "big")
+
+
+def parse_client_messages(buf: bytearray, most: int | None = None) -> list[Message]:
+    """Consume whole 14-byte messages from ``buf`` (at most ``most``): (type, client_ip,
+    client_port, target_ip, target_port) each. A partial message stays in ``buf``."""
     n = len(buf) // CLIENT_MSG_SIZE
+    if most is not None:
+        n = min(n, most)
     out = []
     for i in range(n):
         m = CLIENT_MSG.unpack_from(buf, i * CLIENT_MSG_SIZE)
         out.append((m.type, m.client_ip, m.client_port, m.target_ip, m.target_port))
     del buf[:n * CLIENT_MSG_SIZE]
+    return out
+
+
+def open_messages(buf: bytearray, tags: auth.Tagger) -> list[Message]:
+    """Consume the batches of ``buf`` whose TAG message arrived and checks, and give their
+    messages; what follows the last tag stays in ``buf``. Raises ProtocolError on a wrong
+    tag, or on more than UNTAGGED_UP_MAX bytes without one (the caller drops the link)."""
+    out: list[Message] = []
+    start = 0
+    end = len(buf) - len(buf) % CLIENT_MSG_SIZE
+    for pos in range(0, end, CLIENT_MSG_SIZE):
+        if buf[pos + _TYPE_AT:pos + _TYPE_AT + 2] != _TAG_TYPE:
+            continue
+        batch = buf[start:pos]
+        tag = buf[pos:pos + _TYPE_AT] + buf[pos + _TYPE_AT + 2:pos + CLIENT_MSG_SIZE]
+        if not tags.check(batch, bytes(tag[:auth.TAG_SIZE])):
+            raise TagError("a batch of messages with a wrong tag (changed on the way, "
+                                "or not from the tcpcopyd that proved the secret)")
+        out += parse_client_messages(batch)
+        start = pos + CLIENT_MSG_SIZE
+    del buf[:start]
+    if len(buf) > UNTAGGED_UP_MAX:
+        raise ProtocolError(f"{len(buf)} bytes of messages without a tag")
     return out
 
 
@@ -246,46 +311,76 @@ def _combined(out: bytearray, headers: list[bytes]) -> None:
             out += h
 
 
-def split_combined(buf: bytearray, extensions: list[tuple] | None = None) -> list[bytes]:
-    """Consume whole combined frames from ``buf``; returns the reply headers. Extension
-    frames are appended to ``extensions`` as EXT tuples if it is given (the caller offered
-    extensions), else they are a protocol error.
+def split_combined(buf: bytearray, extensions: list[tuple] | None = None,
+                   tags: auth.Tagger | None = None) -> list[bytes]:
+    """Consume whole combined frames from ``buf``; returns the reply headers. If
+    ``extensions`` is given (the caller offered extensions), payload frames are taken and
+    extension frames appended to it as EXT tuples; else both are a protocol error.
 
-    Raises ProtocolError on a count of 0 or above MAX_COMBINED (the stream cannot be
-    resynchronised after that: the caller must drop the connection).
+    With ``tags`` (a link whose handshake proved the secret) the headers of a batch are
+    given only once its tag frame arrived and checks, what follows the last tag stays in
+    ``buf``, and an extension frame is a protocol error.
+
+    Raises ProtocolError on a count of 0 or above MAX_COMBINED, a wrong tag, or more than
+    UNTAGGED_DOWN_MAX bytes without a tag (the stream cannot be trusted or resynchronised
+    after that: the caller must drop the connection).
     """
     out: list[bytes] = []
-    pos, n = 0, len(buf)
+    held = out if tags is None else []
+    exts = extensions if tags is None else None
+    pos = taken = 0
+    n = len(buf)
     while n - pos >= 2:
-        count = COMBINED_HEAD.unpack_from(buf, pos).count
-        if count == PAYLOAD_MARK and extensions is not None:
-            if n - pos < PAYLOAD_HEAD.size:
+        if tags is not None and COMBINED_HEAD.unpack_from(buf, pos).count == TAG_MARK:
+            if n - pos < TAG_FRAME_SIZE:
                 break
-            length = PAYLOAD_HEAD.unpack_from(buf, pos).length
-            if length > PREFIX_MAX:
-                del buf[:pos]
-                raise ProtocolError(f"payload frame of {length} bytes, above {PREFIX_MAX}")
-            need = PAYLOAD_HEAD.size + REPLY_SIZE + length
-            if n - pos < need:
-                break
-            out.append(bytes(buf[pos + PAYLOAD_HEAD.size:pos + need]))
-            pos += need
+            if not tags.check(buf[taken:pos], bytes(buf[pos + 2:pos + TAG_FRAME_SIZE])):
+                raise TagError("reply frames with a wrong tag (changed on the way, or "
+                                    "not from the interceptd that proved the secret)")
+            out += held
+            held = []
+            pos = taken = pos + TAG_FRAME_SIZE
             continue
-        if count == EXT_MARK and extensions is not None:
-            if n - pos < 2 + REPLY_SIZE:
-                break
-            extensions.append(EXT.unpack_from(buf, pos + 2))
-            pos += 2 + REPLY_SIZE
-            continue
-        if count == 0 or count > MAX_COMBINED:
-            del buf[:pos]
-            raise ProtocolError(f"combined frame count {count} outside 1..{MAX_COMBINED}")
-        need = 2 + count * REPLY_SIZE
-        if n - pos < need:
+        end = _frame(buf, pos, held, exts, extensions is not None)
+        if end is None:
             break
-        base = pos + 2
-        for i in range(count):
-            out.append(bytes(buf[base + i * REPLY_SIZE:base + (i + 1) * REPLY_SIZE]))
-        pos += need
-    del buf[:pos]
+        pos = end
+    if tags is None:
+        taken = pos
+    elif pos - taken > UNTAGGED_DOWN_MAX:
+        raise ProtocolError(f"{pos - taken} bytes of reply frames without a tag")
+    del buf[:taken]
     return out
+
+
+def _frame(buf: bytearray, pos: int, out: list[bytes], extensions: list[tuple] | None,
+           payloads: bool) -> int | None:
+    """Read the frame at ``pos``: its headers to ``out``, its extension record to
+    ``extensions``; returns where it ends, None if it is not whole yet."""
+    n = len(buf)
+    count = COMBINED_HEAD.unpack_from(buf, pos).count
+    if count == PAYLOAD_MARK and payloads:
+        if n - pos < PAYLOAD_HEAD.size:
+            return None
+        length = PAYLOAD_HEAD.unpack_from(buf, pos).length
+        if length > PREFIX_MAX:
+            raise ProtocolError(f"payload frame of {length} bytes, above {PREFIX_MAX}")
+        end = pos + PAYLOAD_HEAD.size + REPLY_SIZE + length
+        if end > n:
+            return None
+        out.append(bytes(buf[pos + PAYLOAD_HEAD.size:end]))
+        return end
+    if count == EXT_MARK and extensions is not None:
+        end = pos + 2 + REPLY_SIZE
+        if end > n:
+            return None
+        extensions.append(EXT.unpack_from(buf, pos + 2))
+        return end
+    if count == 0 or count > MAX_COMBINED:
+        raise ProtocolError(f"combined frame count {count} outside 1..{MAX_COMBINED}")
+    end = pos + 2 + count * REPLY_SIZE
+    if end > n:
+        return None
+    for base in range(pos + 2, end, REPLY_SIZE):
+        out.append(bytes(buf[base:base + REPLY_SIZE]))
+    return end

@@ -3,9 +3,11 @@ receives the target's reply headers. Non-blocking; reconnects with backoff, fore
 
 After the version message it offers our extensions (``wire.HELLO``). Without a shared
 secret the link is up at once (a C intercept just ignores the offer). With one, the link
-waits for interceptd's answer: a challenge is answered with the proof, and the link is
-up; no answer within HELLO_WAIT means an interceptd without extensions (a C intercept),
-and the link goes up unauthenticated, with a warning. A refusal is logged with its reason.
+comes up only once interceptd has proved the secret and we have proved it back
+(``tcpcopyd.net.auth``); from then on every batch both ways carries a tag. An interceptd
+that does not answer within HELLO_WAIT (a C intercept), answers without the secret, or
+gives a wrong proof is not used: nothing is registered with it, so nothing is sent to
+its target, and the link retries with backoff. A refusal is logged with its reason.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import socket
 import time
 
 from shm.segment import LinkState
-from tcpcopyd.net import wire
+from tcpcopyd.net import auth, wire
 from tcpcopyd.online.session import Session
 
 log = logging.getLogger("tcpcopyd.control")
@@ -30,6 +32,9 @@ MAX_PENDING = 8 << 20
 RECV_SIZE = 256 * 1024
 # how long a link with a secret waits for interceptd's answer to its offer, seconds
 HELLO_WAIT = 2.0
+# why an interceptd that cannot prove the secret is not used
+NO_SECRET = ("give interceptd the same secret_file: with a secret, tcpcopyd uses no "
+             "interceptd that cannot prove it")
 
 
 class ControlLink:
@@ -43,7 +48,11 @@ class ControlLink:
         self.want_payload = payload   # ask for the answers' first bytes (comparison test)
         self.payload = False          # interceptd sends them
         self.handshake_until = 0.0   # waiting for the answer to our offer until then
-        self._warned_no_auth = False
+        self.offered = 0             # the features our offer named
+        self.nonce = b""             # our challenge to interceptd (with a secret)
+        self.writer: auth.Tagger | None = None   # tags our batches (after the proofs)
+        self.reader: auth.Tagger | None = None   # checks interceptd's
+        self.batch = bytearray()     # registrations not yet tagged (with a secret)
         self.address = socket.inet_aton(host)
         self.epoll = epoll
         self.sock: socket.socket | None = None
@@ -71,11 +80,9 @@ class ControlLink:
         """Connect when it is time; True if the link came up (one that stops waiting for
         interceptd's answer to our offer comes up here)."""
         if self.handshake_until and now >= self.handshake_until:
-            if not self._warned_no_auth:
-                log.warning("%s did not answer our offer (a C intercept?): registering "
-                            "sessions without proving the shared secret", self.name)
-                self._warned_no_auth = True
-            return self._come_up(" (no extensions)")
+            self._failed(now, f"did not answer our offer within {HELLO_WAIT:g}s (a C "
+                              f"intercept?), so it cannot prove the shared secret ({NO_SECRET})")
+            return False
         if self.sock is not None or now < self.retry_at:
             return False
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -105,9 +112,11 @@ class ControlLink:
                 self._failed(now, os.strerror(err))
                 return [], False
             self.connecting = False
-            self.out[:0] = wire.version_message() + wire.hello_message(
-                (wire.FEATURE_AUTH if self.secret else 0)
-                | (wire.FEATURE_PAYLOAD if self.want_payload else 0))
+            self.offered = (wire.FEATURE_AUTH if self.secret else 0) \
+                | (wire.FEATURE_PAYLOAD if self.want_payload else 0)
+            self.nonce = auth.nonce() if self.secret else b""
+            self.out[:0] = wire.version_message() + wire.hello_message(self.offered) \
+                + (wire.challenge_messages(self.nonce) if self.secret else b"")
             self._flush_out(now)
             if self.secret:
                 self.handshake_until = now + HELLO_WAIT
@@ -127,21 +136,34 @@ class ControlLink:
                 return [], False
             if data:
                 self.inbuf += data
-                extensions: list[tuple] = []
                 try:
-                    headers = wire.split_combined(self.inbuf, extensions)
+                    headers, came_up = self._take(now)
                 except wire.ProtocolError as e:
                     self._failed(now, f"protocol error: {e}")
-                    return headers, False
-                for ext in extensions:
-                    came_up |= self._on_extension(ext, now)
-                    if self.sock is None:
-                        return [], False
+                    return [], False
+                if self.sock is None:
+                    return [], False
         elif ev & (select.EPOLLERR | select.EPOLLHUP):
             self._failed(now, "connection error")
             return [], False
         if ev & select.EPOLLOUT:
             self.flush(now)
+        return headers, came_up
+
+    def _take(self, now: float) -> tuple[list[bytes], bool]:
+        """The reply headers read in (with a secret, only those whose tag checked), and
+        whether the link came up with an answer to our offer."""
+        extensions: list[tuple] = []
+        headers = wire.split_combined(self.inbuf, extensions, self.reader)
+        if self.secret and not self.up and headers:
+            raise wire.ProtocolError("reply headers before the handshake was over")
+        came_up = False
+        for ext in extensions:
+            came_up |= self._on_extension(ext, now)
+            if self.sock is None:
+                return [], False
+        if came_up and self.inbuf:    # what came behind the answer: tagged, checked now
+            headers += wire.split_combined(self.inbuf, extensions, self.reader)
         return headers, came_up
 
     def _on_extension(self, ext: tuple, now: float) -> bool:
@@ -151,16 +173,28 @@ class ControlLink:
             return False
         if ext.kind != wire.EXT_WELCOME:
             return False
+        if self.writer is not None:
+            raise wire.ProtocolError("a second answer to our offer")
         self.payload = bool(ext.features & wire.FEATURE_PAYLOAD)
-        if ext.features & wire.FEATURE_AUTH:
-            if not self.secret:
-                self._failed(now, f"it wants the shared secret "
-                                  f"({wire.REFUSAL_FIX[wire.SECRET_WANTED]})")
-                return False
-            # not up yet: nothing but our first messages went before the proof
-            self.out += wire.proof_messages(self.secret, ext.body[:wire.NONCE_SIZE])
-            return self._come_up(" (shared secret proved)")
-        return self._come_up()
+        if ext.features & wire.FEATURE_AUTH and not self.secret:
+            self._failed(now, f"it wants the shared secret "
+                              f"({wire.REFUSAL_FIX[wire.SECRET_WANTED]})")
+            return False
+        if not self.secret:
+            return self._come_up()
+        if not ext.features & wire.FEATURE_AUTH:
+            self._failed(now, f"it has no shared secret ({NO_SECRET})")
+            return False
+        server_nonce, proof = wire.welcome_proof(ext)
+        seen = auth.transcript(self.nonce, server_nonce, self.offered, ext.features)
+        if not auth.same(proof, auth.server_proof(self.secret, seen)):
+            self._failed(now, "its proof of the shared secret is wrong (give both hosts the "
+                              "same secret_file)")
+            return False
+        # not up yet: nothing but our first messages went before our proof
+        self.out += wire.proof_messages(auth.client_proof(self.secret, seen))
+        self.writer, self.reader = auth.pair(self.secret, seen, tcpcopyd=True)
+        return self._come_up(" (shared secret proved both ways; every batch tagged)")
 
     def _come_up(self, how: str = "") -> bool:
         """The handshake is over: registrations may flow."""
@@ -177,16 +211,33 @@ class ControlLink:
 
     def register(self, s: Session) -> None:
         if self.up:
-            self.out += wire.client_message(wire.CLIENT_ADD, s.client_ip, s.client_port,
-                                            s.target_ip, s.target_port)
+            self.queue(wire.client_message(wire.CLIENT_ADD, s.client_ip, s.client_port,
+                                           s.target_ip, s.target_port))
 
     def unregister(self, s: Session) -> None:
         if self.up:
-            self.out += wire.client_message(wire.CLIENT_DEL, s.client_ip, s.client_port,
-                                            s.target_ip, s.target_port)
+            self.queue(wire.client_message(wire.CLIENT_DEL, s.client_ip, s.client_port,
+                                           s.target_ip, s.target_port))
+
+    def queue(self, messages: bytes) -> None:
+        """Messages to interceptd, written out at the next flush (tagged, with a secret)."""
+        if self.writer is None:
+            self.out += messages
+            return
+        self.batch += messages
+        if len(self.batch) >= wire.UNTAGGED_UP_MAX - wire.CLIENT_MSG_SIZE:
+            self._seal()
+
+    def _seal(self) -> None:
+        """The registrations not yet tagged go out as one batch with its tag."""
+        if self.batch and self.writer is not None:
+            self.out += self.batch
+            self.out += wire.tag_message(self.writer.tag(self.batch))
+            self.batch.clear()
 
     def flush(self, now: float) -> None:
         if self.up:
+            self._seal()
             self._flush_out(now)
 
     def _flush_out(self, now: float) -> None:
@@ -219,7 +270,9 @@ class ControlLink:
             self._said_down = True
         self.connecting = False
         self.handshake_until = 0.0
+        self.writer = self.reader = None
         self.out.clear()
+        self.batch.clear()
         self.inbuf.clear()
         self.retry_at = now + self.delay
         self.delay = min(RETRY_MAX, self.delay * 2)

@@ -549,9 +549,10 @@ def log_level_setting() -> Any:
 def secret_file_setting() -> Any:
     return setting(("--secret-file",), None, text,
                    "file holding the shared secret of tcpcopyd and interceptd (at least 16 "
-                   "bytes, mode 0600): interceptd then refuses control connections that do "
-                   "not prove it (HMAC-SHA256 challenge-response); never on the command "
-                   "line itself", metavar="FILE", example="/etc/tcpcopyd/secret",
+                   "bytes, mode 0600): both sides then prove it (HMAC-SHA256 "
+                   "challenge-response both ways), refuse a peer that cannot, and tag every "
+                   "frame; never on the command line itself", metavar="FILE",
+                   example="/etc/tcpcopyd/secret",
                    default_text="none")
 
 

@@ -42,7 +42,7 @@ def test_the_c_tcpcopy_with_our_interceptd_when_its_allow_list_admits_it(lab):
 @pytest.mark.parametrize("lab", [{"memcached": False, "interceptd": False,
                                   "tcpcopyd": False}], indirect=True)
 @pytest.mark.parametrize("mode", ["plain", "secret", "compare"],
-                         ids=["no secret", "with a secret", "comparing"])
+                         ids=["no secret", "with a secret: not used", "comparing"])
 def test_our_tcpcopyd_offering_extensions_with_the_c_intercept(lab, mode):
     rule = ["OUTPUT", "-p", "tcp", "--sport", "80", "-m", "comment", "--comment", C_RULE_TAG,
             "-j", "NFQUEUE", "--queue-num", "0"]
@@ -54,15 +54,21 @@ def test_our_tcpcopyd_offering_extensions_with_the_c_intercept(lab, mode):
         compare_log = os.path.join(lab.dir, "compare.jsonl")
         if mode == "compare":   # the C intercept sends no answer's first bytes
             extra = ["--compare", "--compare-log", compare_log]
-        if secret:      # it cannot prove it to a C intercept: it goes on, with a warning
+        if secret:      # a C intercept cannot prove it: not used, nothing copied
             path = os.path.join(lab.dir, "secret")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
             os.write(fd, b"a secret the C intercept does not know")
             os.close(fd)
             extra = ["--secret-file", path]
-        lab.start_tcpcopyd(ports=[80], extra=extra, wait_connected=True)
+        lab.start_tcpcopyd(ports=[80], extra=extra, wait_connected=not secret)
         if secret:
-            assert "did not answer our offer (a C intercept?)" in lab.log_text("tcpcopyd")
+            lab.wait_log("tcpcopyd", "(a C intercept?), so it cannot prove the shared secret")
+            r = load.h2load(lab, requests=500, rate=250)
+            assert r.succeeded == 500
+            assert lab.nginx_log("target") == []
+            lab.stop("tcpcopyd")
+            lab.stop("interceptd", signal.SIGINT)
+            return
         r = load.h2load(lab, requests=2000, rate=500)
         assert r.succeeded == 2000
         assert len(target_caught_up(lab, 2000)) == 2000

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import orjson
 import psutil
 import pytest
 
@@ -25,7 +26,7 @@ from tcpcopyd.lab.net import (
     TARGET_IP,
 )
 from tcpcopyd.net import wire
-from tests.lab.conftest import target_caught_up
+from tests.lab.conftest import ctl_status, target_caught_up
 
 pytestmark = pytest.mark.lab
 
@@ -289,7 +290,7 @@ def test_with_a_shared_secret_the_copy_works_and_others_are_refused(lab):
     os.close(fd)
     lab.start_interceptd(extra=[*OPEN_ALLOW, "--secret-file", secret])
     lab.start_tcpcopyd(extra=["--secret-file", secret])
-    lab.wait_log("tcpcopyd", "(shared secret proved)")
+    lab.wait_log("tcpcopyd", "(shared secret proved both ways; every batch tagged)")
     got = attack(lab, "register", TARGET_ATTACKER_SIDE_IP, str(wire.DEFAULT_PORT),
                  f"{CLIENT_IP}:40000", "--hello", "--seconds", "3")
     assert got["refused"] == "1" and got["reason"] == (
@@ -299,3 +300,30 @@ def test_with_a_shared_secret_the_copy_works_and_others_are_refused(lab):
     assert len(target_caught_up(lab, 2000)) == 2000
     wait_for(lambda: totals(lab, "interceptd")["auth_failures"] == 1, 10,
              "the refusal to be counted")
+
+
+def write_secret(lab, words: bytes) -> str:
+    path = os.path.join(lab.dir, "secret")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, words)
+    os.close(fd)
+    return path
+
+
+@pytest.mark.parametrize("lab", [{"memcached": False, "interceptd": False, "tcpcopyd": False}],
+                         indirect=True)
+def test_with_a_secret_tcpcopyd_copies_nothing_to_an_interceptd_that_cannot_prove_it(lab):
+    """No silent fallback: an interceptd without the secret is not used, and so nothing is
+    sent to its target (held, counted, and said in status) until one that proves it comes."""
+    lab.start_interceptd()                        # no secret
+    lab.start_tcpcopyd(extra=["--secret-file", write_secret(lab, b"only tcpcopyd knows it")],
+                       wait_connected=False)
+    lab.wait_log("tcpcopyd", "it has no shared secret (give interceptd the same secret_file")
+    r = load.h2load(lab, requests=500, rate=250)
+    assert r.succeeded == 500
+    wait_for(lambda: totals(lab, "tcpcopyd")["held_no_link"] > 0, 20,
+             "the copies to be held")
+    assert lab.nginx_log("target") == []          # not one request reached the target
+    [st] = orjson.loads(ctl_status(f"{lab.ns.prefix}-tcpcopyd").stdout)
+    assert st["state"] != "healthy" and [link["state"] for link in st["links"]] == ["down"]
+    assert "it has no shared secret" in st["links"][0]["reason"], st["links"]

@@ -13,7 +13,8 @@ from interceptd import counters as IC
 from interceptd import router as R
 from interceptd.control import ControlServer, Peer
 from interceptd.router import Router
-from tcpcopyd.net import wire
+from tcpcopyd.net import auth, wire
+from tcpcopyd.net import packet as P
 from tcpcopyd.online.control import ControlLink
 
 LOOPBACK = (__import__("ipaddress").IPv4Network("127.0.0.0/8"),)
@@ -185,32 +186,81 @@ def test_a_first_message_of_zeros_never_reaches_the_router(server):
     assert count(srv.counters, "bad_peers") == 1
 
 
-def test_with_a_secret_registrations_wait_for_the_proof(server):
-    srv = server(secret=SECRET)
-    c = client(srv, wire.version_message(), HELLO_AUTH)
+def handshake(srv: Server, secret: bytes = SECRET) -> tuple[socket.socket, auth.Tagger,
+                                                             auth.Tagger]:
+    """A tcpcopyd done by hand: both proofs; (its socket, its writer, its reader)."""
+    ours = auth.nonce()
+    c = client(srv, wire.version_message(), HELLO_AUTH, wire.challenge_messages(ours))
     ext = answer(c)
     assert ext.kind == wire.EXT_WELCOME and ext.features & wire.FEATURE_AUTH
-    nonce = ext.body[:wire.NONCE_SIZE]
-    c.sendall(wire.proof_messages(SECRET, nonce) + add(40000))
+    theirs, proof = wire.welcome_proof(ext)
+    seen = auth.transcript(ours, theirs, wire.FEATURE_AUTH, ext.features)
+    assert proof == auth.server_proof(SECRET, seen)      # interceptd proved it
+    c.sendall(wire.proof_messages(auth.client_proof(secret, seen)))
     srv.pump()
-    assert len(srv.router.routes) == 1
+    writer, reader = auth.pair(SECRET, seen, tcpcopyd=True)
+    return c, writer, reader
+
+
+def tagged(writer: auth.Tagger, *messages: bytes) -> bytes:
+    batch = b"".join(messages)
+    return batch + wire.tag_message(writer.tag(batch))
+
+
+def test_with_a_secret_registrations_wait_for_the_proof_and_their_tag(server):
+    srv = server(secret=SECRET)
+    c, writer, _ = handshake(srv)
+    batch = add(40000) + add(40001)
+    c.sendall(batch)               # not tagged yet: held
+    srv.pump()
+    assert not srv.router.routes
+    c.sendall(wire.tag_message(writer.tag(batch)) + tagged(writer, add(40002)))
+    srv.pump()
+    assert len(srv.router.routes) == 3 and count(srv.counters, "auth_failures") == 0
     c.close()
 
 
-@pytest.mark.parametrize("how", ["wrong secret", "no proof", "no offer (C tcpcopy)"])
+@pytest.mark.parametrize("how", ["changed", "replayed", "untagged", "tag only"])
+def test_a_batch_that_does_not_check_ends_the_connection_and_is_not_used(server, how):
+    srv = server(secret=SECRET)
+    c, writer, _ = handshake(srv)
+    first = tagged(writer, add(40000))
+    c.sendall(first)
+    srv.pump()
+    assert len(srv.router.routes) == 1
+    if how == "changed":           # an on-path attacker rewrites the client port
+        bad = bytearray(tagged(writer, add(40001)))
+        bad[5] ^= 1
+    elif how == "replayed":        # the same batch again: its counter has passed
+        bad = first
+    elif how == "untagged":        # more than a batch may hold, never tagged
+        bad = add(40001) * (wire.UNTAGGED_UP_MAX // wire.CLIENT_MSG_SIZE + 1)
+    else:                          # a tag of the right size but made without the key
+        bad = add(40001) + wire.tag_message(bytes(auth.TAG_SIZE))
+    c.sendall(bad)
+    srv.pump()
+    assert closed(c) and len(srv.router.routes) == 0    # its routes go with it
+    assert count(srv.counters, "auth_failures") == (0 if how == "untagged" else 1)
+
+
+@pytest.mark.parametrize("how", ["wrong secret", "no proof", "no offer (C tcpcopy)",
+                                 "no challenge"])
 def test_with_a_secret_a_peer_without_the_proof_is_refused(server, how):
     srv = server(secret=SECRET)
     if how == "no offer (C tcpcopy)":
         c = client(srv, wire.version_message(), add(40000))
         assert closed(c)
-    else:
-        c = client(srv, wire.version_message(), HELLO_AUTH if how == "wrong secret" else HELLO)
+    elif how == "wrong secret":
+        c, _, _ = handshake(srv, b"another secret of 16+ bytes")
         ext = answer(c)
-        if how == "wrong secret":
-            c.sendall(wire.proof_messages(b"another secret of 16+ bytes",
-                                          ext.body[:wire.NONCE_SIZE]) + add(40000))
-            srv.pump()
-            ext = answer(c)
+        assert ext.kind == wire.EXT_REFUSED and b"secret" in ext.body
+    elif how == "no challenge":     # an offer of the secret, then a registration at once
+        c = client(srv, wire.version_message(), HELLO_AUTH, add(40000))
+        ext = answer(c)
+        assert ext.kind == wire.EXT_REFUSED and b"secret" in ext.body
+    else:
+        c = client(srv, wire.version_message(), HELLO)
+        ext = answer(c)
         assert ext.kind == wire.EXT_REFUSED and b"secret" in ext.body
     assert not srv.router.routes and count(srv.counters, "auth_failures") == 1
 
@@ -229,21 +279,99 @@ def pump_link(srv: Server, link: ControlLink, ep: select.epoll, seconds: float =
     return came_up
 
 
-@pytest.mark.parametrize("secrets", [(SECRET, SECRET), (None, None), (None, SECRET)],
-                         ids=["both", "neither", "only tcpcopyd"])
+def reply_to(port: int) -> bytes:
+    return wire.reply_header(P.build(TIP, CIP, 80, port, 1, 2, P.ACK, 1000))
+
+
+@pytest.mark.parametrize("secrets", [(SECRET, SECRET), (None, None)], ids=["both", "neither"])
 def test_tcpcopyd_and_interceptd_complete_the_handshake(server, secrets):
     srv = server(secret=secrets[0])
     ep = select.epoll()
     link = ControlLink("127.0.0.1", srv.port, ep, secrets[1])
     try:
         assert pump_link(srv, link, ep, 3.0)
-        link.out += add(40000)
+        assert (link.writer is not None) == bool(secrets[0])
+        link.queue(add(40000))
         link.flush(time.monotonic())
         srv.pump()
         assert len(srv.router.routes) == 1
+        for _ in range(3):
+            srv.router.deliver(reply_to(40000), time.monotonic())
+        srv.pump()
+        got: list[bytes] = []
+        deadline = time.monotonic() + 3
+        while len(got) < 3 and time.monotonic() < deadline:
+            for _fd, ev in ep.poll(0.05):
+                got += link.on_event(ev, time.monotonic())[0]
+        assert got == [reply_to(40000)] * 3 and link.up
     finally:
         link.close()
         ep.close()
+
+
+def fake_interceptd(answer_with) -> tuple[socket.socket, int]:
+    """A listener whose first connection gets ``answer_with(what it sent)`` (in a thread)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+
+    def serve() -> None:
+        conn, _ = lst.accept()
+        with conn:
+            conn.settimeout(3)
+            data = b""
+            want = 2 * wire.CLIENT_MSG_SIZE + wire.CHALLENGE_PARTS * wire.CLIENT_MSG_SIZE
+            while len(data) < want:
+                chunk = conn.recv(want - len(data))
+                if not chunk:
+                    return
+                data += chunk
+            conn.sendall(answer_with(data))
+            try:
+                conn.recv(4096)      # held open until the link gives up
+            except OSError:
+                pass
+    __import__("threading").Thread(target=serve, daemon=True).start()
+    return lst, lst.getsockname()[1]
+
+
+@pytest.mark.parametrize("how", ["only tcpcopyd has it", "a wrong proof", "silent (C intercept)",
+                                 "replies before the proofs"])
+def test_tcpcopyd_with_a_secret_uses_no_interceptd_that_cannot_prove_it(server, how,
+                                                                         monkeypatch):
+    monkeypatch.setattr("tcpcopyd.online.control.HELLO_WAIT", 0.5)
+
+    def answer_with(data: bytes) -> bytes:
+        if how == "silent (C intercept)":
+            return b""
+        if how == "replies before the proofs":
+            return wire.combine([reply_to(40000)])
+        # a WELCOME that claims the secret, with a proof made without it
+        return wire.welcome_frame(wire.FEATURE_AUTH, auth.nonce(), bytes(auth.SERVER_PROOF_SIZE))
+    srv = server(secret=None) if how == "only tcpcopyd has it" else None
+    lst, port = (None, srv.port) if srv is not None else fake_interceptd(answer_with)
+    ep = select.epoll()
+    link = ControlLink("127.0.0.1", port, ep, SECRET)
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not link.errors:
+            now = time.monotonic()
+            assert not link.maybe_connect(now)
+            for _fd, ev in ep.poll(0.01):
+                assert link.on_event(ev, now) == ([], False)
+            if srv is not None:
+                srv.pump(1)
+        assert not link.up and link.errors == 1
+        reason = {"only tcpcopyd has it": "it has no shared secret",
+                  "a wrong proof": "its proof of the shared secret is wrong",
+                  "silent (C intercept)": "did not answer our offer within 0.5s",
+                  "replies before the proofs": "reply headers before the handshake"}[how]
+        assert reason in link.reason, link.reason
+    finally:
+        link.close()
+        ep.close()
+        if lst is not None:
+            lst.close()
 
 
 def test_tcpcopyd_without_the_secret_logs_why_it_is_refused(server, caplog):
@@ -373,3 +501,31 @@ def test_unsent_replies_are_bounded_per_worker_not_only_per_connection():
     finally:
         for p in peers:
             p.sock.close()
+
+
+@pytest.mark.parametrize("secrets,state,words", [
+    ((SECRET, SECRET), "accepted", "shared secret proved both ways"),
+    ((None, None), "accepted", "protocol version 6"),
+    ((None, SECRET), "unwelcome", "has no shared secret"),
+    ((SECRET, b"another secret of 16+ bytes"), "unwelcome", "wrong proof of the shared secret"),
+    ((SECRET, None), "unwelcome", "refused us, 127.0.0.1: it wants the shared secret"),
+], ids=["both", "neither", "only the doctor", "different", "only interceptd"])
+def test_the_doctor_goes_through_the_handshake_as_tcpcopyd_would(server, secrets, state,
+                                                                 words):
+    import threading
+
+    from tcpcopyd.ctl.doctor import version_probe
+    srv = server(secret=secrets[0])
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            srv.pump(1)
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        got, detail = version_probe("127.0.0.1", srv.port, secrets[1])
+    finally:
+        stop.set()
+        t.join()
+    assert got == state and words in detail, detail

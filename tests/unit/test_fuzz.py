@@ -3,7 +3,7 @@ random and mutated packets through the engine, random and mutated control frames
 both sides of the control channel. Nothing raises; every input is counted."""
 from __future__ import annotations
 
-from tcpcopyd.lab.fuzz import fuzz_control, fuzz_engine
+from tcpcopyd.lab.fuzz import fuzz_control, fuzz_engine, fuzz_tags
 
 
 def test_random_and_mutated_packets_through_the_engine():
@@ -44,3 +44,9 @@ def test_a_short_total_length_with_ip_options_is_malformed_not_a_crash():
     pkt[2:4] = (24).to_bytes(2, "big")
     with pytest.raises(wire.ProtocolError):
         wire.reply_header(bytes(pkt))
+
+
+def test_attacked_authenticated_streams_give_nothing_but_what_was_tagged():
+    r = fuzz_tags(4_000, seed=7)
+    assert r["forged"] == 0
+    assert r["refused"] > 1_000 and r["items_taken"] > 10_000   # both outcomes exercised
