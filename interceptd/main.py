@@ -8,8 +8,8 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 
+from interceptd import budget, rules, shared
 from interceptd import counters as C
-from interceptd import rules, shared
 from interceptd.options import LAYOUT, REGISTRY, Settings
 from interceptd.worker import QueueWorker, dispatch
 from shm import segment as shmseg
@@ -66,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.setup(PROG, cfg.log, cfg.log_level)
     except OSError as e:
         return fail(f"cannot open log file {cfg.log}: {e.strerror}", EX_CONFIG)
+    try:    # every bound at its most must fit the unit's MemoryMax
+        budget.fit(cfg, lambda q: shared.extra_size(q, cfg.max_routes), budget.memory_limit())
+    except ConfigError as e:
+        return fail(str(e), e.code)
     try:
         lock = InstanceLock(cfg.instance).acquire()
     except InstanceError as e:
