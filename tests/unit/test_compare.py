@@ -204,3 +204,21 @@ def test_the_master_never_stops_on_a_log_it_cannot_write(tmp_path):
     clog.close()
     [line] = (tmp_path / "c.jsonl").read_text().splitlines()
     assert json.loads(line)["request"] == "get k"
+
+
+def test_the_rings_are_anonymous_memory_left_out_of_core_dumps():
+    # not a file anybody could open (the shm segment is the status group's), and not in a
+    # worker's core dump
+    import ctypes
+
+    rings = comparelog.Rings(2)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(rings.mm))
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    at = next(i for i, line in enumerate(lines)
+              if "-" in line.split()[0] and int(line.split()[0].split("-")[0], 16) <= start
+              < int(line.split()[0].split("-")[1], 16))
+    head = lines[at].split()
+    assert len(head) < 6 or head[5].startswith("/dev/zero"), lines[at]   # anonymous
+    flags = next(line for line in lines[at + 1:] if line.startswith("VmFlags:"))
+    assert " sh" in flags and " dd" in flags, flags
