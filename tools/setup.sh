@@ -42,9 +42,29 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.tcpcopyd-installed"
-if [ ! -e "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-    echo "installing tcpcopyd and its test tools into $VENV"
+# the compiled per-packet path (setup.py, tcpcopyd/native.py) is rebuilt when its library is
+# missing or older than a source of it: an extension older than its .py would run stale code
+# (TCPCOPYD_PURE=1 here builds and keeps the pure-Python package)
+rebuild=0
+[ -e "$stamp" ] || rebuild=1
+for f in "$ROOT/pyproject.toml" "$ROOT/setup.py"; do
+    [ "$f" -nt "$stamp" ] && rebuild=1
+done
+if [ -z "${TCPCOPYD_PURE:-}" ]; then
+    lib="$(ls "$ROOT"/tcpcopyd_native__mypyc.*.so 2>/dev/null | head -1)"
+    [ -n "$lib" ] || rebuild=1
+    compiled="$("$PY" -c 'import runpy, sys; n = runpy.run_path(sys.argv[1])
+print("\n".join(str(n["source"](m, n["Path"](sys.argv[2]))) for m in n["COMPILED"]))' \
+        "$ROOT/tcpcopyd/native.py" "$ROOT")"
+    for f in "$ROOT/tcpcopyd/native.py" $compiled; do
+        { [ -z "$lib" ] || [ "$f" -nt "$lib" ]; } && rebuild=1
+    done
+fi
+if [ $rebuild = 1 ]; then
+    echo "installing tcpcopyd (compiling its per-packet path) and its test tools into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+    # what it did not recompile was up to date: mark the extensions as built from these sources
+    find "$ROOT" -maxdepth 4 -name '*.so' -path "$ROOT/tcpcopyd*" -exec touch {} +
     touch "$stamp"
 fi

@@ -9,6 +9,7 @@ is wrong is counted. Prints the counters and the rates.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import random
 import select
@@ -33,14 +34,17 @@ TARGET = socket.inet_aton("198.18.2.2")
 
 
 class CheckingSender:
-    """Stands in for the raw socket: every packet the engine sends must parse."""
+    """Stands in for the raw socket: every packet the engine sends must parse. Keeps a
+    digest of all it was given, in order (the builds' differential test compares them)."""
 
     def __init__(self) -> None:
         self.sent = 0
+        self.digest = hashlib.sha256()
 
     def send(self, pkt: bytearray, dst: bytes) -> bool:
         P.parse(bytes(pkt))
         self.sent += 1
+        self.digest.update(dst + len(pkt).to_bytes(2, "big") + pkt)
         return True
 
 
@@ -124,7 +128,8 @@ def fuzz_engine(packets: int, seed: int) -> dict:
     counters = dict(zip(C.NAMES, e.counters, strict=True))
     return {"inputs": packets, "client_packets": packets - replies, "replies": replies,
             "seconds": round(seconds, 2), "per_second": round(packets / seconds),
-            "packets_sent": sender.sent, "sessions_left": len(e.sessions),
+            "packets_sent": sender.sent, "sent_digest": sender.digest.hexdigest(),
+            "sessions_left": len(e.sessions),
             "buffered_left": e.buffered_total, "out_of_order_left": e.ooo_bytes,
             "counters": counters}
 

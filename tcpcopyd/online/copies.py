@@ -50,8 +50,9 @@ class Copies:
         group[copy] = s
 
     def remove(self, s: Session) -> None:
-        group = self.groups.get(s.cap)
-        if group is not None and group[s.copy] is s:
+        cap = s.cap
+        group = None if cap is None else self.groups.get(cap)
+        if cap is not None and group is not None and group[s.copy] is s:
             group[s.copy] = None
             if not any(group):
-                del self.groups[s.cap]
+                del self.groups[cap]

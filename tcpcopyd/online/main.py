@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from shm import segment as shmseg
+from tcpcopyd import native
 from tcpcopyd.health import metrics
 from tcpcopyd.net import capture
 from tcpcopyd.net.sender import SendError, open_raw_socket
@@ -185,9 +186,9 @@ def online(cfg: Settings, instance: str) -> int:
         reload = Reloader(PROG, DESCRIPTION, options.REGISTRY, options.LAYOUT, cfg, seg,
                           not_live)
         reload.publish()
-        log.info("tcpcopyd %s on %s -> interceptd %s; %d worker(s), shm %s", version(),
-                 cfg.interface, ",".join(f"{h}:{p}" for h, p in cfg.server), cfg.workers,
-                 seg.path)
+        log.info("tcpcopyd %s (%s) on %s -> interceptd %s; %d worker(s), shm %s", version(),
+                 native.build(), cfg.interface, ",".join(f"{h}:{p}" for h, p in cfg.server),
+                 cfg.workers, seg.path)
         status = StatusLine(seg, C.NAMES, ("captured", "sent"),
                             ("sessions_active", "capture_lag_ms", "lag_drops",
                              "kernel_drops"))

@@ -23,6 +23,9 @@ class OutOfOrder:
     def __len__(self) -> int:
         return len(self.segments)
 
+    def __bool__(self) -> bool:   # a compiled class ignores __len__ for truth
+        return bool(self.segments)
+
     def add(self, seq: int, flags: int, payload: bytes, ack: int) -> bool:
         """Hold a segment; False if one with the same sequence number is held already."""
         if seq in self.segments:

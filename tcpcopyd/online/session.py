@@ -8,9 +8,11 @@ from __future__ import annotations
 import enum
 import socket
 from collections import deque
+from typing import Any
 
 from shm.record import Record
 from tcpcopyd.net.packet import FIN
+from tcpcopyd.online.reorder import OutOfOrder
 
 
 class State(enum.IntFlag):
@@ -112,7 +114,7 @@ class Session:
         self.cap_nxt = 0          # next client sequence number expected from the capture
         self.unsent: deque[Queued] = deque()    # captured, not sent yet
         self.unacked: deque[Queued] = deque()   # sent, not acknowledged yet
-        self.ooo = None   # tcpcopyd.online.reorder.OutOfOrder: client segments ahead of a gap
+        self.ooo: OutOfOrder | None = None   # client segments ahead of a gap
         self.buffered = 0         # bytes held in unsent + unacked + ooo (payload + overhead)
         self.target_isn = 0
         self.rcv_nxt = 0          # target's next sequence number: what we acknowledge
@@ -157,7 +159,7 @@ class Session:
                 self.buffered & 0xFFFFFFFF, len(self.syn_options), self.syn_options)
 
     @classmethod
-    def from_slot(cls, slot: int, v: tuple) -> Session:
+    def from_slot(cls, slot: int, v: Any) -> Session:
         """A session carried on by a new worker from its shm record (a ``SLOT`` tuple).
         Data that the old worker held (not yet sent, or sent and not yet acknowledged) is
         gone: the session is marked RESYNC."""

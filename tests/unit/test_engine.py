@@ -68,7 +68,6 @@ SYNACK_OPTS = P.syn_options(1460, 7, True, (3333, 777))
 @pytest.fixture
 def eng():
     e = Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), None, range(100))
-    e.now = 100.0
     return e
 
 

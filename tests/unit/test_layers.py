@@ -27,8 +27,9 @@ def test_every_module_has_a_layer():
     unplaced = [m for m in modules()
                 if not any(m == p or m.startswith(p + ".") for p in placed)]
     assert not unplaced, f"add these modules to a layer in pyproject.toml: {unplaced}"
+    # the product's contract places the modules directly under the root packages
     covered = {c for contract in config["contracts"] if contract.get("exhaustive")
-               for c in contract["containers"]}
+               for c in contract["containers"]} | set(config["root_packages"])
     packages = {m.rsplit(".", 1)[0] for m in modules()}
     uncovered = sorted(p for p in packages
                        if sum(m.startswith(p + ".") for m in modules()) > 1 and p not in covered)

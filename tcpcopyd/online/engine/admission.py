@@ -158,11 +158,11 @@ def _apply(e: EngineState, s: Session, seq: int, ack: int, flags: int, window: i
         s.state |= CLIENT_RST
         s.close_at = now + DRAIN_TIMEOUT
         e.schedule(s, s.close_at)
-        e.touched.add(s)
+        e.touched[s] = None
         return
     if payload or flags & FIN:
         enqueue(e, s, seq, flags & (FIN | PSH), payload, ack, now)
-        e.touched.add(s)
+        e.touched[s] = None
 
 
 def open_session(e: EngineState, cap: tuple, copy: int, target: tuple[bytes, int], isn: int,

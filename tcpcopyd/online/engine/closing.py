@@ -52,7 +52,7 @@ def close(e: EngineState, s: Session, reason: int, send_rst: bool = True) -> Non
     e.buffered_total -= s.buffered
     if s.ooo is not None:
         e.ooo_bytes -= s.ooo.bytes
-        e.gapped.discard(s)
+        e.gapped.pop(s, None)
     s.unsent.clear()
     s.unacked.clear()
     s.ooo = None

@@ -120,8 +120,8 @@ class Engine(EngineState):
                     retransmit_head(self, s)
                     self.arm(s, now + s.rto)
             self.resend.clear()
-        touched, self.touched = self.touched, set()
-        self.dirty |= touched
+        touched, self.touched = self.touched, {}
+        self.dirty.update(touched)
         for s in touched:
             if s.freed:
                 continue
@@ -169,7 +169,7 @@ class Engine(EngineState):
             else:
                 close(self, s, C.SESSIONS_CLOSED)
                 return
-        self.touched.add(s)
+        self.touched[s] = None
 
     def expire_idle(self, now: float, timeout: float | None = None) -> None:
         """Reset the sessions idle for longer than ``timeout`` (default: -t, or -k for a

@@ -79,7 +79,7 @@ def on_segment(e: EngineState, s: Session, seq: int, ack: int, flags: int, windo
             s.rcv_nxt = fin_end
         s.state |= TARGET_FIN
         _ack_later(e, s, now)
-    e.touched.add(s)
+    e.touched[s] = None
 
 
 def _on_data(e: EngineState, s: Session, seq: int, ack: int, plen: int, prefix: bytes,
@@ -188,7 +188,7 @@ def _on_syn_ack(e: EngineState, s: Session, seq: int, ack: int, window: int, opt
     if s.state & ESTABLISHED:
         s.need_ack = True  # our handshake ACK was lost: the target sent its SYN-ACK again
         s.ack_at = now
-        e.touched.add(s)
+        e.touched[s] = None
         return
     if ack != seq_add(s.isn, 1):
         return
@@ -215,7 +215,7 @@ def _on_syn_ack(e: EngineState, s: Session, seq: int, ack: int, window: int, opt
     # the third ACK of the handshake rides on the client's first data if that comes soon
     _ack_later(e, s, now)
     e.dirty.add(s)
-    e.touched.add(s)
+    e.touched[s] = None
 
 
 def _on_ack(e: EngineState, s: Session, ack: int, wnd: int, plen: int, now: float) -> None:

@@ -147,7 +147,9 @@ class EngineState:
         # new sessions waiting for the previous session of their client port to end
         self.reuse = PortReuse(SEGMENT_COST)
         self.buffered_total = 0           # bytes buffered over all sessions
-        self.gapped: set[Session] = set()  # sessions holding data beyond a gap
+        # sessions holding data beyond a gap; a dict, not a set: kept in arrival order, so
+        # the same packets make the same choices in every build (a set's order is by address)
+        self.gapped: dict[Session, None] = {}
         self.ooo_bytes = 0                # of buffered_total, held beyond gaps
         self.sessions: dict[tuple, Session] = {}
         # the sessions by last activity, least recent first: those with nothing in flight
@@ -160,7 +162,7 @@ class EngineState:
         self.observer: Observer | None = None
         self.timers: list[tuple[float, int, Session]] = []
         self._timer_seq = 0
-        self.touched: set[Session] = set()   # sessions the packets just processed moved
+        self.touched: dict[Session, None] = {}   # sessions the packets just moved, in order
         self.dirty: set[Session] = set()     # sessions whose shm slot is behind
         self.new: list[Session] = []     # sessions whose SYN waits for their CLIENT_ADD
         # sessions whose outstanding packets go again once their registration is out (a

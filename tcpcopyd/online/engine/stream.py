@@ -52,7 +52,7 @@ def _take_ready(e: EngineState, s: Session) -> None:
         append(e, s, s.cap_nxt, oflags, opay[skip:], oack)
     if not s.ooo and not s.freed:
         s.ooo = None
-        e.gapped.discard(s)
+        e.gapped.pop(s, None)
         s.gap_since = 0.0
 
 
@@ -67,7 +67,7 @@ def hold_out_of_order(e: EngineState, s: Session, seq: int, flags: int, payload:
         return
     if s.ooo is None:
         s.ooo = OutOfOrder(s.cap_nxt, SEGMENT_COST)
-        e.gapped.add(s)
+        e.gapped[s] = None
     if len(s.ooo) >= MAX_OUT_OF_ORDER:
         overflow(e, s, f"{len(s.ooo)} segments held out of order")
         return
