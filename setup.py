@@ -1,11 +1,15 @@
 """Builds the compiled per-packet path (tcpcopyd/native.py lists the modules) with mypyc.
 
 Everything else about the package is in pyproject.toml. Without the pinned mypy (for
-example a Debian build without it) or with TCPCOPYD_PURE=1, the package is pure Python.
+example a Debian build without it), without a C compiler or Python's headers, or with
+TCPCOPYD_PURE=1, the package is pure Python (the same behaviour, slower), and says why.
 """
 import importlib.util
 import os
+import shlex
+import shutil
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import setup
@@ -34,6 +38,13 @@ def compiled_modules():
     if mypy.version.__version__ != n.MYPY_VERSION:
         print(f"mypy {mypy.version.__version__} is not the pinned {n.MYPY_VERSION}: "
               "building the pure-Python package", file=sys.stderr)
+        return []
+    compiler = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")[0]
+    if shutil.which(compiler) is None:
+        print(f"no C compiler ({compiler}): building the pure-Python package", file=sys.stderr)
+        return []
+    if not Path(sysconfig.get_paths()["include"], "Python.h").exists():
+        print("no Python.h (python3-dev): building the pure-Python package", file=sys.stderr)
         return []
     paths = [str(n.source(name, Path("."))) for name in n.COMPILED]
     return mypycify(paths + ["--follow-imports=silent", "--ignore-missing-imports"],

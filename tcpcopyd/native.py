@@ -31,6 +31,7 @@ COMPILED = (
     "tcpcopyd.net.packet",
     "tcpcopyd.online.counters",
     "tcpcopyd.online.reorder",
+    "tcpcopyd.online.timers",
     "tcpcopyd.online.session",
     "tcpcopyd.online.rewrite",
     "tcpcopyd.online.targets",

@@ -142,6 +142,8 @@ check "tcpcopyctl status: healthy again once interceptd is back" \
 
 # ---------------------------------------------------------------- what the packages hold
 check "--version on every command" sh -c 'tcpcopyd --version && interceptd --version && tcpcopyctl --version'
+check "tcpcopyd runs its compiled per-packet path" sh -c 'tcpcopyd --version | grep -q "per-packet path: compiled"'
+check "TCPCOPYD_PURE=1 runs the sources" sh -c 'TCPCOPYD_PURE=1 tcpcopyd --version | grep -q "per-packet path: pure"'
 check "man pages installed" sh -c 'for p in man8/tcpcopyd.8 man8/interceptd.8 man8/tcpcopyctl.8 man5/tcpcopyd.conf.5 man5/interceptd.conf.5; do [ -e /usr/share/man/$p.gz ] || exit 1; done'
 check "README and BENCHMARKS in /usr/share/doc" sh -c '[ -e /usr/share/doc/tcpcopyd-common/README.md.gz ] && [ -e /usr/share/doc/tcpcopyd-common/BENCHMARKS.md.gz ]'
 check "the lab is not installed" sh -c '! python3 -c "import tcpcopyd.lab" 2>/dev/null'

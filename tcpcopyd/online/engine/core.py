@@ -9,7 +9,6 @@ state they share (``EngineState``).
 """
 from __future__ import annotations
 
-import heapq
 import logging
 
 from tcpcopyd.net import wire
@@ -135,10 +134,8 @@ class Engine(EngineState):
     # ------------------------------------------------------------------ timers
     def tick(self, now: float) -> None:
         """Run due timers: retransmissions, paced requests, lingering closes, gaps."""
-        timers = self.timers
         due: dict[int, Session] = {}
-        while timers and timers[0][0] <= now and len(due) < TICK_BUDGET:
-            _, _, s = heapq.heappop(timers)
+        for s in self.timers.due(now, TICK_BUDGET):
             if not s.freed:
                 due[id(s)] = s
         for s in due.values():

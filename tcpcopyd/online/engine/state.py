@@ -5,7 +5,6 @@ persist) are functions over it; ``Engine`` (core) adds the entry points the work
 """
 from __future__ import annotations
 
-import heapq
 import zlib
 from collections import OrderedDict
 from typing import Protocol
@@ -15,6 +14,7 @@ from tcpcopyd.online.copies import Copies
 from tcpcopyd.online.portreuse import PortReuse
 from tcpcopyd.online.rewrite import Rewrite
 from tcpcopyd.online.session import Session
+from tcpcopyd.online.timers import Timers
 
 # retransmission timeout bounds and initial value, seconds (RFC 6298)
 RTO_MIN = 0.2
@@ -160,8 +160,7 @@ class EngineState:
         # the comparison test, told what the first copy of each session sends and
         # receives; None: off
         self.observer: Observer | None = None
-        self.timers: list[tuple[float, int, Session]] = []
-        self._timer_seq = 0
+        self.timers: Timers[Session] = Timers()    # wake-ups of sessions
         self.touched: dict[Session, None] = {}   # sessions the packets just moved, in order
         self.dirty: set[Session] = set()     # sessions whose shm slot is behind
         self.new: list[Session] = []     # sessions whose SYN waits for their CLIENT_ADD
@@ -190,8 +189,7 @@ class EngineState:
 
     def schedule(self, s: Session, when: float) -> None:
         """Look at ``s`` again at ``when`` (tick: whatever is due for it then)."""
-        self._timer_seq += 1
-        heapq.heappush(self.timers, (when, self._timer_seq, s))
+        self.timers.add(when, s)
 
     def next_timer(self) -> float | None:
-        return self.timers[0][0] if self.timers else None
+        return self.timers.next()
