@@ -18,6 +18,7 @@ import statistics
 import sys
 
 from shm import segment as shmseg
+from tcpcopyd import native
 from tcpcopyd.health import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.delays import copy_delays, percentiles, start_capture, stop_capture
@@ -29,7 +30,8 @@ C_INTERCEPT = os.environ.get("TCPCOPYD_C_INTERCEPT", "")
 # iptables comment of the rule the C intercept's runs need (it installs none itself)
 C_RULE_TAG = "tcpcopyd-bench-c-intercept"
 # how the table names each pair
-PAIR_NAMES = {"c": "C", "compare": "ours --compare", "secret": "ours, secret"}
+PAIR_NAMES = {"c": "C", "compare": "ours --compare", "secret": "ours, secret",
+              "pure": "ours, pure Python"}
 
 
 def start_c_pair(lab) -> None:
@@ -66,10 +68,15 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
             start_c_pair(lab)
         else:
             both = ["--secret-file", write_secret(lab.dir)] if pair == "secret" else []
-            lab.start_interceptd([80], extra=["--queues", str(workers), *both])
             compare = ["--compare", "--compare-log", os.path.join(lab.dir, "compare.jsonl")]
-            lab.start_tcpcopyd([80], extra=["--workers", str(workers), *both,
-                                            *(compare if pair == "compare" else [])])
+            if pair == "pure":      # the daemons inherit it: their .py sources run
+                os.environ[native.PURE_ENV] = "1"
+            try:
+                lab.start_interceptd([80], extra=["--queues", str(workers), *both])
+                lab.start_tcpcopyd([80], extra=["--workers", str(workers), *both,
+                                                *(compare if pair == "compare" else [])])
+            finally:
+                os.environ.pop(native.PURE_ENV, None)
         if delays:
             captures = {host: (path, start_capture(lab, getattr(lab.ns, host), path))
                         for host in ("online", "target")
@@ -140,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", default="ours",
                     help="ours, c (the C tcpcopy + intercept from TCPCOPYD_C_TCPCOPY and "
                     "TCPCOPYD_C_INTERCEPT), compare (ours with --compare), secret (ours with a "
-                    "shared secret: both proofs, every batch tagged), comma-separated; they "
-                    "alternate run by run")
+                    "shared secret: both proofs, every batch tagged), pure (ours, the "
+                    "pure-Python build: TCPCOPYD_PURE=1), comma-separated; they alternate run "
+                    "by run")
     ap.add_argument("--compare-c", action="store_true",
                     help="side by side with the C pair: the same as --pairs ours,c --delays")
     ap.add_argument("--delays", action="store_true",
@@ -162,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     if not set(modes) <= {"nfqueue", "assistant"}:
         print("--interception: nfqueue, assistant or both", file=sys.stderr)
         return 2
-    if not set(pairs) <= {"ours", "c", "compare", "secret"}:
+    if not set(pairs) <= {"ours", "c", "compare", "secret", "pure"}:
         print("--pairs: ours, c, compare (ours with --compare), secret (ours with a shared "
-              "secret), comma-separated", file=sys.stderr)
+              "secret), pure (ours, pure-Python build), comma-separated", file=sys.stderr)
         return 2
     if "c" in pairs and not (os.access(C_TCPCOPY, os.X_OK) and os.access(C_INTERCEPT, os.X_OK)):
         print("--pairs c: set TCPCOPYD_C_TCPCOPY and TCPCOPYD_C_INTERCEPT to the C binaries",

@@ -1,0 +1,55 @@
+"""Wake-ups in millisecond buckets (online/timers.py): never early, in order, bounded."""
+from __future__ import annotations
+
+import random
+
+from tcpcopyd.online.timers import Timers
+
+
+def test_a_wake_up_never_fires_before_its_time_even_within_its_millisecond():
+    t: Timers[str] = Timers()
+    t.add(10.0004, "early")
+    t.add(10.0008, "late")
+    assert t.next() == 10.0004
+    assert t.due(10.0003, 100) == []
+    assert t.due(10.0005, 100) == ["early"]
+    assert t.next() == 10.0008 and len(t) == 1
+    assert t.due(10.0008, 100) == ["late"]
+    assert t.next() is None and len(t) == 0
+
+
+def test_wake_ups_fire_by_millisecond_then_in_the_order_they_were_set():
+    t: Timers[str] = Timers()
+    for when, name in ((3.0, "c"), (1.0, "a1"), (2.0, "b"), (1.0002, "a2")):
+        t.add(when, name)
+    assert t.due(5.0, 100) == ["a1", "a2", "b", "c"]
+
+
+def test_a_tick_takes_at_most_its_budget_and_the_rest_stays():
+    t: Timers[int] = Timers()
+    for i in range(10):
+        t.add(1.0 + i * 0.0001, i)      # all in one millisecond
+    t.add(2.0, 10)
+    assert t.due(3.0, 4) == [0, 1, 2, 3]
+    assert t.due(3.0, 4) == [4, 5, 6, 7]
+    assert t.due(3.0, 4) == [8, 9, 10]
+    assert len(t) == 0
+
+
+def test_against_a_sorted_list_of_random_wake_ups():
+    rng = random.Random(5)
+    t: Timers[int] = Timers()
+    pending: list[tuple[float, int]] = []
+    now = 0.0
+    for i in range(20000):
+        when = now + rng.choice((0.0, 0.0001, 0.04, 0.2, 1.0, 5.0)) * rng.random()
+        t.add(when, i)
+        pending.append((when, i))
+        if i % 7 == 0:
+            now += rng.random() * 0.003
+            fired = t.due(now, 10_000)
+            expected = {j for w, j in pending if w <= now}
+            assert set(fired) == expected
+            pending = [(w, j) for w, j in pending if w > now]
+            assert len(t) == len(pending)
+            assert t.next() == (min(w for w, _ in pending) if pending else None)
