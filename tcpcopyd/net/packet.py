@@ -7,37 +7,38 @@ sequence numbers and windows are host ints.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from shm.record import Record
 
 # IP protocol number of TCP
-IPPROTO_TCP = 6
+IPPROTO_TCP: Final = 6
 # TCP flag bits (low byte of the offset/flags word)
-FIN = 0x01
-SYN = 0x02
-RST = 0x04
-PSH = 0x08
-ACK = 0x10
-URG = 0x20
+FIN: Final = 0x01
+SYN: Final = 0x02
+RST: Final = 0x04
+PSH: Final = 0x08
+ACK: Final = 0x10
+URG: Final = 0x20
 # TCP option kinds
-OPT_EOL = 0
-OPT_NOP = 1
-OPT_MSS = 2
-OPT_WSCALE = 3
-OPT_SACK_PERM = 4
-OPT_SACK = 5
-OPT_TIMESTAMP = 8
+OPT_EOL: Final = 0
+OPT_NOP: Final = 1
+OPT_MSS: Final = 2
+OPT_WSCALE: Final = 3
+OPT_SACK_PERM: Final = 4
+OPT_SACK: Final = 5
+OPT_TIMESTAMP: Final = 8
 # IPv4 "don't fragment" flag in the flags/fragment-offset word
-IP_DF = 0x4000
+IP_DF: Final = 0x4000
 # the fragment-offset bits plus "more fragments"
-IP_FRAG_MASK = 0x3FFF
+IP_FRAG_MASK: Final = 0x3FFF
 # sequence space modulus
-SEQ_MOD = 1 << 32
+SEQ_MOD: Final = 1 << 32
 
 # The headers, declared once as (name, format) fields in network order: their structs,
 # sizes and offsets derive from these tables, and every decoder of the project reads
 # packets through them (the structs, the offsets and the helpers below)
-IPV4 = Record("IPv4", (
+IPV4: Final = Record("IPv4", (
     ("version_ihl", "B"),    # version (4) in the high nibble, header length / 4 in the low
     ("tos", "B"),
     ("total_length", "H"),
@@ -49,7 +50,7 @@ IPV4 = Record("IPv4", (
     ("src", "4s"),
     ("dst", "4s"),
 ), "!")
-TCP = Record("TCP", (
+TCP: Final = Record("TCP", (
     ("sport", "H"),
     ("dport", "H"),
     ("seq", "I"),
@@ -59,20 +60,26 @@ TCP = Record("TCP", (
     ("checksum", "H"),
     ("urgent", "H"),
 ), "!")
-IP_PROTOCOL, IP_TOTAL_LENGTH, IP_SRC, IP_DST = (
-    IPV4.offset(f) for f in ("protocol", "total_length", "src", "dst"))
-TCP_SPORT, TCP_DPORT, TCP_SEQ, TCP_ACK, TCP_CHECKSUM = (
-    TCP.offset(f) for f in ("sport", "dport", "seq", "ack", "checksum"))
-TCP_DATA_OFFSET = TCP.offset("offset_flags")      # its high nibble
-TCP_FLAGS = TCP_DATA_OFFSET + 1                   # the flags byte
+# (Final: the compiled modules read them as C constants, not from a module's dict)
+IP_PROTOCOL: Final = IPV4.offset("protocol")
+IP_TOTAL_LENGTH: Final = IPV4.offset("total_length")
+IP_SRC: Final = IPV4.offset("src")
+IP_DST: Final = IPV4.offset("dst")
+TCP_SPORT: Final = TCP.offset("sport")
+TCP_DPORT: Final = TCP.offset("dport")
+TCP_SEQ: Final = TCP.offset("seq")
+TCP_ACK: Final = TCP.offset("ack")
+TCP_CHECKSUM: Final = TCP.offset("checksum")
+TCP_DATA_OFFSET: Final = TCP.offset("offset_flags")      # its high nibble
+TCP_FLAGS: Final = TCP_DATA_OFFSET + 1                   # the flags byte
 # an IPv4 header without options followed by the fixed TCP header, read in one call
-IP_TCP = struct.Struct("!" + IPV4.struct.format[1:] + TCP.struct.format[1:])
-HEADERS = IP_TCP.size
-TCP_HDR = TCP.struct
-TS_OPT = struct.Struct("!BBBBII")  # NOP NOP kind=8 len=10 TSval TSecr
-U32 = struct.Struct("!I")
-_U16 = struct.Struct("!H")
-_PORTS_SEQ_ACK = struct.Struct("!HHII")
+IP_TCP: Final = struct.Struct("!" + IPV4.struct.format[1:] + TCP.struct.format[1:])
+HEADERS: Final = IP_TCP.size
+TCP_HDR: Final = TCP.struct
+TS_OPT: Final = struct.Struct("!BBBBII")  # NOP NOP kind=8 len=10 TSval TSecr
+U32: Final = struct.Struct("!I")
+_U16: Final = struct.Struct("!H")
+_PORTS_SEQ_ACK: Final = struct.Struct("!HHII")
 
 
 def is_tcp_ipv4(buf: bytes | bytearray | memoryview) -> bool:

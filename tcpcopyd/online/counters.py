@@ -1,6 +1,8 @@
 """Names of tcpcopyd's per-worker counters (index = position in shm)."""
 from __future__ import annotations
 
+from typing import Final
+
 from tcpcopyd.health import kinds
 
 KIND = 1        # the kind number of tcpcopyd's shm segments
@@ -78,26 +80,48 @@ COUNTERS = (
 NAMES = tuple(name for name, _ in COUNTERS)
 HELP = dict(COUNTERS)
 INDEX = {name: i for i, name in enumerate(NAMES)}
-# indexes of the counters bumped on the packet path
-CAPTURED, MALFORMED, NO_SESSION, DUPLICATE, OUT_OF_ORDER, SENT, SEND_ERRORS, BYTES_SENT, \
-    REPLIES, REPLIES_NO_SESSION, REPLIES_MALFORMED = range(11)
-assert NAMES[REPLIES_MALFORMED] == "replies_malformed"
-OVERSIZE = INDEX["oversize_frames"]
-# the other counters the engine adds to, by their names in upper case
-(NOT_SAMPLED, NOT_FROM_SYN, PORT_REUSE_HELD, OUT_OF_WINDOW, SESSIONS_OPENED, SESSIONS_FAKE,
- SESSIONS_REFUSED, RESETS_OUT_OF_WINDOW, CHALLENGE_ACKS, STALE_CONNECTIONS_RESET,
- HANDSHAKE_RESTARTS, FAST_RETRANSMITS, RETRANSMITS, PACED, HELD_NO_LINK, SESSIONS_ACTIVE,
- SESSIONS_RESTORED, SESSIONS_TORN) = (INDEX[n] for n in (
-    "not_sampled", "not_from_syn", "port_reuse_held", "out_of_window", "sessions_opened",
-    "sessions_fake", "sessions_refused", "resets_out_of_window", "challenge_acks",
-    "stale_connections_reset", "handshake_restarts", "fast_retransmits", "retransmits",
-    "paced", "held_no_link", "sessions_active", "sessions_restored", "sessions_torn"))
+# the indexes of the counters the engine adds to, by their names in upper case (Final: the
+# compiled modules read them as C constants, not from this module's dict)
+CAPTURED: Final = INDEX["captured"]
+MALFORMED: Final = INDEX["malformed"]
+NO_SESSION: Final = INDEX["no_session"]
+DUPLICATE: Final = INDEX["duplicate"]
+OUT_OF_ORDER: Final = INDEX["out_of_order"]
+SENT: Final = INDEX["sent"]
+SEND_ERRORS: Final = INDEX["send_errors"]
+BYTES_SENT: Final = INDEX["bytes_sent"]
+REPLIES: Final = INDEX["replies"]
+REPLIES_NO_SESSION: Final = INDEX["replies_no_session"]
+REPLIES_MALFORMED: Final = INDEX["replies_malformed"]
+NOT_SAMPLED: Final = INDEX["not_sampled"]
+NOT_FROM_SYN: Final = INDEX["not_from_syn"]
+PORT_REUSE_HELD: Final = INDEX["port_reuse_held"]
+OUT_OF_WINDOW: Final = INDEX["out_of_window"]
+SESSIONS_OPENED: Final = INDEX["sessions_opened"]
+SESSIONS_FAKE: Final = INDEX["sessions_fake"]
+SESSIONS_REFUSED: Final = INDEX["sessions_refused"]
+RESETS_OUT_OF_WINDOW: Final = INDEX["resets_out_of_window"]
+CHALLENGE_ACKS: Final = INDEX["challenge_acks"]
+STALE_CONNECTIONS_RESET: Final = INDEX["stale_connections_reset"]
+HANDSHAKE_RESTARTS: Final = INDEX["handshake_restarts"]
+FAST_RETRANSMITS: Final = INDEX["fast_retransmits"]
+RETRANSMITS: Final = INDEX["retransmits"]
+PACED: Final = INDEX["paced"]
+HELD_NO_LINK: Final = INDEX["held_no_link"]
+SESSIONS_ACTIVE: Final = INDEX["sessions_active"]
+SESSIONS_RESTORED: Final = INDEX["sessions_restored"]
+SESSIONS_TORN: Final = INDEX["sessions_torn"]
+OVERSIZE: Final = INDEX["oversize_frames"]
 # why a session ended: the counter its end adds to
-(SESSIONS_CLOSED, SESSIONS_EXPIRED, SESSIONS_TARGET_RST, SESSIONS_REUSED, SESSIONS_OVERFLOW,
- SESSIONS_EVICTED, SESSIONS_GAVE_UP, SESSIONS_BROKEN, SESSIONS_RESYNCED) = (INDEX[n] for n in (
-    "sessions_closed", "sessions_expired", "sessions_target_rst", "sessions_reused",
-    "sessions_overflow", "sessions_evicted", "sessions_gave_up", "sessions_broken",
-    "sessions_resynced"))
+SESSIONS_CLOSED: Final = INDEX["sessions_closed"]
+SESSIONS_EXPIRED: Final = INDEX["sessions_expired"]
+SESSIONS_TARGET_RST: Final = INDEX["sessions_target_rst"]
+SESSIONS_REUSED: Final = INDEX["sessions_reused"]
+SESSIONS_OVERFLOW: Final = INDEX["sessions_overflow"]
+SESSIONS_EVICTED: Final = INDEX["sessions_evicted"]
+SESSIONS_GAVE_UP: Final = INDEX["sessions_gave_up"]
+SESSIONS_BROKEN: Final = INDEX["sessions_broken"]
+SESSIONS_RESYNCED: Final = INDEX["sessions_resynced"]
 # gauges are set, not added up over time
 GAUGES = frozenset({"sessions_active", "capture_lag_ms", "capture_lag_peak_ms",
                     "interface_down"})

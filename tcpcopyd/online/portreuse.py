@@ -8,9 +8,10 @@ them), at most HOLD seconds, after which the previous one is reset. Only without
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Final
 
 # how long a new session waits for the previous session of its client port, seconds
-HOLD = 10.0
+HOLD: Final = 10.0
 
 # a captured segment held: seq, ack, flags, window, options, payload
 Captured = tuple[int, int, int, int, bytes, bytes]

@@ -15,11 +15,12 @@ from __future__ import annotations
 import socket
 import zlib
 from collections.abc import Callable
+from typing import Final
 
-BLOCKS = 8                       # -f takes 0 .. BLOCKS-1
-FIRST_PORT = 1024
-BLOCK_SIZE = (65536 - FIRST_PORT) // BLOCKS
-LOOPBACK = socket.inet_aton("127.0.0.1")
+BLOCKS: Final = 8                       # -f takes 0 .. BLOCKS-1
+FIRST_PORT: Final = 1024
+BLOCK_SIZE: Final = (65536 - FIRST_PORT) // BLOCKS
+LOOPBACK: Final = socket.inet_aton("127.0.0.1")
 
 
 def expand_pool(items: list[str], exclude: set[str]) -> list[bytes]:

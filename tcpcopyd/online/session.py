@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import socket
 from collections import deque
-from typing import Any
+from typing import Any, Final
 
 from shm.record import Record
 from tcpcopyd.net.packet import FIN
@@ -28,13 +28,18 @@ class State(enum.IntFlag):
 
 
 # plain ints of the same values, for the packet path
-SYN_SENT, ESTABLISHED, CLIENT_FIN, CLIENT_RST, TARGET_FIN, FAKE, TIMESTAMPS, RESYNC = (
-    int(State.SYN_SENT), int(State.ESTABLISHED), int(State.CLIENT_FIN), int(State.CLIENT_RST),
-    int(State.TARGET_FIN), int(State.FAKE), int(State.TIMESTAMPS), int(State.RESYNC))
+SYN_SENT: Final = int(State.SYN_SENT)
+ESTABLISHED: Final = int(State.ESTABLISHED)
+CLIENT_FIN: Final = int(State.CLIENT_FIN)
+CLIENT_RST: Final = int(State.CLIENT_RST)
+TARGET_FIN: Final = int(State.TARGET_FIN)
+FAKE: Final = int(State.FAKE)
+TIMESTAMPS: Final = int(State.TIMESTAMPS)
+RESYNC: Final = int(State.RESYNC)
 
 # shm slot record of a session (after the seqlock counter): everything a new worker needs
 # to carry the session on. Numbers little-endian; addresses network-order bytes.
-SLOT = Record("Slot", (
+SLOT: Final = Record("Slot", (
     ("state", "H"),          # State flags; 0: a free slot
     ("client_win", "H"),     # the client's window field, sent as is
     ("client_ip", "4s"),     # the address and port the target sees
@@ -60,7 +65,7 @@ SLOT = Record("Slot", (
     ("syn_optlen", "B"),     # options of the (fake) SYN, for retransmission
     ("syn_options", "40s"),
 ))
-SLOT_SIZE = 128
+SLOT_SIZE: Final = 128
 
 
 class Queued:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from typing import Protocol
+from typing import Final, Protocol
 
 from tcpcopyd.online import counters as C
 from tcpcopyd.online.copies import Copies
@@ -17,37 +17,37 @@ from tcpcopyd.online.session import Session
 from tcpcopyd.online.timers import Timers
 
 # retransmission timeout bounds and initial value, seconds (RFC 6298)
-RTO_MIN = 0.2
-RTO_MAX = 30.0
-RTO_INITIAL = 1.0
+RTO_MIN: Final = 0.2
+RTO_MAX: Final = 30.0
+RTO_INITIAL: Final = 1.0
 # retransmissions of one segment before the session is given up
-MAX_RETRIES = 10
+MAX_RETRIES: Final = 10
 # a session whose FIN the target acknowledged but which never closes its side is ended
 # after this long, seconds
-CLOSE_LINGER = 5.0
+CLOSE_LINGER: Final = 5.0
 # a capture gap (missed client segment) not filled within this long breaks the session
-GAP_TIMEOUT = 5.0
+GAP_TIMEOUT: Final = 5.0
 # a session created by a client RST or expiry that cannot drain is reset after this long
-DRAIN_TIMEOUT = 10.0
+DRAIN_TIMEOUT: Final = 10.0
 # the client's FIN, and the reset of a session the client ended, wait until the target has
 # sent no data for this long (it may still be sending a long answer), seconds
-TARGET_BUSY = 1.0
+TARGET_BUSY: Final = 1.0
 # delayed ACK: target data is acknowledged at once every second segment, else after this
 # long, unless a packet of ours carries the ACK sooner (seconds)
-ACK_DELAY = 0.02
+ACK_DELAY: Final = 0.02
 # what a held segment costs beyond its payload (the Python objects that hold it), bytes:
 # counted with the payload against --session-buffer, --total-buffer and -m
-SEGMENT_COST = 160
+SEGMENT_COST: Final = 160
 # most segments one session holds out of order (beyond: it is reset, it could not be whole)
-MAX_OUT_OF_ORDER = 4096
+MAX_OUT_OF_ORDER: Final = 4096
 # above this share of the most it may buffer, a worker opens no new session (the open ones
 # have room left to finish)
-REFUSE_ABOVE = 0.875
+REFUSE_ABOVE: Final = 0.875
 # a session resets an older connection its SYN met at most once in this long, seconds
 # (each ACK of that connection would ask for one; forged ones too)
-STALE_RESET_EVERY = 0.5
+STALE_RESET_EVERY: Final = 0.5
 # most due timers one tick handles (the rest in the next round: the loop stays responsive)
-TICK_BUDGET = 4096
+TICK_BUDGET: Final = 4096
 
 
 class Sender(Protocol):
