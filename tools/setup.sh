@@ -51,7 +51,7 @@ for f in "$ROOT/pyproject.toml" "$ROOT/setup.py"; do
     [ "$f" -nt "$stamp" ] && rebuild=1
 done
 if [ -z "${TCPCOPYD_PURE:-}" ]; then
-    lib="$(ls "$ROOT"/tcpcopyd_native__mypyc.*.so 2>/dev/null | head -1)"
+    lib="$(ls "$ROOT"/tcpcopyd_native__mypyc.*.so 2>/dev/null | head -1 || true)"
     [ -n "$lib" ] || rebuild=1
     compiled="$("$PY" -c 'import runpy, sys; n = runpy.run_path(sys.argv[1])
 print("\n".join(str(n["source"](m, n["Path"](sys.argv[2]))) for m in n["COMPILED"]))' \

@@ -51,8 +51,10 @@ class Copies:
 
     def remove(self, s: Session) -> None:
         cap = s.cap
-        group = None if cap is None else self.groups.get(cap)
-        if cap is not None and group is not None and group[s.copy] is s:
+        if cap is None:
+            return
+        group = self.groups.get(cap)
+        if group is not None and group[s.copy] is s:
             group[s.copy] = None
             if not any(group):
                 del self.groups[cap]

@@ -197,15 +197,6 @@ def version() -> str:
     return __version__
 
 
-class BuildVersion(argparse._VersionAction):
-    """--version, with the build of the per-packet path (compiled, or pure Python)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kw: Any) -> None:
-        from tcpcopyd import native
-        self.version = f"{self.version} (per-packet path: {native.build()})"
-        super().__call__(parser, *args, **kw)
-
-
 def die(prog: str, message: str, code: int) -> NoReturn:
     print(f"{prog}: {message}", file=sys.stderr)
     sys.exit(code)
@@ -256,9 +247,11 @@ def _parser(prog: str, description: str, registry: Registry,
             layout: Layout) -> argparse.ArgumentParser:
     """The command line: a flag per setting of the registry, --config, --version."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
-    # the online daemon runs the compiled per-packet path: its --version names the build
-    ap.add_argument("--version", action=BuildVersion if prog == "tcpcopyd" else "version",
-                    version=f"{prog} {version()}")
+    release = f"{prog} {version()}"
+    if prog == "tcpcopyd":      # it runs the per-packet path: its --version names the build
+        from tcpcopyd import native
+        release += f" (per-packet path: {native.build()})"
+    ap.add_argument("--version", action="version", version=release)
     ap.add_argument("--config", metavar="FILE", help="read settings from this TOML file "
                     f"({layout.describe}); command-line flags override it")
     for s in registry:
