@@ -26,8 +26,14 @@ def test_debs_build_with_no_lintian_error():
     assert "lintian found no errors" in r.stdout
     built = sorted(os.path.basename(p).split("_")[0]
                    for p in glob.glob(str(ROOT / "dist/debs/*.deb")))
+    # the -dbgsym packages hold the debug symbols of the compiled code (NetfilterQueue's
+    # binding, tcpcopyd-common's per-packet path)
     assert built == ["interceptd", "python3-netfilterqueue", "python3-netfilterqueue-dbgsym",
-                     "tcpcopyd", "tcpcopyd-common"]
+                     "tcpcopyd", "tcpcopyd-common", "tcpcopyd-common-dbgsym"]
+    [common] = glob.glob(str(ROOT / "dist/debs/tcpcopyd-common_*.deb"))
+    listing = subprocess.run(["dpkg", "-c", common], capture_output=True, text=True,
+                             check=True).stdout
+    assert "tcpcopyd_native__mypyc.cpython" in listing, "the compiled per-packet path is missing"
 
 
 @pytest.mark.timeout(900)
