@@ -1,8 +1,9 @@
 """The same packets through two builds of the engine (compiled and pure Python) must make the
 same packets: a script of real-looking sessions (handshake, requests of one or more segments,
-the target's answers, FIN or RST) from many clients at once, with what a capture and a network
-do to them: client segments lost, repeated or swapped, replies lost or repeated, time jumping
-ahead so that timers fire. Returns a digest of every packet sent, in order, and the counters.
+the target's answers and now and then its duplicate ACKs, FIN or RST) from many clients at
+once, with what a capture and a network do to them: client segments lost, repeated or
+swapped, replies lost or repeated, time jumping ahead so that timers fire. Returns a digest
+of every packet sent, in order, and the counters.
 
     python -m tcpcopyd.lab.differential [--sessions 400] [--seed 1]   (prints JSON)
 
@@ -49,6 +50,9 @@ def _session(rng: random.Random, port: int) -> Iterator[tuple[str, bytes]]:
         request = rng.randbytes(rng.choice((40, 300, 2000, 5000)))
         for i in range(0, len(request), MSS):
             yield client(seq + i, tseq, P.ACK | P.PSH, request[i:i + MSS])
+        if rng.random() < 0.1:   # the target missed the request's start: duplicate ACKs
+            for _ in range(rng.randrange(1, 5)):
+                yield reply(tseq, seq, P.ACK)
         seq += len(request)
         answer = rng.choice((0, 200, 1400))
         yield reply(tseq, seq, P.ACK | P.PSH, answer)
