@@ -68,6 +68,11 @@ class Peer(Holder):
         self.reader: auth.Tagger | None = None   # checks its batches
 
 
+def _from(address: bytes) -> Callable[[Peer], bool]:
+    """Whether a peer connected from ``address``."""
+    return lambda p: p.address == address
+
+
 class ControlServer:
     """The tcpcopyd connections one worker accepted: their handshake (version, the secret's proof,
     extensions), their registrations handed to the router, the reply frames written back, and the
@@ -168,7 +173,7 @@ class ControlServer:
             full = len(self.peers) >= self.max_peers \
                 and not self._make_room(lambda p: True)
             if not full and self.per_address.get(address, 0) >= self.max_peers_per_address:
-                full = not self._make_room(lambda p, a=address: p.address == a)
+                full = not self._make_room(_from(address))
             if full:
                 self.counters[C.INDEX["peers_over_limit"]] += 1
                 _reset(sock)

@@ -1,11 +1,17 @@
 """What interceptd sends tcpcopyd of each packet of the target: its reply record."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Final
+
+from interceptd import counters as C
+from interceptd.router import Router
 from tcpcopyd.net import packet as P
 from tcpcopyd.net import wire
 
 # the sessions whose last answer's ack is remembered (to find each answer's first segment)
-ANSWERS_SEEN_MAX = 65536
+ANSWERS_SEEN_MAX: Final = 65536
+MALFORMED: Final = C.INDEX["malformed"]
 
 
 class Recorder:
@@ -31,3 +37,26 @@ class Recorder:
             self.last_ack.clear()
         self.last_ack[key] = ack
         return header + wire.payload_prefix(packet, wire.PREFIX_MAX)
+
+
+class ReplyPath:
+    """A packet of the target to its record and its route. A packet that is not a whole
+    IPv4/TCP header is counted and skipped; nothing a packet holds stops the worker:
+    anything else that goes wrong with one is counted the same and given to
+    ``on_error`` (which logs it)."""
+
+    def __init__(self, recorder: Recorder, router: Router, counters: list[int],
+                 on_error: Callable[[bytes], None]) -> None:
+        self.recorder = recorder
+        self.router = router
+        self.counters = counters
+        self.on_error = on_error
+
+    def handle(self, packet: bytes, now: float) -> None:
+        try:
+            self.router.route(self.recorder.record(packet), now)
+        except wire.ProtocolError:
+            self.counters[MALFORMED] += 1
+        except Exception:
+            self.counters[MALFORMED] += 1
+            self.on_error(packet)

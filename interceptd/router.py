@@ -84,7 +84,7 @@ class Router:
         self.delayed: dict[bytes, list[tuple[float, bytes]]] = {}
         self.n_delayed = 0
         self.table = table if table is not None and table.regions > 1 else None
-        self.shared = OwnedRegion(table, index) if self.table is not None else None
+        self.shared = OwnedRegion(self.table, index) if self.table is not None else None
         self.outbox: dict[int, list[bytes]] = {}   # worker index -> headers to hand over
 
     # --------------------------------------------------------------- control messages

@@ -9,12 +9,12 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable
 
 from interceptd import counters as C
 from interceptd.control import ControlServer
+from interceptd.nfqueue import QueueReader
 from interceptd.options import Settings
-from interceptd.replies import Recorder
+from interceptd.replies import Recorder, ReplyPath
 from interceptd.router import Router
 from interceptd.shared import RefusalLog, Shared
 from shm.segment import Segment
@@ -36,17 +36,16 @@ CAPTURE_BATCH = 512
 # record is its header, then as many records as its payload fills
 PREFIX_MARK = b"\0PFX"
 
-# The NFQUEUE bindings are made by the master (so a dying worker does not unbind its queue:
-# packets wait in the kernel for the next one). Their callback is this trampoline, pointed
-# at the worker's handler after the fork.
-_handler: Callable | None = None
+# messages read from the NFQUEUE before their batch verdict and a look at the rest
+QUEUE_BATCH = 256
 
 
 def dispatch(pkt) -> None:
-    if _handler is None:
-        pkt.drop()
-    else:
-        _handler(pkt)
+    """The NFQUEUE bindings' callback. The bindings are made by the master (so a dying
+    worker does not unbind its queue: packets wait in the kernel for the next one), and
+    each worker reads its binding's socket itself (``interceptd.nfqueue``): nothing calls
+    this but a stray read of the bindings, and what it gets is dropped."""
+    pkt.drop()
 
 
 class QueueWorker(service_worker.WorkerProcess):
@@ -76,7 +75,6 @@ class QueueWorker(service_worker.WorkerProcess):
         return f"interceptd: worker {self.index + 1}/{self.n_workers} {where}"
 
     def setup(self) -> None:
-        global _handler
         self.counters = [0] * len(C.NAMES)
         n = self.n_workers
         shared = Shared(self.seg, self.cfg.max_routes) if n > 1 else None
@@ -92,8 +90,8 @@ class QueueWorker(service_worker.WorkerProcess):
             self.capture.setblocking(False)
             self.source_fd = self.capture.fileno()
         else:
-            self.source_fd = self.nfq.get_fd()
-            _handler = self._on_nfqueue_packet
+            self.queue = QueueReader(self.nfq.get_fd())
+            self.source_fd = self.queue.fileno()
         self.epoll.register(self.source_fd, select.EPOLLIN)
         self.epoll.register(self.wakeups[self.index], select.EPOLLIN)
         cfg = self.cfg
@@ -102,9 +100,8 @@ class QueueWorker(service_worker.WorkerProcess):
                                      cfg.max_connections_per_address,
                                      RefusalLog(self.seg).due)
         self.watch = SettingsWatch("interceptd", self.seg, self.cfg)
-        self.buf = bytearray(65536)
         self.recorder = Recorder()
-        self.route, self.record = self.router.route, self.recorder.record
+        self.replies = ReplyPath(self.recorder, self.router, self.counters, self._unexpected)
         log.info("worker %d reading %s, control port %s:%d", self.index + 1,
                  self.source_name, *self.listener.getsockname()[:2])
 
@@ -138,6 +135,8 @@ class QueueWorker(service_worker.WorkerProcess):
                 next_sync = now + SYNC_INTERVAL
                 self.sync(now)
         control.close()
+        if self.capture is None:
+            self.queue.close()
         self.heartbeat()
         log.info("worker %d stopped", self.index + 1)
 
@@ -162,49 +161,28 @@ class QueueWorker(service_worker.WorkerProcess):
         if self.capture is not None:
             self._read_capture(now)
             return
+        queue = self.queue
         try:
-            self.nfq.run(block=False)
+            n = queue.read(self.replies.handle, now, QUEUE_BATCH)
         except OSError as e:
             log.warning("NFQUEUE read: %s", e)
-
-    def _on_nfqueue_packet(self, pkt) -> None:
-        """One packet of the target, from NFQUEUE: dropped, its header routed."""
-        payload = pkt.get_payload()
-        pkt.drop()
+            return
         cnt = self.counters
-        cnt[QUEUED] += 1
-        try:
-            self.route(self.record(payload), time.monotonic())
-        except wire.ProtocolError:
-            cnt[MALFORMED] += 1
-        except Exception:
-            self._unexpected(payload)
+        cnt[QUEUED] += n
+        cnt[MALFORMED] += queue.take_malformed()
 
-    def _on_reply(self, packet, now: float) -> None:
-        """Route the record of one packet of the target; a packet that is not a whole
-        IPv4/TCP header is counted and skipped. Nothing a packet holds stops the worker:
-        anything else that goes wrong with one is counted the same and logged. (The
-        NFQUEUE callback does the same inline: it runs once per reply.)"""
-        try:
-            self.route(self.record(packet), now)
-        except wire.ProtocolError:
-            self.counters[MALFORMED] += 1
-        except Exception:
-            self._unexpected(packet)
-
-    def _unexpected(self, packet) -> None:
-        self.counters[MALFORMED] += 1
+    @staticmethod
+    def _unexpected(packet: bytes) -> None:
         log.exception("a packet of the target could not be handled (%d bytes, skipped)",
                       len(packet))
 
     def _read_capture(self, now: float) -> None:
         """Assistant mode: replies the target routed here (the kernel drops them after us,
         since this host does not forward)."""
-        cnt, cap, buf, on_reply = self.counters, self.capture, self.buf, self._on_reply
-        view = memoryview(buf)
+        cnt, recv, handle = self.counters, self.capture.recv, self.replies.handle
         for _ in range(CAPTURE_BATCH):
             try:
-                n = cap.recv_into(buf)
+                packet = recv(65536)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -212,7 +190,7 @@ class QueueWorker(service_worker.WorkerProcess):
                     return
                 raise
             cnt[QUEUED] += 1
-            on_reply(view[:n], now)
+            handle(packet, now)
 
     def _prefix_wanted(self) -> bool:
         """Whether any worker serves a tcpcopyd that asked for the answers' first bytes."""

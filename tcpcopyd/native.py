@@ -29,6 +29,7 @@ MYPY_VERSION = "2.4.1"
 # per packet, in order of the layers (what a captured packet and a reply go through)
 COMPILED = (
     "tcpcopyd.net.packet",
+    "tcpcopyd.net.wire",
     "tcpcopyd.online.counters",
     "tcpcopyd.online.reorder",
     "tcpcopyd.online.timers",
@@ -46,6 +47,11 @@ COMPILED = (
     "tcpcopyd.online.engine.admission",
     "tcpcopyd.online.engine.persist",
     "tcpcopyd.online.engine.core",
+    # interceptd: a reply from its queue to its record and its route
+    "interceptd.nfqueue",
+    "interceptd.replies",
+    "interceptd.router",
+    "interceptd.control",
 )
 
 

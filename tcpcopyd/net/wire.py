@@ -29,6 +29,9 @@ Extensions, negotiated (a peer that did not ask never sees one):
 """
 from __future__ import annotations
 
+import struct
+from typing import Any, Final
+
 from shm.record import Record
 from tcpcopyd.net import auth
 from tcpcopyd.net import packet as P
@@ -36,18 +39,18 @@ from tcpcopyd.net import packet as P
 # default TCP port interceptd listens on
 DEFAULT_PORT = 36524
 # internal protocol version spoken (tcpcopy 1.x / intercept 1.0)
-VERSION = 6
+VERSION: Final = 6
 # message types, tcpcopyd -> interceptd
-CLIENT_ADD = 1
-CLIENT_DEL = 2
+CLIENT_ADD: Final = 1
+CLIENT_DEL: Final = 2
 # size of one tcpcopyd -> interceptd message
-CLIENT_MSG_SIZE = 14
+CLIENT_MSG_SIZE: Final = 14
 # size of one reply header, interceptd -> tcpcopyd
-REPLY_SIZE = 64
+REPLY_SIZE: Final = 64
 # bytes of TCP header (with options) kept in a reply header
-REPLY_TCP_SIZE = REPLY_SIZE - 20
+REPLY_TCP_SIZE: Final = REPLY_SIZE - 20
 # most reply headers in one combined frame
-MAX_COMBINED = 16
+MAX_COMBINED: Final = 16
 
 # tcpcopyd -> interceptd, one message
 CLIENT_MSG = Record("ClientMessage", (
@@ -58,10 +61,13 @@ CLIENT_MSG = Record("ClientMessage", (
     ("target_port", "H"),
 ), order="!")
 assert CLIENT_MSG.size == CLIENT_MSG_SIZE
+_CLIENT_MSG: Final = CLIENT_MSG.struct     # (the named tuple costs more than the message)
 # interceptd -> tcpcopyd: a combined frame's head, then ``count`` reply headers
 COMBINED_HEAD = Record("CombinedHead", (
     ("count", "H"),          # 1..MAX_COMBINED, or EXT_MARK
 ), order="!")
+# a frame's first field: a count or a mark
+_U16: Final = struct.Struct("!H")
 
 # extensions: message types, tcpcopyd -> interceptd
 HELLO = 0x4558
@@ -74,22 +80,22 @@ HANDSHAKE_KINDS = (CHALLENGE, PROOF)
 FEATURE_AUTH = 1
 FEATURE_PAYLOAD = 2
 # in place of a combined frame's count: a payload frame follows
-PAYLOAD_MARK = 0xFFFE
+PAYLOAD_MARK: Final = 0xFFFE
 PAYLOAD_HEAD = Record("PayloadHead", (
     ("mark", "H"),           # PAYLOAD_MARK
     ("length", "H"),         # bytes of payload after the reply header
 ), order="!")
 # most payload bytes of an answer forwarded
-PREFIX_MAX = 256
+PREFIX_MAX: Final = 256
 # in place of a combined frame's count: the tag of the bytes since the last one follows
-TAG_MARK = 0xFFFD
-TAG_FRAME_SIZE = 2 + auth.TAG_SIZE
+TAG_MARK: Final = 0xFFFD
+TAG_FRAME_SIZE: Final = 2 + auth.TAG_SIZE
 # most bytes a side takes before their tag: tcpcopyd tags its registrations at least this
 # often; interceptd tags every flush, which the router bounds to PEER_MAX_PENDING (4 MiB)
-UNTAGGED_UP_MAX = 64 << 10
-UNTAGGED_DOWN_MAX = 8 << 20
+UNTAGGED_UP_MAX: Final = 64 << 10
+UNTAGGED_DOWN_MAX: Final = 8 << 20
 # in place of a combined frame's count: one extension record follows
-EXT_MARK = 0xFFFF
+EXT_MARK: Final = 0xFFFF
 EXT = Record("Extension", (
     ("kind", "H"),           # EXT_WELCOME or EXT_REFUSED
     ("pad", "2x"),
@@ -173,7 +179,7 @@ def welcome_frame(granted: int, server_nonce: bytes = b"", proof: bytes = b"") -
     return ext_frame(EXT_WELCOME, granted, server_nonce + proof)
 
 
-def welcome_proof(ext: tuple) -> tuple[bytes, bytes]:
+def welcome_proof(ext: Any) -> tuple[bytes, bytes]:
     """(interceptd's nonce, its proof) from a WELCOME record."""
     return (ext.body[:auth.NONCE_SIZE],
             ext.body[auth.NONCE_SIZE:auth.NONCE_SIZE + auth.SERVER_PROOF_SIZE])
@@ -187,7 +193,7 @@ def refused_frame(why: int, words: str) -> bytes:
     return ext_frame(EXT_REFUSED, why, words.encode()[:56])
 
 
-def refusal_reason(ext: tuple) -> str:
+def refusal_reason(ext: Any) -> str:
     """What a REFUSED extension record says, with the fix where the reason is known."""
     words = "".join(c if c.isprintable() else "?"      # a peer's words: no log forging
                     for c in ext.body.rstrip(b"\0").decode(errors="replace"))
@@ -207,10 +213,12 @@ def parse_client_messages(buf: bytearray, most: int | None = None) -> list[Messa
     n = len(buf) // CLIENT_MSG_SIZE
     if most is not None:
         n = min(n, most)
-    out = []
+    out: list[Message] = []
+    unpack_from = _CLIENT_MSG.unpack_from
     for i in range(n):
-        m = CLIENT_MSG.unpack_from(buf, i * CLIENT_MSG_SIZE)
-        out.append((m.type, m.client_ip, m.client_port, m.target_ip, m.target_port))
+        client_ip, client_port, kind, target_ip, target_port = unpack_from(
+            buf, i * CLIENT_MSG_SIZE)
+        out.append((kind, client_ip, client_port, target_ip, target_port))
     del buf[:n * CLIENT_MSG_SIZE]
     return out
 
@@ -261,10 +269,10 @@ def reply_header(ip_packet: bytes | memoryview) -> bytes:
     if ihl == 20:
         head = bytes(ip_packet[:20])
     else:
-        head = bytearray(ip_packet[:20])
-        head[0] = 0x45
-        head[P.IP_TOTAL_LENGTH:P.IP_TOTAL_LENGTH + 2] = (tot - (ihl - 20)).to_bytes(2, "big")
-        head = bytes(head)
+        cut = bytearray(ip_packet[:20])
+        cut[0] = 0x45
+        cut[P.IP_TOTAL_LENGTH:P.IP_TOTAL_LENGTH + 2] = (tot - (ihl - 20)).to_bytes(2, "big")
+        head = bytes(cut)
     tcp = bytes(ip_packet[ihl:ihl + REPLY_TCP_SIZE])
     if len(tcp) < REPLY_TCP_SIZE:
         tcp += bytes(REPLY_TCP_SIZE - len(tcp))
@@ -331,7 +339,7 @@ def split_combined(buf: bytearray, extensions: list[tuple] | None = None,
     pos = taken = 0
     n = len(buf)
     while n - pos >= 2:
-        if tags is not None and COMBINED_HEAD.unpack_from(buf, pos).count == TAG_MARK:
+        if tags is not None and _U16.unpack_from(buf, pos)[0] == TAG_MARK:
             if n - pos < TAG_FRAME_SIZE:
                 break
             if not tags.check(buf[taken:pos], bytes(buf[pos + 2:pos + TAG_FRAME_SIZE])):
@@ -358,11 +366,11 @@ def _frame(buf: bytearray, pos: int, out: list[bytes], extensions: list[tuple] |
     """Read the frame at ``pos``: its headers to ``out``, its extension record to
     ``extensions``; returns where it ends, None if it is not whole yet."""
     n = len(buf)
-    count = COMBINED_HEAD.unpack_from(buf, pos).count
+    count = _U16.unpack_from(buf, pos)[0]
     if count == PAYLOAD_MARK and payloads:
         if n - pos < PAYLOAD_HEAD.size:
             return None
-        length = PAYLOAD_HEAD.unpack_from(buf, pos).length
+        length = _U16.unpack_from(buf, pos + 2)[0]
         if length > PREFIX_MAX:
             raise ProtocolError(f"payload frame of {length} bytes, above {PREFIX_MAX}")
         end = pos + PAYLOAD_HEAD.size + REPLY_SIZE + length
