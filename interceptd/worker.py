@@ -20,8 +20,8 @@ from interceptd.shared import RefusalLog, Shared
 from shm.segment import Segment
 from shm.seqlock import TornRead
 from tcpcopyd.net import wire
-from tcpcopyd.net.capture import INTERFACE_GONE
 from tcpcopyd.net.capture import stats as capture_stats
+from tcpcopyd.net.reader import INTERFACE_GONE
 from tcpcopyd.service import worker as service_worker
 from tcpcopyd.service.reload import SettingsWatch
 

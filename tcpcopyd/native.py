@@ -47,6 +47,10 @@ COMPILED = (
     "tcpcopyd.online.engine.admission",
     "tcpcopyd.online.engine.persist",
     "tcpcopyd.online.engine.core",
+    "tcpcopyd.net.reader",
+    "tcpcopyd.net.sender",
+    "tcpcopyd.online.control",
+    "tcpcopyd.online.loop",
     # interceptd: a reply from its queue to its record and its route
     "interceptd.nfqueue",
     "interceptd.replies",

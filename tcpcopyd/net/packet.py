@@ -61,20 +61,20 @@ TCP: Final = Record("TCP", (
     ("urgent", "H"),
 ), "!")
 # (Final: the compiled modules read them as C constants, not from a module's dict)
-IP_PROTOCOL: Final = IPV4.offset("protocol")
-IP_TOTAL_LENGTH: Final = IPV4.offset("total_length")
-IP_SRC: Final = IPV4.offset("src")
-IP_DST: Final = IPV4.offset("dst")
-TCP_SPORT: Final = TCP.offset("sport")
-TCP_DPORT: Final = TCP.offset("dport")
-TCP_SEQ: Final = TCP.offset("seq")
-TCP_ACK: Final = TCP.offset("ack")
-TCP_CHECKSUM: Final = TCP.offset("checksum")
-TCP_DATA_OFFSET: Final = TCP.offset("offset_flags")      # its high nibble
-TCP_FLAGS: Final = TCP_DATA_OFFSET + 1                   # the flags byte
+IP_PROTOCOL: Final[int] = IPV4.offset("protocol")
+IP_TOTAL_LENGTH: Final[int] = IPV4.offset("total_length")
+IP_SRC: Final[int] = IPV4.offset("src")
+IP_DST: Final[int] = IPV4.offset("dst")
+TCP_SPORT: Final[int] = TCP.offset("sport")
+TCP_DPORT: Final[int] = TCP.offset("dport")
+TCP_SEQ: Final[int] = TCP.offset("seq")
+TCP_ACK: Final[int] = TCP.offset("ack")
+TCP_CHECKSUM: Final[int] = TCP.offset("checksum")
+TCP_DATA_OFFSET: Final[int] = TCP.offset("offset_flags")      # its high nibble
+TCP_FLAGS: Final[int] = TCP_DATA_OFFSET + 1                   # the flags byte
 # an IPv4 header without options followed by the fixed TCP header, read in one call
 IP_TCP: Final = struct.Struct("!" + IPV4.struct.format[1:] + TCP.struct.format[1:])
-HEADERS: Final = IP_TCP.size
+HEADERS: Final[int] = IP_TCP.size
 TCP_HDR: Final = TCP.struct
 TS_OPT: Final = struct.Struct("!BBBBII")  # NOP NOP kind=8 len=10 TSval TSecr
 U32: Final = struct.Struct("!I")
@@ -262,24 +262,48 @@ def tcp_checksum(src: bytes, dst: bytes, segment: bytes | bytearray | memoryview
     return 0xFFFF - r if r else 0
 
 
+def _folded(data: bytes | bytearray | memoryview) -> int:
+    """The 16-bit words of ``data`` (which starts at an even offset of the segment; an odd
+    last byte is the high half of its word) summed, mod 0xFFFF: 2**16 is 1 mod 0xFFFF, so
+    that is the number the bytes make, mod 0xFFFF."""
+    n = len(data)
+    if not n:
+        return 0
+    s = int.from_bytes(data, "big")
+    return (s << 8 if n & 1 else s) % 0xFFFF
+
+
 def build(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int,
           window: int, options: bytes = b"", payload: bytes | memoryview = b"",
           ttl: int = 64) -> bytearray:
     """A complete IPv4+TCP packet with a valid TCP checksum.
 
     The IP checksum and ID are left 0: the kernel fills both for IPPROTO_RAW sockets.
-    ``options`` must already be padded to a multiple of 4 bytes.
+    ``options`` must already be padded to a multiple of 4 bytes. The checksum is
+    ``tcp_checksum``'s, summed from the fields themselves rather than from the packed
+    header: only the options and the payload are read back as bytes.
     """
     olen = len(options)
     thl = 20 + olen
-    total = 20 + thl + len(payload)
+    tcp_len = thl + len(payload)
+    total = 20 + tcp_len
+    a = int.from_bytes(src, "big")
+    b = int.from_bytes(dst, "big")
+    offset_flags = (thl << 10) | flags
+    s = ((a >> 16) + (a & 0xFFFF) + (b >> 16) + (b & 0xFFFF) + IPPROTO_TCP + tcp_len
+         + sport + dport + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF)
+         + offset_flags + window)
+    if olen:
+        s += _folded(options)
+    if payload:
+        s += _folded(payload)
+    r = s % 0xFFFF
+    # as in tcp_checksum: a sum of 0 mod 0xFFFF is 0xFFFF, whose complement is 0
     pkt = bytearray(total)
     IP_TCP.pack_into(pkt, 0, 0x45, 0, total, 0, IP_DF, ttl, IPPROTO_TCP, 0, src, dst,
-                     sport, dport, seq, ack, (thl << 10) | flags, window, 0, 0)
+                     sport, dport, seq, ack, offset_flags, window, 0xFFFF - r if r else 0, 0)
     if olen:
         pkt[HEADERS:HEADERS + olen] = options
     if payload:
         pkt[20 + thl:] = payload
-    _U16.pack_into(pkt, 20 + TCP_CHECKSUM, tcp_checksum(src, dst, memoryview(pkt)[20:]))
     return pkt
-

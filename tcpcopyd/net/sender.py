@@ -5,11 +5,9 @@ import logging
 import socket
 import time
 
+from tcpcopyd.net.errors import SendError
+
 log = logging.getLogger("tcpcopyd.sender")
-
-
-class SendError(OSError):
-    """The raw socket could not be opened."""
 
 
 def open_raw_socket(sndbuf: int = 8 << 20) -> socket.socket:

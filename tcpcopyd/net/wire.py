@@ -246,7 +246,12 @@ def open_messages(buf: bytearray, tags: auth.Tagger) -> list[Message]:
     return out
 
 
-def reply_header(ip_packet: bytes | memoryview) -> bytes:
+# the most bytes of a packet its reply header is read from: the longest IPv4 header, then
+# the TCP part of a reply header
+HEADER_SPAN: Final = 60 + REPLY_TCP_SIZE
+
+
+def reply_header(ip_packet: bytes | bytearray | memoryview) -> bytes:
     """The 64-byte reply header of an IPv4/TCP packet seen by interceptd.
 
     IP options, if any, are removed (IHL set to 5, total length reduced to match) so the
@@ -254,6 +259,14 @@ def reply_header(ip_packet: bytes | memoryview) -> bytes:
     Raises ProtocolError for anything that is not a whole IPv4/TCP header whose lengths
     agree (the caller counts it and skips the packet).
     """
+    if isinstance(ip_packet, bytes):
+        return _reply_header(ip_packet)
+    # (a header is read from the first 60 + 44 bytes at most)
+    return _reply_header(bytes(ip_packet[:HEADER_SPAN]))
+
+
+def _reply_header(ip_packet: bytes) -> bytes:
+    """``reply_header`` of bytes (the compiled code indexes and slices them directly)."""
     n = len(ip_packet)
     if n < P.HEADERS:
         raise ProtocolError(f"{n}-byte packet is too short for IPv4+TCP")
@@ -267,13 +280,13 @@ def reply_header(ip_packet: bytes | memoryview) -> bytes:
     if doff < 20 or tot < ihl + doff:
         raise ProtocolError(f"total length {tot} shorter than the headers ({ihl}+{doff})")
     if ihl == 20:
-        head = bytes(ip_packet[:20])
+        head = ip_packet[:20]
     else:
         cut = bytearray(ip_packet[:20])
         cut[0] = 0x45
         cut[P.IP_TOTAL_LENGTH:P.IP_TOTAL_LENGTH + 2] = (tot - (ihl - 20)).to_bytes(2, "big")
         head = bytes(cut)
-    tcp = bytes(ip_packet[ihl:ihl + REPLY_TCP_SIZE])
+    tcp = ip_packet[ihl:ihl + REPLY_TCP_SIZE]
     if len(tcp) < REPLY_TCP_SIZE:
         tcp += bytes(REPLY_TCP_SIZE - len(tcp))
     return head + tcp

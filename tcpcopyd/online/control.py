@@ -17,6 +17,7 @@ import os
 import select
 import socket
 import time
+from typing import Any
 
 from shm.segment import LinkState
 from tcpcopyd.net import auth, wire
@@ -153,7 +154,7 @@ class ControlLink:
     def _take(self, now: float) -> tuple[list[bytes], bool]:
         """The reply headers read in (with a secret, only those whose tag checked), and
         whether the link came up with an answer to our offer."""
-        extensions: list[tuple] = []
+        extensions: list[Any] = []
         headers = wire.split_combined(self.inbuf, extensions, self.reader)
         if self.secret and not self.up and headers:
             raise wire.ProtocolError("reply headers before the handshake was over")
@@ -166,7 +167,7 @@ class ControlLink:
             headers += wire.split_combined(self.inbuf, extensions, self.reader)
         return headers, came_up
 
-    def _on_extension(self, ext: tuple, now: float) -> bool:
+    def _on_extension(self, ext: Any, now: float) -> bool:
         """interceptd's answer to our offer; True if the link came up with it."""
         if ext.kind == wire.EXT_REFUSED:
             self._failed(now, f"refused us: {wire.refusal_reason(ext)}")

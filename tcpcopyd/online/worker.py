@@ -12,6 +12,7 @@ from shm.segment import LinkState, Segment
 from shm.table import SlotTable
 from tcpcopyd.net import capture
 from tcpcopyd.net.netlink import LinkWatch
+from tcpcopyd.net.reader import INTERFACE_GONE, CaptureReader, packet_time
 from tcpcopyd.net.sender import RawSender
 from tcpcopyd.online import comparelog, loop
 from tcpcopyd.online import counters as C
@@ -68,7 +69,7 @@ def engine_for(cfg: Settings, control: ControlGroup, table, slots: range, worker
                   max_memory=(cfg.memory << 20) // workers)
 
 
-def apply_live(engine: Engine, cfg: Settings, reader: capture.CaptureReader | None = None
+def apply_live(engine: Engine, cfg: Settings, reader: CaptureReader | None = None
                ) -> None:
     """Settings a reload changed; they apply to new sessions (timeouts to all)."""
     if reader is not None:
@@ -112,7 +113,7 @@ class CaptureWorker(service_worker.WorkerProcess):
                 s.close()
         self.cap = self.sockets[self.index]
         self.cap.setblocking(False)
-        self.reader = capture.CaptureReader(self.cap, cfg.max_lag)
+        self.reader = CaptureReader(self.cap, cfg.max_lag)
         self.epoll = select.epoll()
         self.epoll.register(self.cap.fileno(), select.EPOLLIN)
         table = SlotTable(self.seg, SLOT)
@@ -134,8 +135,8 @@ class CaptureWorker(service_worker.WorkerProcess):
             cap, answers = self.cap, self.answers
             self.exchanges = self.engine.observer = Exchanges(
                 self.emit_exchange, self.engine.targets,
-                lambda: capture.packet_time(cap) - offset,
-                lambda: capture.packet_time(answers) - offset)
+                lambda: packet_time(cap) - offset,
+                lambda: packet_time(answers) - offset)
         # worker 1 watches the capture interface for the operator (all workers' sockets
         # resume by themselves when it comes back)
         self.link_watch = self.watch_link(cfg.interface) if self.index == 0 else None
@@ -226,7 +227,7 @@ class CaptureWorker(service_worker.WorkerProcess):
             except BlockingIOError:
                 return
             except OSError as e:
-                if e.errno in capture.INTERFACE_GONE:
+                if e.errno in INTERFACE_GONE:
                     return
                 raise
             if answer(buf, n):
