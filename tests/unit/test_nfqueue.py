@@ -84,12 +84,20 @@ def test_the_verdict_id_wraps_in_sequence_space(pair):
     assert verdicts(kernel) == [(QUEUE, N.NF_DROP, 0)]
 
 
+def with_tail(message: bytes, tail: bytes) -> bytes:
+    """``message`` with ``tail`` after its last attribute (its length field to match)."""
+    raw = bytearray(message + tail)
+    struct.pack_into("=I", raw, 0, len(raw))
+    return bytes(raw)
+
+
 @pytest.mark.parametrize("message", [
     b"",                                                       # nothing: no message
     b"\x05\0\0\0" + bytes(12),                                 # length below the header
     struct.pack("=IHHII", 400, N.NFQNL_MSG_PACKET, 0, 0, 0),   # length beyond the read
     struct.pack("=IHHII", 18, N.NFQNL_MSG_PACKET, 0, 0, 0) + b"\0\0",   # no nfgenmsg
     packet_message(1, b"x")[:-8],                              # an attribute cut short
+    with_tail(packet_message(1, b"abcd"), b"\x08\0\3\0"),         # ... after the payload
     struct.pack("=IHHII", 20, 0x0999, 0, 0, 0) + bytes(4),     # another message type
     struct.pack("=IHHII", 28, N.NFQNL_MSG_PACKET, 0, 0, 0) + bytes(4) +
     attr(N.NFQA_PAYLOAD, b"abcd"),                             # no packet id
