@@ -59,8 +59,6 @@ class QueueReader:
         self.sock = socket.socket(fileno=os.dup(fd))
         self.sock.setblocking(False)
         self.malformed = 0     # messages that are not a whole packet message, since taken
-        self.overruns = 0      # times the kernel said the socket's buffer overflowed
-        self.verdicts = 0      # batch verdicts sent
         self._queue = -1       # the queue number of the batch's packets
         self._last_id = -1     # the highest packet id of the batch, -1: none yet
 
@@ -82,8 +80,8 @@ class QueueReader:
                     if e.errno != errno.ENOBUFS:
                         raise
                     # the kernel could not queue a message to us: that packet was dropped
-                    # (fail-closed); reading goes on
-                    self.overruns += 1
+                    # (fail-closed; the queue's drops count it, see queue_drops); reading
+                    # goes on
                     continue
                 packets += self._messages(data, on_packet, now)
         finally:
@@ -109,9 +107,7 @@ class QueueReader:
                 else:
                     packets += 1
                     on_packet(payload, now)
-            elif kind == NLMSG_OVERRUN:
-                self.overruns += 1
-            elif kind != NLMSG_ERROR and kind != NLMSG_DONE:
+            elif kind != NLMSG_ERROR and kind != NLMSG_DONE and kind != NLMSG_OVERRUN:
                 self.malformed += 1
             at += (length + 3) & ~3
         return packets
@@ -153,7 +149,6 @@ class QueueReader:
         self._last_id = -1
         try:
             self.sock.send(msg)
-            self.verdicts += 1
         except BlockingIOError:
             # the kernel's receive side of netlink is never full for long; the packets
             # stay queued (fail-closed) and the next batch's verdict covers them
