@@ -47,6 +47,7 @@ COMPILED = (
     "tcpcopyd.online.engine.admission",
     "tcpcopyd.online.engine.persist",
     "tcpcopyd.online.engine.core",
+    "tcpcopyd.net.ring",
     "tcpcopyd.net.reader",
     "tcpcopyd.net.sender",
     "tcpcopyd.online.control",

@@ -1,6 +1,7 @@
 """AF_PACKET capture of client->server packets, one socket per worker in a fanout group
 (and of the target's replies, for interceptd's assistant mode): the socket and its filter.
-Reading it is ``tcpcopyd.net.reader``.
+Reading it is ``tcpcopyd.net.reader``; a worker's capture socket has a receive ring
+(``tcpcopyd.net.ring``) which each worker process maps for itself (``map_ring``).
 
 The socket is SOCK_DGRAM (the kernel strips the link header, we read IPv4 packets), bound
 to one interface, ignores packets the host sends itself, and carries a classic BPF filter
@@ -9,11 +10,13 @@ that passes only TCP (non-fragment) packets whose destination port is a service 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import socket
 import struct
 
 from tcpcopyd.net import packet as P
+from tcpcopyd.net import ring as R
 from tcpcopyd.net.errors import CaptureError
 
 # linux/if_ether.h
@@ -131,10 +134,11 @@ def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) ->
 
 def open_capture(iface: str, ports: list[int], fanout_group: int | None,
                  rcvbuf: int = 32 << 20, source: bool = False,
-                 answers: bool = False) -> socket.socket:
+                 answers: bool = False, ring: bool = False) -> socket.socket:
     """An AF_PACKET socket on ``iface`` delivering client packets to ``ports`` (or, with
     ``source``, server packets from them; with ``answers``, the online server's answers,
-    which this host sends: the only socket that does not ignore outgoing packets)."""
+    which this host sends: the only socket that does not ignore outgoing packets); with
+    ``ring``, a receive ring (``tcpcopyd.net.ring``) that the reader maps."""
     try:
         socket.if_nametoindex(iface)
     except OSError:
@@ -154,6 +158,8 @@ def open_capture(iface: str, ports: list[int], fanout_group: int | None,
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.bind((iface, proto))
+        if ring:
+            add_ring(sock)
         if fanout_group is not None:
             join_fanout(sock, fanout_group)
         # drain what arrived before the filter was attached
@@ -168,6 +174,22 @@ def open_capture(iface: str, ports: list[int], fanout_group: int | None,
         sock.close()
         raise CaptureError(f"capture on {iface}: {e.strerror or e}") from e
     return sock
+
+
+def add_ring(sock: socket.socket) -> None:
+    """Give the socket its receive ring; packets larger than a frame go to its queue."""
+    try:
+        sock.setsockopt(SOL_PACKET, R.PACKET_VERSION, R.TPACKET_V2)
+        sock.setsockopt(SOL_PACKET, R.PACKET_RX_RING, R.request())
+    except OSError as e:
+        raise CaptureError(f"a receive ring of {R.RING_BYTES >> 20} MiB: "
+                           f"{e.strerror or e}") from e
+    sock.setsockopt(SOL_PACKET, R.PACKET_COPY_THRESH, 1)
+
+
+def map_ring(sock: socket.socket) -> mmap.mmap:
+    """This process's mapping of the socket's receive ring."""
+    return mmap.mmap(sock.fileno(), R.RING_BYTES)
 
 
 def join_fanout(sock: socket.socket, group: int) -> None:

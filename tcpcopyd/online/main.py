@@ -141,7 +141,7 @@ def online(cfg: Settings, instance: str) -> int:
     answers: list = []   # the comparison test: the online server's answers
     try:
         for _ in range(cfg.workers):
-            sockets.append(capture.open_capture(cfg.interface, ports, group))
+            sockets.append(capture.open_capture(cfg.interface, ports, group, ring=True))
         for _ in range(cfg.workers if cfg.compare else 0):
             # a fanout group of its own, of as many sockets: a connection's answers reach
             # the worker that has its requests (the kernel's flow hash is symmetric)

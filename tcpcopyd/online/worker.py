@@ -113,7 +113,7 @@ class CaptureWorker(service_worker.WorkerProcess):
                 s.close()
         self.cap = self.sockets[self.index]
         self.cap.setblocking(False)
-        self.reader = CaptureReader(self.cap, cfg.max_lag)
+        self.reader = CaptureReader(self.cap, capture.map_ring(self.cap), cfg.max_lag)
         self.epoll = select.epoll()
         self.epoll.register(self.cap.fileno(), select.EPOLLIN)
         table = SlotTable(self.seg, SLOT)
@@ -132,10 +132,10 @@ class CaptureWorker(service_worker.WorkerProcess):
             self.ring = self.rings.ring(self.index)
             # the online side is timed by the kernel's capture time of each packet
             offset = time.time() - time.monotonic()
-            cap, answers = self.cap, self.answers
+            reader, answers = self.reader, self.answers
             self.exchanges = self.engine.observer = Exchanges(
                 self.emit_exchange, self.engine.targets,
-                lambda: packet_time(cap) - offset,
+                lambda: reader.last_time() - offset,
                 lambda: packet_time(answers) - offset)
         # worker 1 watches the capture interface for the operator (all workers' sockets
         # resume by themselves when it comes back)
@@ -197,8 +197,9 @@ class CaptureWorker(service_worker.WorkerProcess):
             apply_live(self.engine, self.cfg, self.reader)
             if self.exchanges is not None:
                 self.exchanges.targets = self.engine.targets
-        cnt[C.INDEX["kernel_drops"]] += capture.stats(self.cap)[1]
         reader = self.reader
+        # what the kernel dropped, and what the ring could not hold whole
+        cnt[C.INDEX["kernel_drops"]] += capture.stats(self.cap)[1] + reader.take_lost()
         cnt[C.INDEX["lag_drops"]] += reader.take_dropped()
         cnt[C.INDEX["capture_lag_ms"]] = int(reader.lag * 1000)
         cnt[C.INDEX["capture_lag_peak_ms"]] = int(reader.take_peak() * 1000)
@@ -213,7 +214,7 @@ class CaptureWorker(service_worker.WorkerProcess):
         self._links_seen = (connects, errors)
         self.heartbeat()
 
-    def read_answers(self, on_packet: Callable[[bytearray, int, float], None],
+    def read_answers(self, on_packet: Callable[[memoryview | bytearray, int, float], None],
                      now: float) -> None:
         """The online server's answers (the comparison test), a batch at most. An answer
         to a request not read yet (the worker was held up between its two sockets: the
