@@ -1,7 +1,6 @@
 """The most memory interceptd can hold, from its bounds, against the memory limit of its
-cgroup (the unit's ``MemoryMax``): at start, the default number of queues is what fits,
-and queues named by the operator that cannot fit are refused (exit 78), so that no load,
-flood or slow peer can get the service killed by the kernel for memory.
+cgroup (the unit's ``MemoryMax``): at start, queues that cannot fit are refused (exit 78),
+so that no load, flood or slow peer can get the service killed by the kernel for memory.
 
 Per worker: the interpreter and its modules, its routes (``max_routes``), the replies
 waiting for their registration (``router.DELAY_MAX``), the unsent replies of all its
@@ -72,9 +71,8 @@ def memory_limit(proc_cgroup: str = "/proc/self/cgroup") -> int | None:
 
 
 def fit(cfg: Settings, segment: Callable[[int], int], limit: int | None) -> None:
-    """Make the queues fit ``limit``, the shm segment for ``q`` queues being ``segment(q)``
-    bytes: fewer by default (logged), or the operator's choice refused (ConfigError, exit
-    78) when it cannot fit."""
+    """Refuse queues that do not fit ``limit`` (ConfigError, exit 78), the shm segment for
+    ``q`` queues being ``segment(q)`` bytes."""
     if limit is None or worst_case(cfg, cfg.queues, segment(cfg.queues)) <= limit:
         return
     fits = next((q for q in range(cfg.queues - 1, 0, -1)
@@ -85,11 +83,6 @@ def fit(cfg: Settings, segment: Callable[[int], int], limit: int | None) -> None
                   f"{cfg.max_routes}, max_connections {cfg.max_connections}) + "
                   f"{(whole - cfg.queues * one) // MIB} MiB = {whole // MIB} MiB, above this "
                   f"service's memory limit of {limit // MIB} MiB")
-    if "queues" not in cfg.source and fits >= 1:
-        log.info("%s: %d queues, not %d (set queues, lower max_routes, or raise MemoryMax "
-                 "with systemctl edit interceptd)", arithmetic, fits, cfg.queues)
-        cfg.queues = fits
-        return
     raise cfg.invalid("queues" if fits >= 1 else "max_routes",
                       f"{arithmetic}: at most {fits} fit; lower queues or max_routes, "
                       f"or raise MemoryMax (systemctl edit interceptd)")

@@ -1,7 +1,6 @@
 """interceptd's settings."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
@@ -90,10 +89,11 @@ class Settings(Config):
         ("--queue-num",), 0, int_range(0, 65535),
         "first NFQUEUE number", metavar="N", example=0)
     queues: int = setting(
-        ("--queues",), None, int_range(1, MAX_QUEUES),
+        ("--queues",), 1, int_range(1, MAX_QUEUES),
         "workers, each pinned to its CPU, each reading one NFQUEUE number (or, in "
-        "assistant mode, one capture socket)", metavar="N", example=2,
-        default_text="one per usable CPU")
+        "assistant mode, one capture socket); one is the cheapest way to take a load it "
+        "keeps up with (more share a heavier load: the workers say when the queue "
+        "overflows)", metavar="N", example=1)
     log: str | None = log_setting("/var/log/interceptd/interceptd.log")
     log_level: str = log_level_setting()
     metrics_listen: tuple[str, int] | None = metrics_listen_setting()
@@ -111,8 +111,6 @@ class Settings(Config):
             raise self.invalid("allow", f"{', '.join(wide)} lets any host on it register "
                                "sessions and read the target's replies: name the online "
                                "hosts (e.g. 198.51.100.7/32), or set secret_file")
-        if self.queues is None:
-            self.queues = min(len(os.sched_getaffinity(0)), MAX_QUEUES)
         if self.queue_num + self.queues > 65536:
             raise self.invalid("queue_num", f"with {self.queues} queues the last would be "
                                f"{self.queue_num + self.queues - 1}, above 65535")

@@ -151,10 +151,15 @@ class QueueWorker(service_worker.WorkerProcess):
         cnt[C.INDEX["peers_payload"]] = self.control.payload_peers()
         self.recorder.want_prefix = self._prefix_wanted()
         cnt[C.INDEX["routes"]] = len(self.router.routes)
+        drops = C.INDEX["queue_drops"]
+        before = cnt[drops]
         if self.capture is not None:
-            cnt[C.INDEX["queue_drops"]] += capture_stats(self.capture)[1]
+            cnt[drops] += capture_stats(self.capture)[1]
         else:
-            cnt[C.INDEX["queue_drops"]] = queue_drops(self.queue_num)
+            cnt[drops] = queue_drops(self.queue_num)
+        self.falling_behind(max(0, cnt[drops] - before), "packets of the target dropped "
+                            "by the kernel (queue_drops: the queue was full), which "
+                            "tcpcopyd then waits or retransmits for", "queues", now)
         self.heartbeat()
 
     def _read_source(self, now: float) -> None:

@@ -219,7 +219,7 @@ def _online_problems(d: dict) -> tuple[list[str], list[str]]:
     max_lag = d["settings"].get("max_lag")
     if max_lag and d["lag_ms"] > max_lag * 1000 / 2:
         degraded.append(f"capture lag {d['lag_ms']} ms (max_lag {max_lag * 1000:.0f} ms: "
-                        "the worker is falling behind)")
+                        "the worker is falling behind; more workers share the load)")
     return down, degraded
 
 

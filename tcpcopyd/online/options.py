@@ -1,7 +1,6 @@
 """tcpcopyd's settings (tcpcopy's letters where it has them)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from tcpcopyd.net import netlink, wire
@@ -245,9 +244,11 @@ class Settings(Config):
     metrics_listen: tuple[str, int] | None = metrics_listen_setting()
     pidfile: str | None = pidfile_setting("/run/tcpcopyd/eth0.pid")
     workers: int = setting(
-        ("--workers",), None, int_range(1, 1024),
-        "worker processes, each pinned to a CPU and reading its own capture socket",
-        metavar="N", example=2, default_text="one per usable CPU")
+        ("--workers",), 1, int_range(1, 1024),
+        "worker processes, each pinned to a CPU and reading its own capture socket; one "
+        "is the cheapest way to copy a load it keeps up with (more share a heavier load: "
+        "the workers say when they fall behind)",
+        metavar="N", example=1)
     instance: str | None = setting(
         ("--instance",), None, instance_name,
         "name of this instance: its lock and shm segment in /run/tcpcopyd (one daemon per "
@@ -294,8 +295,6 @@ class Settings(Config):
 
 
     def finish(self) -> None:
-        if self.workers is None:
-            self.workers = len(os.sched_getaffinity(0))
         if self.compare and self.interface and "/" in self.interface:
             raise self.invalid("compare", "the comparison test needs a live capture (the "
                                "online server's answers), not a capture file")

@@ -199,8 +199,12 @@ class CaptureWorker(service_worker.WorkerProcess):
                 self.exchanges.targets = self.engine.targets
         reader = self.reader
         # what the kernel dropped, and what the ring could not hold whole
-        cnt[C.INDEX["kernel_drops"]] += capture.stats(self.cap)[1] + reader.take_lost()
-        cnt[C.INDEX["lag_drops"]] += reader.take_dropped()
+        kernel, stale = capture.stats(self.cap)[1] + reader.take_lost(), reader.take_dropped()
+        cnt[C.INDEX["kernel_drops"]] += kernel
+        cnt[C.INDEX["lag_drops"]] += stale
+        self.falling_behind(kernel + stale, "captured packets dropped (kernel_drops: the "
+                            "capture ring was full; lag_drops: older than max_lag), whose "
+                            "requests are not copied", "workers", time.monotonic())
         cnt[C.INDEX["capture_lag_ms"]] = int(reader.lag * 1000)
         cnt[C.INDEX["capture_lag_peak_ms"]] = int(reader.take_peak() * 1000)
         cnt[C.INDEX["interface_down"]] = int(self.down_since is not None)

@@ -25,6 +25,10 @@ from tcpcopyd.service import capabilities, logs
 
 log = logging.getLogger("worker")
 
+# a worker that loses packets because it does not keep up says so at most this often,
+# seconds (its counters say it all the time)
+BEHIND_WARN_INTERVAL = 60.0
+
 
 class BootError(Exception):
     """A worker cannot start; ``code`` is the exit status the service stops with."""
@@ -51,6 +55,9 @@ class WorkerProcess:
         self.booted = False
         self.started = 0.0
         self.counters: list[int] = []    # published with each heartbeat
+        self.cpus_allowed = len(os.sched_getaffinity(0))   # the master's, before pinning
+        self.behind = 0                  # packets lost for want of speed, not yet said
+        self.behind_said = -BEHIND_WARN_INTERVAL
 
     @property
     def title(self) -> str:
@@ -97,6 +104,23 @@ class WorkerProcess:
             return
         for i, v in enumerate(previous[:len(self.counters)]):
             self.counters[i] += v
+
+    def falling_behind(self, lost: int, what: str, setting: str, now: float) -> None:
+        """``lost`` packets (``what`` they are, and what losing them costs) were lost since
+        the last call because this worker did not keep up: said in the log at most once a
+        BEHIND_WARN_INTERVAL, with ``setting``, which shares the load among more workers
+        (the default is one worker: the cheapest pool for a load it keeps up with)."""
+        self.behind += lost
+        if not self.behind or now < self.behind_said + BEHIND_WARN_INTERVAL:
+            return
+        n, cpus = self.n_workers, self.cpus_allowed
+        advice = (f"{setting} = {min(2 * n, cpus)} shares the load among more workers "
+                  f"(this host lets it use {cpus} CPUs)" if n < cpus else
+                  f"every CPU it may use has a worker already ({setting} = {n}): the load "
+                  "is beyond this host")
+        log.warning("worker %d/%d does not keep up: %d %s; %s", self.index + 1, n,
+                    self.behind, what, advice)
+        self.behind, self.behind_said = 0, now
 
     def link_states(self) -> list[LinkState]:
         """The worker's links to its peers, for status (none by default)."""

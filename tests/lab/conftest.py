@@ -22,10 +22,12 @@ def lab(request):
     """A running lab with interceptd and tcpcopyd connected (``indirect`` parameters
     ``{"interceptd": False}`` / ``{"tcpcopyd": False}`` leave one out). Asserts at the end
     that no packet of the target reached the client or the online host, and that both
-    daemons stop cleanly leaving no iptables rule or shm segment."""
+    daemons stop cleanly leaving no iptables rule or shm segment. ``workers``: that many
+    workers on each side (the tests of the pools); by default the daemons' own (one)."""
     want = {"interceptd": True, "tcpcopyd": True, "memcached": True, "second_online": False,
             "assistant": False, "attacker": False, "nginx_extra": None, "route_back": True,
-            **getattr(request, "param", {})}
+            "workers": None, **getattr(request, "param", {})}
+    n = want["workers"]
     prefix = f"t{os.getpid() % 1000}x{next(_ids)}"
     lab = Lab(prefix, second_online=want["second_online"], assistant=want["assistant"],
               attacker=want["attacker"], nginx_extra=want["nginx_extra"],
@@ -33,9 +35,10 @@ def lab(request):
     try:
         lab.up(memcached=want["memcached"])
         if want["interceptd"]:
-            lab.start_interceptd()
+            lab.start_interceptd(extra=["--queues", str(n)] if n else [])
         if want["tcpcopyd"]:
-            lab.start_tcpcopyd(wait_connected=want["interceptd"])
+            lab.start_tcpcopyd(wait_connected=want["interceptd"],
+                               extra=["--workers", str(n)] if n else [])
         yield lab
         leaked = lab.ns.leaked()
         rcs = {name: lab.stop(name) for name in ("tcpcopyd", "interceptd")}

@@ -76,7 +76,7 @@ def sessions_of(seg: shmseg.Segment, log: list[list[str]], missing: list[int]) -
     return out
 
 
-@pytest.mark.parametrize("lab", [{"memcached": False}], indirect=True)
+@pytest.mark.parametrize("lab", [{"memcached": False, "workers": 2}], indirect=True)
 def test_two_hundred_sigkills_under_load_the_service_recovers_every_time(lab):
     segs = {name: shmseg.attach(f"{lab.ns.prefix}-{name}")
             for name in ("tcpcopyd", "interceptd")}

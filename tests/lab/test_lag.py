@@ -1,6 +1,7 @@
 """Never silently behind: a tcpcopyd worker that falls behind (stalled on purpose under a
 real load) drops what is older than --max-lag, counted, hands on nothing older, and the
-copy goes on live; the lag is a live figure in the shm counters (tcpcopyctl status)."""
+copy goes on live; the lag is a live figure in the shm counters (tcpcopyctl status), and
+the worker says in the log that it does not keep up and how to share the load."""
 from __future__ import annotations
 
 import os
@@ -26,7 +27,7 @@ SLACK = 0.25
 
 @pytest.mark.parametrize("lab", [{"memcached": False, "tcpcopyd": False}], indirect=True)
 def test_a_worker_that_falls_behind_drops_what_is_too_old_and_stays_live(lab):
-    lab.start_tcpcopyd(ports=[80], extra=["--max-lag", str(MAX_LAG), "--workers", "1"])
+    lab.start_tcpcopyd(ports=[80], extra=["--max-lag", str(MAX_LAG)])   # one worker
     seg = shmseg.attach(f"{lab.ns.prefix}-tcpcopyd")
     [worker] = psutil.Process(lab.procs["tcpcopyd"].pid).children()
     client = load.paced_keepalive(lab, connections=50, per_connection=200, rate=1000)
@@ -51,6 +52,10 @@ def test_a_worker_that_falls_behind_drops_what_is_too_old_and_stays_live(lab):
           f"{max(peaks)} ms (max-lag {MAX_LAG * 1000:.0f} ms), kernel drops "
           f"{c['kernel_drops']}")
     assert c["lag_drops"] > 0
+    said = [line for line in lab.log_text("tcpcopyd").splitlines()
+            if "worker 1/1 does not keep up: " in line]
+    assert len(said) == 1, said             # once a minute at most
+    assert "captured packets dropped" in said[0] and "workers = " in said[0]
     assert max(peaks) <= MAX_LAG * 1000
     # measured apart from the worker's own sampling: each request the target got came at
     # most MAX_LAG (+ SLACK) after the online server got it — what the stall left older

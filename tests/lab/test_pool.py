@@ -1,4 +1,4 @@
-"""Worker pools (2 workers per side on this machine): both carry traffic, a killed worker is
+"""Worker pools (2 workers per side): both carry traffic, a killed worker is
 replaced within a second and its sessions go on, SIGTERM under load stops cleanly."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def workers(lab, name: str) -> list[int]:
     return sorted(c.pid for c in psutil.Process(lab.procs[name].pid).children())
 
 
-@pytest.mark.parametrize("lab", [{"memcached": False}], indirect=True)
+@pytest.mark.parametrize("lab", [{"memcached": False, "workers": 2}], indirect=True)
 def test_every_worker_carries_traffic(lab):
     r = load.h2load(lab, requests=10000, rate=1000)
     assert r.succeeded == 10000
@@ -63,18 +63,18 @@ def kill_worker_under_keepalive_load(lab, name: str) -> None:
     assert sum(w["restarts"] for w in status(lab, name)["workers"]) == 1
 
 
-@pytest.mark.parametrize("lab", [{"memcached": False}], indirect=True)
+@pytest.mark.parametrize("lab", [{"memcached": False, "workers": 2}], indirect=True)
 def test_killed_tcpcopyd_worker_loses_almost_nothing(lab):
     kill_worker_under_keepalive_load(lab, "tcpcopyd")
     assert status(lab, "tcpcopyd")["totals"]["sessions_restored"] > 0
 
 
-@pytest.mark.parametrize("lab", [{"memcached": False}], indirect=True)
+@pytest.mark.parametrize("lab", [{"memcached": False, "workers": 2}], indirect=True)
 def test_killed_interceptd_worker_loses_almost_nothing(lab):
     kill_worker_under_keepalive_load(lab, "interceptd")
 
 
-@pytest.mark.parametrize("lab", [{"memcached": False}], indirect=True)
+@pytest.mark.parametrize("lab", [{"memcached": False, "workers": 2}], indirect=True)
 @pytest.mark.parametrize("name", ["tcpcopyd", "interceptd"])
 def test_sigterm_under_load_stops_within_five_seconds(lab, name):
     client = load.paced_keepalive(lab, connections=100, per_connection=50, rate=1000)

@@ -27,7 +27,7 @@ def status(lab, name: str) -> tuple[int, dict]:
     return r.returncode, d
 
 
-@pytest.mark.parametrize("lab", [{"memcached": False}], indirect=True)
+@pytest.mark.parametrize("lab", [{"memcached": False, "workers": 2}], indirect=True)
 def test_killed_worker_is_replaced_and_status_shows_it(lab):
     rc, d = status(lab, "tcpcopyd")
     assert rc == 0 and d["healthy"]
@@ -86,7 +86,7 @@ def capabilities_of(pid: int) -> int:
         return int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
 
 
-@pytest.mark.parametrize("lab", [{"memcached": False}], indirect=True)
+@pytest.mark.parametrize("lab", [{"memcached": False, "workers": 2}], indirect=True)
 def test_workers_keep_only_the_capabilities_they_need(lab):
     net_admin = 1 << 12
     for name, kept in (("tcpcopyd", 0), ("interceptd", net_admin)):

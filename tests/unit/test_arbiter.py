@@ -1,4 +1,5 @@
 """The arbiter with stand-in workers: a worker that cannot boot stops the service."""
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -64,3 +65,27 @@ def test_a_stop_during_start_up_is_kept_for_the_arbiter_which_cleans_up(tmp_path
     assert p.exitcode == 0                    # not killed by the signal
     assert not os.path.exists(spawn_log)      # no worker started
     assert name not in shmseg.list_segments("tcpcopyd-test-early")   # segment removed
+
+
+def test_a_worker_that_does_not_keep_up_says_so_once_a_minute_with_the_way_out(caplog):
+    w = FailingWorker(0, None, "")
+    w.n_workers, w.cpus_allowed = 1, 16
+    with caplog.at_level(logging.WARNING, "worker"):
+        w.falling_behind(0, "packets dropped", "workers", 100.0)
+        assert caplog.text == ""                      # nothing lost: nothing said
+        w.falling_behind(40, "packets dropped", "workers", 100.0)
+        w.falling_behind(2, "packets dropped", "workers", 130.0)
+        w.falling_behind(3, "packets dropped", "workers", 160.1)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "worker 1/1 does not keep up: 40 packets dropped; workers = 2 shares the load "
+        "among more workers (this host lets it use 16 CPUs)",
+        "worker 1/1 does not keep up: 5 packets dropped; workers = 2 shares the load "
+        "among more workers (this host lets it use 16 CPUs)"]
+    caplog.clear()
+    w.n_workers = w.cpus_allowed = 2
+    with caplog.at_level(logging.WARNING, "worker"):
+        w.falling_behind(7, "packets dropped", "queues", 300.0)
+    assert caplog.records[0].getMessage() == (
+        "worker 1/2 does not keep up: 7 packets dropped; every CPU it may use has a worker "
+        "already (queues = 2): the load is beyond this host")

@@ -74,7 +74,8 @@ def test_drops_rising_and_a_lagging_capture_are_degraded():
                rates={"kernel_drops": 2.0, "sent": 100.0})
     assert d["state"] == "degraded"
     assert d["problems"] == [
-        "capture lag 700 ms (max_lag 1000 ms: the worker is falling behind)",
+        "capture lag 700 ms (max_lag 1000 ms: the worker is falling behind; more workers "
+        "share the load)",
         "kernel_drops rising (2.0/s)"]
     # drops that happened once and stopped are shown, not held against it
     assert daemon([worker(1, [link()], kernel_drops=5)])["state"] == "healthy"
