@@ -197,8 +197,11 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
                  ",".join(map(str, cfg.service_port)), source, cfg.listen, cfg.port)
         status = StatusLine(seg, C.NAMES, ("queued", "routed"),
                             ("routes", "peers", "queue_drops"))
+        # pinned from the last CPU down (tcpcopyd from the first up): on a host that runs
+        # both daemons (a test box, the lab) their first workers do not share a core
         return Arbiter(PROG, ",".join(map(str, cfg.service_port)), cfg.queues, seg, factory,
-                       allowed_cpus(), status=status, reload=reload, pages=pages).run()
+                       allowed_cpus()[::-1], status=status, reload=reload,
+                       pages=pages).run()
     finally:
         rules.remove(installed)
         release()

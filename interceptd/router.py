@@ -17,6 +17,7 @@ in assistant mode) is dropped. Every refusal is counted.
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 
 from interceptd import counters as C
@@ -26,6 +27,10 @@ from tcpcopyd.net.packet import destination, source
 
 # how long a reply waits for its session's CLIENT_ADD, seconds
 DELAY_SECONDS = 3.0
+# a reply waiting for a session that another worker may register any moment (the reply
+# was caught before that worker read the CLIENT_ADD) is looked up again this long after
+# it arrived, seconds, then at each round (every 0.1 s); a few look-ups a reply at most
+RETRY_SOON = (0.001, 0.003, 0.01, 0.03)
 # most reply headers waiting at once
 DELAY_MAX = 65536
 # sessions of the delay table looked up again per round (every 0.1 s): the work of a
@@ -83,6 +88,8 @@ class Router:
         self._targets: dict[bytes, bytes] = {}   # one bytes object per target (memory)
         self.delayed: dict[bytes, list[tuple[float, bytes]]] = {}
         self.n_delayed = 0
+        # the next look-ups of waiting sessions (RETRY_SOON): (when, which, key), a heap
+        self.soon: list[tuple[float, int, bytes]] = []
         self.table = table if table is not None and table.regions > 1 else None
         self.shared = OwnedRegion(self.table, index) if self.table is not None else None
         self.outbox: dict[int, list[bytes]] = {}   # worker index -> headers to hand over
@@ -209,8 +216,32 @@ class Router:
             self.counters[C.INDEX["delay_full"]] += 1
             return
         self.counters[C.INDEX["delayed"]] += 1
-        self.delayed.setdefault(key, []).append((now, header))
+        held = self.delayed.get(key)
+        if held is None:
+            self.delayed[key] = [(now, header)]
+            if self.table is not None:
+                heapq.heappush(self.soon, (now + RETRY_SOON[0], 0, key))
+        else:
+            held.append((now, header))
         self.n_delayed += 1
+
+    def retry_soon(self, now: float) -> float:
+        """Look up again the waiting sessions whose RETRY_SOON is due (registered by
+        another worker since: their replies go to it); when the next is due (0: none)."""
+        soon, delayed = self.soon, self.delayed
+        while soon and soon[0][0] <= now:
+            _, step, key = heapq.heappop(soon)
+            held = delayed.get(key)
+            if held is None:
+                continue                      # delivered, expired or dropped since
+            found = self.table.find(key, skip=self.index) if self.table is not None else None
+            if found is not None:
+                del delayed[key]
+                self.n_delayed -= len(held)
+                self.outbox.setdefault(found[0], []).extend(h for _, h in held)
+            elif step + 1 < len(RETRY_SOON):
+                heapq.heappush(soon, (held[0][0] + RETRY_SOON[step + 1], step + 1, key))
+        return soon[0][0] if soon else 0.0
 
     def retry_delayed(self, now: float) -> None:
         """Hand waiting replies to the worker that registered their session since, and drop

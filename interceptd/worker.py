@@ -109,11 +109,12 @@ class QueueWorker(service_worker.WorkerProcess):
         clock = time.monotonic
         ep, source_fd, wakeup = self.epoll, self.source_fd, self.wakeups[self.index]
         router, control = self.router, self.control
-        next_sync = 0.0
+        next_sync = soon = 0.0
         self._drain(clock())   # what a previous worker of this index left
         while not self.stop:
             try:
-                events = ep.poll(SYNC_INTERVAL)
+                events = ep.poll(SYNC_INTERVAL if not soon else
+                                 max(0.0, min(SYNC_INTERVAL, soon - clock())))
             except InterruptedError:
                 continue
             now = clock()
@@ -128,12 +129,14 @@ class QueueWorker(service_worker.WorkerProcess):
                     self._drain(now)
                 else:
                     control.on_event(fd, ev, now)
-            if router.outbox:
-                self._hand_off()
-            control.flush()
+            soon = router.retry_soon(now) if router.soon else 0.0
             if now >= next_sync:
                 next_sync = now + SYNC_INTERVAL
                 self.sync(now)
+            # what the events, the look-ups and the round found for other workers
+            if router.outbox:
+                self._hand_off()
+            control.flush()
         control.close()
         if self.capture is None:
             self.queue.close()

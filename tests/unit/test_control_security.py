@@ -476,6 +476,34 @@ def test_a_full_delay_table_costs_a_bounded_round():
     assert not r.delayed and r.n_delayed == 0
 
 
+def test_a_reply_caught_before_another_worker_read_its_registration_follows_within_ms():
+    class SharedTable:           # the shm route table: worker 1 registers port 7 later
+        regions = 2
+        held: dict = {}
+        finds = 0
+
+        def find(self, key, skip=-1):
+            SharedTable.finds += 1
+            return SharedTable.held.get(key)
+
+    r = Router([0] * len(IC.NAMES))
+    r.table = SharedTable()
+    r.route(reply_from(TIP, 7), 1.0)                 # worker 1 has not read CLIENT_ADD yet
+    r.route(reply_from(TIP, 8), 1.0)                 # a session nobody ever registers
+    assert r.retry_soon(1.0) == 1.0 + R.RETRY_SOON[0] and not r.outbox
+    SharedTable.held[R.route_key(CIP, 7)] = (1, 0)   # now it has
+    r.retry_soon(1.0 + R.RETRY_SOON[0])
+    assert r.outbox == {1: [reply_from(TIP, 7)]}     # handed over 1 ms after, not 0.1 s
+    assert list(r.delayed) == [R.route_key(CIP, 8)] and r.n_delayed == 1
+    # the other is looked up a few times only, then left to the rounds (bounded work)
+    SharedTable.finds = 0
+    t = 1.0
+    while (t := r.retry_soon(t)):
+        pass
+    assert SharedTable.finds == len(R.RETRY_SOON) - 1 and not r.soon
+    assert list(r.delayed) == [R.route_key(CIP, 8)]
+
+
 def test_unsent_replies_are_bounded_per_worker_not_only_per_connection():
     from interceptd import counters as IC
     from interceptd.control import Peer
