@@ -17,12 +17,14 @@ T = TypeVar("T")
 
 class Timers(Generic[T]):
     """Wake-ups of items (sessions), each at its own time."""
-    __slots__ = ("buckets", "slots", "count")
+    __slots__ = ("buckets", "slots", "count", "earliest")
 
     def __init__(self) -> None:
         self.buckets: dict[int, list[tuple[float, T]]] = {}   # millisecond -> wake-ups
         self.slots: list[int] = []                            # heap of those milliseconds
         self.count = 0                                         # wake-ups pending
+        # the earliest wake-up of the first millisecond (slots[0]); -1.0: not known
+        self.earliest = -1.0
 
     def __len__(self) -> int:
         return self.count
@@ -36,12 +38,19 @@ class Timers(Generic[T]):
         else:
             bucket.append((when, item))
         self.count += 1
+        if slot == self.slots[0]:
+            if bucket is None:
+                self.earliest = when      # a new first millisecond: its only wake-up
+            elif when < self.earliest:
+                self.earliest = when      # (while not known, it stays so)
 
     def next(self) -> float | None:
         """The time of the earliest wake-up, None if there is none."""
         if not self.slots:
             return None
-        return min(when for when, _ in self.buckets[self.slots[0]])
+        if self.earliest < 0.0:
+            self.earliest = min(when for when, _ in self.buckets[self.slots[0]])
+        return self.earliest
 
     def due(self, now: float, budget: int) -> list[T]:
         """Take the wake-ups due at ``now`` (at most ``budget`` of them), in order of their
@@ -64,6 +73,7 @@ class Timers(Generic[T]):
             if i < n:
                 rest.extend(bucket[i:])
             self.count -= n - len(rest)
+            self.earliest = -1.0
             if rest:
                 buckets[slot] = rest
                 break

@@ -41,10 +41,14 @@ def test_against_a_sorted_list_of_random_wake_ups():
     t: Timers[int] = Timers()
     pending: list[tuple[float, int]] = []
     now = 0.0
+    lowest = float("inf")
     for i in range(20000):
         when = now + rng.choice((0.0, 0.0001, 0.04, 0.2, 1.0, 5.0)) * rng.random()
         t.add(when, i)
         pending.append((when, i))
+        lowest = min(lowest, when)
+        if i % 3 == 0:
+            assert t.next() == lowest          # the earliest is kept as wake-ups come
         if i % 7 == 0:
             now += rng.random() * 0.003
             fired = t.due(now, 10_000)
@@ -53,3 +57,4 @@ def test_against_a_sorted_list_of_random_wake_ups():
             pending = [(w, j) for w, j in pending if w > now]
             assert len(t) == len(pending)
             assert t.next() == (min(w for w, _ in pending) if pending else None)
+            lowest = min((w for w, _ in pending), default=float("inf"))
