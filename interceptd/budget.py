@@ -3,7 +3,8 @@ cgroup (the unit's ``MemoryMax``): at start, queues that cannot fit are refused 
 so that no load, flood or slow peer can get the service killed by the kernel for memory.
 
 Per worker: the interpreter and its modules, its routes (``max_routes``), the replies
-waiting for their registration (``router.DELAY_MAX``), the unsent replies of all its
+waiting for their registration (``router.DELAY_MAX``) and the early look-ups of their
+sessions (``router.SOON_MAX``), the unsent replies of all its
 peers (``router.WORKER_MAX_PENDING``), the comparison test's memory of answers
 (``replies.ANSWERS_SEEN_MAX``) and what each connection may hold untagged
 (``wire.UNTAGGED_UP_MAX`` x ``max_connections``). Once: the master and the shm segment.
@@ -27,6 +28,8 @@ MASTER = 40 * MIB
 # bytes one entry costs (Python's dict entry, its key and value, the shm key-table slot)
 ROUTE_BYTES = 400
 DELAYED_BYTES = 170
+# an entry of the heap of early look-ups (router.RETRY_SOON): a tuple, its float, the heap's slot
+RETRY_SOON_BYTES = 100
 ANSWER_SEEN_BYTES = 150
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -36,6 +39,7 @@ def per_worker(cfg: Settings) -> dict[str, int]:
     return {"interpreter": INTERPRETER,
             "routes (max_routes)": cfg.max_routes * ROUTE_BYTES,
             "replies waiting for their registration": router.DELAY_MAX * DELAYED_BYTES,
+            "their early look-ups": router.SOON_MAX * RETRY_SOON_BYTES,
             "unsent replies": router.WORKER_MAX_PENDING,
             "answers seen (comparison test)": replies.ANSWERS_SEEN_MAX * ANSWER_SEEN_BYTES,
             "untagged messages (max_connections)": cfg.max_connections * wire.UNTAGGED_UP_MAX}

@@ -31,6 +31,9 @@ DELAY_SECONDS = 3.0
 # was caught before that worker read the CLIENT_ADD) is looked up again this long after
 # it arrived, seconds, then at each round (every 0.1 s); a few look-ups a reply at most
 RETRY_SOON = (0.001, 0.003, 0.01, 0.03)
+# sessions waiting for those look-ups at most (the race lasts a few ms; beyond this many,
+# a waiting reply is looked up at the rounds only)
+SOON_MAX = 8192
 # most reply headers waiting at once
 DELAY_MAX = 65536
 # sessions of the delay table looked up again per round (every 0.1 s): the work of a
@@ -89,6 +92,7 @@ class Router:
         self.delayed: dict[bytes, list[tuple[float, bytes]]] = {}
         self.n_delayed = 0
         # the next look-ups of waiting sessions (RETRY_SOON): (when, which, key), a heap
+        # of at most SOON_MAX
         self.soon: list[tuple[float, int, bytes]] = []
         self.table = table if table is not None and table.regions > 1 else None
         self.shared = OwnedRegion(self.table, index) if self.table is not None else None
@@ -219,7 +223,7 @@ class Router:
         held = self.delayed.get(key)
         if held is None:
             self.delayed[key] = [(now, header)]
-            if self.table is not None:
+            if self.table is not None and len(self.soon) < SOON_MAX:
                 heapq.heappush(self.soon, (now + RETRY_SOON[0], 0, key))
         else:
             held.append((now, header))

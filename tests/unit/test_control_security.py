@@ -467,6 +467,7 @@ def test_a_full_delay_table_costs_a_bounded_round():
     for port in range(10000):
         r.route(reply_from(TIP, port), 1.0)
     assert len(r.delayed) == 10000
+    assert len(r.soon) == R.SOON_MAX                # early look-ups: bounded as well
     CountingTable.finds = 0
     r.retry_delayed(1.5)
     assert CountingTable.finds == R.DELAY_RETRY_BUDGET
