@@ -12,14 +12,11 @@ The sizes of one entry were measured (BENCHMARKS.md, "interceptd's memory").
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 from interceptd import replies, router
 from interceptd.options import Settings
 from tcpcopyd.net import wire
-
-log = logging.getLogger("interceptd.budget")
 
 MIB = 1 << 20
 # a worker's interpreter, modules and buffers before it holds anything; the master's
