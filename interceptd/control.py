@@ -29,7 +29,7 @@ from tcpcopyd.net import auth, wire
 
 log = logging.getLogger("interceptd.control")
 
-RECV_SIZE = 65536
+RECV_SIZE = 16384
 # seconds a connection has to finish its handshake (version message, proof of the secret)
 HANDSHAKE_TIMEOUT = 5.0
 # seconds a refused peer has to send its offer (and learn why it is refused)
@@ -111,16 +111,16 @@ class ControlServer:
         """Connections that asked for the answers' first bytes (a comparison test)."""
         return sum(1 for p in self.peers.values() if p.payload)
 
-    def on_event(self, fd: int, ev: int, now: float) -> bool:
-        """Handle an epoll event if ``fd`` is the control port or one of our peers."""
+    def on_event(self, fd: int, ev: int, now: float) -> int:
+        """Handle an epoll event if ``fd`` is the control port or one of our peers; the
+        bytes of control input it read (what the worker's turn counts)."""
         if fd == self.listen_fd:
             self._accept(now)
-            return True
+            return 0
         peer = self.peers.get(fd)
         if peer is None:
-            return False
-        self._on_peer(fd, peer, ev, now)
-        return True
+            return 0
+        return self._on_peer(fd, peer, ev, now)
 
     def flush(self) -> None:
         """Frame what the router queued for each peer and write it out."""
@@ -220,7 +220,8 @@ class ControlServer:
                     e.strerror, ACCEPT_PAUSE)
 
     # ---------------------------------------------------------------- a peer
-    def _on_peer(self, fd: int, peer: Peer, ev: int, now: float) -> None:
+    def _on_peer(self, fd: int, peer: Peer, ev: int, now: float) -> int:
+        got = 0
         if ev & select.EPOLLIN:
             try:
                 data = peer.sock.recv(RECV_SIZE)
@@ -228,26 +229,28 @@ class ControlServer:
                 data = None
             except OSError as e:
                 self._drop(fd, peer, e.strerror)
-                return
+                return 0
             if data == b"":
                 self._drop(fd, peer, None if peer.refused else "closed the connection")
-                return
+                return 0
             if data:
+                got = len(data)
                 peer.inbuf += data
                 try:
                     self._read(peer, now)
                 except wire.TagError as e:
                     self.counters[C.INDEX["auth_failures"]] += 1
                     self._drop(fd, peer, str(e))
-                    return
+                    return got
                 except wire.ProtocolError as e:
                     self._drop(fd, peer, None if peer.refused else str(e))
-                    return
+                    return got
         elif ev & (select.EPOLLERR | select.EPOLLHUP):
             self._drop(fd, peer, "connection error")
-            return
+            return 0
         if ev & select.EPOLLOUT:
             self._send(fd, peer)
+        return got
 
     def _read(self, peer: Peer, now: float) -> None:
         """The messages of ``peer.inbuf``: one by one in the handshake (what comes after the

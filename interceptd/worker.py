@@ -9,6 +9,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 
 from interceptd import counters as C
 from interceptd.control import ControlServer
@@ -38,6 +39,11 @@ PREFIX_MARK = b"\0PFX"
 
 # messages read from the NFQUEUE before their batch verdict and a look at the rest
 QUEUE_BATCH = 256
+# bytes of control input (registrations: 20 bytes each) one loop turn reads at most, the
+# connections served in turn: a flood of registrations, hostile or not, waits in its
+# sockets (TCP slows its sender) while the target's packets are read at every turn; a full
+# queue would drop them
+CONTROL_TURN = 32768
 
 
 def dispatch(pkt) -> None:
@@ -68,6 +74,7 @@ class QueueWorker(service_worker.WorkerProcess):
         # capture socket needs nothing once open
         self.capabilities = () if self.capture else ("CAP_NET_ADMIN",)
         self.wakeups = wakeups
+        self.control_turns = 0
 
     @property
     def title(self) -> str:
@@ -118,6 +125,7 @@ class QueueWorker(service_worker.WorkerProcess):
             except InterruptedError:
                 continue
             now = clock()
+            peers = []
             for fd, ev in events:
                 if fd == source_fd:
                     self._read_source(now)
@@ -128,7 +136,10 @@ class QueueWorker(service_worker.WorkerProcess):
                         pass
                     self._drain(now)
                 else:
-                    control.on_event(fd, ev, now)
+                    peers.append((fd, ev))
+            if peers:
+                self.control_turns += 1
+                serve_control(peers, control.on_event, self.control_turns, now)
             soon = router.retry_soon(now) if router.soon else 0.0
             if now >= next_sync:
                 next_sync = now + SYNC_INTERVAL
@@ -244,6 +255,19 @@ class QueueWorker(service_worker.WorkerProcess):
                 except BlockingIOError:
                     pass
         self.router.outbox.clear()
+
+
+def serve_control(events: list[tuple[int, int]], on_event: Callable[[int, int, float], int],
+                  turn: int, now: float, budget: int = CONTROL_TURN) -> None:
+    """The control connections' events of one loop turn, up to ``budget`` bytes of input
+    (``on_event`` says what it read), beginning one connection further at every ``turn``
+    so that none waits behind a busier one (epoll reports them in the same order); what is
+    left is reported again at the next turn."""
+    start = turn % len(events)
+    for fd, ev in events[start:] + events[:start]:
+        if budget <= 0:
+            return
+        budget -= on_event(fd, ev, now)
 
 
 def ring_records(record: bytes) -> list[bytes]:

@@ -558,3 +558,35 @@ def test_the_doctor_goes_through_the_handshake_as_tcpcopyd_would(server, secrets
         stop.set()
         t.join()
     assert got == state and words in detail, detail
+
+
+def test_a_turn_reads_a_bounded_share_of_the_registrations_each_connection_in_turn(server):
+    from interceptd import control as IControl
+    from interceptd import worker as W
+    srv = server()
+    flood = [client(srv, wire.version_message()) for _ in range(3)]
+    for i, c in enumerate(flood):
+        c.sendall(b"".join(add(10000 * i + p) for p in range(3000)))   # 60 000 bytes each
+    served: list[tuple[int, int]] = []
+
+    def on_event(fd: int, ev: int, now: float) -> int:
+        got = srv.control.on_event(fd, ev, now)
+        served.append((fd, got))
+        return got
+    deadline = time.monotonic() + 10
+    firsts = []
+    for turn in range(1, 40):
+        events = [(fd, ev) for fd, ev in srv.ep.poll(1)
+                  if fd != srv.control.listen_fd]
+        if not events:
+            break
+        served.clear()
+        W.serve_control(events, on_event, turn, time.monotonic())
+        assert sum(got for _, got in served) < W.CONTROL_TURN + IControl.RECV_SIZE
+        firsts.append(served[0][0])
+        assert time.monotonic() < deadline
+    # all of it read, and no connection was first twice running while three had input
+    assert count(srv.counters, "client_add") == 9000
+    assert len(set(firsts[:3])) == 3, firsts
+    for c in flood:
+        c.close()
