@@ -26,6 +26,14 @@ Extensions, negotiated (a peer that did not ask never sees one):
   (its ack differs from the previous data segment's) as a payload frame: ``u16
   PAYLOAD_MARK, u16 length`` (at most PREFIX_MAX), its 64-byte reply header, then the first
   ``length`` bytes of its payload. Other replies travel in combined frames as before.
+- FEATURE_IPV6: offered in the HELLO, granted in the WELCOME. tcpcopyd then registers
+  IPv6 sessions as three messages of type CLIENT_ADD6 (or CLIENT_DEL6) whose 36 free bytes
+  are the client's address (16 bytes) and port, then the target's address and port; and
+  interceptd sends each reply of an IPv6 session as an IPv6 frame: ``u16 V6_MARK, u16
+  length`` (the payload bytes after the header, 0 unless FEATURE_PAYLOAD wants them), the
+  84-byte IPv6 reply header (the 40-byte IPv6 header, its extension headers removed and
+  its payload length reduced to match, then the TCP header cut or padded to 44 bytes),
+  then the payload bytes. IPv4 sessions travel as above, byte for byte the C protocol.
 """
 from __future__ import annotations
 
@@ -79,6 +87,19 @@ HANDSHAKE_KINDS = (CHALLENGE, PROOF)
 # features (bit flags) in a HELLO and in a WELCOME
 FEATURE_AUTH = 1
 FEATURE_PAYLOAD = 2
+FEATURE_IPV6 = 4
+# IPv6 registrations (FEATURE_IPV6): REGISTRATION6_PARTS messages of one of these types
+CLIENT_ADD6: Final = 0x455C
+CLIENT_DEL6: Final = 0x455D
+REGISTRATION6_PARTS: Final = 3
+# in place of a combined frame's count: an IPv6 reply record follows (FEATURE_IPV6)
+V6_MARK: Final = 0xFFFC
+V6_HEAD = Record("V6Head", (
+    ("mark", "H"),           # V6_MARK
+    ("length", "H"),         # payload bytes after the IPv6 reply header
+), order="!")
+# size of one IPv6 reply header: the IPv6 header, then the TCP part of a reply header
+REPLY6_SIZE: Final = 40 + REPLY_TCP_SIZE
 # in place of a combined frame's count: a payload frame follows
 PAYLOAD_MARK: Final = 0xFFFE
 PAYLOAD_HEAD = Record("PayloadHead", (
@@ -163,6 +184,20 @@ def proof_part(client_ip: bytes, client_port: int, target_ip: bytes, target_port
     ``parse_client_messages`` gives them)."""
     return client_ip + client_port.to_bytes(2, "big") + target_ip + \
         target_port.to_bytes(2, "big")
+
+
+def registration6(kind: int, client_ip: bytes, client_port: int, target_ip: bytes,
+                  target_port: int) -> bytes:
+    """An IPv6 session's CLIENT_ADD6 or CLIENT_DEL6: its REGISTRATION6_PARTS messages."""
+    return parts_messages(kind, client_ip + client_port.to_bytes(2, "big") + target_ip
+                          + target_port.to_bytes(2, "big"))
+
+
+def registration6_fields(parts: bytes) -> tuple[bytes, int, bytes, int]:
+    """(client address, client port, target address, target port) of the 36 bytes that
+    the parts of an IPv6 registration carry (``proof_part`` of each, joined)."""
+    return (parts[:16], int.from_bytes(parts[16:18], "big"), parts[18:34],
+            int.from_bytes(parts[34:36], "big"))
 
 
 def tag_message(tag: bytes) -> bytes:
@@ -252,22 +287,28 @@ HEADER_SPAN: Final = 60 + REPLY_TCP_SIZE
 
 
 def reply_header(ip_packet: bytes | bytearray | memoryview) -> bytes:
-    """The 64-byte reply header of an IPv4/TCP packet seen by interceptd.
+    """The reply header of an IPv4/TCP packet seen by interceptd (64 bytes), or of an
+    IPv6/TCP one (REPLY6_SIZE).
 
-    IP options, if any, are removed (IHL set to 5, total length reduced to match) so the
-    receiver finds the TCP header at offset 20 and the payload length stays right.
-    Raises ProtocolError for anything that is not a whole IPv4/TCP header whose lengths
-    agree (the caller counts it and skips the packet).
+    IPv4 options, if any, are removed (IHL set to 5, total length reduced to match) so the
+    receiver finds the TCP header at offset 20 and the payload length stays right; so are
+    IPv6 extension headers (the TCP header at offset 40). Raises ProtocolError for
+    anything that is not a whole IPv4/TCP or IPv6/TCP header whose lengths agree (the
+    caller counts it and skips the packet).
     """
     if isinstance(ip_packet, bytes):
         return _reply_header(ip_packet)
-    # (a header is read from the first 60 + 44 bytes at most)
+    # (a header is read from the first 60 + 44 bytes at most; an IPv6 one may be longer)
+    if len(ip_packet) and ip_packet[0] >> 4 == 6:
+        return _reply_header(bytes(ip_packet))
     return _reply_header(bytes(ip_packet[:HEADER_SPAN]))
 
 
 def _reply_header(ip_packet: bytes) -> bytes:
     """``reply_header`` of bytes (the compiled code indexes and slices them directly)."""
     n = len(ip_packet)
+    if n and ip_packet[0] >> 4 == 6:
+        return _reply_header6(ip_packet, n)
     if n < P.HEADERS:
         raise ProtocolError(f"{n}-byte packet is too short for IPv4+TCP")
     if not P.is_tcp_ipv4(ip_packet):
@@ -286,17 +327,49 @@ def _reply_header(ip_packet: bytes) -> bytes:
         cut[0] = 0x45
         cut[P.IP_TOTAL_LENGTH:P.IP_TOTAL_LENGTH + 2] = (tot - (ihl - 20)).to_bytes(2, "big")
         head = bytes(cut)
-    tcp = ip_packet[ihl:ihl + REPLY_TCP_SIZE]
+    return head + _tcp_part(ip_packet, ihl)
+
+
+def _tcp_part(ip_packet: bytes, at: int) -> bytes:
+    """The TCP part of a reply header: REPLY_TCP_SIZE bytes from ``at``, zero-padded."""
+    tcp = ip_packet[at:at + REPLY_TCP_SIZE]
     if len(tcp) < REPLY_TCP_SIZE:
         tcp += bytes(REPLY_TCP_SIZE - len(tcp))
-    return head + tcp
+    return tcp
+
+
+def _reply_header6(ip_packet: bytes, n: int) -> bytes:
+    at = P.tcp_offset6(ip_packet, n)
+    if at < 0:
+        raise ProtocolError("not TCP over IPv6, or its TCP header cannot be reached")
+    plen = int.from_bytes(ip_packet[P.IP6_PAYLOAD_LENGTH:P.IP6_PAYLOAD_LENGTH + 2], "big")
+    doff = P.tcp_header_length(ip_packet, at)
+    if doff < 20 or plen < at - P.IP6_HEADER + doff:
+        raise ProtocolError(f"payload length {plen} shorter than the headers "
+                            f"({at - P.IP6_HEADER}+{doff})")
+    if at == P.IP6_HEADER:
+        head = ip_packet[:P.IP6_HEADER]
+    else:
+        cut = bytearray(ip_packet[:P.IP6_HEADER])
+        cut[P.IP6_PAYLOAD_LENGTH:P.IP6_PAYLOAD_LENGTH + 2] = \
+            (plen - (at - P.IP6_HEADER)).to_bytes(2, "big")
+        cut[P.IP6_NEXT_HEADER] = P.IPPROTO_TCP
+        head = bytes(cut)
+    return head + _tcp_part(ip_packet, at)
 
 
 def payload_prefix(ip_packet: bytes | memoryview, prefix: int) -> bytes:
     """The first ``prefix`` bytes of the TCP payload of a packet ``reply_header`` took."""
-    ihl = P.ip_header_length(ip_packet)
-    start = ihl + P.tcp_header_length(ip_packet, ihl)
-    end = min(len(ip_packet), P.total_length(ip_packet), start + prefix)
+    n = len(ip_packet)
+    if n and ip_packet[0] >> 4 == 6:
+        at = P.tcp_offset6(ip_packet, n)
+        total = P.IP6_HEADER + int.from_bytes(
+            ip_packet[P.IP6_PAYLOAD_LENGTH:P.IP6_PAYLOAD_LENGTH + 2], "big")
+    else:
+        at = P.ip_header_length(ip_packet)
+        total = P.total_length(ip_packet)
+    start = at + P.tcp_header_length(ip_packet, at)
+    end = min(n, total, start + prefix)
     return bytes(ip_packet[start:end]) if end > start else b""
 
 
@@ -307,14 +380,27 @@ def reply_record(ip_packet: bytes | memoryview, prefix: int) -> bytes:
     return header + payload_prefix(ip_packet, prefix) if prefix > 0 else header
 
 
+def is_v6(record: bytes) -> bool:
+    """Whether a reply record is an IPv6 one (its header REPLY6_SIZE bytes; an IPv4
+    one begins 0x45)."""
+    return len(record) >= REPLY6_SIZE and record[0] >> 4 == 6
+
+
 def combine(records: list[bytes], payload: bool = False) -> bytes:
     """Frame reply records: headers in combined frames of at most MAX_COMBINED each; a
     record with payload bytes (after its 64-byte header) as a payload frame if ``payload``
-    (the peer asked for them), else as its header alone. The order is kept."""
+    (the peer asked for them), else as its header alone; an IPv6 record as an IPv6 frame
+    (with its payload bytes if ``payload``). The order is kept."""
     out = bytearray()
     run: list[bytes] = []
     for r in records:
-        if len(r) > REPLY_SIZE and payload:
+        if is_v6(r):
+            _combined(out, run)
+            run = []
+            if not payload:
+                r = r[:REPLY6_SIZE]
+            out += V6_HEAD.pack(V6_MARK, len(r) - REPLY6_SIZE) + r
+        elif len(r) > REPLY_SIZE and payload:
             _combined(out, run)
             run = []
             out += PAYLOAD_HEAD.pack(PAYLOAD_MARK, len(r) - REPLY_SIZE) + r
@@ -335,8 +421,9 @@ def _combined(out: bytearray, headers: list[bytes]) -> None:
 def split_combined(buf: bytearray, extensions: list[tuple] | None = None,
                    tags: auth.Tagger | None = None) -> list[bytes]:
     """Consume whole combined frames from ``buf``; returns the reply headers. If
-    ``extensions`` is given (the caller offered extensions), payload frames are taken and
-    extension frames appended to it as EXT tuples; else both are a protocol error.
+    ``extensions`` is given (the caller offered extensions), payload frames and IPv6
+    frames are taken and extension frames appended to it as EXT tuples; else all three
+    are a protocol error.
 
     With ``tags`` (a link whose handshake proved the secret) the headers of a batch are
     given only once its tag frame arrived and checks, what follows the last tag stays in
@@ -380,6 +467,19 @@ def _frame(buf: bytearray, pos: int, out: list[bytes], extensions: list[tuple] |
     ``extensions``; returns where it ends, None if it is not whole yet."""
     n = len(buf)
     count = _U16.unpack_from(buf, pos)[0]
+    if count == V6_MARK and payloads:
+        if n - pos < V6_HEAD.size:
+            return None
+        length = _U16.unpack_from(buf, pos + 2)[0]
+        if length > PREFIX_MAX:
+            raise ProtocolError(f"IPv6 frame of {length} payload bytes, above {PREFIX_MAX}")
+        end = pos + V6_HEAD.size + REPLY6_SIZE + length
+        if end > n:
+            return None
+        if buf[pos + V6_HEAD.size] >> 4 != 6:
+            raise ProtocolError("an IPv6 frame whose header is not IPv6")
+        out.append(bytes(buf[pos + V6_HEAD.size:end]))
+        return end
     if count == PAYLOAD_MARK and payloads:
         if n - pos < PAYLOAD_HEAD.size:
             return None

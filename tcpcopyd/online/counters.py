@@ -9,7 +9,8 @@ KIND = 1        # the kind number of tcpcopyd's shm segments
 
 COUNTERS = (
     ("captured", "client packets read from the capture socket"),
-    ("malformed", "captured packets that are not well-formed TCP/IPv4 (skipped)"),
+    ("malformed", "captured packets that are not well-formed TCP/IPv4 or TCP/IPv6 "
+                  "(skipped)"),
     ("no_session", "captured packets without payload for no known session (skipped)"),
     ("duplicate", "captured client data already queued (client retransmission)"),
     ("out_of_order", "captured client data ahead of a gap, held until the gap fills"),
@@ -76,6 +77,9 @@ COUNTERS = (
     ("interface_downs", "times the capture interface went down"),
     ("interface_down_ms", "time the capture interface was down in all, ms (traffic of that "
                           "gap was not copied)"),
+    ("not_followed", "captured IPv6 packets whose TCP header could not be reached (a "
+                     "fragment, ESP, an extension header chain too long or cut short): "
+                     "skipped"),
 )
 NAMES = tuple(name for name, _ in COUNTERS)
 HELP = dict(COUNTERS)
@@ -112,6 +116,7 @@ SESSIONS_ACTIVE: Final = INDEX["sessions_active"]
 SESSIONS_RESTORED: Final = INDEX["sessions_restored"]
 SESSIONS_TORN: Final = INDEX["sessions_torn"]
 OVERSIZE: Final = INDEX["oversize_frames"]
+NOT_FOLLOWED: Final = INDEX["not_followed"]
 # why a session ended: the counter its end adds to
 SESSIONS_CLOSED: Final = INDEX["sessions_closed"]
 SESSIONS_EXPIRED: Final = INDEX["sessions_expired"]

@@ -6,12 +6,11 @@ the target's sequence space (learned from intercepted replies) and is what we ac
 from __future__ import annotations
 
 import enum
-import socket
 from collections import deque
 from typing import Any, Final
 
 from shm.record import Record
-from tcpcopyd.net.packet import FIN
+from tcpcopyd.net.packet import FIN, endpoint
 from tcpcopyd.online.reorder import OutOfOrder
 
 
@@ -42,10 +41,10 @@ RESYNC: Final = int(State.RESYNC)
 SLOT: Final = Record("Slot", (
     ("state", "H"),          # State flags; 0: a free slot
     ("client_win", "H"),     # the client's window field, sent as is
-    ("client_ip", "4s"),     # the address and port the target sees
+    ("client_ip", "16s"),    # the address and port the target sees (IPv4: 4 bytes, then 0)
     ("client_port", "H"),
     ("target_port", "H"),
-    ("target_ip", "4s"),
+    ("target_ip", "16s"),
     ("isn", "I"),            # client sequence space: ISN, oldest unacknowledged, next to
     ("snd_una", "I"),        #   send, next expected from the capture
     ("snd_nxt", "I"),
@@ -55,7 +54,7 @@ SLOT: Final = Record("Slot", (
     ("wnd", "I"),            # the target's window in bytes (scaled)
     ("mss", "H"),
     ("wscale", "B"),
-    ("syn_flags", "B"),      # 1: our SYN offered window scaling, 2: timestamps
+    ("syn_flags", "B"),      # 1: our SYN offered window scaling, 2: timestamps; 4: IPv6
     ("client_tsval", "I"),
     ("target_tsval", "I"),
     ("created", "d"),        # monotonic clock
@@ -65,7 +64,7 @@ SLOT: Final = Record("Slot", (
     ("syn_optlen", "B"),     # options of the (fake) SYN, for retransmission
     ("syn_options", "40s"),
 ))
-SLOT_SIZE: Final = 128
+SLOT_SIZE: Final = 160
 
 
 class Queued:
@@ -99,7 +98,7 @@ class Session:
         "syn_ts", "client_tsval", "target_tsval", "client_win", "client_ack", "awaiting",
         "pace_at", "need_ack", "ack_at", "rto", "srtt", "rttvar", "rto_at", "backoff", "rtt_seq",
         "rtt_time", "dupacks", "created", "last_seen", "target_seen", "close_at", "gap_since",
-        "retransmits", "freed", "cap", "copy", "stale_reset_at", "in_table",
+        "retransmits", "freed", "cap", "copy", "stale_reset_at", "in_table", "flow",
     )
 
     def __init__(self, key: tuple, client_ip: bytes, client_port: int, target_ip: bytes,
@@ -154,12 +153,17 @@ class Session:
         self.freed = False
         self.in_table = False     # its shm slot holds it (written once at least)
         self.stale_reset_at = 0.0  # when we last reset an older connection of the target
+        # the IPv6 flow label of its packets: one per connection, as a client's stack
+        # draws it (RFC 6437), derived from the connection so that a new worker keeps it
+        self.flow = flow_label(client_ip, client_port, target_port)
 
     def slot_values(self) -> tuple:
         return (self.state, self.client_win, self.client_ip, self.client_port,
                 self.target_port, self.target_ip, self.isn, self.snd_una, self.snd_nxt,
                 self.cap_nxt, self.target_isn, self.rcv_nxt, min(self.wnd, 0xFFFFFFFF),
-                self.mss, self.wscale, self.syn_wscale | (self.syn_ts << 1), self.client_tsval,
+                self.mss, self.wscale,
+                self.syn_wscale | (self.syn_ts << 1) | (4 if len(self.client_ip) == 16 else 0),
+                self.client_tsval,
                 self.target_tsval, self.created, self.last_seen, self.retransmits,
                 self.buffered & 0xFFFFFFFF, len(self.syn_options), self.syn_options)
 
@@ -168,8 +172,10 @@ class Session:
         """A session carried on by a new worker from its shm record (a ``SLOT`` tuple).
         Data that the old worker held (not yet sent, or sent and not yet acknowledged) is
         gone: the session is marked RESYNC."""
-        s = cls((v.client_ip, v.client_port, v.target_ip, v.target_port), v.client_ip,
-                v.client_port, v.target_ip, v.target_port, slot, v.created)
+        size = 16 if v.syn_flags & 4 else 4
+        client_ip, target_ip = v.client_ip[:size], v.target_ip[:size]
+        s = cls((client_ip, v.client_port, target_ip, v.target_port), client_ip,
+                v.client_port, target_ip, v.target_port, slot, v.created)
         s.state = v.state | RESYNC
         s.in_table = True
         s.client_win = v.client_win
@@ -183,5 +189,14 @@ class Session:
         return s
 
     def describe(self) -> str:
-        return (f"{socket.inet_ntoa(self.client_ip)}:{self.client_port} -> "
-                f"{socket.inet_ntoa(self.target_ip)}:{self.target_port}")
+        return (f"{endpoint(self.client_ip, self.client_port)} -> "
+                f"{endpoint(self.target_ip, self.target_port)}")
+
+
+def flow_label(client_ip: bytes, client_port: int, target_port: int) -> int:
+    """A non-zero 20-bit flow label for an IPv6 connection (0 for IPv4: none)."""
+    if len(client_ip) == 4:
+        return 0
+    h = (int.from_bytes(client_ip[8:], "big") ^ (client_port << 16 | target_port)) \
+        * 0x9E3779B1
+    return (h >> 12) & 0xFFFFF or 1

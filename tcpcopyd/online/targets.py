@@ -6,9 +6,11 @@ import socket
 from collections.abc import Iterable
 from typing import Protocol
 
-# local service port, or (online address, port) for a rule bound to one address
-#   -> (target address, target port)
+# the key of a rule: its local service port for an IPv4 rule, (ANY6, port) for an IPv6
+# one, (online address, port) for a rule bound to one online address
+#   -> (target address, target port); a captured packet goes to the rule of its family
 Targets = dict
+ANY6 = b""
 
 
 class Rule(Protocol):
@@ -20,11 +22,24 @@ class Rule(Protocol):
     target_port: int
 
 
+def packed(address: str) -> bytes:
+    """An IPv4 or IPv6 address as its bytes."""
+    return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+
+
 def targets_of(rules: Iterable[Rule]) -> Targets:
-    return {t.port if t.online_ip is None else (socket.inet_aton(t.online_ip), t.port):
-            (socket.inet_aton(t.target_ip), t.target_port) for t in rules}
+    out: Targets = {}
+    for t in rules:
+        target = packed(t.target_ip)
+        if t.online_ip is not None:
+            key: object = (packed(t.online_ip), t.port)
+        else:
+            key = t.port if len(target) == 4 else (ANY6, t.port)
+        out[key] = (target, t.target_port)
+    return out
 
 
 def target_for(targets: Targets, address: bytes, port: int) -> tuple[bytes, int] | None:
     """The target of the service at ``address``:``port`` of the online host, if copied."""
-    return targets.get(port) or targets.get((address, port))
+    return (targets.get(port if len(address) == 4 else (ANY6, port))
+            or targets.get((address, port)))

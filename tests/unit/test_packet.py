@@ -96,7 +96,7 @@ def test_parse_literal_syn():
 
 @pytest.mark.parametrize("bad,reason", [
     (SYN[:30], "shorter"),
-    (b"\x65" + SYN[1:], "version"),
+    (b"\x55" + SYN[1:], "version"),
     (SYN[:9] + b"\x11" + SYN[10:], "protocol"),
     (SYN[:6] + b"\x20\x10" + SYN[8:], "fragment"),
     (SYN[:32] + b"\x10\x02" + SYN[34:], "TCP header length"),
@@ -131,3 +131,88 @@ def test_options_parser_stops_on_garbage():
     assert P.parse_options(b"\x02\x00\x05\xb4") == {}           # length 0
     assert P.parse_options(b"\x02\x04\x05") == {}               # truncated
     assert P.parse_options(b"\x01\x01\x00\x02\x04\x05\xb4") == {}  # after EOL
+
+
+# ---------------------------------------------------------------- IPv6
+C6 = socket.inet_pton(socket.AF_INET6, "fd18:1::1")
+T6 = socket.inet_pton(socket.AF_INET6, "fd18:2::2")
+
+
+def reference_tcp6_checksum(src: bytes, dst: bytes, seg: bytes) -> int:
+    pseudo = src + dst + struct.pack("!IxxxB", len(seg), 6)       # RFC 8200, 8.1
+    return (~ones_complement_sum(pseudo + seg)) & 0xFFFF
+
+
+def test_built_ipv6_packets_have_the_reference_checksum_and_header():
+    import random
+    rng = random.Random(6)
+    for _ in range(2000):
+        src, dst = rng.randbytes(16), rng.randbytes(16)
+        options = bytes(rng.randrange(256) for _ in range(4 * rng.randrange(11)))
+        payload = rng.randbytes(rng.choice((0, 1, 3, 1440, rng.randrange(1500))))
+        flow = rng.randrange(1 << 20)
+        pkt = P.build(src, dst, rng.randrange(65536), rng.randrange(65536),
+                      rng.randrange(1 << 32), rng.randrange(1 << 32), rng.randrange(64),
+                      rng.randrange(65536), options, payload, ttl=61, flow=flow)
+        head = P.IPV6.unpack(bytes(pkt[:40]))
+        assert head.version_class_flow == 0x60000000 | flow
+        assert head.payload_length == len(pkt) - 40 and head.next_header == 6
+        assert head.hop_limit == 61 and (head.src, head.dst) == (src, dst)
+        seg = bytearray(pkt[40:])
+        got = int.from_bytes(seg[16:18], "big")
+        seg[16:18] = b"\0\0"
+        assert got == reference_tcp6_checksum(src, dst, bytes(seg)) \
+            == P.tcp_checksum(src, dst, seg)
+        p = P.parse(bytes(pkt))
+        assert (p.src, p.dst, p.options, p.payload, p.ip_len) == (src, dst, options, payload,
+                                                                   len(pkt))
+
+
+def with_extensions(pkt: bytes, *headers: tuple[int, bytes]) -> bytes:
+    """``pkt`` (IPv6+TCP) with extension headers (number, body after its first two bytes)
+    between its IPv6 header and its TCP header."""
+    chain = b""
+    kinds = [h[0] for h in headers] + [6]
+    for (_, body), nxt in zip(headers, kinds[1:], strict=True):
+        chain += bytes((nxt, (len(body) + 2) // 8 - 1)) + body
+    head = bytearray(pkt[:40])
+    head[6] = kinds[0]
+    struct.pack_into("!H", head, 4, len(pkt) - 40 + len(chain))
+    return bytes(head) + chain + pkt[40:]
+
+
+def test_the_tcp_header_is_found_behind_the_extension_headers_a_stack_may_send():
+    pkt = bytes(P.build(C6, T6, 40000, 80, 1, 2, P.ACK | P.PSH, 500, b"", b"GET /"))
+    assert P.tcp_offset6(pkt, len(pkt)) == 40
+    hop = (P.IP6_HOP_BY_HOP, bytes(6))                 # a PadN, 8 bytes in all
+    dest = (P.IP6_DEST_OPTIONS, bytes(14))             # 16 bytes
+    atomic = (P.IP6_FRAGMENT, bytes(6))                # offset 0, no more: the whole segment
+    ext = with_extensions(pkt, hop, dest, atomic)
+    assert P.tcp_offset6(ext, len(ext)) == 40 + 8 + 16 + 8
+    p = P.parse(ext)
+    assert (p.sport, p.dport, p.payload) == (40000, 80, b"GET /")
+    assert P.segment_span(ext, len(ext))[6:] == (len(ext) - 5, len(ext))
+
+
+@pytest.mark.parametrize("headers, why", [
+    ([(P.IP6_FRAGMENT, b"\0\x01" + bytes(4))], P.NOT_FOLLOWED),    # more fragments come
+    ([(P.IP6_FRAGMENT, b"\x05\x00" + bytes(4))], P.NOT_FOLLOWED),  # not the first one
+    ([(P.IP6_DEST_OPTIONS, bytes(6))] * 9, P.NOT_FOLLOWED),        # a chain too long
+    ([(58, bytes(6))], P.NOT_TCP),                                 # ICMPv6
+])
+def test_what_cannot_be_followed_is_said(headers, why):
+    pkt = with_extensions(bytes(P.build(C6, T6, 1, 80, 1, 2, P.ACK, 5, b"", b"x")), *headers)
+    assert P.tcp_offset6(pkt, len(pkt)) == why
+    with pytest.raises(P.MalformedPacket):
+        P.parse(pkt)
+    assert P.segment_span(pkt, len(pkt)) is None
+
+
+def test_an_ipv6_packet_cut_short_is_malformed_never_an_error():
+    pkt = with_extensions(bytes(P.build(C6, T6, 1, 80, 1, 2, P.ACK, 5, b"", b"x")),
+                          (P.IP6_HOP_BY_HOP, bytes(6)))
+    for n in range(len(pkt)):
+        assert P.tcp_offset6(pkt, n) in (P.NOT_FOLLOWED, 48)
+        if n < 48 + 20:
+            with pytest.raises(P.MalformedPacket):
+                P.parse(pkt[:n])

@@ -96,3 +96,60 @@ def test_interceptd_refuses_a_peer_of_another_protocol_version():
             r.on_message(peer, kind, cip, cport, 1.0)
     finally:
         peer.sock.close()
+
+
+# ---------------------------------------------------------------- IPv6 (FEATURE_IPV6)
+C6 = bytes.fromhex("fd180001000000000000000000000001")
+T6 = bytes.fromhex("fd180002000000000000000000000002")
+
+
+def test_an_ipv6_registration_is_three_messages_of_its_type():
+    msgs = wire.registration6(wire.CLIENT_ADD6, C6, 46000, T6, 80)
+    assert len(msgs) == wire.REGISTRATION6_PARTS * wire.CLIENT_MSG_SIZE
+    parsed = wire.parse_client_messages(bytearray(msgs))
+    assert {m[0] for m in parsed} == {wire.CLIENT_ADD6}
+    parts = b"".join(wire.proof_part(*m[1:]) for m in parsed)
+    assert wire.registration6_fields(parts) == (C6, 46000, T6, 80)
+
+
+def _ip6_tcp(ext: bytes = b"", tcp_len: int = 32, payload: int = 100) -> bytes:
+    from tcpcopyd.net import packet as P
+    pkt = bytes(P.build(T6, C6, 80, 46000, 7, 8, P.ACK | P.PSH, 500,
+                        bytes(tcp_len - 20), bytes(range(payload))))
+    if not ext:
+        return pkt
+    head = bytearray(pkt[:40])
+    head[6] = 60                             # destination options, then TCP
+    head[4:6] = (len(pkt) - 40 + len(ext)).to_bytes(2, "big")
+    return bytes(head) + ext + pkt[40:]
+
+
+def test_an_ipv6_reply_header_loses_its_extension_headers_and_keeps_its_lengths():
+    plain = wire.reply_header(_ip6_tcp())
+    assert len(plain) == wire.REPLY6_SIZE and wire.is_v6(plain)
+    dest_options = bytes((6, 1)) + bytes(14)     # 16 bytes, next header TCP
+    cut = wire.reply_header(memoryview(_ip6_tcp(dest_options)))
+    assert cut == plain
+    assert int.from_bytes(cut[4:6], "big") == 32 + 100 and cut[6] == 6
+    assert wire.reply_record(_ip6_tcp(dest_options), 10) == plain + bytes(range(10))
+    with pytest.raises(wire.ProtocolError):
+        wire.reply_header(_ip6_tcp()[:50])
+
+
+def test_ipv6_frames_travel_between_combined_frames_in_order():
+    v4 = wire.reply_header(_ip_tcp())
+    v6 = wire.reply_record(_ip6_tcp(), 5)
+    framed = wire.combine([v4, v6, v4], payload=False)
+    got = wire.split_combined(bytearray(framed), extensions=[])
+    assert got == [v4, v6[:wire.REPLY6_SIZE], v4]
+    framed = wire.combine([v6], payload=True)
+    assert wire.split_combined(bytearray(framed), extensions=[]) == [v6]
+    # a frame cut short waits for the rest; a peer that offered nothing never takes one
+    buf = bytearray(framed[:-1])
+    assert wire.split_combined(buf, extensions=[]) == [] and len(buf) == len(framed) - 1
+    with pytest.raises(wire.ProtocolError):
+        wire.split_combined(bytearray(framed))
+    bad = bytearray(framed)
+    bad[4] = 0x45                             # not an IPv6 header
+    with pytest.raises(wire.ProtocolError):
+        wire.split_combined(bad, extensions=[])

@@ -12,7 +12,19 @@ from __future__ import annotations
 import logging
 
 from tcpcopyd.net import wire
-from tcpcopyd.net.packet import HEADERS, IP_TCP, MalformedPacket, parse
+from tcpcopyd.net.packet import (
+    HEADERS,
+    HEADERS6,
+    IP6_HEADER,
+    IP6_SRC,
+    IP6_TCP,
+    IP_TCP,
+    NOT_TCP,
+    TCP_HDR,
+    MalformedPacket,
+    parse,
+    tcp_offset6,
+)
 from tcpcopyd.online import counters as C
 from tcpcopyd.online.engine import persist
 from tcpcopyd.online.engine.admission import client_segment, start_held
@@ -37,7 +49,8 @@ class Engine(EngineState):
 
     # ------------------------------------------------------------------ capture side
     def on_client_packet(self, buf: bytes | bytearray | memoryview, n: int, now: float) -> None:
-        """One IPv4 packet captured from a client (already filtered to our service ports)."""
+        """One IPv4 or IPv6 packet captured from a client (already filtered to our service
+        ports)."""
         cnt = self.counters
         cnt[C.CAPTURED] += 1
         if n < 40:
@@ -50,6 +63,8 @@ class Engine(EngineState):
                 or tot_len < 20 + thl:
             if vihl >> 4 == 4 and vihl & 0xF > 5 and proto == 6:
                 self._client_packet_with_ip_options(buf, n, now)
+            elif vihl >> 4 == 6:
+                self._client_packet6(buf, n, now)
             else:
                 cnt[C.MALFORMED] += 1
             return
@@ -59,6 +74,34 @@ class Engine(EngineState):
         client_segment(self, src, dst, sport, dport, seq, ack, offflags & 0x3F, window,
                        bytes(buf[HEADERS:20 + thl]) if thl > 20 else b"",
                        bytes(buf[20 + thl:end]) if end > 20 + thl else b"", now)
+
+    def _client_packet6(self, buf: bytes | bytearray | memoryview, n: int, now: float) -> None:
+        """An IPv6 packet: its TCP header found behind the extension headers (none, as a
+        rule); one whose TCP header cannot be reached is counted and skipped."""
+        cnt = self.counters
+        at = tcp_offset6(buf, n)
+        if at < 0:
+            cnt[C.MALFORMED if at == NOT_TCP else C.NOT_FOLLOWED] += 1
+            return
+        if at == IP6_HEADER:
+            (_vcf, plen, _nh, _hl, src, dst, sport, dport, seq, ack, offflags, window, _tc,
+             _u) = IP6_TCP.unpack_from(buf, 0)
+        else:
+            plen = buf[4] << 8 | buf[5]
+            src = bytes(buf[IP6_SRC:IP6_SRC + 16])
+            dst = bytes(buf[IP6_SRC + 16:IP6_SRC + 32])
+            sport, dport, seq, ack, offflags, window, _tc, _u = TCP_HDR.unpack_from(buf, at)
+        thl = (offflags >> 12) << 2
+        # a payload length of 0: a jumbogram, or a GRO frame beyond 64 KiB (BIG TCP)
+        end = n if not plen or IP6_HEADER + plen > n else IP6_HEADER + plen
+        if thl < 20 or at + thl > end:
+            cnt[C.MALFORMED] += 1
+            return
+        if end > self.mtu:
+            cnt[C.OVERSIZE] += 1
+        client_segment(self, src, dst, sport, dport, seq, ack, offflags & 0x3F, window,
+                       bytes(buf[at + 20:at + thl]) if thl > 20 else b"",
+                       bytes(buf[at + thl:end]) if end > at + thl else b"", now)
 
     def _client_packet_with_ip_options(self, buf, n: int, now: float) -> None:
         try:
@@ -71,7 +114,8 @@ class Engine(EngineState):
 
     # ------------------------------------------------------------------ reply side
     def on_reply(self, hdr: bytes, now: float) -> None:
-        """One 64-byte reply header of the target, from interceptd."""
+        """One reply record of the target, from interceptd: its 64-byte IPv4 reply header
+        or its 84-byte IPv6 one, then the first bytes of its payload, if any."""
         cnt = self.counters
         cnt[C.REPLIES] += 1
         try:
@@ -82,7 +126,10 @@ class Engine(EngineState):
             return
         thl = (offflags >> 12) << 2
         if vihl != 0x45 or proto != 6 or thl < 20:
-            cnt[C.REPLIES_MALFORMED] += 1
+            if vihl >> 4 == 6:
+                self._reply6(hdr, now)
+            else:
+                cnt[C.REPLIES_MALFORMED] += 1
             return
         s = self.sessions.get((dst, dport, src, sport))
         if s is None:
@@ -93,7 +140,28 @@ class Engine(EngineState):
             cnt[C.REPLIES_MALFORMED] += 1
             return
         on_segment(self, s, seq, ack, offflags & 0x3F, window, plen,
-                   hdr[HEADERS:20 + thl] if thl > 20 else b"", hdr[wire.REPLY_SIZE:], now)
+                   # (a reply header keeps 44 bytes of TCP header: no payload byte in it)
+                   hdr[HEADERS:min(20 + thl, wire.REPLY_SIZE)] if thl > 20 else b"",
+                   hdr[wire.REPLY_SIZE:], now)
+
+    def _reply6(self, hdr: bytes, now: float) -> None:
+        cnt = self.counters
+        if len(hdr) < wire.REPLY6_SIZE:
+            cnt[C.REPLIES_MALFORMED] += 1
+            return
+        (_vcf, plen, nh, _hl, src, dst, sport, dport, seq, ack, offflags, window, _tc,
+         _u) = IP6_TCP.unpack_from(hdr, 0)
+        thl = (offflags >> 12) << 2
+        if nh != 6 or thl < 20 or plen < thl:
+            cnt[C.REPLIES_MALFORMED] += 1
+            return
+        s = self.sessions.get((dst, dport, src, sport))
+        if s is None:
+            cnt[C.REPLIES_NO_SESSION] += 1
+            return
+        on_segment(self, s, seq, ack, offflags & 0x3F, window, plen - thl,
+                   hdr[HEADERS6:min(IP6_HEADER + thl, wire.REPLY6_SIZE)] if thl > 20 else b"",
+                   hdr[wire.REPLY6_SIZE:], now)
 
     # ------------------------------------------------------------------ sending
     def flush(self, now: float) -> None:

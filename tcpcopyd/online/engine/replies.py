@@ -201,7 +201,9 @@ def _on_syn_ack(e: EngineState, s: Session, seq: int, ack: int, window: int, opt
     if ts is not None and len(ts) == 8 and s.syn_ts:
         s.state |= TIMESTAMPS
         s.target_tsval = U32.unpack_from(ts, 0)[0]
-    s.mss = max(64, min(target_mss, e.mtu - 40 - (12 if s.state & TIMESTAMPS else 0)))
+    # the MTU less the IP and TCP headers (IPv6's is 40 bytes) and the timestamps
+    s.mss = max(64, min(target_mss, e.mtu - (40 if len(s.client_ip) == 4 else 60)
+                        - (12 if s.state & TIMESTAMPS else 0)))
     s.target_isn = seq
     s.rcv_nxt = seq_add(seq, 1)
     s.snd_una = seq_add(s.isn, 1)
