@@ -26,6 +26,7 @@ from collections.abc import Callable
 from interceptd import counters as C
 from interceptd.router import WORKER_MAX_PENDING, Holder, Router
 from tcpcopyd.net import auth, wire
+from tcpcopyd.net.packet import endpoint
 
 log = logging.getLogger("interceptd.control")
 
@@ -47,7 +48,8 @@ class Peer(Holder):
     where its handshake stands (the routes it holds are the router's ``Holder`` part)."""
 
     __slots__ = ("sock", "name", "id", "inbuf", "since", "ready", "offered", "features",
-                 "challenge", "seen", "proof", "refused", "writer", "reader")
+                 "challenge", "seen", "proof", "refused", "writer", "reader", "ipv6",
+                 "parts6")
 
     def __init__(self, sock: socket.socket, name: str, peer_id: int = 0,
                  address: bytes = b"\0\0\0\0", since: float = 0.0) -> None:
@@ -66,6 +68,8 @@ class Peer(Holder):
         self.refused: str | None = None  # why it is refused (it is told if it offered)
         self.writer: auth.Tagger | None = None   # tags our batches to it (after the proofs)
         self.reader: auth.Tagger | None = None   # checks its batches
+        self.ipv6 = False                # granted FEATURE_IPV6: may register IPv6 sessions
+        self.parts6 = bytearray()        # the parts of an IPv6 registration read so far
 
 
 def _from(address: bytes) -> Callable[[Peer], bool]:
@@ -82,10 +86,12 @@ class ControlServer:
                  counters: list[int], index: int, allow: tuple = (),
                  secret: bytes | None = None, max_peers: int = 256,
                  max_peers_per_address: int = 64,
-                 logged: Callable[[bytes, float, float], bool] | None = None) -> None:
+                 logged: Callable[[bytes, float, float], bool] | None = None,
+                 ipv6: bool = False) -> None:
         """``listener``: the control port, shared by every worker (accept never waits);
-        ``allow``: the IPv4 networks whose hosts may connect; ``logged(address, now,
-        every)``: whether a refused address is due to be logged (shared by the workers)."""
+        ``allow``: the networks whose hosts may connect; ``logged(address, now,
+        every)``: whether a refused address is due to be logged (shared by the workers);
+        ``ipv6``: the target's IPv6 replies reach us (FEATURE_IPV6 is granted)."""
         self.listener = listener
         self.listener.setblocking(False)
         self.listen_fd = listener.fileno()
@@ -97,6 +103,7 @@ class ControlServer:
         self.secret = secret
         self.max_peers = max_peers
         self.max_peers_per_address = max_peers_per_address
+        self.ipv6 = ipv6
         self.peers: dict[int, Peer] = {}
         self.per_address: dict[bytes, int] = {}
         self._next_peer_id = (index << 24) + 1
@@ -169,7 +176,10 @@ class ControlServer:
                 elif e.errno != errno.ECONNABORTED:
                     log.warning("accept: %s", e)
                 return
-            address = socket.inet_aton(addr[0])
+            ip = ipaddress.ip_address(addr[0])
+            if ip.version == 6 and ip.ipv4_mapped is not None:   # an IPv4 peer of "::"
+                ip = ip.ipv4_mapped
+            address = ip.packed
             full = len(self.peers) >= self.max_peers \
                 and not self._make_room(lambda p: True)
             if not full and self.per_address.get(address, 0) >= self.max_peers_per_address:
@@ -180,19 +190,19 @@ class ControlServer:
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = Peer(sock, f"{addr[0]}:{addr[1]}", self._next_peer_id, address, now)
+            peer = Peer(sock, endpoint(address, addr[1]), self._next_peer_id, address, now)
             self._next_peer_id += 1
             self.peers[sock.fileno()] = peer
             self.per_address[address] = self.per_address.get(address, 0) + 1
             self.epoll.register(sock.fileno(), select.EPOLLIN)
             self.counters[C.INDEX["peers_accepted"]] += 1
-            if not any(ipaddress.IPv4Address(addr[0]) in net for net in self.allow):
-                peer.refused = f"{addr[0]} is not in its allow list"
+            if not any(ip in net for net in self.allow if net.version == ip.version):
+                peer.refused = f"{ip} is not in its allow list"
                 self.counters[C.INDEX["peers_refused"]] += 1
                 if self._logged(address, now, REFUSED_LOG_EVERY):
                     log.warning("refused a control connection from %s: not in allow (add "
                                 "the online host's address to allow in "
-                                "/etc/interceptd.conf, or --allow)", addr[0])
+                                "/etc/interceptd.conf, or --allow)", ip)
                 continue
             log.info("tcpcopyd %s connected to worker %d", peer.name, self.index + 1)
 
@@ -298,7 +308,34 @@ class ControlServer:
             self.counters[C.INDEX["auth_failures"]] += 1
             self._refuse(peer, wire.SECRET_WANTED, "it wants the shared secret")
         else:
+            self._registration(peer, msg, now)
+
+    def _registration(self, peer: Peer, msg: tuple, now: float) -> None:
+        """A message after the handshake: to the router (the parts of an IPv6 one
+        gathered first)."""
+        kind, cip, cport, tip, tport = msg
+        if kind == wire.CLIENT_ADD6 or kind == wire.CLIENT_DEL6:
+            self._on_part6(peer, kind, wire.proof_part(cip, cport, tip, tport), now)
+        elif peer.parts6:
+            raise wire.ProtocolError("an IPv6 registration cut short")
+        else:
             self.router.on_message(peer, kind, cip, cport, now, tip, tport)
+
+    def _on_part6(self, peer: Peer, kind: int, part: bytes, now: float) -> None:
+        """One part of an IPv6 registration; the last hands the whole to the router."""
+        if not peer.ipv6:
+            raise wire.ProtocolError("an IPv6 registration, not granted")
+        if peer.parts6 and peer.parts6[0] != kind & 0xFF:
+            raise wire.ProtocolError("an IPv6 registration cut short")
+        if not peer.parts6:
+            peer.parts6.append(kind & 0xFF)
+        peer.parts6 += part
+        if len(peer.parts6) < 1 + 12 * wire.REGISTRATION6_PARTS:
+            return
+        cip6, cport6, tip6, tport6 = wire.registration6_fields(bytes(peer.parts6[1:]))
+        peer.parts6.clear()
+        self.router.on_message(peer, wire.CLIENT_ADD if kind == wire.CLIENT_ADD6
+                               else wire.CLIENT_DEL, cip6, cport6, now, tip6, tport6)
 
     def _on_hello(self, peer: Peer, features: int) -> None:
         peer.offered = True
@@ -306,13 +343,21 @@ class ControlServer:
         if peer.refused is not None:
             self._refuse(peer, wire.NOT_ALLOWED, peer.refused)
         peer.payload = bool(features & wire.FEATURE_PAYLOAD)
+        peer.ipv6 = self.ipv6 and bool(features & wire.FEATURE_IPV6)
         if self.secret is None:
             # a tcpcopyd that offers the secret learns we have none, and leaves
-            peer.out += wire.welcome_frame(features & wire.FEATURE_PAYLOAD)
+            peer.out += wire.welcome_frame(self._granted(peer, 0))
         elif not features & wire.FEATURE_AUTH:
             self.counters[C.INDEX["auth_failures"]] += 1
             self._refuse(peer, wire.SECRET_WANTED, "it wants the shared secret")
         # else: the answer waits for its challenge
+
+    @staticmethod
+    def _granted(peer: Peer, features: int) -> int:
+        """What our WELCOME grants: ``features``, the payload if offered, IPv6 if offered
+        and the target's IPv6 replies reach us."""
+        return features | (peer.features & wire.FEATURE_PAYLOAD) \
+            | (wire.FEATURE_IPV6 if peer.ipv6 else 0)
 
     def _on_challenge(self, peer: Peer, part: bytes) -> None:
         if self.secret is None or not peer.features & wire.FEATURE_AUTH:
@@ -323,7 +368,7 @@ class ControlServer:
         if len(peer.challenge) < 12 * wire.CHALLENGE_PARTS:
             return
         ours = auth.nonce()
-        granted = wire.FEATURE_AUTH | (peer.features & wire.FEATURE_PAYLOAD)
+        granted = self._granted(peer, wire.FEATURE_AUTH)
         peer.seen = auth.transcript(bytes(peer.challenge[:auth.NONCE_SIZE]), ours,
                                     peer.features, granted)
         peer.out += wire.welcome_frame(granted, ours, auth.server_proof(self.secret, peer.seen))

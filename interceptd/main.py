@@ -16,6 +16,7 @@ from shm import segment as shmseg
 from tcpcopyd.health import metrics
 from tcpcopyd.net import capture, wire
 from tcpcopyd.service import capabilities, logs
+from tcpcopyd.service.addresses import show_host
 from tcpcopyd.service.arbiter import Arbiter
 from tcpcopyd.service.instance import InstanceError, InstanceLock
 from tcpcopyd.service.reload import Reloader, StatusLine
@@ -111,15 +112,18 @@ def assistant(cfg: Settings) -> int:
     if err:
         return fail(err, EX_CONFIG)
     if forwards() and not cfg.assistant_forwarding_ok:
-        return fail("assistant mode on a host that forwards IPv4 (net.ipv4.ip_forward=1): "
-                    "the target's replies would go on to the real clients; sysctl -w "
-                    "net.ipv4.ip_forward=0, or --assistant-forwarding-ok if they are "
-                    "dropped some other way", EX_CONFIG)
+        return fail("assistant mode on a host that forwards IPv4 or IPv6 "
+                    "(net.ipv4.ip_forward=1 or net.ipv6.conf.all.forwarding=1): the "
+                    "target's replies would go on to "
+                    "the real clients; sysctl -w net.ipv4.ip_forward=0 "
+                    "net.ipv6.conf.all.forwarding=0, or --assistant-forwarding-ok if they "
+                    "are dropped some other way", EX_CONFIG)
     sockets = []
     try:
         for _ in range(cfg.queues):
             sockets.append(capture.open_capture(cfg.interface, cfg.service_port,
-                                                os.getpid() & 0xFFFF, source=True))
+                                                os.getpid() & 0xFFFF, source=True,
+                                                ipv6=rules.has_ipv6()))
     except capture.CaptureError as e:
         for sock in sockets:
             sock.close()
@@ -129,29 +133,39 @@ def assistant(cfg: Settings) -> int:
 
 
 def forwards() -> bool:
-    """Whether this host forwards IPv4 (an assistant must not: the replies end here)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_forward") as f:
-            return f.read().strip() != "0"
-    except OSError:
-        return False
+    """Whether this host forwards IPv4 or IPv6 (an assistant must not: the replies end
+    here)."""
+    for path in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"):
+        try:
+            with open(path) as f:
+                if f.read().strip() != "0":
+                    return True
+        except OSError:
+            pass
+    return False
 
 
 def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
     """Listen for tcpcopyd, install the rules, and run the workers, one per reply source
     (an NFQUEUE binding or a capture socket); ``release()`` frees the sources at the end."""
     wakeups = [os.eventfd(0, os.EFD_NONBLOCK) for _ in sources]
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    v6_listen = ":" in cfg.listen
+    listener = socket.socket(socket.AF_INET6 if v6_listen else socket.AF_INET,
+                             socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
+        if v6_listen:      # "::" takes IPv4 peers too (as ::ffff:a.b.c.d)
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         listener.bind((cfg.listen, cfg.port))
         listener.listen(128)
     except OSError as e:
         listener.close()
         release()
-        return fail(f"cannot listen on {cfg.listen}:{cfg.port}: {e.strerror}")
+        return fail(f"cannot listen on {show_host(cfg.listen, cfg.port)}: {e.strerror}")
     tag = f"interceptd:{cfg.instance}"
     installed: list[list[str]] = []
+    installed6: list[list[str]] = []
+    ipv6 = rules.has_ipv6()
     if not cfg.no_iptables:
         try:
             installed = rules.install(cfg.service_port, cfg.queue_num, cfg.queues, tag,
@@ -160,12 +174,24 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
             listener.close()
             release()
             return fail(str(e))
+        if ipv6 and not cfg.interface:
+            try:
+                installed6 = rules.install(cfg.service_port, cfg.queue_num, cfg.queues, tag,
+                                           cfg.instance, v6=True)
+            except rules.RuleError as e:
+                ipv6 = False
+                log.warning("IPv6 replies are not intercepted (%s): tcpcopyd copies only "
+                            "IPv4 sessions here", e)
+
+    def unrule() -> None:
+        rules.remove(installed)
+        rules.remove(installed6, v6=True)
     try:
         seg = shmseg.create(cfg.instance, C.KIND, cfg.queues, 0, 64,
                             label=",".join(map(str, cfg.service_port)),
                             extra_size=shared.extra_size(cfg.queues, cfg.max_routes))
     except (shmseg.SegmentError, OSError) as e:
-        rules.remove(installed)
+        unrule()
         listener.close()
         release()
         return fail(f"shared memory: {e}")
@@ -177,7 +203,7 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
             else " (rules managed by the operator)")
 
     def factory(index: int, cpu: int) -> QueueWorker:
-        return QueueWorker(cfg, index, cpu, seg, listener, sources[index], wakeups)
+        return QueueWorker(cfg, index, cpu, seg, listener, sources[index], wakeups, ipv6)
 
     try:
         try:
@@ -193,8 +219,9 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
             return fail(str(bad), bad.code)
         reload = Reloader(PROG, DESCRIPTION, REGISTRY, LAYOUT, cfg, seg)
         reload.publish()
-        log.info("interceptd %s: service ports %s, %s, control %s:%d", version(),
-                 ",".join(map(str, cfg.service_port)), source, cfg.listen, cfg.port)
+        log.info("interceptd %s: service ports %s, %s, %s, control %s", version(),
+                 ",".join(map(str, cfg.service_port)), source,
+                 "IPv4 and IPv6" if ipv6 else "IPv4", show_host(cfg.listen, cfg.port))
         status = StatusLine(seg, C.NAMES, ("queued", "routed"),
                             ("routes", "peers", "queue_drops"))
         # pinned from the last CPU down (tcpcopyd from the first up): on a host that runs
@@ -203,7 +230,7 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
                        allowed_cpus()[::-1], status=status, reload=reload,
                        pages=pages).run()
     finally:
-        rules.remove(installed)
+        unrule()
         release()
         listener.close()
         seg.close()

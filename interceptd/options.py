@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from tcpcopyd.net import wire
+from tcpcopyd.service.addresses import (
+    ip_address,
+    metrics_listen_setting,
+    networks,
+    show_networks,
+)
 from tcpcopyd.service.settings import (
     Config,
     Layout,
@@ -12,17 +18,13 @@ from tcpcopyd.service.settings import (
     boolean,
     instance_name,
     int_range,
-    ipv4,
     log_level_setting,
     log_setting,
-    metrics_listen_setting,
-    networks,
     pidfile_setting,
     port,
     port_list,
     secret_file_setting,
     setting,
-    show_networks,
     text,
 )
 
@@ -44,13 +46,15 @@ class Settings(Config):
         ("-p", "--port"), wire.DEFAULT_PORT, port,
         "control port tcpcopyd connects to", metavar="PORT", example=wire.DEFAULT_PORT)
     listen: str = setting(
-        ("-b", "--listen"), "0.0.0.0", ipv4,
-        "address the control port listens on (0.0.0.0: every address; which peers may "
-        "connect is `allow`)", metavar="ADDR", example="0.0.0.0")
-    allow: tuple[IPv4Network, ...] = setting(
+        ("-b", "--listen"), "0.0.0.0", ip_address,
+        "address the control port listens on (0.0.0.0: every IPv4 address; :: every "
+        "address of both families; which peers may connect is `allow`)", metavar="ADDR",
+        example="0.0.0.0")
+    allow: tuple[IPv4Network | IPv6Network, ...] = setting(
         ("--allow",), (IPv4Network("127.0.0.0/8"),), networks,
-        "networks whose hosts may connect to the control port, e.g. the online hosts' "
-        "addresses; anyone else is refused (logged once a minute per address, counted)",
+        "networks (IPv4 or IPv6) whose hosts may connect to the control port, e.g. the "
+        "online hosts' addresses; anyone else is refused (logged once a minute per "
+        "address, counted)",
         metavar="CIDR[,CIDR...]", example=["198.18.2.0/24"], show=show_networks,
         default_text="127.0.0.0/8 (loopback only)")
     secret_file: str | None = secret_file_setting()

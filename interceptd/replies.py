@@ -25,12 +25,22 @@ class Recorder:
         self.last_ack: dict[bytes, bytes] = {}
 
     def record(self, packet: bytes | memoryview) -> bytes:
-        """Raises ProtocolError for a packet that is not a whole IPv4/TCP header."""
+        """Raises ProtocolError for a packet that is not a whole IPv4/TCP or IPv6/TCP
+        header."""
         header = wire.reply_header(packet)
-        if not self.want_prefix or P.total_length(header) <= 20 + P.tcp_header_length(header):
+        if not self.want_prefix:
+            return header
+        if header[0] >> 4 == 6:
+            tcp = P.IP6_HEADER
+            data = P.U16.unpack_from(header, P.IP6_PAYLOAD_LENGTH)[0] \
+                > P.tcp_header_length(header, tcp)
+        else:
+            tcp = 20
+            data = P.total_length(header) > 20 + P.tcp_header_length(header)
+        if not data:
             return header
         key = P.destination(header)
-        ack = header[20 + P.TCP_ACK:20 + P.TCP_ACK + 4]
+        ack = header[tcp + P.TCP_ACK:tcp + P.TCP_ACK + 4]
         if self.last_ack.get(key) == ack:
             return header
         if len(self.last_ack) >= ANSWERS_SEEN_MAX:
@@ -41,7 +51,7 @@ class Recorder:
 
 class ReplyPath:
     """A packet of the target to its record and its route. A packet that is not a whole
-    IPv4/TCP header is counted and skipped; nothing a packet holds stops the worker:
+    IPv4/TCP or IPv6/TCP header is counted and skipped; nothing a packet holds stops the worker:
     anything else that goes wrong with one is counted the same and given to
     ``on_error`` (which logs it)."""
 

@@ -46,6 +46,7 @@ PEER_MAX_PENDING = 4 << 20
 WORKER_MAX_PENDING = 32 << 20
 # the target of a session registered with zeros (not given): replies from anywhere
 ANY_TARGET = bytes(6)
+ANY_TARGET6 = bytes(18)
 
 
 class Holder:
@@ -56,7 +57,7 @@ class Holder:
     __slots__ = ("address", "alive", "versioned", "pending", "out", "payload")
 
     def __init__(self, address: bytes) -> None:
-        self.address = address           # the peer's IPv4 address (owner of its routes)
+        self.address = address           # the peer's address (owner of its routes)
         self.alive = True
         self.versioned = False
         self.pending: list[bytes] = []   # reply headers not yet framed
@@ -69,8 +70,12 @@ def route_key(ip: bytes, port: int) -> bytes:
 
 
 def owner_id(peer: Holder) -> int:
-    """What the shared route table records of a route's holder: its peer address."""
-    return int.from_bytes(peer.address, "big")
+    """What the shared route table records of a route's holder: its peer address (an
+    IPv6 one by its hash, keyed with the master's secret like the table's: nobody can
+    pick an address whose id is another's)."""
+    if len(peer.address) == 4:
+        return int.from_bytes(peer.address, "big")
+    return hash(peer.address) & 0xFFFFFFFF
 
 
 class Router:
@@ -138,12 +143,11 @@ class Router:
         """A registration is refused when another peer address holds the session (here or
         at another worker), or when the worker holds all the routes it may; counted."""
         entry = self.routes.get(key)
-        holder = entry[0].address if entry is not None else None
-        if holder is None and self.table is not None:
+        other = entry is not None and entry[0].address != peer.address
+        if entry is None and self.table is not None:
             found = self.table.find(key, skip=self.index)
-            if found is not None:
-                holder = found[1].to_bytes(4, "big")
-        if holder is not None and holder != peer.address:
+            other = found is not None and found[1] != owner_id(peer)
+        if other:
             self.counters[C.INDEX["routes_refused"]] += 1
             return False
         if entry is None and len(self.routes) >= self.max_routes:
@@ -210,7 +214,7 @@ class Router:
     def _to_peer(self, peer: Holder, target: bytes, header: bytes) -> None:
         """Queue a reply for its peer if it comes from the target its session was
         registered for (source address + port)."""
-        if target != source(header) and target != ANY_TARGET:
+        if target != source(header) and target != ANY_TARGET and target != ANY_TARGET6:
             self.counters[C.INDEX["replies_foreign"]] += 1
             return
         peer.pending.append(header)

@@ -13,6 +13,9 @@ are found:
   it: a stop, a restart, an upgrade, a crash or SIGKILL leave it in place, so between two
   interceptds the target's replies are dropped by the kernel, not routed to the clients.
   Only the operator lifts it (``tcpcopyctl release-guard NAME``, or removing the package).
+
+The same rules go in ip6tables for IPv6 (``v6=True``: loopback ::1 skipped), on a host
+that has IPv6 and ip6tables; interceptd takes IPv6 sessions only once they are in place.
 """
 from __future__ import annotations
 
@@ -30,60 +33,78 @@ class RuleError(RuntimeError):
     """iptables is missing or refused a rule."""
 
 
-def iptables_path() -> str:
-    path = shutil.which("iptables")
+def iptables_path(v6: bool = False) -> str:
+    name = "ip6tables" if v6 else "iptables"
+    path = shutil.which(name)
     if path is None:
-        raise RuleError("iptables not found: apt install iptables (or run with --no-iptables "
+        raise RuleError(f"{name} not found: apt install iptables (or run with --no-iptables "
                         "and install the NFQUEUE rules yourself)")
     return path
+
+
+def has_ipv6() -> bool:
+    """Whether this host has IPv6 (the kernel's, enabled)."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/all/disable_ipv6") as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return False
 
 
 def guard_tag(instance: str) -> str:
     return GUARD_PREFIX + instance
 
 
-def _match(port: int, tag: str) -> list[str]:
+def _match(port: int, tag: str, v6: bool = False) -> list[str]:
     """What every rule of ours matches: the target's replies from ``port`` to anyone but
     itself."""
-    return ["-p", "tcp", "--sport", str(port), "!", "-d", "127.0.0.0/8", "-m", "comment",
-            "--comment", tag]
+    return ["-p", "tcp", "--sport", str(port), "!", "-d", "::1/128" if v6 else "127.0.0.0/8",
+            "-m", "comment", "--comment", tag]
 
 
-def guard_specs(ports: list[int], tag: str) -> list[list[str]]:
-    return [[*_match(p, tag), "-j", "DROP"] for p in ports]
+def guard_specs(ports: list[int], tag: str, v6: bool = False) -> list[list[str]]:
+    return [[*_match(p, tag, v6), "-j", "DROP"] for p in ports]
 
 
-def rule_specs(ports: list[int], first_queue: int, queues: int, tag: str) -> list[list[str]]:
+def rule_specs(ports: list[int], first_queue: int, queues: int, tag: str,
+               v6: bool = False) -> list[list[str]]:
     """The rules for ``ports``. With several queues, a reply goes to the queue chosen by
     bits 1.. of its destination (the client's) port, so every reply of one session goes to
     one queue, in order. (--queue-balance hashes the addresses only: one busy client would
     use a single queue; --queue-cpu-fanout follows the CPU, and scatters a session's
     replies over queues, out of order.) Linux clients use even ports, so bit 0 is skipped.
+    The target's own IPv6 replies carry no extension header: their TCP header is at 40.
     """
     if queues == 1:
-        return [[*_match(p, tag), "-j", "NFQUEUE", "--queue-num", str(first_queue)]
+        return [[*_match(p, tag, v6), "-j", "NFQUEUE", "--queue-num", str(first_queue)]
                 for p in ports]
     bits = (queues - 1).bit_length()
     specs = []
     for p in ports:
         for r in range(1 << bits):
             # u32: skip the IP header, take the TCP ports word, >> 1, low bits = r
-            match = f"0>>22&0x3C@0>>1&{(1 << bits) - 1:#x}={r}"
-            m = _match(p, tag)
+            tcp = "40" if v6 else "0>>22&0x3C@0"
+            match = f"{tcp}>>1&{(1 << bits) - 1:#x}={r}"
+            m = _match(p, tag, v6)
             specs.append([*m[:7], "-m", "u32", "--u32", match, *m[7:], "-j", "NFQUEUE",
                           "--queue-num", str(first_queue + r % queues)])
     return specs
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([iptables_path(), "-w", "5", *args], capture_output=True, text=True)
+def _run(args: list[str], v6: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run([iptables_path(v6), "-w", "5", *args], capture_output=True,
+                          text=True)
 
 
-def tagged(tag: str) -> list[list[str]]:
+def _name(v6: bool) -> str:
+    return "ip6tables" if v6 else "iptables"
+
+
+def tagged(tag: str, v6: bool = False) -> list[list[str]]:
     """The OUTPUT rules carrying exactly our comment ``tag``, as ``-D``-able specs."""
-    out = _run(["-S", "OUTPUT"])
+    out = _run(["-S", "OUTPUT"], v6)
     if out.returncode != 0:
-        raise RuleError(f"iptables -S OUTPUT failed: {out.stderr.strip()}")
+        raise RuleError(f"{_name(v6)} -S OUTPUT failed: {out.stderr.strip()}")
     found = []
     for line in out.stdout.splitlines():
         args = [a.strip('"') for a in line.split()]
@@ -96,11 +117,11 @@ def tagged(tag: str) -> list[list[str]]:
     return found
 
 
-def remove_tagged(tag: str) -> int:
+def remove_tagged(tag: str, v6: bool = False) -> int:
     """Delete every OUTPUT rule carrying our comment (left by a killed instance)."""
     n = 0
-    for spec in tagged(tag):
-        if _run(["-D", "OUTPUT", *spec]).returncode == 0:
+    for spec in tagged(tag, v6):
+        if _run(["-D", "OUTPUT", *spec], v6).returncode == 0:
             n += 1
     return n
 
@@ -112,53 +133,58 @@ def _port_of(spec: list[str]) -> int | None:
         return None
 
 
-def ensure_guard(ports: list[int], instance: str) -> None:
+def ensure_guard(ports: list[int], instance: str, v6: bool = False) -> None:
     """The guard of ``instance`` covers exactly ``ports``: missing rules are inserted first
     (at the top: no ACCEPT of the operator's can come before it), then those of ports no
     longer served are removed (said in the log)."""
     tag = guard_tag(instance)
-    present = {_port_of(spec): spec for spec in tagged(tag)}
-    for spec in guard_specs(ports, tag):
+    present = {_port_of(spec): spec for spec in tagged(tag, v6)}
+    for spec in guard_specs(ports, tag, v6):
         if _port_of(spec) in present:
             continue
-        r = _run(["-I", "OUTPUT", *spec])
+        r = _run(["-I", "OUTPUT", *spec], v6)
         if r.returncode != 0:
-            raise RuleError(f"iptables -I OUTPUT {' '.join(spec)}: {r.stderr.strip()}")
+            raise RuleError(f"{_name(v6)} -I OUTPUT {' '.join(spec)}: {r.stderr.strip()}")
     for port, spec in present.items():
         if port not in ports:
-            _run(["-D", "OUTPUT", *spec])
+            _run(["-D", "OUTPUT", *spec], v6)
             log.info("guard of port %s removed: that port is no longer served", port)
 
 
 def release_guard(instance: str) -> int:
-    """The operator's action: remove the guard of ``instance``; returns the rules removed."""
-    return remove_tagged(guard_tag(instance))
+    """The operator's action: remove the guard of ``instance`` (IPv4 and, where it is
+    installed, IPv6); returns the rules removed."""
+    n = remove_tagged(guard_tag(instance))
+    if shutil.which("ip6tables") is not None and has_ipv6():
+        n += remove_tagged(guard_tag(instance), v6=True)
+    return n
 
 
 def install(ports: list[int], first_queue: int, queues: int, tag: str,
-            instance: str | None = None) -> list[list[str]]:
+            instance: str | None = None, v6: bool = False) -> list[list[str]]:
     """Install the guard of ``instance`` (if given), then the queue rules above it; on any
     failure remove the queue rules installed and raise (the guard stays)."""
     if instance is not None:
-        ensure_guard(ports, instance)
-    stale = remove_tagged(tag)
+        ensure_guard(ports, instance, v6)
+    stale = remove_tagged(tag, v6)
     if stale:
-        log.info("removed %d stale rule(s) tagged %s", stale, tag)
+        log.info("removed %d stale %s rule(s) tagged %s", stale, _name(v6), tag)
     done: list[list[str]] = []
-    for spec in rule_specs(ports, first_queue, queues, tag):
-        r = _run(["-I", "OUTPUT", *spec])
+    for spec in rule_specs(ports, first_queue, queues, tag, v6):
+        r = _run(["-I", "OUTPUT", *spec], v6)
         if r.returncode != 0:
-            remove(done)
+            remove(done, v6)
             msg = r.stderr.strip()
             if "NFQUEUE" in msg or "No chain/target/match" in msg or "extension" in msg:
                 msg += " (the kernel lacks NFQUEUE: modprobe nfnetlink_queue xt_NFQUEUE)"
-            raise RuleError(f"iptables -I OUTPUT {' '.join(spec)}: {msg}")
+            raise RuleError(f"{_name(v6)} -I OUTPUT {' '.join(spec)}: {msg}")
         done.append(spec)
     return done
 
 
-def remove(specs: list[list[str]]) -> None:
+def remove(specs: list[list[str]], v6: bool = False) -> None:
     for spec in specs:
-        r = _run(["-D", "OUTPUT", *spec])
+        r = _run(["-D", "OUTPUT", *spec], v6)
         if r.returncode != 0:
-            log.warning("could not remove rule %s: %s", " ".join(spec), r.stderr.strip())
+            log.warning("could not remove %s rule %s: %s", _name(v6), " ".join(spec),
+                        r.stderr.strip())

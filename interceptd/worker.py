@@ -33,9 +33,11 @@ SYNC_INTERVAL = 0.1
 QUEUED, MALFORMED = C.INDEX["queued"], C.INDEX["malformed"]
 # packets read from a capture socket (assistant mode) before the loop looks at the rest
 CAPTURE_BATCH = 512
-# a hand-off ring record that announces a reply record with payload bytes: the next ring
-# record is its header, then as many records as its payload fills
+# a hand-off ring record that announces a reply record longer than one ring record (with
+# payload bytes, or an IPv6 one): its length, then as many ring records as it fills
 PREFIX_MARK = b"\0PFX"
+# the longest reply record
+RECORD_MAX = wire.REPLY6_SIZE + wire.PREFIX_MAX
 
 # messages read from the NFQUEUE before their batch verdict and a look at the rest
 QUEUE_BATCH = 256
@@ -59,9 +61,12 @@ class QueueWorker(service_worker.WorkerProcess):
     routes."""
 
     def __init__(self, cfg: Settings, index: int, cpu: int, seg: Segment,
-                 listener: socket.socket, source, wakeups: list[int]) -> None:
+                 listener: socket.socket, source, wakeups: list[int],
+                 ipv6: bool = False) -> None:
         """``source``: this worker's NFQUEUE binding, or (assistant mode) its AF_PACKET
-        capture socket; ``wakeups``: one eventfd per worker, "your ring has records"."""
+        capture socket; ``wakeups``: one eventfd per worker, "your ring has records";
+        ``ipv6``: the target's IPv6 replies reach it too (tcpcopyd may register IPv6
+        sessions)."""
         super().__init__(index, cfg.queues, cpu, seg)
         self.cfg = cfg
         self.listener = listener
@@ -74,6 +79,7 @@ class QueueWorker(service_worker.WorkerProcess):
         # capture socket needs nothing once open
         self.capabilities = () if self.capture else ("CAP_NET_ADMIN",)
         self.wakeups = wakeups
+        self.ipv6 = ipv6
         self.control_turns = 0
 
     @property
@@ -105,7 +111,7 @@ class QueueWorker(service_worker.WorkerProcess):
         self.control = ControlServer(self.listener, self.epoll, self.router, self.counters,
                                      self.index, cfg.allow, cfg.secret, cfg.max_connections,
                                      cfg.max_connections_per_address,
-                                     RefusalLog(self.seg).due)
+                                     RefusalLog(self.seg).due, self.ipv6)
         self.watch = SettingsWatch("interceptd", self.seg, self.cfg)
         self.recorder = Recorder()
         self.replies = ReplyPath(self.recorder, self.router, self.counters, self._unexpected)
@@ -271,15 +277,14 @@ def serve_control(events: list[tuple[int, int]], on_event: Callable[[int, int, f
 
 
 def ring_records(record: bytes) -> list[bytes]:
-    """A reply record as hand-off ring records: its header alone, or (with payload bytes)
-    a PREFIX_MARK record with the payload's length, the header, the payload in records."""
+    """A reply record as hand-off ring records: an IPv4 header alone, or a PREFIX_MARK
+    record with the record's length, then the record cut in ring records."""
     size = wire.REPLY_SIZE
     if len(record) == size:
         return [record]
-    extra = record[size:]
-    head = (PREFIX_MARK + len(extra).to_bytes(2, "big")).ljust(size, b"\0")
-    return [head, record[:size],
-            *(extra[i:i + size].ljust(size, b"\0") for i in range(0, len(extra), size))]
+    head = (PREFIX_MARK + len(record).to_bytes(2, "big")).ljust(size, b"\0")
+    return [head, *(record[i:i + size].ljust(size, b"\0")
+                    for i in range(0, len(record), size))]
 
 
 def from_ring_records(ring: list[bytes]) -> tuple[list[bytes], int]:
@@ -296,12 +301,12 @@ def from_ring_records(ring: list[bytes]) -> tuple[list[bytes], int]:
         elif r[:4] == PREFIX_MARK:
             length = int.from_bytes(r[4:6], "big")
             chunks = -(-length // size)
-            group = ring[i + 1:i + 2 + chunks]
-            i += 2 + chunks
-            if length > wire.PREFIX_MAX or len(group) < 1 + chunks:
+            group = ring[i + 1:i + 1 + chunks]
+            i += 1 + chunks
+            if length > RECORD_MAX or len(group) < chunks:
                 broken += 1
                 continue
-            out.append(group[0] + b"".join(group[1:])[:length])
+            out.append(b"".join(group)[:length])
         else:
             out.append(r)
             i += 1

@@ -3,8 +3,14 @@
 Each writer (an interceptd worker) owns one region of ``buckets`` open-addressing buckets
 and is the only process that writes it; any process looks keys up in any region without
 locks. A bucket is a seqlock record: key (6 bytes: IPv4 address + port, network order),
-state (empty / used / deleted) and a u32 value. Deleted buckets keep probe chains intact;
-the owner rebuilds its region when they pile up.
+state (empty / used / deleted), family and a u32 value. Deleted buckets keep probe chains
+intact; the owner rebuilds its region when they pile up.
+
+An IPv6 key (18 bytes) is kept as 48 bits of its keyed hash (the same secret as the
+buckets'): the bucket stays 16 bytes. Two live IPv6 sessions whose 48 bits agree (about
+one chance in 10^5 with 100 000 of them at once; nobody outside can make it happen)
+would send one's replies to the other's worker, where they wait and expire: that session
+retransmits, and may give up.
 """
 from __future__ import annotations
 
@@ -14,9 +20,9 @@ from shm import seqlock
 from shm.record import Record
 
 BUCKET = Record("Bucket", (
-    ("key", "6s"),       # IPv4 address + port, network order
+    ("key", "6s"),       # IPv4 address + port, network order; IPv6: see above
     ("state", "B"),      # EMPTY, USED or DELETED
-    ("pad", "x"),
+    ("family", "B"),     # 4 or 6
     ("value", "I"),      # the owner's peer id
 ))
 BUCKET_SIZE = 16                      # seq (4) + body (12)
@@ -26,6 +32,13 @@ EMPTY, USED, DELETED = 0, 1, 2
 
 def region_size(buckets: int) -> int:
     return buckets * BUCKET_SIZE
+
+
+def stored(key: bytes) -> tuple[bytes, int]:
+    """What a bucket holds of ``key``: (its 6 bytes, its family)."""
+    if len(key) == 6:
+        return key, 4
+    return (hash(key) & 0xFFFFFFFFFFFF).to_bytes(6, "big"), 6
 
 
 class KeyTable:
@@ -55,14 +68,15 @@ class KeyTable:
 
     def lookup(self, region: int, key: bytes) -> int | None:
         h = self._hash(key)
+        want, family = stored(key)
         for i in range(h, h + self.buckets):
             try:
-                k, state, value = seqlock.read(self.mm, self._bucket(region, i), BUCKET)
+                k, state, fam, value = seqlock.read(self.mm, self._bucket(region, i), BUCKET)
             except seqlock.TornRead:
                 return None
             if state == EMPTY:
                 return None
-            if state == USED and k == key:
+            if state == USED and k == want and fam == family:
                 return value
         return None
 
@@ -96,7 +110,7 @@ class OwnedRegion:
         its counter moving on: zeroing the counter with the body would let a reader that
         began before see the same counter after, and take a torn bucket (ABA)."""
         t = self.t
-        mm, state_at, empty = t.mm, 4 + BUCKET.offset("state"), (bytes(6), EMPTY, 0)
+        mm, state_at, empty = t.mm, 4 + BUCKET.offset("state"), (bytes(6), EMPTY, 0, 0)
         held = range(t.buckets) if whole else [*self.where.values(), *self.tombstones]
         for i in held:
             off = t._bucket(self.region, i)
@@ -124,20 +138,23 @@ class OwnedRegion:
             else:
                 return False
             self.where[key] = i
-        seqlock.write(t.mm, t._bucket(self.region, i), BUCKET, (key, USED, value))
+        k, family = stored(key)
+        seqlock.write(t.mm, t._bucket(self.region, i), BUCKET, (k, USED, family, value))
         return True
 
     def remove(self, key: bytes) -> None:
         i = self.where.pop(key, None)
         if i is None:
             return
-        seqlock.write(self.t.mm, self.t._bucket(self.region, i), BUCKET, (key, DELETED, 0))
+        k, family = stored(key)
+        seqlock.write(self.t.mm, self.t._bucket(self.region, i), BUCKET,
+                      (k, DELETED, family, 0))
         self.tombstones.add(i)
 
     def _rebuild(self) -> None:
         entries = []
         for key, i in self.where.items():
-            _, _, value = seqlock.read(self.t.mm, self.t._bucket(self.region, i), BUCKET)
+            _, _, _, value = seqlock.read(self.t.mm, self.t._bucket(self.region, i), BUCKET)
             entries.append((key, value))
         self.clear()
         for key, value in entries:

@@ -3,9 +3,12 @@
 Reading it is ``tcpcopyd.net.reader``; a worker's capture socket has a receive ring
 (``tcpcopyd.net.ring``) which each worker process maps for itself (``map_ring``).
 
-The socket is SOCK_DGRAM (the kernel strips the link header, we read IPv4 packets), bound
+The socket is SOCK_DGRAM (the kernel strips the link header, we read IP packets), bound
 to one interface, ignores packets the host sends itself, and carries a classic BPF filter
-that passes only TCP (non-fragment) packets whose destination port is a service port.
+that passes only TCP (non-fragment) packets whose destination port is a service port. With
+IPv6 it takes every protocol and the filter passes IPv4 and IPv6 alike: an IPv6 packet
+with its TCP header right behind the IPv6 header, or behind one extension header (which
+the engine follows, or counts as not followed: a fragment); longer chains are dropped.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from tcpcopyd.net.errors import CaptureError
 
 # linux/if_ether.h
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 ETH_P_ALL = 0x0003
 # classic BPF ancillary data: the packet's protocol (linux/filter.h SKF_AD_OFF + 0)
 SKF_AD_PROTOCOL = 0xFFFFF000
@@ -41,10 +45,17 @@ BPF_LD_H_ABS = 0x28
 BPF_LD_B_IND = 0x50
 BPF_LD_H_IND = 0x48
 BPF_LDX_B_MSH = 0xB1
+BPF_LDX_IMM = 0x01
+BPF_LDX_MEM = 0x61
+BPF_ST = 0x02
+BPF_STX = 0x03
 BPF_AND_K = 0x54
 BPF_RSH_K = 0x74
+BPF_LSH_K = 0x64
+BPF_ADD_K = 0x04
 BPF_ADD_X = 0x0C
 BPF_TAX = 0x07
+BPF_JA = 0x05
 BPF_JEQ_K = 0x15
 BPF_JSET_K = 0x45
 BPF_JGT_X = 0x2D
@@ -90,24 +101,98 @@ SKIP_PURE_ACKS = [
 ]
 
 
-def bpf_program(ports: list[int], source: bool = False, answers: bool = False
-                ) -> list[tuple[int, int, int, int]]:
+# the IPv6 extension headers the filter looks behind (one of them; their length is
+# (second byte + 1) x 8, which a fragment header's reserved 0 makes its 8)
+EXTENSIONS6 = (P.IP6_HOP_BY_HOP, P.IP6_ROUTING, P.IP6_FRAGMENT, P.IP6_DEST_OPTIONS)
+
+
+def bpf_program(ports: list[int], source: bool = False, answers: bool = False,
+                ipv6: bool = False) -> list[tuple[int, int, int, int]]:
     """Instructions (code, jt, jf, k) accepting the client's TCP segments to any of
     ``ports`` (network layer) that carry a payload, SYN, FIN or RST; ``source``: every
     TCP segment from any of them (interceptd's assistant mode, which needs the target's
     ACKs); ``answers``: the server's segments from them that carry a payload, SYN, FIN or
-    RST (the comparison test). Every port's test jumps at most one instruction ahead, so
-    any number of ports fits (up to BPF_MAXINSNS)."""
+    RST (the comparison test); ``ipv6``: IPv6 ones as well (the socket takes every
+    protocol). Every port's test jumps at most one instruction ahead, so any number of
+    ports fits (up to BPF_MAXINSNS)."""
     ports = list(dict.fromkeys(ports))
     if not ports:
         raise ValueError("no service ports")
-    if 20 + 2 * len(ports) > BPF_MAXINSNS:
+    if 40 + 4 * len(ports) > BPF_MAXINSNS:
         raise ValueError(f"{len(ports)} ports are more than a socket filter can take")
+    v4 = _program4(ports, source, answers)
+    if not (answers or ipv6):
+        return v4                            # the socket takes IPv4 only
+    v6 = _program6(ports, source, answers) if ipv6 else [(BPF_RET_K, 0, 0, 0)]
+    return [
+        # a socket of every protocol (outgoing packets reach only those)
+        (BPF_LD_H_ABS, 0, 0, SKF_AD_PROTOCOL),   # A = the packet's protocol
+        (BPF_JEQ_K, 3, 0, ETH_P_IP),             # IPv4? to its program, else
+        (BPF_JEQ_K, 0, 1, ETH_P_IPV6),           # IPv6? to its program (past IPv4's)
+        (BPF_JA, 0, 0, len(v4) + 1),
+        (BPF_RET_K, 0, 0, 0),                    # neither: drop
+        *v4,
+        *v6,
+    ]
+
+
+def _ports(ports: list[int], field: int) -> list[tuple[int, int, int, int]]:
+    """The port test (X: the TCP header's offset): accept if the port at ``field`` is
+    one of ``ports``, else drop."""
+    prog = [(BPF_LD_H_IND, 0, 0, field)]     # A = port
+    for port in ports:
+        prog.append((BPF_JEQ_K, 0, 1, port))     # this port? accept, else the next
+        prog.append((BPF_RET_K, 0, 0, ACCEPT))
+    prog.append((BPF_RET_K, 0, 0, 0))        # none of them: drop
+    return prog
+
+
+def _program6(ports: list[int], source: bool, answers: bool
+              ) -> list[tuple[int, int, int, int]]:
+    """The IPv6 part of ``bpf_program``."""
     prog = [
-        # the answers' socket takes every protocol (outgoing packets reach only those)
-        *([(BPF_LD_H_ABS, 0, 0, SKF_AD_PROTOCOL),   # A = the packet's protocol
-           (BPF_JEQ_K, 1, 0, ETH_P_IP),              # IPv4? on, else
-           (BPF_RET_K, 0, 0, 0)] if answers else []),  #   drop
+        (BPF_LDX_IMM, 0, 0, P.IP6_HEADER),       # X = 40: the TCP header's offset
+        (BPF_LD_B_ABS, 0, 0, P.IP6_NEXT_HEADER),     # A = next header
+        (BPF_JEQ_K, 2 + len(EXTENSIONS6) + 7, 0, P.IPPROTO_TCP),   # TCP? to its test
+    ]
+    for i, kind in enumerate(EXTENSIONS6):       # an extension header? look behind it
+        prog.append((BPF_JEQ_K, len(EXTENSIONS6) - i, 0, kind))
+    prog += [
+        (BPF_RET_K, 0, 0, 0),                    # anything else: drop
+        (BPF_LD_B_ABS, 0, 0, P.IP6_HEADER + 1),  # A = its length field
+        (BPF_ADD_K, 0, 0, 1),
+        (BPF_LSH_K, 0, 0, 3),
+        (BPF_ADD_K, 0, 0, P.IP6_HEADER),
+        (BPF_TAX, 0, 0, 0),                      # X = 40 + its length
+        (BPF_LD_B_ABS, 0, 0, P.IP6_HEADER),      # A = the next header behind it
+        (BPF_JEQ_K, 1, 0, P.IPPROTO_TCP),        # TCP? to its test, else
+        (BPF_RET_K, 0, 0, 0),                    #   drop: a longer chain
+    ]
+    if not source or answers:
+        prog += [
+            (BPF_STX, 0, 0, 1),                  # M[1] = the TCP header's offset
+            (BPF_LD_B_IND, 0, 0, P.TCP_FLAGS),   # A = tcp flags
+            (BPF_JSET_K, 11, 0, FIN_SYN_RST),    # SYN, FIN or RST? to the port test
+            (BPF_LD_B_IND, 0, 0, P.TCP_DATA_OFFSET),   # A = tcp data offset << 4
+            (BPF_AND_K, 0, 0, 0xF0),
+            (BPF_RSH_K, 0, 0, 2),                # A = tcp header length
+            (BPF_ADD_X, 0, 0, 0),                # A = where the payload begins
+            (BPF_ST, 0, 0, 0),                   # M[0] = A
+            (BPF_LD_H_ABS, 0, 0, P.IP6_PAYLOAD_LENGTH),   # A = payload length
+            (BPF_JEQ_K, 4, 0, 0),                # 0 (a jumbogram, BIG TCP GRO)? on
+            (BPF_ADD_K, 0, 0, P.IP6_HEADER),     # A = where the packet ends
+            (BPF_LDX_MEM, 0, 0, 0),              # X = M[0]
+            (BPF_JGT_X, 1, 0, 0),                # a payload? to the port test, else
+            (BPF_RET_K, 0, 0, 0),                #   drop: a pure ACK
+            (BPF_LDX_MEM, 0, 0, 1),              # X = the TCP header's offset (again)
+        ]
+    return prog + _ports(ports, P.TCP_SPORT if source or answers else P.TCP_DPORT)
+
+
+def _program4(ports: list[int], source: bool, answers: bool
+              ) -> list[tuple[int, int, int, int]]:
+    """The IPv4 part of ``bpf_program``."""
+    return [
         (BPF_LD_B_ABS, 0, 0, P.IP_PROTOCOL),     # A = ip protocol
         (BPF_JEQ_K, 1, 0, P.IPPROTO_TCP),        # TCP? on, else
         (BPF_RET_K, 0, 0, 0),                #   drop
@@ -116,13 +201,8 @@ def bpf_program(ports: list[int], source: bool = False, answers: bool = False
         (BPF_RET_K, 0, 0, 0),                #   drop
         (BPF_LDX_B_MSH, 0, 0, 0),            # X = ip header length
         *([] if source and not answers else SKIP_PURE_ACKS),
-        (BPF_LD_H_IND, 0, 0, P.TCP_SPORT if source or answers else P.TCP_DPORT),   # A = port
+        *_ports(ports, P.TCP_SPORT if source or answers else P.TCP_DPORT),
     ]
-    for port in ports:
-        prog.append((BPF_JEQ_K, 0, 1, port))     # this port? accept, else the next
-        prog.append((BPF_RET_K, 0, 0, ACCEPT))
-    prog.append((BPF_RET_K, 0, 0, 0))        # none of them: drop
-    return prog
 
 
 def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) -> None:
@@ -134,7 +214,8 @@ def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) ->
 
 def open_capture(iface: str, ports: list[int], fanout_group: int | None,
                  rcvbuf: int = 32 << 20, source: bool = False,
-                 answers: bool = False, ring: bool = False) -> socket.socket:
+                 answers: bool = False, ring: bool = False,
+                 ipv6: bool = False) -> socket.socket:
     """An AF_PACKET socket on ``iface`` delivering client packets to ``ports`` (or, with
     ``source``, server packets from them; with ``answers``, the online server's answers,
     which this host sends: the only socket that does not ignore outgoing packets); with
@@ -145,12 +226,12 @@ def open_capture(iface: str, ports: list[int], fanout_group: int | None,
         raise CaptureError(f"interface {iface!r} does not exist (see `ip link`)") from None
     try:
         # outgoing packets (the online server's answers) reach only ETH_P_ALL sockets
-        proto = ETH_P_ALL if answers else ETH_P_IP
+        proto = ETH_P_ALL if answers or ipv6 else ETH_P_IP
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(proto))
     except PermissionError:
         raise CaptureError("AF_PACKET capture needs root (or CAP_NET_RAW)") from None
     try:
-        attach_filter(sock, bpf_program(ports, source, answers))
+        attach_filter(sock, bpf_program(ports, source, answers, ipv6))
         if not answers:
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         try:

@@ -78,7 +78,8 @@ def link(name: str) -> Link | None:
 def interface_of(address: str) -> str | None:
     """The interface of this host that holds ``address``, if one does."""
     with IPRoute() as ipr:
-        for msg in ipr.get_addr(family=socket.AF_INET, address=address):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        for msg in ipr.get_addr(family=family, address=address):
             found = ipr.get_links(msg["index"])
             if found:
                 return found[0].get_attr("IFLA_IFNAME")

@@ -109,7 +109,7 @@ HEADERS6: Final[int] = IP6_TCP.size
 TCP_HDR: Final = TCP.struct
 TS_OPT: Final = struct.Struct("!BBBBII")  # NOP NOP kind=8 len=10 TSval TSecr
 U32: Final = struct.Struct("!I")
-_U16: Final = struct.Struct("!H")
+U16: Final = struct.Struct("!H")
 _PORTS_SEQ_ACK: Final = struct.Struct("!HHII")
 
 
@@ -159,22 +159,26 @@ def tcp_header_length(buf: bytes | bytearray | memoryview, ihl: int = 20) -> int
 
 
 def total_length(buf: bytes | bytearray | memoryview) -> int:
-    return _U16.unpack_from(buf, IP_TOTAL_LENGTH)[0]
+    return U16.unpack_from(buf, IP_TOTAL_LENGTH)[0]
 
 
 def destination_port(buf: bytes | bytearray | memoryview, ihl: int = 20) -> int:
-    return _U16.unpack_from(buf, ihl + TCP_DPORT)[0]
+    return U16.unpack_from(buf, ihl + TCP_DPORT)[0]
 
 
 def source(buf: bytes | bytearray | memoryview) -> bytes:
-    """Source address and port (6 bytes) of a packet whose IPv4 header has no options (a
-    reply header)."""
+    """Source address and port (6 bytes; 18 for IPv6) of a packet whose IPv4 header has no
+    options, or whose IPv6 header no extension header (a reply header)."""
+    if buf[0] >> 4 == 6:
+        return bytes(buf[IP6_SRC:IP6_SRC + 16]) + bytes(buf[40 + TCP_SPORT:40 + TCP_SPORT + 2])
     return bytes(buf[IP_SRC:IP_SRC + 4]) + bytes(buf[20 + TCP_SPORT:20 + TCP_SPORT + 2])
 
 
 def destination(buf: bytes | bytearray | memoryview) -> bytes:
-    """Destination address and port (6 bytes) of a packet whose IPv4 header has no
-    options (a reply header)."""
+    """Destination address and port (6 bytes; 18 for IPv6) of a reply header (see
+    ``source``)."""
+    if buf[0] >> 4 == 6:
+        return bytes(buf[IP6_DST:IP6_DST + 16]) + bytes(buf[40 + TCP_DPORT:40 + TCP_DPORT + 2])
     return bytes(buf[IP_DST:IP_DST + 4]) + bytes(buf[20 + TCP_DPORT:20 + TCP_DPORT + 2])
 
 
@@ -202,7 +206,7 @@ def _segment_span6(buf: bytes | bytearray | memoryview, n: int) -> tuple | None:
     if at < 0:
         return None
     start = at + tcp_header_length(buf, at)
-    plen = _U16.unpack_from(buf, IP6_PAYLOAD_LENGTH)[0]
+    plen = U16.unpack_from(buf, IP6_PAYLOAD_LENGTH)[0]
     end = min(n, IP6_HEADER + plen) if plen else n
     sport, dport, seq, ack = _PORTS_SEQ_ACK.unpack_from(buf, at)
     return (bytes(buf[IP6_SRC:IP6_SRC + 16]), bytes(buf[IP6_DST:IP6_DST + 16]), sport, dport,
@@ -212,6 +216,11 @@ def _segment_span6(buf: bytes | bytearray | memoryview, n: int) -> tuple | None:
 def address_text(ip: bytes) -> str:
     """An address as people write it: 198.18.1.1, fd18:1::1."""
     return socket.inet_ntop(socket.AF_INET if len(ip) == 4 else socket.AF_INET6, ip)
+
+
+def packed(address: str) -> bytes:
+    """An IPv4 or IPv6 address as its bytes (``address_text`` in reverse)."""
+    return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
 
 
 def endpoint(ip: bytes, port: int) -> str:
@@ -295,7 +304,7 @@ def _parse6(buf: bytes | memoryview, n: int) -> Packet:
     if at < 0:
         raise MalformedPacket("an IPv6 packet whose TCP header cannot be reached (a "
                               "fragment, ESP, or cut short)")
-    plen = _U16.unpack_from(buf, IP6_PAYLOAD_LENGTH)[0]
+    plen = U16.unpack_from(buf, IP6_PAYLOAD_LENGTH)[0]
     total = IP6_HEADER + plen if plen else n
     sport, dport, seq, ack, offflags, window, _tcsum, _urg = TCP_HDR.unpack_from(buf, at)
     thl = (offflags >> 12) * 4

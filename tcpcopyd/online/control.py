@@ -8,6 +8,10 @@ comes up only once interceptd has proved the secret and we have proved it back
 that does not answer within HELLO_WAIT (a C intercept), answers without the secret, or
 gives a wrong proof is not used: nothing is registered with it, so nothing is sent to
 its target, and the link retries with backoff. A refusal is logged with its reason.
+
+IPv6 sessions are registered only on a link whose interceptd granted FEATURE_IPV6 in its
+answer to our offer: a C intercept never receives one (their packets wait, counted as
+held_no_link, and the link says once why).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Any
 
 from shm.segment import LinkState
 from tcpcopyd.net import auth, wire
+from tcpcopyd.net.packet import packed
 from tcpcopyd.online.session import Session
 
 log = logging.getLogger("tcpcopyd.control")
@@ -48,13 +53,17 @@ class ControlLink:
         self.secret = secret
         self.want_payload = payload   # ask for the answers' first bytes (comparison test)
         self.payload = False          # interceptd sends them
+        self.ipv6 = False             # interceptd takes IPv6 sessions (FEATURE_IPV6)
+        self.answered = False         # its answer to our offer came
+        self.up_at = 0.0              # when the link came up (monotonic)
+        self._said_no_ipv6 = False
         self.handshake_until = 0.0   # waiting for the answer to our offer until then
         self.offered = 0             # the features our offer named
         self.nonce = b""             # our challenge to interceptd (with a secret)
         self.writer: auth.Tagger | None = None   # tags our batches (after the proofs)
         self.reader: auth.Tagger | None = None   # checks interceptd's
         self.batch = bytearray()     # registrations not yet tagged (with a secret)
-        self.address = socket.inet_aton(host)
+        self.address = packed(host)
         self.epoll = epoll
         self.sock: socket.socket | None = None
         self.connecting = False
@@ -72,7 +81,8 @@ class ControlLink:
 
     @property
     def name(self) -> str:
-        return f"interceptd {self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"interceptd {host}:{self.port}"
 
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else -1
@@ -86,7 +96,8 @@ class ControlLink:
             return False
         if self.sock is not None or now < self.retry_at:
             return False
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6 if len(self.address) == 16 else socket.AF_INET,
+                             socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = sock.connect_ex((self.host, self.port))
@@ -114,7 +125,7 @@ class ControlLink:
                 return [], False
             self.connecting = False
             self.offered = (wire.FEATURE_AUTH if self.secret else 0) \
-                | (wire.FEATURE_PAYLOAD if self.want_payload else 0)
+                | (wire.FEATURE_PAYLOAD if self.want_payload else 0) | wire.FEATURE_IPV6
             self.nonce = auth.nonce() if self.secret else b""
             self.out[:0] = wire.version_message() + wire.hello_message(self.offered) \
                 + (wire.challenge_messages(self.nonce) if self.secret else b"")
@@ -168,21 +179,26 @@ class ControlLink:
         return headers, came_up
 
     def _on_extension(self, ext: Any, now: float) -> bool:
-        """interceptd's answer to our offer; True if the link came up with it."""
+        """interceptd's answer to our offer; True if the link came up with it (or, up
+        already, may carry IPv6 sessions from now on: the live ones are registered
+        again)."""
         if ext.kind == wire.EXT_REFUSED:
             self._failed(now, f"refused us: {wire.refusal_reason(ext)}")
             return False
         if ext.kind != wire.EXT_WELCOME:
             return False
-        if self.writer is not None:
+        if self.writer is not None or self.answered:
             raise wire.ProtocolError("a second answer to our offer")
+        self.answered = True
         self.payload = bool(ext.features & wire.FEATURE_PAYLOAD)
+        ipv6 = bool(ext.features & wire.FEATURE_IPV6)
+        newly_ipv6, self.ipv6 = ipv6 and not self.ipv6 and self.up, ipv6
         if ext.features & wire.FEATURE_AUTH and not self.secret:
             self._failed(now, f"it wants the shared secret "
                               f"({wire.REFUSAL_FIX[wire.SECRET_WANTED]})")
             return False
         if not self.secret:
-            return self._come_up()
+            return self._come_up() or newly_ipv6
         if not ext.features & wire.FEATURE_AUTH:
             self._failed(now, f"it has no shared secret ({NO_SECRET})")
             return False
@@ -203,6 +219,7 @@ class ControlLink:
         if self.up or self.sock is None:
             return False
         self.up = True
+        self.up_at = time.monotonic()
         self.connects += 1
         self.since = time.time()
         self.delay = RETRY_MIN
@@ -210,15 +227,35 @@ class ControlLink:
         self._said_down = False
         return True
 
+    def carries(self, s: Session) -> bool:
+        """Whether the link is up for ``s``: for an IPv6 session, an interceptd that takes
+        them."""
+        return self.up and (len(s.client_ip) == 4 or self.ipv6)
+
     def register(self, s: Session) -> None:
-        if self.up:
-            self.queue(wire.client_message(wire.CLIENT_ADD, s.client_ip, s.client_port,
-                                           s.target_ip, s.target_port))
+        if len(s.client_ip) == 4:
+            if self.up:
+                self.queue(wire.client_message(wire.CLIENT_ADD, s.client_ip, s.client_port,
+                                               s.target_ip, s.target_port))
+        elif self.up and self.ipv6:
+            self.queue(wire.registration6(wire.CLIENT_ADD6, s.client_ip, s.client_port,
+                                          s.target_ip, s.target_port))
+        elif self.up and not self._said_no_ipv6 and (
+                self.answered or time.monotonic() - self.up_at >= HELLO_WAIT):
+            # it answered our offer without IPv6, or never answered it (a C intercept)
+            self._said_no_ipv6 = True
+            log.warning("%s does not take IPv6 sessions (a C intercept, or an older "
+                        "interceptd): the IPv6 sessions it would serve are not copied "
+                        "(their packets are counted as held_no_link)", self.name)
 
     def unregister(self, s: Session) -> None:
-        if self.up:
-            self.queue(wire.client_message(wire.CLIENT_DEL, s.client_ip, s.client_port,
-                                           s.target_ip, s.target_port))
+        if len(s.client_ip) == 4:
+            if self.up:
+                self.queue(wire.client_message(wire.CLIENT_DEL, s.client_ip, s.client_port,
+                                               s.target_ip, s.target_port))
+        elif self.up and self.ipv6:
+            self.queue(wire.registration6(wire.CLIENT_DEL6, s.client_ip, s.client_port,
+                                          s.target_ip, s.target_port))
 
     def queue(self, messages: bytes) -> None:
         """Messages to interceptd, written out at the next flush (tagged, with a secret)."""
@@ -272,6 +309,7 @@ class ControlLink:
         self.connecting = False
         self.handshake_until = 0.0
         self.writer = self.reader = None
+        self.answered = self.ipv6 = False
         self.out.clear()
         self.batch.clear()
         self.inbuf.clear()
@@ -358,8 +396,8 @@ class ControlGroup:
     def carries(self, s: Session) -> bool:
         """Whether a link ``s`` is registered on is up (the engine sends nothing else)."""
         if len(self.links) == 1:
-            return self.links[0].up
-        return any(link.up for link in self._links_of(s))
+            return self.links[0].carries(s)
+        return any(link.carries(s) for link in self._links_of(s))
 
     def register(self, s: Session) -> None:
         for link in self._links_of(s):

@@ -133,20 +133,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock.release()
 
 
+def open_captures(cfg: Settings, sockets: list, answers: list) -> None:
+    """The workers' capture sockets (one fanout group), and with the comparison test as
+    many for the online server's answers (a group of their own: a connection's answers
+    reach the worker that has its requests, the kernel's flow hash being symmetric)."""
+    ports = [t.port for t in cfg.transfer]
+    ipv6 = any(t.ipv6 for t in cfg.transfer)
+    group = os.getpid() & 0xFFFF
+    for _ in range(cfg.workers):
+        sockets.append(capture.open_capture(cfg.interface, ports, group, ring=True,
+                                            ipv6=ipv6))
+    for _ in range(cfg.workers if cfg.compare else 0):
+        answers.append(capture.open_capture(cfg.interface, ports, (group + 1) & 0xFFFF,
+                                            answers=True, ipv6=ipv6))
+
+
 def online(cfg: Settings, instance: str) -> int:
     """Capture on the interface, with the instance taken: the workers and their master."""
-    ports = [t.port for t in cfg.transfer]
-    group = os.getpid() & 0xFFFF
     sockets: list = []
     answers: list = []   # the comparison test: the online server's answers
     try:
-        for _ in range(cfg.workers):
-            sockets.append(capture.open_capture(cfg.interface, ports, group, ring=True))
-        for _ in range(cfg.workers if cfg.compare else 0):
-            # a fanout group of its own, of as many sockets: a connection's answers reach
-            # the worker that has its requests (the kernel's flow hash is symmetric)
-            answers.append(capture.open_capture(cfg.interface, ports, (group + 1) & 0xFFFF,
-                                                answers=True))
+        open_captures(cfg, sockets, answers)
     except capture.CaptureError as e:
         for s in sockets + answers:
             s.close()

@@ -1,10 +1,18 @@
 """tcpcopyd's settings (tcpcopy's letters where it has them)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from tcpcopyd.net import netlink, wire
 from tcpcopyd.online import answers
+from tcpcopyd.service.addresses import (
+    host_port,
+    ip_address,
+    ipv4,
+    metrics_listen_setting,
+    show_host,
+)
 from tcpcopyd.service.settings import (
     Config,
     Layout,
@@ -14,11 +22,9 @@ from tcpcopyd.service.settings import (
     float_range,
     instance_name,
     int_range,
-    ipv4,
     list_items,
     log_level_setting,
     log_setting,
-    metrics_listen_setting,
     pidfile_setting,
     port,
     secret_file_setting,
@@ -40,13 +46,20 @@ class Transfer:
     target_ip: str
     target_port: int
 
+    @property
+    def ipv6(self) -> bool:
+        return ":" in self.target_ip
+
     def __str__(self) -> str:
-        local = str(self.port) if self.online_ip is None else f"{self.online_ip}:{self.port}"
-        return f"{local}-{self.target_ip}:{self.target_port}"
+        local = str(self.port) if self.online_ip is None else show_host(self.online_ip,
+                                                                        self.port)
+        return f"{local}-{show_host(self.target_ip, self.target_port)}"
 
 
 def transfers(raw: object) -> list[Transfer]:
-    """``[ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...]``, at most MAX_TRANSFERS of them"""
+    """``[ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...]``, at most MAX_TRANSFERS of them; an
+    IPv6 address in brackets. A captured packet goes to the rule of its own family: one
+    port may have a rule of each."""
     items = list_items(raw)
     if len(items) > MAX_TRANSFERS:
         raise SettingError(f"{len(items)} rules: at most {MAX_TRANSFERS}")
@@ -55,23 +68,27 @@ def transfers(raw: object) -> list[Transfer]:
         item = str(item).strip()
         try:
             local, target = item.split("-")
-            tip, tport = target.rsplit(":", 1)
+            tip, tport = host_port(target)
             if ":" in local:
-                oip, lport = local.rsplit(":", 1)
-                oip = ipv4(oip)
+                oip, lport = host_port(local)
             else:
                 oip, lport = None, local
-            out.append(Transfer(oip, port(lport), ipv4(tip), port(tport)))
+            rule = Transfer(oip, port(lport), tip, port(tport))
         except (ValueError, SettingError):
             raise SettingError(f"{item!r} is not [ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT, "
-                               "e.g. 80-198.18.2.2:80") from None
+                               "e.g. 80-198.18.2.2:80 or 80-[fd18:2::2]:80") from None
+        if oip is not None and (":" in oip) != rule.ipv6:
+            raise SettingError(f"{item!r}: the online address and the target are of "
+                               "different families (a packet is copied to a target of "
+                               "its own family)")
+        out.append(rule)
     if not out:
         raise SettingError("expected at least one PORT-TARGET_IP:TARGET_PORT")
-    keys = [(t.online_ip, t.port) for t in out]
+    keys = [(t.ipv6, t.online_ip, t.port) for t in out]
     if len(set(keys)) != len(keys):
         raise SettingError("the same local address and port appear twice")
-    any_address = {t.port for t in out if t.online_ip is None}
-    if any(t.online_ip is not None and t.port in any_address for t in out):
+    any_address = {(t.ipv6, t.port) for t in out if t.online_ip is None}
+    if any(t.online_ip is not None and (t.ipv6, t.port) in any_address for t in out):
         raise SettingError("a port is copied both for every address and for one address")
     return out
 
@@ -82,12 +99,12 @@ def servers(raw: object) -> list[tuple[str, int]]:
     out = []
     for item in items:
         item = str(item).strip()
-        host, _, p = item.partition(":")
         try:
-            out.append((ipv4(host), port(p) if p else wire.DEFAULT_PORT))
+            host, p = host_port(item)
+            out.append((host, port(p) if p else wire.DEFAULT_PORT))
         except SettingError as e:
-            raise SettingError(f"{item!r}: {e}; expected IP[:PORT], e.g. 198.18.2.2:36524") \
-                from None
+            raise SettingError(f"{item!r}: {e}; expected IP[:PORT], e.g. 198.18.2.2:36524 "
+                               "or [fd18:2::2]:36524") from None
     if not out:
         raise SettingError("expected an interceptd address")
     return out
@@ -98,18 +115,40 @@ def show_transfers(rules: list[Transfer]) -> list[str]:
 
 
 def show_servers(addresses: list[tuple[str, int]]) -> list[str]:
-    return [f"{host}:{p}" for host, p in addresses]
+    return [show_host(host, p) for host, p in addresses]
+
+
+# most addresses an IPv6 prefix of -c may hold (a /112)
+POOL_PREFIX_MAX = 1 << 16
 
 
 def client_pool(raw: object) -> list[str]:
+    """IPv4 addresses, A.B.C.x (.1-.254), IPv6 addresses and IPv6 prefixes (fd18:9::/120,
+    at most a /112); a copy takes an address of its client's family."""
+    import ipaddress
     items = list_items(raw)
     out = []
+    what = ("is not an IPv4 address, A.B.C.x, an IPv6 address or an IPv6 prefix "
+            "(fd18:9::/120)")
     for item in items:
         item = str(item).strip()
-        try:
-            ipv4(item[:-1] + "1" if item.endswith(".x") else item)
-        except SettingError:
-            raise SettingError(f"{item!r} is not an IPv4 address or A.B.C.x") from None
+        if "/" in item:
+            try:
+                net = ipaddress.IPv6Network(item, strict=True)
+            except ValueError:
+                raise SettingError(f"{item!r} {what}, its host bits zero") from None
+            if net.num_addresses > POOL_PREFIX_MAX:
+                raise SettingError(f"{item!r} holds {net.num_addresses} addresses: at most "
+                                   "a /112")
+            item = str(net)
+        else:
+            try:
+                if item.endswith(".x"):
+                    ipv4(item[:-1] + "1")
+                else:
+                    item = ip_address(item)
+            except SettingError:
+                raise SettingError(f"{item!r} {what}") from None
         out.append(item)
     if not out:
         raise SettingError("expected at least one address")
@@ -144,13 +183,15 @@ class Settings(Config):
 
     transfer: list[Transfer] = setting(
         ("-x", "--transfer"), None, transfers,
-        "what to copy: [ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...]; a reload may change "
-        "the targets of the same ports (new sessions go there)",
+        "what to copy: [ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...], IPv6 addresses in "
+        "brackets (80-[fd18:2::2]:80; a packet goes to the rule of its family); a reload "
+        "may change the targets of the same ports (new sessions go there)",
         metavar="RULES", required=True, example="80-198.18.2.2:80", live=True,
         show=show_transfers)
     server: list[tuple[str, int]] = setting(
         ("-s", "--server"), None, servers,
-        "interceptd address(es): IP[:PORT][,...], default port 36524", metavar="ADDR",
+        "interceptd address(es): IP[:PORT][,...] ([IPv6]:PORT), default port 36524",
+        metavar="ADDR",
         required=True, example="198.18.2.2:36524", show=show_servers)
     interface: str = setting(
         ("-i", "--interface"), None, text,
@@ -180,8 +221,9 @@ class Settings(Config):
         ".1-.254; the target must route them back to the interception point)",
         metavar="IP[,IP...]", example="198.18.6.x", default_text="client's address")
     localhost_as: str | None = setting(
-        ("-H", "--localhost-as"), None, ipv4,
-        "source address of copies of sessions from 127.0.0.1", metavar="IP",
+        ("-H", "--localhost-as"), None, ip_address,
+        "source address of copies of sessions from 127.0.0.1 (an IPv4 address), or from "
+        "::1 (an IPv6 one)", metavar="IP",
         example="198.18.1.9", default_text="none")
     ramp: bool = setting(
         ("-g", "--ramp"), False, boolean,
@@ -328,9 +370,13 @@ def seed_form(words: list[str]) -> tuple[dict, dict]:
         raise SettingError(f"expected {SEED_FORM}, e.g. 10.0.0.13 12321 10.0.0.148 12321 "
                            "(tcpcopy's first form), or the flags -x, -s and -i")
     local_ips, local_port, remote_ip, remote_port = words
-    rules = transfers(",".join(f"{ipv4(ip)}:{local_port}-{remote_ip}:{remote_port}"
-                               for ip in local_ips.split(":")))
-    fallback: dict = {"server": servers(remote_ip)}
+    # IPv6 addresses in brackets: [fd18:1::2]:[fd18:1::3]
+    ips = re.findall(r"\[[^\]]*\]|[^:\[\]]+", local_ips) if "[" in local_ips \
+        else local_ips.split(":")
+    remote = show_host(ip_address(remote_ip))
+    rules = transfers(",".join(f"{show_host(ip_address(ip))}:{local_port}-{remote}:"
+                               f"{remote_port}" for ip in ips))
+    fallback: dict = {"server": servers(remote)}
     iface = netlink.interface_of(rules[0].online_ip or "")
     if iface:
         fallback["interface"] = iface

@@ -2,9 +2,10 @@
 engine and the comparison test both use."""
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterable
 from typing import Protocol
+
+from tcpcopyd.net.packet import packed
 
 # the key of a rule: its local service port for an IPv4 rule, (ANY6, port) for an IPv6
 # one, (online address, port) for a rule bound to one online address
@@ -20,11 +21,6 @@ class Rule(Protocol):
     online_ip: str | None
     target_ip: str
     target_port: int
-
-
-def packed(address: str) -> bytes:
-    """An IPv4 or IPv6 address as its bytes."""
-    return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
 
 
 def targets_of(rules: Iterable[Rule]) -> Targets:

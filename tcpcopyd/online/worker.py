@@ -12,6 +12,7 @@ from shm.segment import LinkState, Segment
 from shm.table import SlotTable
 from tcpcopyd.net import capture
 from tcpcopyd.net.netlink import LinkWatch
+from tcpcopyd.net.packet import packed
 from tcpcopyd.net.reader import INTERFACE_GONE, CaptureReader, packet_time
 from tcpcopyd.net.sender import RawSender
 from tcpcopyd.online import comparelog, loop
@@ -50,14 +51,15 @@ def rewrite_for(cfg: Settings, worker: int, workers: int) -> Rewrite | None:
     targets = {t.target_ip for t in cfg.transfer}
     return Rewrite(cfg.copies, cfg.port_block or 0,
                    expand_pool(cfg.client_pool or [], targets),
-                   socket.inet_aton(cfg.localhost_as) if cfg.localhost_as else None,
+                   packed(cfg.localhost_as) if cfg.localhost_as else None,
                    worker, workers)
 
 
 def engine_for(cfg: Settings, control: ControlGroup, table, slots: range, worker: int,
                workers: int) -> Engine:
     """The session engine with the settings of ``cfg`` (online capture and offline replay)."""
-    return Engine(targets_of(cfg.transfer), RawSender(), control, table, slots,
+    ipv6 = any(t.ipv6 for t in cfg.transfer)
+    return Engine(targets_of(cfg.transfer), RawSender(ipv6=ipv6), control, table, slots,
                   rewrite=rewrite_for(cfg, worker, workers),
                   ramp_from=time.monotonic() if cfg.ramp else None,
                   mtu=cfg.mtu, fake_mss=cfg.mss, idle_timeout=cfg.timeout,

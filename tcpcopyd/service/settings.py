@@ -469,40 +469,10 @@ def load_secret(cfg: Config) -> None:
         raise err from None
 
 
-def networks(raw: Any) -> tuple:
-    """'10.0.0.0/8,192.0.2.7' or a TOML list: IPv4 networks (an address alone is a /32)."""
-    import ipaddress
-    out = []
-    for item in list_items(raw):
-        try:
-            out.append(ipaddress.IPv4Network(str(item).strip(), strict=False))
-        except ValueError:
-            raise SettingError(f"{item!r} is not an IPv4 network, e.g. 198.18.2.0/24") \
-                from None
-    if not out:
-        raise SettingError("expected at least one network")
-    return tuple(out)
-
-
-def show_networks(nets: tuple) -> list[str]:
-    return [str(n) for n in nets]
-
-
 def boolean(raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
     raise SettingError("expected true or false")
-
-
-def ipv4(raw: Any) -> str:
-    """A dotted-quad IPv4 address, strictly: four decimal numbers 0-255 without leading
-    zeros (inet_aton would read 192.168.001.010 as 192.168.1.8)."""
-    import ipaddress
-    try:
-        return str(ipaddress.IPv4Address(str(raw)))
-    except ValueError:
-        raise SettingError(f"{raw!r} is not an IPv4 address (four numbers 0-255 without "
-                           "leading zeros, e.g. 198.18.2.2)") from None
 
 
 def port(raw: str) -> int:
@@ -564,21 +534,3 @@ def pidfile_setting(example: str) -> Any:
     return setting(("-P", "--pidfile"), None, text,
                    "write the master's pid here (removed at exit); under systemd only "
                    "/run/tcpcopyd is writable", metavar="FILE", example=example)
-
-
-def address_port(raw: Any) -> tuple[str, int]:
-    """``IP:PORT``"""
-    text_ = str(raw).strip()
-    host, sep, p = text_.rpartition(":")
-    if not sep:
-        raise SettingError(f"{text_!r} is not IP:PORT, e.g. 127.0.0.1:9821")
-    return ipv4(host), port(p)
-
-
-def metrics_listen_setting() -> Any:
-    return setting(("--metrics-listen",), None, address_port,
-                   "serve Prometheus metrics (GET /metrics) on this IP:PORT from the master; "
-                   "off by default (tcpcopyctl metrics prints the same)", metavar="IP:PORT",
-                   example="127.0.0.1:9821", default_text="off",
-                   show=lambda a: f"{a[0]}:{a[1]}")
-

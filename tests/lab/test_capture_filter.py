@@ -1,7 +1,8 @@
 """The capture socket's filter, run by the kernel: of a client's segments to a service
 port it passes those with a payload, SYN, FIN or RST and leaves out pure ACKs (which move
-nothing toward the target); interceptd's assistant filter (``source``) passes them all.
-Loopback only: crafted segments to 127.0.0.1, matched by their sequence numbers."""
+nothing toward the target); interceptd's assistant filter (``source``) passes them all;
+the same over IPv6, behind an extension header too. Loopback only: crafted segments to
+127.0.0.1 and ::1, matched by their sequence numbers."""
 from __future__ import annotations
 
 import random
@@ -30,29 +31,50 @@ SEGMENTS = [
 ]
 
 
-def _seen(port: int, source: bool) -> set[int]:
+LO6 = socket.inet_pton(socket.AF_INET6, "::1")
+
+
+def behind(kind: int, pkt: bytes) -> bytes:
+    """An IPv6/TCP packet with one extension header of ``kind`` (8 bytes, zeros: a
+    fragment header's offset 0 and no more fragments) before its TCP header."""
+    head = bytearray(pkt[:40])
+    head[6] = kind
+    head[4:6] = (len(pkt) - 32).to_bytes(2, "big")
+    return bytes(head) + bytes((6, 0)) + bytes(6) + pkt[40:]
+
+
+def _seen(port: int, source: bool, family: int = socket.AF_INET,
+          extension: int | None = None, ipv6: bool | None = None) -> set[int]:
     """Sequence numbers of SEGMENTS (index = seq - 1000) that a capture socket on lo let
-    through; segments go from port+1 to port (``source``: from port to port+1)."""
-    cap = open_capture("lo", [port], None, rcvbuf=1 << 20, source=source)
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    through; segments go from port+1 to port (``source``: from port to port+1); IPv6 ones
+    with ``family``, behind an ``extension`` header if given; ``ipv6``: the socket's (by
+    default, whether the segments are)."""
+    v6 = family == socket.AF_INET6
+    cap = open_capture("lo", [port], None, rcvbuf=1 << 20, source=source,
+                       ipv6=v6 if ipv6 is None else ipv6)
+    raw = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    lo, to = (LO6, ("::1", 0)) if v6 else (LO, ("127.0.0.1", 0))
+
+    def send(pkt: bytes) -> None:
+        raw.sendto(pkt if extension is None else behind(extension, pkt), to)
     try:
         sport, dport = (port, port + 1) if source else (port + 1, port)
         for i, (_n, flags, opts, payload, _p) in enumerate(SEGMENTS):
-            raw.sendto(P.build(LO, LO, sport, dport, 1000 + i, 1, flags, 1000, opts, payload),
-                       ("127.0.0.1", 0))
+            send(bytes(P.build(lo, lo, sport, dport, 1000 + i, 1, flags, 1000, opts,
+                               payload)))
         # a marker last: when it is read, everything sent before it has been filtered
-        raw.sendto(P.build(LO, LO, sport, dport, 999, 0, P.SYN, 1000), ("127.0.0.1", 0))
+        send(bytes(P.build(lo, lo, sport, dport, 999, 0, P.SYN, 1000)))
         seen: set[int] = set()
         cap.settimeout(10)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             buf = cap.recv(65536)
-            f = P.IP_TCP.unpack_from(buf, 0)
-            if (f[10], f[11]) != (sport, dport):
+            p = P.parse(buf)
+            if (p.sport, p.dport) != (sport, dport):
                 continue
-            if f[12] == 999:
+            if p.seq == 999:
                 return seen
-            seen.add(f[12] - 1000)
+            seen.add(p.seq - 1000)
         raise AssertionError("the marker segment never came through")
     finally:
         cap.close()
@@ -68,3 +90,22 @@ def test_client_filter_leaves_out_pure_acks():
 def test_assistant_filter_passes_every_segment():
     port = random.randrange(30000, 40000)
     assert _seen(port, source=True) == set(range(len(SEGMENTS)))
+
+
+@pytest.mark.parametrize("extension", [None, P.IP6_HOP_BY_HOP, P.IP6_DEST_OPTIONS,
+                                       P.IP6_FRAGMENT])
+def test_the_ipv6_filter_leaves_out_pure_acks_behind_an_extension_header_too(extension):
+    port = random.randrange(40000, 45000)
+    seen = _seen(port, source=False, family=socket.AF_INET6, extension=extension)
+    assert {SEGMENTS[i][0] for i in seen} == {n for n, *_r, passes in SEGMENTS if passes}
+
+
+def test_the_ipv6_assistant_filter_passes_every_segment():
+    port = random.randrange(45000, 50000)
+    assert _seen(port, source=True, family=socket.AF_INET6) == set(range(len(SEGMENTS)))
+
+
+def test_a_socket_of_both_families_filters_ipv4_as_before():
+    port = random.randrange(50000, 55000)
+    seen = _seen(port, source=False, ipv6=True)
+    assert {SEGMENTS[i][0] for i in seen} == {n for n, *_r, passes in SEGMENTS if passes}

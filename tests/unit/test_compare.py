@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from interceptd.worker import PREFIX_MARK, ring_records
+from interceptd.worker import PREFIX_MARK, from_ring_records, ring_records
 from tcpcopyd.ctl import report
 from tcpcopyd.net import wire
 from tcpcopyd.online import answers, compare, comparelog
@@ -108,9 +108,15 @@ def test_payload_frames_carry_an_answers_first_bytes_between_combined_frames():
 def test_interceptd_hands_records_with_payload_through_its_rings_whole():
     rec = bytes(64) + b"x" * 200
     group = ring_records(rec)
-    assert group[0][:4] == PREFIX_MARK and len(group) == 2 + 4
+    assert group[0][:4] == PREFIX_MARK and len(group) == 1 + 5
     assert all(len(r) == 64 for r in group)
     assert ring_records(bytes(64)) == [bytes(64)]
+    # an IPv6 record (84 bytes), alone and with payload bytes, between IPv4 ones
+    v6 = b"\x60" + bytes(83)
+    records = [bytes(64), v6, v6 + b"HTTP/1.1 200", rec, bytes(64)]
+    ring = [r for record in records for r in ring_records(record)]
+    assert from_ring_records(ring) == (records, 0)
+    assert from_ring_records(ring[:-3]) == (records[:3], 1)    # a group cut short
 
 
 def test_the_report_counts_mismatches_and_latency(tmp_path):

@@ -90,3 +90,22 @@ def test_emptying_a_region_moves_every_counter_on(seg):
         assert after > seq and not after & 1       # forward: never back to an old value
         assert seqlock.read(seg.mm, off, BUCKET)[1] == 0    # EMPTY
     assert all(table.lookup(0, k) is None for k in keys)
+
+
+def test_ipv6_keys_live_beside_ipv4_keys_of_the_same_first_bytes(seg):
+    table = KeyTable(seg.mm, seg.extra_off + ring_size(64, 64), 2, 256)
+    region = OwnedRegion(table, 1)
+    v4 = [bytes([198, 18, 1, i]) + (1000 + i).to_bytes(2, "big") for i in range(40)]
+    v6 = [bytes.fromhex("fd180001") + bytes(11) + bytes([i]) + (1000 + i).to_bytes(2, "big")
+          for i in range(40)]
+    for i, (a, b) in enumerate(zip(v4, v6, strict=True)):
+        assert region.put(a, i) and region.put(b, 100 + i)
+    assert all(table.find(k) == (1, i) for i, k in enumerate(v4))
+    assert all(table.find(k) == (1, 100 + i) for i, k in enumerate(v6))
+    # an IPv6 key whose 6 stored bytes would be an IPv4 key's is still another key
+    from shm.keytable import stored
+    assert stored(v6[0])[1] == 6 and stored(v4[0]) == (v4[0], 4)
+    for k in v6:
+        region.remove(k)
+    assert all(table.find(k) is None for k in v6)
+    assert all(table.find(k) == (1, i) for i, k in enumerate(v4))

@@ -131,3 +131,44 @@ def test_log_files_are_created_readable_by_their_group_at_most(tmp_path):
         os.umask(old)
         logs.setup("tcpcopyd", None, "info")
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_ipv6_addresses_everywhere_an_address_goes(tmp_path):
+    cfg = load("tcpcopyd", "", options.REGISTRY,
+               ["-x", "80-198.18.2.2:80,80-[fd18:2:0::2]:80,[FD18:1::2]:8080-[fd18:2::2]:80",
+                "-s", "198.18.2.2,[fd18:2::2]:4000,fd18:2::3", "-i", "lo",
+                "-c", "198.18.6.x,fd18:9::/120,fd18:9:1::5", "-H", "fd18:1::9"],
+               options.LAYOUT)
+    assert [str(t) for t in cfg.transfer] == [
+        "80-198.18.2.2:80", "80-[fd18:2::2]:80", "[fd18:1::2]:8080-[fd18:2::2]:80"]
+    assert [t.ipv6 for t in cfg.transfer] == [False, True, True]
+    assert cfg.server == [("198.18.2.2", 36524), ("fd18:2::2", 4000), ("fd18:2::3", 36524)]
+    assert cfg.client_pool == ["198.18.6.x", "fd18:9::/120", "fd18:9:1::5"]
+    assert cfg.localhost_as == "fd18:1::9"
+    from tcpcopyd.online.rewrite import expand_pool
+    pool = expand_pool(cfg.client_pool, {"fd18:9::7"})
+    assert len(pool) == 254 + 255 - 1 + 1 and all(len(a) in (4, 16) for a in pool)
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("-x", "80-fd18:2::2:80", "is not [ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT"),
+    ("-x", "80-[fd18:2::g]:80", "is not [ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT"),
+    ("-x", "198.18.1.2:80-[fd18:2::2]:80", "different families"),
+    ("-x", "80-[fd18:2::2]:80,80-[fd18:2::3]:80", "appear twice"),
+    ("-s", "[fd18:2::2", "is not [IPv6]:PORT"),
+    ("-c", "fd18:9::/64", "at most a /112"),
+    ("-c", "fd18:9::1/120", "host bits zero"),
+])
+def test_ipv6_addresses_are_strict_too(flag, value, words):
+    args = {"-x": "80-198.18.2.2:80", "-s": "198.18.2.2", "-i": "lo", flag: value}
+    with pytest.raises(ConfigError) as e:
+        load("tcpcopyd", "", options.REGISTRY, [a for kv in args.items() for a in kv],
+             options.LAYOUT)
+    assert e.value.code == EX_USAGE and words in str(e.value), str(e.value)
+
+
+def test_interceptd_listens_and_allows_ipv6():
+    cfg = load("interceptd", "", ioptions.REGISTRY,
+               ["--service-port", "80", "--listen", "::", "--allow", "198.18.0.0/15,fd18::/16"],
+               ioptions.LAYOUT)
+    assert cfg.listen == "::" and [str(n) for n in cfg.allow] == ["198.18.0.0/15", "fd18::/16"]
