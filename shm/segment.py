@@ -47,7 +47,8 @@ assert HEADER.size <= HEADER_SIZE
 N_COUNTERS = 64
 # a worker's links to one peer (tcpcopyd: its control connections to one interceptd)
 LINK = Record("Link", (
-    ("address", "4s"),       # the peer's IPv4 address, network order (zero: no entry)
+    ("address", "16s"),      # the peer's address, network order (IPv4: 4 bytes, then 0)
+    ("family", "B"),         # 4 or 6 (0: no entry)
     ("port", "H"),
     ("links", "B"),          # connections to it
     ("up", "B"),             # of which up
@@ -121,7 +122,9 @@ class LinkState:
     reason: str
 
     def pack(self) -> bytes:
-        return LINK.pack(socket.inet_aton(self.host), self.port, min(self.links, 255),
+        v6 = ":" in self.host
+        address = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, self.host)
+        return LINK.pack(address, 6 if v6 else 4, self.port, min(self.links, 255),
                          min(self.up, 255), self.since, self.connects & 0xFFFFFFFF,
                          self.errors & 0xFFFFFFFF, self.reason.encode()[:40])
 
@@ -134,9 +137,11 @@ def unpack_links(blob: bytes) -> tuple[LinkState, ...]:
     out = []
     for off in range(0, len(blob) - LINK.size + 1, LINK.size):
         rec = LINK.unpack_from(blob, off)
-        if rec.address == bytes(4):
+        if rec.family not in (4, 6):
             break
-        out.append(LinkState(socket.inet_ntoa(rec.address), rec.port, rec.links, rec.up,
+        host = socket.inet_ntop(socket.AF_INET6, rec.address) if rec.family == 6 \
+            else socket.inet_ntoa(rec.address[:4])
+        out.append(LinkState(host, rec.port, rec.links, rec.up,
                              rec.since, rec.connects, rec.errors,
                              rec.reason.rstrip(b"\0").decode(errors="replace")))
     return tuple(out)

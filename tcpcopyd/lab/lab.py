@@ -20,7 +20,9 @@ from tcpcopyd.lab import servers
 from tcpcopyd.lab.net import (
     ASSISTANT_IP,
     ONLINE2_TARGET_SIDE_IP,
+    ONLINE6_TARGET_SIDE_IP,
     ONLINE_TARGET_SIDE_IP,
+    TARGET6_IP,
     TARGET_IP,
     Namespaces,
 )
@@ -171,7 +173,8 @@ class Lab:
         else:
             ns = self.ns.target
         # the online hosts connect from their target-side addresses; loopback: the doctor
-        allow = ",".join(("127.0.0.0/8", ONLINE_TARGET_SIDE_IP, ONLINE2_TARGET_SIDE_IP))
+        allow = ",".join(("127.0.0.0/8", ONLINE_TARGET_SIDE_IP, ONLINE2_TARGET_SIDE_IP,
+                          "::1", ONLINE6_TARGET_SIDE_IP))
         p = self.start("interceptd", ns,
                        [*command("interceptd"), "--service-port", ",".join(map(str, ports)),
                         "--instance", f"{self.ns.prefix}-interceptd", "--allow", allow,
@@ -180,12 +183,16 @@ class Lab:
         return p
 
     def start_tcpcopyd(self, ports: list[int] | None = None, extra: list[str] = (),
-                       wait_connected: bool = True) -> subprocess.Popen:
+                       wait_connected: bool = True, ipv6: bool = False,
+                       server: str | None = None) -> subprocess.Popen:
+        """tcpcopyd on the online host; ``ipv6``: it copies the IPv6 clients as well (a
+        rule of each family per port); ``server``: interceptd's address as -s takes it."""
         ports = ports or [HTTP_PORT, MEMCACHED_PORT]
-        rules = ",".join(f"{p}-{TARGET_IP}:{p}" for p in ports)
+        rules = ",".join(f"{p}-{TARGET_IP}:{p}" + (f",{p}-[{TARGET6_IP}]:{p}" if ipv6 else "")
+                         for p in ports)
         seen = {text: self.log_text("tcpcopyd").count(text)
                 for text in ("capturing on", "connected to interceptd")}
-        server = ASSISTANT_IP if self.ns.with_assistant else TARGET_IP
+        server = server or (ASSISTANT_IP if self.ns.with_assistant else TARGET_IP)
         p = self.start("tcpcopyd", self.ns.online,
                        [*command("tcpcopyd"), "-x", rules, "-s", server, "-i", "eth0",
                         "--instance", f"{self.ns.prefix}-tcpcopyd", *extra])

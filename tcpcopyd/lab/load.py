@@ -145,11 +145,12 @@ print(f"ok={ok} errors={errors}")
 '''
 
 
-def paced_keepalive(lab, *, connections: int, per_connection: int, rate: int):
+def paced_keepalive(lab, *, connections: int, per_connection: int, rate: int,
+                    host: str = ONLINE_IP):
     """Start the paced keep-alive load in the client namespace (a Popen; read its stdout)."""
     import sys
     return subprocess.Popen(["ip", "netns", "exec", lab.ns.client, sys.executable, "-c",
-                             PACED_KEEPALIVE, ONLINE_IP, str(connections), str(per_connection),
+                             PACED_KEEPALIVE, host, str(connections), str(per_connection),
                              str(rate)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 

@@ -20,6 +20,10 @@ host nor the assistant, for the tests of what a hostile neighbour can do:
     target (eth3 198.18.9.2) --eth3-- attacker (eth0 198.18.9.1, default route via the
         target)
 
+The client, the online host and the target are dual-stack: each link also has a /64 of
+the ULA prefix fd18::/16 (client fd18:1::1, online fd18:1::2 and fd18:2::1, target
+fd18:2::2), routed and counted the same way with ip6tables.
+
 The target routes the client network back through the online host (``route_back``, the
 default), which forwards it to the clients, as a real network would carry a reply that
 escaped: interceptd's NFQUEUE rule (or its guard, while no interceptd runs) alone stops
@@ -53,6 +57,16 @@ ASSISTANT_IP = "198.18.8.1"
 TARGET_ASSISTANT_SIDE_IP = "198.18.8.2"
 ATTACKER_IP = "198.18.9.1"
 TARGET_ATTACKER_SIDE_IP = "198.18.9.2"
+# the same hosts over IPv6 (ULA addresses, inside the lab's namespaces only)
+CLIENT6_IP = "fd18:1::1"
+ONLINE6_IP = "fd18:1::2"
+ONLINE6_TARGET_SIDE_IP = "fd18:2::1"
+TARGET6_IP = "fd18:2::2"
+DEAD_END6_IP = "fd18:2::fe"
+CLIENT6_NET = "fd18:1::/64"
+TARGET6_NET = "fd18:2::/64"
+# IFA_F_NODAD: an address usable at once (the lab's links have no duplicates to detect)
+IFA_F_NODAD = 0x02
 # the lab's replicated services (nginx, memcached)
 SERVICE_PORTS = (80, 11211)
 # comment of the lab's leak-counting iptables rules
@@ -99,6 +113,7 @@ class Namespaces:
         self._link(self.online, "eth1", ONLINE_TARGET_SIDE_IP, self.target, "eth0", TARGET_IP)
         self._route_back(self.client, ONLINE_IP, self.online, ONLINE_TARGET_SIDE_IP,
                          CLIENT_NET, "198.18.2.0/24")
+        self._dual_stack()
         if self.with_assistant:
             self._link(self.target, "eth2", TARGET_ASSISTANT_SIDE_IP, self.assistant, "eth0",
                        ASSISTANT_IP)
@@ -138,10 +153,30 @@ class Namespaces:
         for ns, target_ip in self.watched.items():
             # count what the target's services send toward the client / online host: with
             # interception working that is nothing at all
-            self.run(ns, ["iptables", "-w", "5", "-t", "raw", "-I", "PREROUTING", "-s",
-                          target_ip, "-p", "tcp", "-m", "multiport", "--sports",
-                          ",".join(map(str, SERVICE_PORTS)), "-m", "comment", "--comment",
-                          LEAK_TAG])
+            for tables, source in (("iptables", target_ip), ("ip6tables", TARGET6_IP)):
+                if tables == "ip6tables" and ns not in (self.client, self.online):
+                    continue
+                self.run(ns, [tables, "-w", "5", "-t", "raw", "-I", "PREROUTING", "-s",
+                              source, "-p", "tcp", "-m", "multiport", "--sports",
+                              ",".join(map(str, SERVICE_PORTS)), "-m", "comment",
+                              "--comment", LEAK_TAG])
+
+    def _dual_stack(self) -> None:
+        """The IPv6 side of client - online - target: addresses, routes, forwarding."""
+        for ns, ifname, address in ((self.client, "eth0", CLIENT6_IP),
+                                    (self.online, "eth0", ONLINE6_IP),
+                                    (self.online, "eth1", ONLINE6_TARGET_SIDE_IP),
+                                    (self.target, "eth0", TARGET6_IP)):
+            with NetNS(ns) as n:
+                n.addr("add", index=n.link_lookup(ifname=ifname)[0], address=address,
+                       prefixlen=64, flags=IFA_F_NODAD)
+        with NetNS(self.target) as n:
+            n.route("add", dst=CLIENT6_NET, gateway=ONLINE6_TARGET_SIDE_IP
+                    if self.route_back else DEAD_END6_IP)
+        with NetNS(self.client) as n:
+            n.route("add", dst=TARGET6_NET, gateway=ONLINE6_IP)
+        if self.route_back:
+            self.sysctl(self.online, {"net/ipv6/conf/all/forwarding": "1"})
 
     def _route_back(self, client: str, online_ip: str, online: str, online_target_side: str,
                     client_net: str, target_net: str) -> None:
@@ -161,6 +196,8 @@ class Namespaces:
     def reset_leak_counters(self) -> None:
         for ns in self.watched:
             self.run(ns, ["iptables", "-w", "5", "-t", "raw", "-Z", "PREROUTING"])
+            self.run(ns, ["ip6tables", "-w", "5", "-t", "raw", "-Z", "PREROUTING"],
+                     check=False)
 
     def _link(self, ns_a: str, if_a: str, ip_a: str, ns_b: str, if_b: str, ip_b: str) -> None:
         tmp_a, tmp_b = f"{self.prefix[:6]}{os.getpid() % 10000}a", \
@@ -196,12 +233,13 @@ class Namespaces:
         """Packets from the target's services seen entering the client / online host."""
         out = {}
         for ns in self.watched:
-            r = self.run(ns, ["iptables", "-w", "5", "-t", "raw", "-L", "PREROUTING", "-v",
-                              "-x", "-n"])
             pkts = 0
-            for line in r.stdout.splitlines():
-                if LEAK_TAG in line:
-                    pkts += int(line.split()[0])
+            for tables in ("iptables", "ip6tables"):
+                r = self.run(ns, [tables, "-w", "5", "-t", "raw", "-L", "PREROUTING", "-v",
+                                  "-x", "-n"])
+                for line in r.stdout.splitlines():
+                    if LEAK_TAG in line:
+                        pkts += int(line.split()[0])
             out[ns] = pkts
         return out
 

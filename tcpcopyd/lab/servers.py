@@ -48,6 +48,7 @@ http {{
     keepalive_timeout 120s;
     server {{
         listen {port} backlog=8192;
+        listen [::]:{port} backlog=8192;
         root {root}/www;
         location = / {{ return 200 "hello from the lab\\n"; }}
         {extra}
@@ -68,5 +69,5 @@ http {{
 
 
 def memcached_args(port: int = 11211) -> list[str]:
-    return ["memcached", "-u", "root", "-l", "0.0.0.0", "-p", str(port), "-U", "0", "-m", "256",
+    return ["memcached", "-u", "root", "-l", "0.0.0.0,::", "-p", str(port), "-U", "0", "-m", "256",
             "-t", "1", "-c", "16384"]

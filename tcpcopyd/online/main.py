@@ -194,7 +194,7 @@ def online(cfg: Settings, instance: str) -> int:
                           not_live)
         reload.publish()
         log.info("tcpcopyd %s (%s) on %s -> interceptd %s; %d worker(s), shm %s", version(),
-                 native.build(), cfg.interface, ",".join(f"{h}:{p}" for h, p in cfg.server),
+                 native.build(), cfg.interface, ",".join(options.show_servers(cfg.server)),
                  cfg.workers, seg.path)
         status = StatusLine(seg, C.NAMES, ("captured", "sent"),
                             ("sessions_active", "capture_lag_ms", "lag_drops",

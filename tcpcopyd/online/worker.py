@@ -152,7 +152,7 @@ class CaptureWorker(service_worker.WorkerProcess):
             log.info("worker %d carries on %d session(s) from the shm table", self.index + 1,
                      restored)
         log.info("worker %d capturing on %s, copying to %s", self.index + 1, cfg.interface,
-                 ", ".join(f"{t.port}->{t.target_ip}:{t.target_port}" for t in cfg.transfer))
+                 ", ".join(str(t) for t in cfg.transfer))
 
     def run(self) -> None:
         engine, control, cap, ep = self.engine, self.control, self.cap, self.epoll

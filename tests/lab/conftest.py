@@ -22,11 +22,12 @@ def lab(request):
     """A running lab with interceptd and tcpcopyd connected (``indirect`` parameters
     ``{"interceptd": False}`` / ``{"tcpcopyd": False}`` leave one out). Asserts at the end
     that no packet of the target reached the client or the online host, and that both
-    daemons stop cleanly leaving no iptables rule or shm segment. ``workers``: that many
-    workers on each side (the tests of the pools); by default the daemons' own (one)."""
+    daemons stop cleanly leaving no iptables (or ip6tables) rule or shm segment.
+    ``workers``: that many workers on each side (the tests of the pools); by default the
+    daemons' own (one). ``ipv6``: tcpcopyd copies the IPv6 clients too."""
     want = {"interceptd": True, "tcpcopyd": True, "memcached": True, "second_online": False,
             "assistant": False, "attacker": False, "nginx_extra": None, "route_back": True,
-            "workers": None, **getattr(request, "param", {})}
+            "workers": None, "ipv6": False, **getattr(request, "param", {})}
     n = want["workers"]
     prefix = f"t{os.getpid() % 1000}x{next(_ids)}"
     lab = Lab(prefix, second_online=want["second_online"], assistant=want["assistant"],
@@ -38,11 +39,12 @@ def lab(request):
             lab.start_interceptd(extra=["--queues", str(n)] if n else [])
         if want["tcpcopyd"]:
             lab.start_tcpcopyd(wait_connected=want["interceptd"],
-                               extra=["--workers", str(n)] if n else [])
+                               extra=["--workers", str(n)] if n else [], ipv6=want["ipv6"])
         yield lab
         leaked = lab.ns.leaked()
         rcs = {name: lab.stop(name) for name in ("tcpcopyd", "interceptd")}
-        rules = lab.ns.run(lab.ns.target, ["iptables", "-w", "5", "-S", "OUTPUT"]).stdout
+        rules = "".join(lab.ns.run(lab.ns.target, [tables, "-w", "5", "-S", "OUTPUT"]).stdout
+                        for tables in ("iptables", "ip6tables"))
         assert set(leaked.values()) == {0}, \
             f"target packets reached a client/online host: {leaked}"
         assert all(rc in (0, None) for rc in rcs.values()), \
