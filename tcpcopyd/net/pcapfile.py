@@ -1,7 +1,7 @@
 """Reading a capture file for offline replay (`tcpcopyd -i FILE.pcap`): pcap or pcapng as
 tcpdump writes them, Ethernet (VLAN tags too), Linux cooked (`tcpdump -i any`, v1 and v2),
-raw IP and BSD loopback links. Yields the IPv4 packets with their capture time; what cannot
-be replayed is counted, never fatal."""
+raw IP and BSD loopback links. Yields the IPv4 and IPv6 packets with their capture time;
+what cannot be replayed is counted, never fatal."""
 from __future__ import annotations
 
 import collections
@@ -16,9 +16,14 @@ NULL = 0
 LOOP = 108
 RAW = (101, 12, 14)
 IPV4 = 228
+IPV6 = 229
 LINUX_SLL = 113
 LINUX_SLL2 = 276
 ETH_IPV4 = 0x0800
+ETH_IPV6 = 0x86DD
+ETH_IP = (ETH_IPV4, ETH_IPV6)
+# BSD loopback's address families of IPv6 (Linux 10 aside: BSDs, macOS)
+BSD_INET6 = (10, 24, 28, 30)
 ETH_VLAN = (0x8100, 0x88A8, 0x9100)
 
 
@@ -55,28 +60,41 @@ def _records(reader, skipped: collections.Counter) -> Iterator[tuple[float, byte
 
 
 def ip_payload(link: int, frame: bytes) -> bytes | None:
-    """The IPv4 packet in a frame of this link type, None if it carries something else."""
+    """The IPv4 or IPv6 packet in a frame of this link type, None if it carries something
+    else."""
     if link == ETHERNET:
         off, ethertype = 14, struct.unpack_from("!H", frame, 12)[0] if len(frame) >= 14 else 0
         while ethertype in ETH_VLAN and len(frame) >= off + 4:
             ethertype = struct.unpack_from("!H", frame, off + 2)[0]
             off += 4
-        return frame[off:] if ethertype == ETH_IPV4 else None
-    if link in RAW or link == IPV4:
-        return frame if frame[:1] and frame[0] >> 4 == 4 else None
+        return frame[off:] if ethertype in ETH_IP else None
+    if link in RAW or link == IPV4 or link == IPV6:
+        return frame if frame[:1] and frame[0] >> 4 in (4, 6) else None
     if link == LINUX_SLL:
-        return frame[16:] if len(frame) >= 16 and frame[14:16] == b"\x08\x00" else None
+        return frame[16:] if len(frame) >= 16 and _ethertype(frame, 14) in ETH_IP else None
     if link == LINUX_SLL2:
-        return frame[20:] if len(frame) >= 20 and frame[0:2] == b"\x08\x00" else None
+        return frame[20:] if len(frame) >= 20 and _ethertype(frame, 0) in ETH_IP else None
     if link in (NULL, LOOP):
         if len(frame) < 4:
             return None
         family = struct.unpack_from("<I", frame)[0]
         if family > 0xFFFF:
             family = struct.unpack_from(">I", frame)[0]
-        return frame[4:] if family == 2 else None
+        return frame[4:] if family == 2 or family in BSD_INET6 else None
     raise CaptureFileError(f"link type {link} is not supported (capture on an Ethernet "
                            "interface, or with tcpdump -i any)")
+
+
+def _ethertype(frame: bytes, at: int) -> int:
+    return struct.unpack_from("!H", frame, at)[0]
+
+
+def ip_length(pkt: bytes) -> int:
+    """How long the IPv4 or IPv6 packet says it is (an IPv6 jumbogram's 0: all of it)."""
+    if pkt[0] >> 4 == 6:
+        plen = struct.unpack_from("!H", pkt, 4)[0]
+        return 40 + plen if plen else len(pkt)
+    return struct.unpack_from("!H", pkt, 2)[0]
 
 
 @dataclass
@@ -92,8 +110,8 @@ class Position:
 
 def packets(path: str, skipped: collections.Counter, headers_only: bool = False,
             position: Position | None = None) -> Iterator[tuple[float, bytes]]:
-    """(capture time, IPv4 packet) of every IPv4 frame in the file; ``skipped`` counts the
-    rest by reason ("not_ipv4", "truncated"). With ``headers_only``, packets cut by the
+    """(capture time, IP packet) of every IPv4 and IPv6 frame in the file; ``skipped``
+    counts the rest by reason ("not_ip", "truncated"). With ``headers_only``, packets cut by the
     snap length come too, as cut (for who reads only their headers). ``position``, if
     given, follows the reading."""
     try:
@@ -111,10 +129,10 @@ def packets(path: str, skipped: collections.Counter, headers_only: bool = False,
             if position is not None and n % 256 == 0:
                 position.offset = f.tell()
             pkt = ip_payload(link, frame)
-            if pkt is None or len(pkt) < 20:
-                skipped["not_ipv4"] += 1
+            if not pkt or len(pkt) < (40 if pkt[0] >> 4 == 6 else 20):
+                skipped["not_ip"] += 1
                 continue
-            total = struct.unpack_from("!H", pkt, 2)[0]
+            total = ip_length(pkt)
             if total > len(pkt) and not headers_only:
                 # cut by the capture's snap length: the payload is incomplete
                 skipped["truncated"] += 1

@@ -14,11 +14,11 @@ import json
 import logging
 import mmap
 import os
-import socket
 import struct
 import time
 
 from shm.ring import Ring, ring_size
+from tcpcopyd.net.packet import endpoint
 from tcpcopyd.online import answers
 from tcpcopyd.online.compare import PREFIX, REQUEST_PREFIX
 
@@ -53,8 +53,8 @@ def encode(rec: dict) -> bytes:
     cip, cport, tip, tport = rec["key"]
     limit = PREFIX
     while True:
-        body = {"ts": rec["ts"], "client": f"{socket.inet_ntoa(cip)}:{cport}",
-                "target_address": f"{socket.inet_ntoa(tip)}:{tport}", "n": rec["n"],
+        body = {"ts": rec["ts"], "client": endpoint(cip, cport),
+                "target_address": endpoint(tip, tport), "n": rec["n"],
                 "request": _text(rec["request"][:min(limit, REQUEST_PREFIX)])}
         for side in ("online", "target"):
             v = rec[side]

@@ -16,6 +16,7 @@ from tcpcopyd.net import pcapfile
 from tcpcopyd.online import counters as C
 from tcpcopyd.online import loop
 from tcpcopyd.online.control import ControlGroup
+from tcpcopyd.online.options import show_servers
 from tcpcopyd.online.progress import Progress
 from tcpcopyd.online.worker import engine_for
 from tcpcopyd.service.startup import EARLY_SIGNALS
@@ -68,10 +69,14 @@ class Replay:
                 return
 
     def wanted(self, pkt: bytes) -> bool:
-        if len(pkt) < 20 or not P.is_tcp_ipv4(pkt):
+        """A TCP packet (IPv4, or IPv6 behind its extension headers) to a copied port."""
+        if pkt[0] >> 4 == 6:
+            at = P.tcp_offset6(pkt, len(pkt))
+        elif len(pkt) >= 20 and P.is_tcp_ipv4(pkt):
+            at = P.ip_header_length(pkt)
+        else:
             return False
-        ihl = P.ip_header_length(pkt)
-        return len(pkt) >= ihl + 4 and P.destination_port(pkt, ihl) in self.ports
+        return at >= 0 and len(pkt) >= at + 4 and P.destination_port(pkt, at) in self.ports
 
     def play_once(self, accelerate: float, idle_cut: float | None) -> None:
         base_real = base_ts = prev = None
@@ -120,7 +125,7 @@ class Replay:
             self.pump(time.monotonic() + 0.05)
         if not self.control.up:
             log.error("no interceptd reachable at %s: nothing replayed",
-                      ", ".join(f"{h}:{p}" for h, p in self.cfg.server))
+                      ", ".join(show_servers(self.cfg.server)))
             return 1
         started = time.monotonic()
         for i in range(repeat):

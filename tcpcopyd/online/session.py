@@ -99,6 +99,7 @@ class Session:
         "pace_at", "need_ack", "ack_at", "rto", "srtt", "rttvar", "rto_at", "backoff", "rtt_seq",
         "rtt_time", "dupacks", "created", "last_seen", "target_seen", "close_at", "gap_since",
         "retransmits", "freed", "cap", "copy", "stale_reset_at", "in_table", "flow",
+        "recover",
     )
 
     def __init__(self, key: tuple, client_ip: bytes, client_port: int, target_ip: bytes,
@@ -144,6 +145,7 @@ class Session:
         self.rtt_seq: int | None = None   # ack that ends the segment being timed
         self.rtt_time = 0.0
         self.dupacks = 0
+        self.recover = -1         # in a loss recovery: snd_nxt when it began (-1: none)
         self.created = now
         self.last_seen = now
         self.target_seen = 0.0    # when the target last sent us data

@@ -130,3 +130,136 @@ def test_the_control_channel_over_ipv6_and_three_copies_of_each_session(lab):
     # each copy from a port of its own, every request three times
     assert len({f[1] for f in target}) == 1500
     assert collections.Counter(f[6] for f in target) == {"/": 1500}
+
+
+@pytest.mark.parametrize("lab", [{**IPV6, "tcpcopyd": False, "memcached": False}],
+                         indirect=True)
+def test_offline_replay_of_a_capture_of_both_families(lab):
+    import os
+
+    from tcpcopyd.lab.lab import bin_path
+    from tcpcopyd.lab.net import TARGET_IP
+    pcap = os.path.join(lab.dir, "online.pcap")
+    lab.start("tcpdump", lab.ns.online, ["tcpdump", "-i", "eth0", "-s", "0", "-U", "-n",
+                                         "-w", pcap, "tcp", "port", "80"])
+    lab.wait_log("tcpdump", "listening on eth0")
+    lab.ns.run(lab.ns.client, ["curl", "-sS", "-o", "/dev/null", f"http://{ONLINE6}/"])
+    wait_for(lambda: os.path.getsize(pcap) > 500, 20, "tcpdump to write the first request")
+    for host in (ONLINE6, ONLINE_IP):
+        r = load.h2load(lab, requests=200, rate=200, per_connection=2, host=host)
+        assert r.succeeded == 200, r.output
+
+    def whole() -> bool:
+        return sum(1 for _ts, pkt in _packets(pcap) if _is_syn(pkt)) == 1 + 100 + 100
+    wait_for(whole, 30, "every SYN in the capture")
+    assert lab.stop("tcpdump") == 0
+    online = lab.nginx_log("online")
+    r = lab.ns.run(lab.ns.online, [bin_path("tcpcopyd"), "-x",
+                                   f"80-{TARGET_IP}:80,80-[{TARGET6_IP}]:80", "-s", TARGET_IP,
+                                   "-i", pcap], check=False, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "201 sessions (201 seen from their SYN)" in r.stderr, r.stderr
+    target = target_caught_up(lab, len(online))
+    for address in (CLIENT_IP, CLIENT6_IP):
+        assert requests_by_port(target, address) == requests_by_port(online, address)
+
+
+def _packets(pcap: str):
+    from tcpcopyd.net import pcapfile
+    try:
+        yield from pcapfile.packets(pcap, collections.Counter())
+    except Exception:   # noqa: BLE001 - the last record may be half written
+        return
+
+
+def _is_syn(pkt: bytes) -> bool:
+    from tcpcopyd.net import packet as P
+    try:
+        p = P.parse(pkt)
+    except P.MalformedPacket:
+        return False
+    return p.flags & (P.SYN | P.ACK) == P.SYN
+
+
+@pytest.mark.parametrize("lab", [{**IPV6, "tcpcopyd": False, "memcached": False,
+                                  "nginx_extra": {
+                                      "online": 'location = /fail { return 200 "fine"; }\n',
+                                      "target": 'location = /fail { return 500; }\n'}}],
+                         indirect=True)
+def test_the_comparison_report_over_ipv6(lab):
+    import json
+    import os
+    log = os.path.join(lab.dir, "compare.jsonl")
+    lab.start_tcpcopyd(ipv6=True, extra=["--compare", "--compare-log", log,
+                                         "--compare-ignore", "Date"])
+
+    def records() -> list[dict]:
+        try:
+            with open(log) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def warm() -> bool:
+        load.h2load(lab, requests=1, rate=1, path="/warm", host=ONLINE6)
+        return any(r["path"] == "/warm" and (r["target"] or {}).get("status")
+                   for r in records())
+    wait_for(warm, 30, "an exchange with the target's status")
+    for path in ("/fail", "/"):
+        assert load.h2load(lab, requests=30, rate=100, path=path, host=ONLINE6).succeeded == 30
+    wait_for(lambda: sum(1 for r in records() if r["path"] in ("/fail", "/")) >= 60, 60,
+             "60 exchanges compared")
+    recs = [r for r in records() if r["path"] in ("/fail", "/")]
+    assert all(r["client"].startswith(f"[{CLIENT6_IP}]:") for r in recs)
+    assert all(r["target"]["status"] == "500" for r in recs if r["path"] == "/fail")
+    assert all(r["same_status"] and r["same_content"] for r in recs if r["path"] == "/")
+
+
+@pytest.mark.parametrize("lab", [{**IPV6, "memcached": False}], indirect=True)
+def test_10mib_uploads_over_ipv6_are_byte_exact_at_1_percent_loss(lab):
+    import os
+
+    from tcpcopyd.lab.net import CLIENT6_NET
+    from tcpcopyd.lab.transfers import sha256
+    body = os.path.join(lab.dir, "body")
+    with open(body, "wb") as f:
+        f.write(os.urandom(10 << 20))
+    # 1 % of the copies arriving at the target dropped (the online side untouched)
+    lab.ns.run(lab.ns.target, ["ip6tables", "-w", "5", "-t", "raw", "-I", "PREROUTING",
+                               "-s", CLIENT6_NET, "-p", "tcp", "-m", "statistic", "--mode",
+                               "random", "--probability", "0.01", "-j", "DROP"])
+    for i in range(3):
+        r = lab.ns.run(lab.ns.client, ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                                       "--data-binary", f"@{body}", "-H", "Expect:",
+                                       f"http://{ONLINE6}/upload?{i}"], timeout=300)
+        assert r.stdout == "200", r
+    target = target_caught_up(lab, 3, timeout=240)
+    want = sha256(body)
+    assert len(target) == 3
+    t = totals(lab, "tcpcopyd")
+    assert all(f[0] == CLIENT6_IP and f[2] == "200" and f[7] != "-" and sha256(f[7]) == want
+               for f in target), (target, {k: v for k, v in t.items() if v})
+    assert t["retransmits"] + t["fast_retransmits"] > 0
+
+
+@pytest.mark.parametrize("lab", [{**IPV6, "tcpcopyd": False, "memcached": False}],
+                         indirect=True)
+def test_copies_from_an_ipv6_pool(lab):
+    from pyroute2 import NetNS
+
+    from tcpcopyd.lab.net import ONLINE6_TARGET_SIDE_IP, ONLINE_TARGET_SIDE_IP
+    # the target routes the pools back through the online host, as it does the clients
+    with NetNS(lab.ns.target) as n:
+        n.route("add", dst="fd18:6::/64", gateway=ONLINE6_TARGET_SIDE_IP)
+        n.route("add", dst="198.18.6.0/24", gateway=ONLINE_TARGET_SIDE_IP)
+    lab.start_tcpcopyd([80], ipv6=True, extra=["-c", "fd18:6::/120,198.18.6.x"])
+    for host in (ONLINE6, ONLINE_IP):
+        assert load.h2load(lab, requests=300, rate=300, host=host).succeeded == 300
+    target = target_caught_up(lab, 600)
+    six = [f for f in target if ":" in f[0]]
+    four = [f for f in target if ":" not in f[0]]
+    # a copy takes a pool address of its client's family
+    assert len(six) == len(four) == 300
+    assert all(f[0].startswith("fd18:6::") for f in six)
+    assert all(f[0].startswith("198.18.6.") for f in four)
+    assert all(f[2] == "200" for f in target)

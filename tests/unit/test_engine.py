@@ -867,3 +867,37 @@ def test_established_sessions_send_nothing_but_resets_while_the_link_is_down(eng
     [rst] = eng.sender.take()
     assert rst.flags & P.RST and not eng.sessions
     assert s.freed
+
+
+def sack(left: int, right: int) -> bytes:
+    return bytes((P.OPT_NOP, P.OPT_NOP, P.OPT_SACK, 10)) + left.to_bytes(4, "big") \
+        + right.to_bytes(4, "big")
+
+
+def test_every_hole_of_a_loss_is_sent_again_without_waiting_for_the_timer(eng):
+    handshake(eng)
+    eng.tick(100.0 + 0.05)
+    eng.sender.take()
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK, b"d" * 10000))
+    segs = eng.sender.take()
+    assert len(segs) == 7
+    starts = [p.seq for p in segs]
+    # the target lost the second and the fifth; its duplicate ACKs report what it holds
+    # beyond the first hole, its window shrinking as that data fills its buffer
+    answer(eng, reply(TARGET_ISN + 1, starts[1], P.ACK, window=62000))
+    for i, window in enumerate((60000, 58000, 56000)):
+        opts = P.timestamp_option(3334 + i, 777) + sack(starts[2], starts[3] + 1448 * i)
+        answer(eng, reply(TARGET_ISN + 1, starts[1], P.ACK, window=window, options=opts))
+    [again] = eng.sender.take()
+    assert again.seq == starts[1]
+    # the hole filled, the target acknowledges up to the next one: a partial ACK, and
+    # the next hole goes at once (NewReno), not a retransmission timeout later
+    answer(eng, reply(TARGET_ISN + 1, starts[4], P.ACK, window=56000))
+    [again] = eng.sender.take()
+    assert again.seq == starts[4]
+    answer(eng, reply(TARGET_ISN + 1, ISN + 1 + 10000, P.ACK, window=65535))
+    assert eng.sender.take() == []
+    s = eng.sessions[(CLIENT, CPORT, TARGET, 80)]
+    assert s.recover == -1 and not s.unacked
+    assert eng.counters[C.INDEX["retransmits"]] == 0
+    assert eng.counters[C.INDEX["fast_retransmits"]] == 2

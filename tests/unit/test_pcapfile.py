@@ -37,6 +37,26 @@ def read(tmp_path, data: bytes) -> tuple[list, collections.Counter]:
     return list(pcapfile.packets(str(path), skipped)), skipped
 
 
+IP6 = (bytes.fromhex("6000000000140640" "fd180001000000000000000000000001"
+                      "fd180001000000000000000000000002")
+       + struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, 0x50, 2, 1000, 0, 0))
+FRAMES6 = {
+    1: b"\x02" * 12 + b"\x86\xdd" + IP6,                                   # Ethernet
+    101: IP6,                                                               # raw IP
+    229: IP6,                                                               # raw IPv6
+    113: bytes(14) + b"\x86\xdd" + IP6,                                    # Linux cooked
+    276: b"\x86\xdd" + bytes(18) + IP6,                                    # Linux cooked v2
+    0: struct.pack("<I", 30) + IP6,                                         # BSD loopback
+}
+
+
+@pytest.mark.parametrize("linktype", sorted(FRAMES6))
+def test_ipv6_on_every_link_type(tmp_path, linktype):
+    got, skipped = read(tmp_path, pcap(linktype, [FRAMES6[linktype], FRAMES6[linktype] + b"x"]))
+    # (the second one's Ethernet padding, one byte past the payload length, is cut)
+    assert [(ts, pkt) for ts, pkt in got] == [(1.0, IP6), (2.0, IP6)] and not skipped
+
+
 @pytest.mark.parametrize("linktype", sorted(FRAMES))
 def test_link_types(tmp_path, linktype):
     got, skipped = read(tmp_path, pcap(linktype, [FRAMES[linktype]] * 2))
@@ -47,7 +67,7 @@ def test_vlan_tags_and_other_protocols(tmp_path):
     vlan = b"\x02" * 12 + b"\x81\x00\x00\x05\x08\x00" + IP
     arp = b"\x02" * 12 + b"\x08\x06" + bytes(28)
     got, skipped = read(tmp_path, pcap(1, [vlan, arp]))
-    assert [pkt for _, pkt in got] == [IP] and skipped == {"not_ipv4": 1}
+    assert [pkt for _, pkt in got] == [IP] and skipped == {"not_ip": 1}
 
 
 def test_packets_cut_by_the_snap_length_are_skipped(tmp_path):

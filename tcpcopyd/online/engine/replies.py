@@ -10,6 +10,7 @@ from tcpcopyd.net.packet import (
     ACK,
     FIN,
     OPT_MSS,
+    OPT_SACK,
     OPT_TIMESTAMP,
     OPT_WSCALE,
     RST,
@@ -68,7 +69,7 @@ def on_segment(e: EngineState, s: Session, seq: int, ack: int, flags: int, windo
         if ts is not None:
             s.target_tsval = ts[0]
     if flags & ACK:
-        _on_ack(e, s, ack, window << s.wscale, plen, now)
+        _on_ack(e, s, ack, window << s.wscale, plen, options, now)
         if s.freed:
             return
     if plen:
@@ -220,7 +221,11 @@ def _on_syn_ack(e: EngineState, s: Session, seq: int, ack: int, window: int, opt
     e.touched[s] = None
 
 
-def _on_ack(e: EngineState, s: Session, ack: int, wnd: int, plen: int, now: float) -> None:
+def _on_ack(e: EngineState, s: Session, ack: int, wnd: int, plen: int, options: bytes,
+            now: float) -> None:
+    """What the target's ACK says: data it has (a partial ACK in a recovery sends the
+    next hole again at once: NewReno, RFC 6582), its window, an RTT sample, a duplicate
+    (the third starts a recovery: the oldest segment sent again)."""
     if seq_lt(s.snd_una, ack) and seq_le(ack, s.snd_nxt):
         _acknowledged(e, s, ack)
         s.snd_una = ack
@@ -233,17 +238,31 @@ def _on_ack(e: EngineState, s: Session, ack: int, wnd: int, plen: int, now: floa
             s.rtt_seq = None
         s.backoff = 0
         s.dupacks = 0
+        if s.recover >= 0:
+            if s.unacked and seq_lt(ack, s.recover):
+                e.counters[C.FAST_RETRANSMITS] += 1
+                retransmit_head(e, s)
+            else:
+                s.recover = -1            # all that was out when it began: over
         if s.unacked:
             e.arm(s, now + s.rto)
         else:
             s.rto_at = 0.0
         e.dirty.add(s)
-    elif ack == s.snd_una and not plen and s.unacked and wnd == s.wnd:
+    elif ack == s.snd_una and not plen and s.unacked and (wnd == s.wnd or _sacks(options)):
+        # (a duplicate that reports data beyond a hole is one whatever its window: the
+        # target's buffer holding that data shrinks it)
         s.dupacks += 1
-        if s.dupacks == 3:
+        if s.dupacks == 3 and s.recover < 0:
             e.counters[C.FAST_RETRANSMITS] += 1
+            s.recover = s.snd_nxt
             retransmit_head(e, s)
     s.wnd = wnd
+
+
+def _sacks(options: bytes) -> bool:
+    """Whether a TCP option block carries SACK blocks."""
+    return bool(options) and OPT_SACK in parse_options(options)
 
 
 def _acknowledged(e: EngineState, s: Session, ack: int) -> None:

@@ -146,5 +146,6 @@ def on_rto(e: EngineState, s: Session, now: float) -> None:
         return
     e.counters[C.RETRANSMITS] += 1
     retransmit_head(e, s)
+    s.recover = s.snd_nxt       # what the partial ACKs to come send again (RFC 6582)
     s.backoff += 1
     e.arm(s, now + min(RTO_MAX, s.rto * (2 ** s.backoff)))
