@@ -63,9 +63,9 @@ def ip_payload(link: int, frame: bytes) -> bytes | None:
     """The IPv4 or IPv6 packet in a frame of this link type, None if it carries something
     else."""
     if link == ETHERNET:
-        off, ethertype = 14, struct.unpack_from("!H", frame, 12)[0] if len(frame) >= 14 else 0
+        off, ethertype = 14, _ethertype(frame, 12) if len(frame) >= 14 else 0
         while ethertype in ETH_VLAN and len(frame) >= off + 4:
-            ethertype = struct.unpack_from("!H", frame, off + 2)[0]
+            ethertype = _ethertype(frame, off + 2)
             off += 4
         return frame[off:] if ethertype in ETH_IP else None
     if link in RAW or link == IPV4 or link == IPV6:
@@ -75,14 +75,19 @@ def ip_payload(link: int, frame: bytes) -> bytes | None:
     if link == LINUX_SLL2:
         return frame[20:] if len(frame) >= 20 and _ethertype(frame, 0) in ETH_IP else None
     if link in (NULL, LOOP):
-        if len(frame) < 4:
-            return None
-        family = struct.unpack_from("<I", frame)[0]
-        if family > 0xFFFF:
-            family = struct.unpack_from(">I", frame)[0]
-        return frame[4:] if family == 2 or family in BSD_INET6 else None
+        return _loopback(frame)
     raise CaptureFileError(f"link type {link} is not supported (capture on an Ethernet "
                            "interface, or with tcpdump -i any)")
+
+
+def _loopback(frame: bytes) -> bytes | None:
+    """BSD loopback: a 4-byte address family in the writer's byte order."""
+    if len(frame) < 4:
+        return None
+    family = struct.unpack_from("<I", frame)[0]
+    if family > 0xFFFF:
+        family = struct.unpack_from(">I", frame)[0]
+    return frame[4:] if family == 2 or family in BSD_INET6 else None
 
 
 def _ethertype(frame: bytes, at: int) -> int:
