@@ -63,12 +63,17 @@ def gro(iface: str) -> str:
     return "GRO unknown" if on is None else f"GRO {'on' if on else 'off'}"
 
 
-def iptables_output_rules() -> list[str] | None:
-    if not shutil.which("iptables"):
+def iptables_output_rules(tables: str = "iptables") -> list[str] | None:
+    """The OUTPUT chain of ``tables`` (iptables or ip6tables); None if it cannot be read."""
+    if not shutil.which(tables):
         return None
-    r = subprocess.run(["iptables", "-w", "5", "-S", "OUTPUT"], capture_output=True,
+    r = subprocess.run([tables, "-w", "5", "-S", "OUTPUT"], capture_output=True,
                        text=True, timeout=20)
     return r.stdout.splitlines() if r.returncode == 0 else None
+
+
+def has_ipv6() -> bool:
+    return sysctl("net/ipv6/conf/all/disable_ipv6") == "0"
 
 
 def bound_queues() -> set[int] | None:
@@ -284,11 +289,17 @@ def assistant_checks(cfg: Config) -> Iterator[Check]:
     else:
         yield ok("assistant interface", f"replies captured on {cfg.interface}")
     forwarding = sysctl("net/ipv4/ip_forward")
+    forwarding6 = sysctl("net/ipv6/conf/all/forwarding") if has_ipv6() else "0"
     if forwarding == "1":
         yield fail("no forwarding", "this host forwards IPv4: the target's replies would go "
                    "on to the real clients", "sysctl -w net.ipv4.ip_forward=0")
+    elif forwarding6 == "1":
+        yield fail("no forwarding", "this host forwards IPv6: the target's replies would go "
+                   "on to the real clients", "sysctl -w net.ipv6.conf.all.forwarding=0")
     else:
-        yield ok("no forwarding", "net.ipv4.ip_forward=0: the replies end here")
+        yield ok("no forwarding", "net.ipv4.ip_forward=0" + (
+            ", net.ipv6.conf.all.forwarding=0" if has_ipv6() else "")
+            + ": the replies end here")
 
 
 def rule_checks(cfg: Config) -> Iterator[Check]:
@@ -310,6 +321,7 @@ def rule_checks(cfg: Config) -> Iterator[Check]:
         for r in mine:
             queues.update(int(q) for q in re.findall(r"--queue-num (\d+)", r))
         yield ok("nfqueue rule", f"port {p}: {len(mine)} rule(s) in OUTPUT")
+    yield from ipv6_rule_checks(cfg)
     if not queues:
         return
     bound = bound_queues()
@@ -325,9 +337,30 @@ def rule_checks(cfg: Config) -> Iterator[Check]:
         yield ok("nfqueue reader", f"NFQUEUE {', '.join(map(str, sorted(queues)))} read")
 
 
+def ipv6_rule_checks(cfg: Config) -> Iterator[Check]:
+    """The ip6tables rules interceptd installs beside the iptables ones: without them it
+    takes no IPv6 session (tcpcopyd copies only IPv4 here), which is only a choice."""
+    if not has_ipv6():
+        yield Check("nfqueue rule (IPv6)", "SKIP", "this host has no IPv6: IPv4 only")
+        return
+    rules = iptables_output_rules("ip6tables")
+    missing = [p for p in cfg.service_port
+               if rules is None or not any("NFQUEUE" in r and f"--sport {p} " in r + " "
+                                           for r in rules)]
+    if missing:
+        yield Check("nfqueue rule (IPv6)", "SKIP", "no ip6tables NFQUEUE rule for port(s) "
+                    f"{', '.join(map(str, missing))}: interceptd takes no IPv6 session (an "
+                    "interceptd that runs installs them where ip6tables is present: apt "
+                    "install iptables)")
+    else:
+        yield ok("nfqueue rule (IPv6)", f"ports {', '.join(map(str, cfg.service_port))} in "
+                 "ip6tables OUTPUT: IPv6 sessions are taken")
+
+
 # ------------------------------------------------------------------ command
 def net24(addr: str) -> str:
-    return str(ipaddress.ip_network(f"{addr}/24", strict=False))
+    """The client's network as a route names it: its /24, or its /64 for IPv6."""
+    return str(ipaddress.ip_network(f"{addr}/{64 if ':' in addr else 24}", strict=False))
 
 
 def render(checks: Sequence[Check]) -> str:

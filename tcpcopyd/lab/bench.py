@@ -23,7 +23,7 @@ from tcpcopyd.health import status
 from tcpcopyd.lab import load
 from tcpcopyd.lab.delays import copy_delays, percentiles, start_capture, stop_capture
 from tcpcopyd.lab.lab import Lab, wait_for
-from tcpcopyd.lab.net import TARGET_IP
+from tcpcopyd.lab.net import ONLINE6_IP, ONLINE_IP, TARGET_IP
 
 C_TCPCOPY = os.environ.get("TCPCOPYD_C_TCPCOPY", "")
 C_INTERCEPT = os.environ.get("TCPCOPYD_C_INTERCEPT", "")
@@ -31,7 +31,7 @@ C_INTERCEPT = os.environ.get("TCPCOPYD_C_INTERCEPT", "")
 C_RULE_TAG = "tcpcopyd-bench-c-intercept"
 # how the table names each pair
 PAIR_NAMES = {"c": "C", "compare": "ours --compare", "secret": "ours, secret",
-              "pure": "ours, pure Python"}
+              "pure": "ours, pure Python", "ipv6": "ours, IPv6 clients"}
 
 
 def start_c_pair(lab) -> None:
@@ -74,7 +74,8 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
             try:
                 lab.start_interceptd([80], extra=["--queues", str(workers), *both])
                 lab.start_tcpcopyd([80], extra=["--workers", str(workers), *both,
-                                                *(compare if pair == "compare" else [])])
+                                                *(compare if pair == "compare" else [])],
+                                   ipv6=pair == "ipv6")
             finally:
                 os.environ.pop(native.PURE_ENV, None)
         if delays:
@@ -83,7 +84,8 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
                         for path in [os.path.join(lab.dir, f"{host}.pcap")]}
         cpu0 = {d: lab.daemon_cpu_seconds(d) for d in ("tcpcopyd", "interceptd")}
         r = load.h2load(lab, requests=requests, rate=rate, per_connection=per_connection,
-                        threads=threads)
+                        threads=threads,
+                        host=f"[{ONLINE6_IP}]" if pair == "ipv6" else ONLINE_IP)
         cpu_load = {d: lab.daemon_cpu_seconds(d) - cpu0[d] for d in cpu0}
         online = len(lab.nginx_log("online"))
         try:
@@ -148,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="ours, c (the C tcpcopy + intercept from TCPCOPYD_C_TCPCOPY and "
                     "TCPCOPYD_C_INTERCEPT), compare (ours with --compare), secret (ours with a "
                     "shared secret: both proofs, every batch tagged), pure (ours, the "
-                    "pure-Python build: TCPCOPYD_PURE=1), comma-separated; they alternate run "
-                    "by run")
+                    "pure-Python build: TCPCOPYD_PURE=1), ipv6 (ours, the clients and the "
+                    "target over IPv6), comma-separated; they alternate run by run")
     ap.add_argument("--compare-c", action="store_true",
                     help="side by side with the C pair: the same as --pairs ours,c --delays")
     ap.add_argument("--delays", action="store_true",
@@ -170,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     if not set(modes) <= {"nfqueue", "assistant"}:
         print("--interception: nfqueue, assistant or both", file=sys.stderr)
         return 2
-    if not set(pairs) <= {"ours", "c", "compare", "secret", "pure"}:
+    if not set(pairs) <= {"ours", "c", "compare", "secret", "pure", "ipv6"}:
         print("--pairs: ours, c, compare (ours with --compare), secret (ours with a shared "
-              "secret), pure (ours, pure-Python build), comma-separated", file=sys.stderr)
+              "secret), pure (ours, pure-Python build), ipv6 (ours over IPv6), "
+              "comma-separated", file=sys.stderr)
         return 2
     if "c" in pairs and not (os.access(C_TCPCOPY, os.X_OK) and os.access(C_INTERCEPT, os.X_OK)):
         print("--pairs c: set TCPCOPYD_C_TCPCOPY and TCPCOPYD_C_INTERCEPT to the C binaries",

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from tcpcopyd.lab.lab import bin_path
-from tcpcopyd.lab.net import CLIENT_IP, CLIENT_NET, DEAD_END_IP, TARGET_IP
+from tcpcopyd.lab.net import CLIENT6_IP, CLIENT_IP, CLIENT_NET, DEAD_END_IP, TARGET_IP
 
 pytestmark = pytest.mark.lab
 
@@ -37,11 +37,12 @@ def failed(r: subprocess.CompletedProcess) -> dict[str, str]:
 
 
 def test_healthy_lab_passes_on_both_hosts(lab):
-    r = doctor(lab, lab.ns.target, TARGET_ARGS)
+    r = doctor(lab, lab.ns.target, ["--client", f"{CLIENT_IP},{CLIENT6_IP}", *TARGET_ARGS[2:]])
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("privileges", "return route", "rp_filter", "nfqueue rule", "nfqueue reader",
-                 "control port", "protocol version"):
+                 "control port", "protocol version", "nfqueue rule (IPv6)"):
         assert f"OK    {name}: " in r.stdout, (name, r.stdout)
+    assert f"OK    return route: replies to {CLIENT6_IP} leave via " in r.stdout, r.stdout
     r = doctor(lab, lab.ns.online, ONLINE_ARGS)
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("interface", "target route", "control port", "protocol version"):

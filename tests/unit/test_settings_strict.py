@@ -172,3 +172,10 @@ def test_interceptd_listens_and_allows_ipv6():
                ["--service-port", "80", "--listen", "::", "--allow", "198.18.0.0/15,fd18::/16"],
                ioptions.LAYOUT)
     assert cfg.listen == "::" and [str(n) for n in cfg.allow] == ["198.18.0.0/15", "fd18::/16"]
+
+
+def test_the_first_command_form_takes_ipv6_in_brackets():
+    rules, fallback = options.seed_form(["[fd18:1::2]:[FD18:1::3]", "80", "fd18:2::2", "8080"])
+    assert [str(t) for t in rules["transfer"]] == ["[fd18:1::2]:80-[fd18:2::2]:8080",
+                                                   "[fd18:1::3]:80-[fd18:2::2]:8080"]
+    assert fallback["server"] == [("fd18:2::2", 36524)]
