@@ -23,9 +23,10 @@ def ring_capacity(workers: int) -> int:
     return max(256, min(4096, 1 << ((16384 // workers).bit_length() - 1)))
 
 
-# the refused-address memory: this many entries of (address, monotonic time logged)
+# the refused-address memory: this many entries of (address, monotonic time logged); an
+# IPv4 address is kept as its 4 bytes then zeros
 LOGGED_SLOTS = 256
-LOGGED = struct.Struct("<4s4xd")
+LOGGED = struct.Struct("<16sd")
 LOGGED_SIZE = LOGGED_SLOTS * LOGGED.size
 
 
@@ -49,7 +50,7 @@ class RefusalLog:
         """True (and remembered) if ``address`` should be logged now."""
         off = self.off + hash(address) % LOGGED_SLOTS * LOGGED.size
         seen, when = LOGGED.unpack_from(self.mm, off)
-        if seen == address and now - when < every:
+        if seen == address.ljust(16, b"\0") and now - when < every:
             return False
         LOGGED.pack_into(self.mm, off, address, now)
         return True

@@ -4,6 +4,9 @@
                                    |  copies (raw socket)      ^ reply headers (TCP 36524)
                                    v                           |
                           target 198.18.2.2 (nginx, memcached, interceptd)
+
+The lab is dual-stack (client fd18:1::1, online fd18:1::2, target fd18:2::2): tcpcopyd
+copies both families, and one workload runs over IPv6.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import time
 
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import MEMCACHED_PORT, Lab, wait_for
-from tcpcopyd.lab.net import CLIENT_IP, ONLINE_IP, TARGET_IP
+from tcpcopyd.lab.net import CLIENT6_IP, CLIENT_IP, ONLINE6_IP, ONLINE_IP, TARGET6_IP, TARGET_IP
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=10000, help="short HTTP requests")
     ap.add_argument("--rate", type=int, default=1000, help="requests per second")
     ap.add_argument("--keepalive-requests", type=int, default=5000)
+    ap.add_argument("--ipv6-requests", type=int, default=2000,
+                    help="short HTTP requests over IPv6")
     ap.add_argument("--memcached-sets", type=int, default=2000)
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -32,16 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         print(f"lab: client {CLIENT_IP} -> online {ONLINE_IP} (nginx :80, memcached :11211, "
-              f"tcpcopyd) => target {TARGET_IP} (nginx, memcached, interceptd)")
+              f"tcpcopyd) => target {TARGET_IP} (nginx, memcached, interceptd); over IPv6 "
+              f"{CLIENT6_IP} -> {ONLINE6_IP} => {TARGET6_IP}")
         lab.up()
         lab.start_interceptd()
-        lab.start_tcpcopyd()
+        lab.start_tcpcopyd(ipv6=True)
         cpu0 = {d: lab.daemon_cpu_seconds(d) for d in ("tcpcopyd", "interceptd")}
 
-        def http_row(title: str, requests: int, per_conn: int) -> None:
+        def http_row(title: str, requests: int, per_conn: int, host: str = ONLINE_IP) -> None:
             before_on, before_tg = len(lab.nginx_log("online")), len(lab.nginx_log("target"))
             print(f"running: {title} ...", flush=True)
-            r = load.h2load(lab, requests=requests, rate=args.rate, per_connection=per_conn)
+            r = load.h2load(lab, requests=requests, rate=args.rate, per_connection=per_conn,
+                            host=host)
             online = len(lab.nginx_log("online")) - before_on
             wait_for(lambda: len(lab.nginx_log("target")) - before_tg >= online, 30,
                      "the target to catch up") if online else None
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         http_row(f"HTTP short connections, {args.requests} at {args.rate}/s", args.requests, 1)
         http_row(f"HTTP keep-alive, 10 per connection, {args.keepalive_requests}",
                  args.keepalive_requests, 10)
+        http_row(f"HTTP over IPv6, {args.ipv6_requests} at {args.rate}/s",
+                 args.ipv6_requests, 1, f"[{ONLINE6_IP}]")
         print("running: memcached sets ...", flush=True)
         n = args.memcached_sets
         out = load.kv(load.python_in(lab, lab.ns.client, load.MEMCACHED_SETS, ONLINE_IP,

@@ -109,6 +109,10 @@ class Namespaces:
         self.destroy()
         for ns in self.all:
             netns.create(ns)
+            # no duplicate address detection on the lab's links (nothing to detect): an
+            # address, the link-local ones too, is usable at once, not after a second
+            self.sysctl(ns, {"net/ipv6/conf/all/accept_dad": "0",
+                             "net/ipv6/conf/default/accept_dad": "0"})
         self._link(self.client, "eth0", CLIENT_IP, self.online, "eth0", ONLINE_IP)
         self._link(self.online, "eth1", ONLINE_TARGET_SIDE_IP, self.target, "eth0", TARGET_IP)
         self._route_back(self.client, ONLINE_IP, self.online, ONLINE_TARGET_SIDE_IP,

@@ -25,7 +25,7 @@ from typing import Any
 
 from shm.segment import LinkState
 from tcpcopyd.net import auth, wire
-from tcpcopyd.net.packet import packed
+from tcpcopyd.net.packet import endpoint, packed
 from tcpcopyd.online.session import Session
 
 log = logging.getLogger("tcpcopyd.control")
@@ -81,8 +81,7 @@ class ControlLink:
 
     @property
     def name(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"interceptd {host}:{self.port}"
+        return f"interceptd {endpoint(self.address, self.port)}"
 
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else -1

@@ -155,3 +155,14 @@ def test_an_ipv6_registration_nobody_granted_or_cut_short_ends_the_connection():
         finally:
             c.close()
             srv.close()
+
+
+def test_a_refused_ipv6_address_is_logged_once_a_minute_like_an_ipv4_one():
+    from types import SimpleNamespace
+
+    from interceptd.shared import LOGGED_SIZE, RefusalLog
+    log = RefusalLog(SimpleNamespace(mm=bytearray(LOGGED_SIZE), extra_off=0))
+    for address in (C6, C4):
+        assert log.due(address, 100.0, 60.0)
+        assert not log.due(address, 130.0, 60.0)
+        assert log.due(address, 161.0, 60.0)
