@@ -7,7 +7,7 @@ KIND = 2        # the kind number of interceptd's shm segments
 
 COUNTERS = (
     ("queued", "target packets read from the NFQUEUE (all dropped: fail-closed)"),
-    ("malformed", "queued packets that are not TCP/IPv4 (dropped, skipped)"),
+    ("malformed", "queued packets that are not TCP/IPv4 or TCP/IPv6 (dropped, skipped)"),
     ("routed", "reply headers sent to the tcpcopyd that registered the session"),
     ("delayed", "reply headers held until their session is registered"),
     ("delay_expired", "held reply headers whose session never registered"),
@@ -38,6 +38,7 @@ COUNTERS = (
     ("peers_payload", "gauge: connected tcpcopyd control connections that asked for the "
                       "first bytes of the target's answers (a comparison test)"),
     ("accept_paused", "times accept stopped for a while: out of file descriptors"),
+    ("queued_ipv6", "target packets read that are IPv6 (of queued; the others are IPv4)"),
 )
 NAMES = tuple(name for name, _ in COUNTERS)
 HELP = dict(COUNTERS)

@@ -12,6 +12,7 @@ from tcpcopyd.net import wire
 # the sessions whose last answer's ack is remembered (to find each answer's first segment)
 ANSWERS_SEEN_MAX: Final = 65536
 MALFORMED: Final = C.INDEX["malformed"]
+QUEUED_IPV6: Final = C.INDEX["queued_ipv6"]
 
 
 class Recorder:
@@ -64,6 +65,8 @@ class ReplyPath:
 
     def handle(self, packet: bytes, now: float) -> None:
         try:
+            if packet[:1] and packet[0] >> 4 == 6:
+                self.counters[QUEUED_IPV6] += 1
             self.router.route(self.recorder.record(packet), now)
         except wire.ProtocolError:
             self.counters[MALFORMED] += 1

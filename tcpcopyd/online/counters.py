@@ -80,6 +80,8 @@ COUNTERS = (
     ("not_followed", "captured IPv6 packets whose TCP header could not be reached (a "
                      "fragment, ESP, an extension header chain too long or cut short): "
                      "skipped"),
+    ("sessions_ipv6", "sessions started (from a SYN or a fake SYN) of IPv6 clients; the "
+                      "others are IPv4"),
 )
 NAMES = tuple(name for name, _ in COUNTERS)
 HELP = dict(COUNTERS)
@@ -117,6 +119,7 @@ SESSIONS_RESTORED: Final = INDEX["sessions_restored"]
 SESSIONS_TORN: Final = INDEX["sessions_torn"]
 OVERSIZE: Final = INDEX["oversize_frames"]
 NOT_FOLLOWED: Final = INDEX["not_followed"]
+SESSIONS_IPV6: Final = INDEX["sessions_ipv6"]
 # why a session ended: the counter its end adds to
 SESSIONS_CLOSED: Final = INDEX["sessions_closed"]
 SESSIONS_EXPIRED: Final = INDEX["sessions_expired"]

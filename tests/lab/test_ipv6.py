@@ -43,7 +43,9 @@ def test_short_connections_over_ipv6_lose_nothing(lab):
     target = target_caught_up(lab, 3000)
     assert requests_by_port(target) == requests_by_port(online)
     assert all(f[2] == "200" for f in target)
-    assert totals(lab, "tcpcopyd")["not_followed"] == 0
+    t = totals(lab, "tcpcopyd")
+    assert t["not_followed"] == 0 and t["sessions_ipv6"] == t["sessions_opened"] == 3000
+    assert totals(lab, "interceptd")["queued_ipv6"] == totals(lab, "interceptd")["queued"]
 
 
 @pytest.mark.parametrize("lab", [IPV6], indirect=True)
@@ -67,6 +69,9 @@ def test_both_families_at_once_through_one_daemon_pair(lab):
     for address in (CLIENT_IP, CLIENT6_IP):
         assert requests_by_port(target, address) == requests_by_port(online, address)
     assert all(f[2] == "200" for f in target)
+    # the families in the counters: 2 000 short IPv4 sessions, 50 keep-alive IPv6 ones
+    t = totals(lab, "tcpcopyd")
+    assert t["sessions_opened"] == 2050 and t["sessions_ipv6"] == 50
 
 
 @pytest.mark.parametrize("lab", [IPV6], indirect=True)

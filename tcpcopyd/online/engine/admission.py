@@ -205,6 +205,8 @@ def open_session(e: EngineState, cap: tuple, copy: int, target: tuple[bytes, int
         e.counters[C.SESSIONS_OPENED] += 1
     s.syn_ts = tsval is not None
     s.client_tsval = tsval or 0
+    if len(key[0]) == 16:
+        e.counters[C.SESSIONS_IPV6] += 1
     e.sessions[key] = s
     e.idle[key] = s
     if e.observer is not None and copy == 0:
