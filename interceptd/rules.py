@@ -168,7 +168,8 @@ def install(ports: list[int], first_queue: int, queues: int, tag: str,
         ensure_guard(ports, instance, v6)
     stale = remove_tagged(tag, v6)
     if stale:
-        log.info("removed %d stale %s rule(s) tagged %s", stale, _name(v6), tag)
+        log.info("removed %d stale rule(s) tagged %s%s", stale, tag,
+                 " (ip6tables)" if v6 else "")
     done: list[list[str]] = []
     for spec in rule_specs(ports, first_queue, queues, tag, v6):
         r = _run(["-I", "OUTPUT", *spec], v6)

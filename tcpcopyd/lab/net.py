@@ -65,6 +65,8 @@ TARGET6_IP = "fd18:2::2"
 DEAD_END6_IP = "fd18:2::fe"
 CLIENT6_NET = "fd18:1::/64"
 TARGET6_NET = "fd18:2::/64"
+ASSISTANT6_IP = "fd18:8::1"
+TARGET6_ASSISTANT_SIDE_IP = "fd18:8::2"
 # IFA_F_NODAD: an address usable at once (the lab's links have no duplicates to detect)
 IFA_F_NODAD = 0x02
 # the lab's replicated services (nginx, memcached)
@@ -129,6 +131,7 @@ class Namespaces:
                 n.route("add", dst="198.18.2.0/24", gateway=TARGET_ASSISTANT_SIDE_IP)
             self.sysctl(self.target, {"net/ipv4/ip_forward": "1"})
             self.sysctl(self.assistant, {"net/ipv4/ip_forward": "0"})
+            self._assistant6()
         if self.with_attacker:
             self._link(self.target, "eth3", TARGET_ATTACKER_SIDE_IP, self.attacker, "eth0",
                        ATTACKER_IP)
@@ -164,6 +167,23 @@ class Namespaces:
                               source, "-p", "tcp", "-m", "multiport", "--sports",
                               ",".join(map(str, SERVICE_PORTS)), "-m", "comment",
                               "--comment", LEAK_TAG])
+
+    def _assistant6(self) -> None:
+        """The IPv6 side of the assistant: the target routes the IPv6 clients to it."""
+        for ns, address in ((self.target, TARGET6_ASSISTANT_SIDE_IP),
+                            (self.assistant, ASSISTANT6_IP)):
+            with NetNS(ns) as n:
+                n.addr("add", index=n.link_lookup(ifname="eth2" if ns == self.target
+                                                  else "eth0")[0],
+                       address=address, prefixlen=64, flags=IFA_F_NODAD)
+        with NetNS(self.target) as n:
+            n.route("replace", dst=CLIENT6_NET, gateway=ASSISTANT6_IP)
+        with NetNS(self.online) as n:
+            n.route("add", dst="fd18:8::/64", gateway=TARGET6_IP)
+        with NetNS(self.assistant) as n:
+            n.route("add", dst=TARGET6_NET, gateway=TARGET6_ASSISTANT_SIDE_IP)
+        self.sysctl(self.target, {"net/ipv6/conf/all/forwarding": "1"})
+        self.sysctl(self.assistant, {"net/ipv6/conf/all/forwarding": "0"})
 
     def _dual_stack(self) -> None:
         """The IPv6 side of client - online - target: addresses, routes, forwarding."""

@@ -268,3 +268,15 @@ def test_copies_from_an_ipv6_pool(lab):
     assert all(f[0].startswith("fd18:6::") for f in six)
     assert all(f[0].startswith("198.18.6.") for f in four)
     assert all(f[2] == "200" for f in target)
+
+
+@pytest.mark.parametrize("lab", [{**IPV6, "assistant": True, "memcached": False}],
+                         indirect=True)
+def test_an_assistant_takes_the_ipv6_replies(lab):
+    r = load.h2load(lab, requests=2000, rate=500, host=ONLINE6)
+    assert r.succeeded == 2000, r.output
+    target = target_caught_up(lab, 2000)
+    assert requests_by_port(target) == requests_by_port(lab.nginx_log("online"))
+    assert all(f[0] == CLIENT6_IP and f[2] == "200" for f in target)
+    t = totals(lab, "interceptd")
+    assert t["queued_ipv6"] == t["queued"] > 0

@@ -60,10 +60,13 @@ def test_silent_worker_is_killed_and_replaced(lab):
 
 @pytest.mark.parametrize("lab", [{"memcached": False, "tcpcopyd": False}], indirect=True)
 def test_rules_of_a_killed_interceptd_are_removed_by_the_next(lab):
-    def rules() -> int:
-        return lab.ns.run(lab.ns.target, ["iptables", "-S", "OUTPUT"]).stdout.count("NFQUEUE")
+    def rules() -> tuple[int, int]:
+        """(iptables, ip6tables) queue rules"""
+        return tuple(lab.ns.run(lab.ns.target, [tables, "-S", "OUTPUT"]).stdout
+                     .count("NFQUEUE") for tables in ("iptables", "ip6tables"))
     installed = rules()
-    assert installed >= 2  # one per service port (and per queue selector with several)
+    assert installed[0] >= 2  # one per service port (and per queue selector with several)
+    assert installed[1] == installed[0]
     p = lab.procs["interceptd"]
     for proc in [*psutil.Process(p.pid).children(), psutil.Process(p.pid)]:
         proc.kill()
@@ -72,7 +75,9 @@ def test_rules_of_a_killed_interceptd_are_removed_by_the_next(lab):
     lab.procs.pop("interceptd")
     lab.start_interceptd()
     assert rules() == installed
-    lab.wait_log("interceptd", f"removed {installed} stale rule(s)")
+    lab.wait_log("interceptd", f"removed {installed[0]} stale rule(s) tagged ")
+    lab.wait_log("interceptd", f"removed {installed[1]} stale rule(s) tagged "
+                 f"interceptd:{lab.ns.prefix}-interceptd (ip6tables)")
 
 
 def test_status_exit_code_when_nothing_runs():
