@@ -65,7 +65,7 @@ class ReplyPath:
 
     def handle(self, packet: bytes, now: float) -> None:
         try:
-            if packet[:1] and packet[0] >> 4 == 6:
+            if len(packet) and packet[0] >> 4 == 6:
                 self.counters[QUEUED_IPV6] += 1
             self.router.route(self.recorder.record(packet), now)
         except wire.ProtocolError:

@@ -232,15 +232,9 @@ class ControlLink:
         return self.up and (len(s.client_ip) == 4 or self.ipv6)
 
     def register(self, s: Session) -> None:
-        if len(s.client_ip) == 4:
-            if self.up:
-                self.queue(wire.client_message(wire.CLIENT_ADD, s.client_ip, s.client_port,
-                                               s.target_ip, s.target_port))
-        elif self.up and self.ipv6:
-            self.queue(wire.registration6(wire.CLIENT_ADD6, s.client_ip, s.client_port,
-                                          s.target_ip, s.target_port))
-        elif self.up and not self._said_no_ipv6 and (
-                self.answered or time.monotonic() - self.up_at >= HELLO_WAIT):
+        self._registration(s, wire.CLIENT_ADD, wire.CLIENT_ADD6)
+        if len(s.client_ip) == 16 and self.up and not self.ipv6 and not self._said_no_ipv6 \
+                and (self.answered or time.monotonic() - self.up_at >= HELLO_WAIT):
             # it answered our offer without IPv6, or never answered it (a C intercept)
             self._said_no_ipv6 = True
             log.warning("%s does not take IPv6 sessions (a C intercept, or an older "
@@ -248,13 +242,18 @@ class ControlLink:
                         "(their packets are counted as held_no_link)", self.name)
 
     def unregister(self, s: Session) -> None:
+        self._registration(s, wire.CLIENT_DEL, wire.CLIENT_DEL6)
+
+    def _registration(self, s: Session, kind: int, kind6: int) -> None:
+        """A session's CLIENT_ADD or CLIENT_DEL queued, if the link carries it."""
+        if not self.carries(s):
+            return
         if len(s.client_ip) == 4:
-            if self.up:
-                self.queue(wire.client_message(wire.CLIENT_DEL, s.client_ip, s.client_port,
-                                               s.target_ip, s.target_port))
-        elif self.up and self.ipv6:
-            self.queue(wire.registration6(wire.CLIENT_DEL6, s.client_ip, s.client_port,
-                                          s.target_ip, s.target_port))
+            self.queue(wire.client_message(kind, s.client_ip, s.client_port, s.target_ip,
+                                           s.target_port))
+        else:
+            self.queue(wire.registration6(kind6, s.client_ip, s.client_port, s.target_ip,
+                                          s.target_port))
 
     def queue(self, messages: bytes) -> None:
         """Messages to interceptd, written out at the next flush (tagged, with a secret)."""

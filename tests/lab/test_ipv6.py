@@ -15,6 +15,7 @@ from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import MEMCACHED_PORT, wait_for
 from tcpcopyd.lab.net import CLIENT6_IP, CLIENT_IP, ONLINE6_IP, ONLINE_IP, TARGET6_IP
 from tests.lab.conftest import ctl_status, target_caught_up
+from tests.lab.test_sessions import KEEPALIVE_CLIENT
 
 pytestmark = pytest.mark.lab
 
@@ -85,19 +86,6 @@ def test_memcached_over_ipv6(lab):
                              3000, "six")
         return load.kv(got.stdout).get("ok") == 3000
     wait_for(target_has_all, 60, "3000 keys in the target's memcached", interval=1.0)
-
-
-KEEPALIVE_CLIENT = r'''
-import http.client, sys
-c = http.client.HTTPConnection(sys.argv[1], 80, timeout=30)
-c.request("GET", "/?warmup"); r = c.getresponse(); r.read()
-print("ready", flush=True)
-sys.stdin.readline()
-bad = 0
-for i in range(100):
-    c.request("GET", f"/?n={i}"); r = c.getresponse(); r.read(); bad += r.status != 200
-print(f"done bad={bad}", flush=True)
-'''
 
 
 @pytest.mark.parametrize("lab", [{**IPV6, "tcpcopyd": False}], indirect=True)

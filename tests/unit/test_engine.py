@@ -361,20 +361,6 @@ def test_rules_bound_to_an_online_address_copy_only_that_address():
     assert e.counters[C.NO_SESSION] == 1
 
 
-@pytest.fixture
-def slot_table():
-    """A real shm session table of 16 slots (one worker), removed afterwards."""
-    import os
-
-    from shm import segment as shmseg
-    from shm.table import SlotTable
-    from tcpcopyd.online.session import SLOT, SLOT_SIZE
-    seg = shmseg.create(f"tcpcopyd-test-slots-{os.getpid()}", 1, 1, 16, SLOT_SIZE)
-    yield SlotTable(seg, SLOT)
-    seg.close()
-    seg.unlink()
-
-
 def worker_engine(table) -> Engine:
     """The engine of a worker that owns the 16 slots of ``table``."""
     return Engine({80: (TARGET, 80)}, FakeSender(), FakeControl(), table, range(16))

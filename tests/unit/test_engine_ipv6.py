@@ -10,6 +10,7 @@ from tcpcopyd.net import wire
 from tcpcopyd.online import counters as C
 from tcpcopyd.online.engine import Engine
 from tcpcopyd.online.targets import ANY6
+from tests.unit.test_packet import with_extensions
 
 CLIENT = socket.inet_pton(socket.AF_INET6, "fd18:1::1")
 ONLINE = socket.inet_pton(socket.AF_INET6, "fd18:1::2")
@@ -154,17 +155,6 @@ def test_both_families_at_once_each_to_the_rule_of_its_own(eng):
     assert only4.sender.take() == [] and only4.counters[C.NO_SESSION] == 1
 
 
-def with_extensions(pkt: bytes, *headers: tuple[int, bytes]) -> bytes:
-    chain = b""
-    kinds = [h[0] for h in headers] + [6]
-    for (_, body), nxt in zip(headers, kinds[1:], strict=True):
-        chain += bytes((nxt, (len(body) + 2) // 8 - 1)) + body
-    head = bytearray(pkt[:40])
-    head[6] = kinds[0]
-    head[4:6] = (len(pkt) - 40 + len(chain)).to_bytes(2, "big")
-    return bytes(head) + chain + pkt[40:]
-
-
 def test_extension_headers_are_followed_and_fragments_counted_and_skipped(eng):
     syn = with_extensions(client_pkt(ISN, 0, P.SYN, options=SYN_OPTS),
                           (P.IP6_HOP_BY_HOP, bytes(6)), (P.IP6_DEST_OPTIONS, bytes(6)))
@@ -191,19 +181,6 @@ def test_a_reply_record_with_its_answers_first_bytes_is_read_as_such(eng):
     s = eng.sessions[(CLIENT, CPORT, TARGET, 80)]
     assert s.rcv_nxt == TARGET_ISN + 1 + 17      # the payload length, not the prefix's
     assert eng.counters[C.REPLIES_MALFORMED] == 0
-
-
-@pytest.fixture
-def slot_table():
-    import os
-
-    from shm import segment as shmseg
-    from shm.table import SlotTable
-    from tcpcopyd.online.session import SLOT, SLOT_SIZE
-    seg = shmseg.create(f"tcpcopyd-test-slots6-{os.getpid()}", 1, 1, 16, SLOT_SIZE)
-    yield SlotTable(seg, SLOT)
-    seg.close()
-    seg.unlink()
 
 
 def test_a_new_worker_carries_ipv6_and_ipv4_sessions_on_from_the_shm_table(slot_table):
