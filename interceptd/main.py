@@ -132,6 +132,36 @@ def assistant(cfg: Settings) -> int:
     return serve(cfg, sockets, lambda: [sock.close() for sock in sockets])
 
 
+def operator_rules(cfg: Settings, ipv6: bool) -> bool:
+    """With ``--no-iptables``, look for the operator's rules: a service port no iptables
+    rule queues to our queues is said (its replies would reach the clients unless native
+    nftables rules queue them); IPv6 sessions are taken only where ip6tables queues
+    every service port (or the operator says their rules are elsewhere). Returns whether
+    IPv6 sessions are taken."""
+    def missing(v6: bool) -> list[int]:
+        try:
+            return rules.unqueued_ports(cfg.service_port, cfg.queue_num, cfg.queues, v6)
+        except rules.RuleError:
+            return list(cfg.service_port)
+    queues = f"{cfg.queue_num}..{cfg.queue_num + cfg.queues - 1}"
+    bare = missing(False)
+    if bare:
+        log.warning("no iptables OUTPUT rule queues the replies of port(s) %s to NFQUEUE %s "
+                    "(without --queue-bypass): unless rules of yours outside iptables do, "
+                    "the target's replies reach the clients", ",".join(map(str, bare)),
+                    queues)
+    if not ipv6 or cfg.ipv6_rules_elsewhere:
+        return ipv6
+    bare6 = missing(True)
+    if bare6:
+        log.warning("IPv6 sessions refused: no ip6tables OUTPUT rule queues the replies of "
+                    "port(s) %s to NFQUEUE %s (without --queue-bypass); add them, or set "
+                    "ipv6_rules_elsewhere if rules outside ip6tables do",
+                    ",".join(map(str, bare6)), queues)
+        return False
+    return True
+
+
 def forwards() -> bool:
     """Whether this host forwards IPv4 or IPv6 (an assistant must not: the replies end
     here)."""
@@ -182,6 +212,8 @@ def serve(cfg: Settings, sources: list, release: Callable[[], object]) -> int:
                 ipv6 = False
                 log.warning("IPv6 replies are not intercepted (%s): tcpcopyd copies only "
                             "IPv4 sessions here", e)
+    elif not cfg.interface:
+        ipv6 = operator_rules(cfg, ipv6)
 
     def unrule() -> None:
         rules.remove(installed)

@@ -89,6 +89,11 @@ class Settings(Config):
         ("--no-iptables",), False, boolean,
         "do not install/remove NFQUEUE rules (the operator manages them)", is_flag=True,
         example=False)
+    ipv6_rules_elsewhere: bool = setting(
+        ("--ipv6-rules-elsewhere",), False, boolean,
+        "with --no-iptables: the operator's rules outside ip6tables (native nftables) "
+        "queue the target's IPv6 replies; without it IPv6 sessions are taken only when "
+        "ip6tables queues every service port", is_flag=True, example=False)
     queue_num: int = setting(
         ("--queue-num",), 0, int_range(0, 65535),
         "first NFQUEUE number", metavar="N", example=0)
@@ -115,6 +120,9 @@ class Settings(Config):
             raise self.invalid("allow", f"{', '.join(wide)} lets any host on it register "
                                "sessions and read the target's replies: name the online "
                                "hosts (e.g. 198.51.100.7/32), or set secret_file")
+        if self.ipv6_rules_elsewhere and not self.no_iptables:
+            raise self.invalid("ipv6_rules_elsewhere", "only with no_iptables (interceptd "
+                               "installs its own ip6tables rules otherwise)")
         if self.queue_num + self.queues > 65536:
             raise self.invalid("queue_num", f"with {self.queues} queues the last would be "
                                f"{self.queue_num + self.queues - 1}, above 65535")

@@ -151,6 +151,88 @@ def ensure_guard(ports: list[int], instance: str, v6: bool = False) -> None:
             log.info("guard of port %s removed: that port is no longer served", port)
 
 
+def _ports_matched(args: list[str]) -> tuple[int, int] | None:
+    """The source ports a rule's ``--sport``/``--sports`` match covers, as one range;
+    ``(0, 65535)`` without one; ``None`` for a negated match or a list (not read)."""
+    for i, a in enumerate(args[:-1]):
+        if a not in ("--sport", "--source-port", "--sports", "--source-ports"):
+            continue
+        if i and args[i - 1] == "!":
+            return None
+        text = args[i + 1]
+        if "," in text:
+            return None
+        low, colon, high = text.partition(":")
+        try:
+            return int(low or 0), (int(high or 65535) if colon else int(low))
+        except ValueError:
+            return None
+    return 0, 65535
+
+
+def _queues_of(args: list[str]) -> tuple[int, int] | None:
+    """The queue numbers an NFQUEUE rule sends to (``--queue-num`` or
+    ``--queue-balance``); ``None`` for a rule that bypasses the queue when nobody reads
+    it."""
+    if "--queue-bypass" in args:
+        return None
+    for i, a in enumerate(args[:-1]):
+        if a == "--queue-num":
+            return int(args[i + 1]), int(args[i + 1])
+        if a == "--queue-balance":
+            low, _, high = args[i + 1].partition(":")
+            return int(low), int(high)
+    return 0, 0
+
+
+def unqueued_ports(ports: list[int], first_queue: int, queues: int,
+                   v6: bool = False) -> list[int]:
+    """The operator manages the rules (``--no-iptables``): the ports of ``ports`` for which
+    no rule reached from OUTPUT (tables raw, mangle, filter; chains OUTPUT jumps to count)
+    sends TCP replies to one of our queues without ``--queue-bypass``. A port listed here
+    has its replies go to the clients, unless rules outside iptables (native nftables)
+    queue them."""
+    wanted = range(first_queue, first_queue + queues)
+    covered: list[tuple[int, int]] = []
+    for table in ("raw", "mangle", "filter"):
+        out = _run(["-t", table, "-S"], v6)
+        if out.returncode != 0:
+            continue
+        chains: dict[str, list[list[str]]] = {}
+        for line in out.stdout.splitlines():
+            args = [a.strip('"') for a in line.split()]
+            if args[:1] == ["-A"] and len(args) > 2:
+                chains.setdefault(args[1], []).append(args[2:])
+        seen: set[str] = set()
+        todo = ["OUTPUT"]
+        while todo:
+            chain = todo.pop()
+            if chain in seen:
+                continue
+            seen.add(chain)
+            for args in chains.get(chain, []):
+                jump = args[args.index("-j") + 1] if "-j" in args[:-1] else ""
+                if jump in chains:
+                    todo.append(jump)
+                elif jump == "NFQUEUE" and _tcp(args):
+                    try:
+                        target = _queues_of(args)
+                    except (ValueError, IndexError):
+                        continue
+                    span = _ports_matched(args)
+                    if target and span and target[0] in wanted and target[1] in wanted:
+                        covered.append(span)
+    return [p for p in ports if not any(low <= p <= high for low, high in covered)]
+
+
+def _tcp(args: list[str]) -> bool:
+    """Whether a rule's protocol match takes TCP."""
+    if "-p" not in args[:-1]:
+        return True
+    i = args.index("-p")
+    return (i == 0 or args[i - 1] != "!") and args[i + 1] in ("tcp", "6", "all")
+
+
 def release_guard(instance: str) -> int:
     """The operator's action: remove the guard of ``instance`` (IPv4 and, where it is
     installed, IPv6); returns the rules removed."""

@@ -237,8 +237,9 @@ class ControlLink:
                 and (self.answered or time.monotonic() - self.up_at >= HELLO_WAIT):
             # it answered our offer without IPv6, or never answered it (a C intercept)
             self._said_no_ipv6 = True
-            log.warning("%s does not take IPv6 sessions (a C intercept, or an older "
-                        "interceptd): the IPv6 sessions it would serve are not copied "
+            log.warning("%s does not take IPv6 sessions (a C intercept, an older "
+                        "interceptd, or one that cannot intercept IPv6 replies: see its "
+                        "log): the IPv6 sessions it would serve are not copied "
                         "(their packets are counted as held_no_link)", self.name)
 
     def unregister(self, s: Session) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import bin_path
-from tcpcopyd.lab.net import ONLINE_IP, TARGET_IP
+from tcpcopyd.lab.net import CLIENT6_IP, CLIENT_IP, ONLINE6_IP, ONLINE_IP, TARGET_IP
 from tests.lab.conftest import target_caught_up
 
 pytestmark = pytest.mark.lab
@@ -85,3 +85,41 @@ def test_the_seed_command_form(lab):
     assert r.succeeded == 200
     assert len(target_caught_up(lab, 200)) == 200
     assert lab.stop("tcpcopyd") == 0
+
+
+@pytest.mark.parametrize("lab", [{"interceptd": False, "tcpcopyd": False, "memcached": False,
+                                  "ipv6": True}], indirect=True)
+def test_operator_managed_rules_without_ipv6_ones_take_no_ipv6_session(lab):
+    """--no-iptables with iptables rules only: interceptd does not take IPv6 sessions (their
+    replies would reach the clients); with the operator's ip6tables rule in place it does."""
+    rule = ["-p", "tcp", "--sport", "80", "-j", "NFQUEUE", "--queue-num", "3"]
+    installed: list[str] = []
+    try:
+        lab.ns.run(lab.ns.target, ["iptables", "-w", "5", "-I", "OUTPUT", *rule])
+        installed.append("iptables")
+        lab.start_interceptd([80], extra=["--no-iptables", "--queue-num", "3"])
+        lab.wait_log("interceptd", "IPv6 sessions refused: no ip6tables OUTPUT rule queues "
+                     "the replies of port(s) 80 to NFQUEUE 3..3")
+        lab.start_tcpcopyd([80], ipv6=True)
+        r = load.h2load(lab, requests=200, rate=200, host=f"[{ONLINE6_IP}]")
+        assert r.succeeded == 200
+        lab.wait_log("tcpcopyd", "does not take IPv6 sessions")
+        r = load.h2load(lab, requests=200, rate=200)
+        assert r.succeeded == 200
+        target = target_caught_up(lab, 200)
+        assert {f[0] for f in target} == {CLIENT_IP}   # no IPv6 copy was sent
+        assert lab.stop("tcpcopyd") == 0
+        assert lab.stop("interceptd") == 0
+
+        lab.ns.run(lab.ns.target, ["ip6tables", "-w", "5", "-I", "OUTPUT", *rule])
+        installed.append("ip6tables")
+        lab.start_interceptd([80], extra=["--no-iptables", "--queue-num", "3"])
+        lab.wait_log("interceptd", "IPv4 and IPv6, control")
+        lab.start_tcpcopyd([80], ipv6=True)
+        r = load.h2load(lab, requests=200, rate=200, host=f"[{ONLINE6_IP}]")
+        assert r.succeeded == 200
+        target = target_caught_up(lab, 400)
+        assert sum(f[0] == CLIENT6_IP for f in target) == 200
+    finally:
+        for tool in installed:
+            lab.ns.run(lab.ns.target, [tool, "-w", "5", "-D", "OUTPUT", *rule], check=False)

@@ -79,6 +79,9 @@ def test_cross_checks_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="expected an integer from 1 to 64"):
         load("interceptd", "", ioptions.REGISTRY, ["--service-port", "80", "--queues", "257"],
              ioptions.LAYOUT)
+    with pytest.raises(ConfigError, match="--ipv6-rules-elsewhere True: only with no_iptables"):
+        load("interceptd", "", ioptions.REGISTRY, ["--service-port", "80",
+                                                    "--ipv6-rules-elsewhere"], ioptions.LAYOUT)
 
 
 def test_a_reload_that_cannot_be_applied_changes_nothing_and_the_master_goes_on(tmp_path,
