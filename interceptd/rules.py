@@ -198,31 +198,38 @@ def unqueued_ports(ports: list[int], first_queue: int, queues: int,
         out = _run(["-t", table, "-S"], v6)
         if out.returncode != 0:
             continue
-        chains: dict[str, list[list[str]]] = {}
-        for line in out.stdout.splitlines():
-            args = [a.strip('"') for a in line.split()]
-            if args[:1] == ["-A"] and len(args) > 2:
-                chains.setdefault(args[1], []).append(args[2:])
-        seen: set[str] = set()
-        todo = ["OUTPUT"]
-        while todo:
-            chain = todo.pop()
-            if chain in seen:
+        for args in _queue_rules(out.stdout):
+            try:
+                target = _queues_of(args)
+            except (ValueError, IndexError):
                 continue
-            seen.add(chain)
-            for args in chains.get(chain, []):
-                jump = args[args.index("-j") + 1] if "-j" in args[:-1] else ""
-                if jump in chains:
-                    todo.append(jump)
-                elif jump == "NFQUEUE" and _tcp(args):
-                    try:
-                        target = _queues_of(args)
-                    except (ValueError, IndexError):
-                        continue
-                    span = _ports_matched(args)
-                    if target and span and target[0] in wanted and target[1] in wanted:
-                        covered.append(span)
+            span = _ports_matched(args)
+            if target and span and target[0] in wanted and target[1] in wanted:
+                covered.append(span)
     return [p for p in ports if not any(low <= p <= high for low, high in covered)]
+
+
+def _queue_rules(listing: str) -> list[list[str]]:
+    """The TCP NFQUEUE rules of a table (``iptables -S``) that OUTPUT reaches, itself or
+    through the chains it jumps to."""
+    chains: dict[str, list[list[str]]] = {}
+    for line in listing.splitlines():
+        args = [a.strip('"') for a in line.split()]
+        if args[:1] == ["-A"] and len(args) > 2:
+            chains.setdefault(args[1], []).append(args[2:])
+    found, seen, todo = [], set(), ["OUTPUT"]
+    while todo:
+        chain = todo.pop()
+        if chain in seen:
+            continue
+        seen.add(chain)
+        for args in chains.get(chain, []):
+            jump = args[args.index("-j") + 1] if "-j" in args[:-1] else ""
+            if jump in chains:
+                todo.append(jump)
+            elif jump == "NFQUEUE" and _tcp(args):
+                found.append(args)
+    return found
 
 
 def _tcp(args: list[str]) -> bool:

@@ -28,7 +28,7 @@ from shm.record import Record
 # a segment's file name: NAME + SUFFIX in the runtime directory
 SUFFIX = ".shm"
 MAGIC = b"TCPCSHM1"
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 HEADER = Record("Header", (
     ("magic", "8s"),         # MAGIC
     ("layout", "I"),         # LAYOUT_VERSION
@@ -58,6 +58,16 @@ LINK = Record("Link", (
     ("reason", "40s"),       # why the last one was lost, UTF-8, NUL-padded
 ))
 MAX_LINKS = 16
+# what a worker in mirror mode counts of one mirror source (an online server address)
+SOURCE = Record("Source", (
+    ("address", "16s"),      # network order (IPv4: 4 bytes, then 0; all 0: the others)
+    ("family", "B"),         # 4 or 6, 1 for the others (0: no entry)
+    ("packets", "Q"),        # client packets it delivered
+    ("duplicates", "Q"),     # of which the same packet again (skipped)
+    ("truncated", "Q"),      # of which cut short
+    ("gaps", "Q"),           # gaps they opened in a client's stream
+))
+MAX_SOURCES = 16
 # one per worker, written by that worker (seqlock)
 WORKER = Record("Worker", (
     ("pid", "I"),
@@ -66,6 +76,7 @@ WORKER = Record("Worker", (
     ("heartbeat", "d"),      # wall-clock time of its last write
     ("counters", f"{N_COUNTERS}Q"),
     ("links", f"{MAX_LINKS * LINK.size}s"),   # MAX_LINKS LINK entries
+    ("sources", f"{MAX_SOURCES * SOURCE.size}s"),   # MAX_SOURCES SOURCE entries
 ))
 WORKER_SIZE = 4 + WORKER.size + 4  # seq + body, padded to 8
 # one per worker, written by the master (seqlock): how the arbiter supervises it
@@ -107,6 +118,38 @@ class WorkerRecord:
     last_exit: int = 0
     respawn_at: float = 0.0
     links: tuple[LinkState, ...] = ()
+    sources: tuple[SourceState, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourceState:
+    """What a worker counted of one mirror source ("others": those beyond MAX_SOURCES)."""
+    address: str
+    packets: int
+    duplicates: int
+    truncated: int
+    gaps: int
+
+
+def pack_sources(sources: dict[bytes, list[int]]) -> bytes:
+    """A mirror worker's counts per source address (network order; b"": the others)."""
+    out = []
+    for address, (packets, duplicates, truncated, gaps) in list(sources.items())[:MAX_SOURCES]:
+        family = 4 if len(address) == 4 else 6 if len(address) == 16 else 1
+        out.append(SOURCE.pack(address, family, packets, duplicates, truncated, gaps))
+    return b"".join(out)
+
+
+def unpack_sources(blob: bytes) -> tuple[SourceState, ...]:
+    out = []
+    for off in range(0, len(blob) - SOURCE.size + 1, SOURCE.size):
+        rec = SOURCE.unpack_from(blob, off)
+        if rec.family not in (1, 4, 6):
+            break
+        address = socket.inet_ntop(socket.AF_INET6, rec.address) if rec.family == 6 \
+            else socket.inet_ntoa(rec.address[:4]) if rec.family == 4 else "others"
+        out.append(SourceState(address, rec.packets, rec.duplicates, rec.truncated, rec.gaps))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -179,17 +222,17 @@ class Segment:
 
     # worker records: written by the worker that owns the index
     def write_worker(self, index: int, pid: int, cpu: int, started: float,
-                     counters: list[int], links: bytes = b"") -> None:
+                     counters: list[int], links: bytes = b"", sources: bytes = b"") -> None:
         padded = (*counters, *([0] * (N_COUNTERS - len(counters))))
         seqlock.write(self.mm, self.workers_off + index * WORKER_SIZE, WORKER,
-                      (pid, cpu, started, time.time(), padded, links))
+                      (pid, cpu, started, time.time(), padded, links, sources))
 
     def read_worker(self, index: int) -> WorkerRecord:
         w = seqlock.read(self.mm, self.workers_off + index * WORKER_SIZE, WORKER)
         sup = self.read_supervision(index)
         return WorkerRecord(index, w.pid, w.cpu, w.started, w.heartbeat, w.counters,
                             sup.restarts, sup.recent_deaths, sup.last_exit, sup.respawn_at,
-                            unpack_links(w.links))
+                            unpack_links(w.links), unpack_sources(w.sources))
 
     def totals(self, names: tuple[str, ...]) -> dict[str, int]:
         """The workers' counters added up, by name (a record being written is skipped)."""

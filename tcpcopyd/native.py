@@ -47,6 +47,7 @@ COMPILED = (
     "tcpcopyd.online.engine.admission",
     "tcpcopyd.online.engine.persist",
     "tcpcopyd.online.engine.core",
+    "tcpcopyd.online.mirror",
     "tcpcopyd.net.ring",
     "tcpcopyd.net.reader",
     "tcpcopyd.net.sender",

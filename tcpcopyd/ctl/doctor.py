@@ -208,8 +208,12 @@ def online_checks(cfg: Config) -> Iterator[Check]:
         yield ok("interface", f"{iface} is up" + ("" if lk.up else " (no carrier yet)"))
         yield ok("mtu/gro", f"{iface} mtu {lk.mtu}, -M {cfg.mtu}; {gro(iface)} (frames "
                  "merged by GRO are cut to -M and counted as oversize_frames)")
+    if cfg.mirror:
+        from tcpcopyd.ctl.mirrorcheck import mirror_checks
+        yield from mirror_checks(cfg)
     for t in cfg.transfer:
-        if t.online_ip is not None and netlink.interface_of(t.online_ip) is None:
+        if t.online_ip is not None and not cfg.mirror \
+                and netlink.interface_of(t.online_ip) is None:
             yield fail("online address", f"{t.online_ip} (of -x {t}) is not an address of "
                        "this host: its traffic never reaches the capture",
                        "name an address of this host (ip -br addr), or leave it out to "

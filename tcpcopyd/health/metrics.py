@@ -128,6 +128,14 @@ def add_daemon(f: Families, d: dict) -> None:
             v = w["counters"].get(name, 0)
             f.add(f"{prog}_worker_{metric}", kind, help, {**inst, "worker": str(w["index"])},
                   v * factor if factor != 1 else v)
+    for m in d.get("mirror_sources", []):
+        lm = {**inst, "source": m["source"]}
+        for field, help in (("packets", "client packets this mirror source delivered"),
+                            ("duplicates", "packets it delivered twice (skipped)"),
+                            ("truncated", "packets it delivered cut short"),
+                            ("gaps", "gaps its packets opened in a client's stream")):
+            f.add(f"{prog}_mirror_{field}_total", "counter",
+                  f"--mirror: {help} (all workers)", lm, m[field])
     for p in d.get("links", []):
         lp = {**inst, "interceptd": f"{p['address']}:{p['port']}"}
         f.add(f"{prog}_interceptd_links", "gauge",

@@ -22,6 +22,8 @@ from shm import segment as shmseg
 from shm import seqlock
 from tcpcopyd.health.kinds import KINDS
 
+# what status shows of each mirror source (tcpcopyd --mirror)
+MIRROR_FIELDS = ("packets", "duplicates", "truncated", "gaps")
 # a worker whose heartbeat is older than this is reported stale
 STALE_SECONDS = 5.0
 STATES = ("healthy", "degraded", "down")
@@ -168,6 +170,16 @@ def link_table(workers: list[dict], now: float) -> list[dict]:
     return out
 
 
+def mirror_table(sources: list[shmseg.SourceState]) -> list[dict]:
+    """The workers' counts per mirror source (tcpcopyd --mirror), added up per address."""
+    by_source: dict[str, dict] = {}
+    for src in sources:
+        entry = by_source.setdefault(src.address, dict.fromkeys(MIRROR_FIELDS, 0))
+        for field in MIRROR_FIELDS:
+            entry[field] += getattr(src, field)
+    return [{"source": a, **c} for a, c in sorted(by_source.items())]
+
+
 def judge(d: dict) -> tuple[str, list[str]]:
     """The daemon's state and what keeps it from healthy."""
     down, degraded = [], []
@@ -229,7 +241,7 @@ def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
     prog = kind.prog if kind else f"kind{seg.kind}"
     master = proc_info(seg.master_pid)
     now = time.time()
-    workers, sums, unreadable = [], {}, []
+    workers, sums, unreadable, sources = [], {}, [], []
     names = kind.names if kind else ()
     for i in range(seg.n_workers):
         try:
@@ -240,6 +252,7 @@ def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
         w = _worker_entry(i, rec, names, now)
         for k, v in w["counters"].items():
             sums[k] = sums.get(k, 0) + v
+        sources += rec.sources
         workers.append(w)
     gauges = kind.gauges if kind else frozenset()
     rates = {k: (v - before.get(k, 0)) / elapsed for k, v in sums.items()
@@ -252,6 +265,7 @@ def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
     d = {"name": seg.name, "program": prog, "label": seg.label, "master": master,
          "settings": live, "workers": workers, "totals": sums, "rates_per_s": rates,
          "links": link_table(workers, now),
+         "mirror_sources": mirror_table(sources),
          "lag_ms": max((w["counters"].get("capture_lag_ms", 0) for w in workers), default=0),
          "drops": {k: sums.get(k, 0) for k in sorted(drops)},
          "drops_rising": {k: rates[k] for k in sorted(drops) if rates.get(k, 0) > 0}}
@@ -312,6 +326,9 @@ def render(d: dict) -> str:
                      f"({p['up']}/{p['links']} links) for {_ago(p['for_s'])}  "
                      f"reconnects {p['reconnects']}"
                      + (f"  last error: {p['reason']}" if p["reason"] else ""))
+    for m in d.get("mirror_sources", []):
+        lines.append(f"  mirror source {m['source']}  packets {m['packets']}  duplicates "
+                     f"{m['duplicates']}  truncated {m['truncated']}  gaps {m['gaps']}")
     if d["program"] == "tcpcopyd":
         lines.append(f"  capture lag {d['lag_ms']} ms"
                      + (f" (max_lag {d['settings']['max_lag'] * 1000:.0f} ms)"

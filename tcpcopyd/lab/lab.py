@@ -19,8 +19,13 @@ from shm import seqlock
 from tcpcopyd.lab import servers
 from tcpcopyd.lab.net import (
     ASSISTANT_IP,
+    MIRROR6_IP,
+    MIRROR_DEVICE,
+    MIRROR_IP,
     ONLINE2_TARGET_SIDE_IP,
+    ONLINE6_IP,
     ONLINE6_TARGET_SIDE_IP,
+    ONLINE_IP,
     ONLINE_TARGET_SIDE_IP,
     TARGET6_IP,
     TARGET_IP,
@@ -28,6 +33,7 @@ from tcpcopyd.lab.net import (
 )
 
 HTTP_PORT = 80
+ONLINE6 = f"[{ONLINE6_IP}]"
 MEMCACHED_PORT = 11211
 
 
@@ -69,8 +75,9 @@ class Lab:
     def __init__(self, prefix: str = "tcl", nginx_workers: int = 1,
                  cpus: dict[str, str] | None = None, second_online: bool = False,
                  assistant: bool = False, attacker: bool = False,
-                 nginx_extra: dict[str, str] | None = None, route_back: bool = True) -> None:
-        self.ns = Namespaces(prefix, second_online, assistant, attacker, route_back)
+                 nginx_extra: dict[str, str] | None = None, route_back: bool = True,
+                 mirror: bool = False) -> None:
+        self.ns = Namespaces(prefix, second_online, assistant, attacker, route_back, mirror)
         self.nginx_workers = nginx_workers
         self.nginx_extra = nginx_extra or {}   # host -> more nginx directives
         self.cpus = cpus or {}   # daemon -> CPU list for taskset (its workers pin inside it)
@@ -174,7 +181,7 @@ class Lab:
             ns = self.ns.target
         # the online hosts connect from their target-side addresses; loopback: the doctor
         allow = ",".join(("127.0.0.0/8", ONLINE_TARGET_SIDE_IP, ONLINE2_TARGET_SIDE_IP,
-                          "::1", ONLINE6_TARGET_SIDE_IP))
+                          MIRROR_IP, "::1", ONLINE6_TARGET_SIDE_IP, MIRROR6_IP))
         p = self.start("interceptd", ns,
                        [*command("interceptd"), "--service-port", ",".join(map(str, ports)),
                         "--instance", f"{self.ns.prefix}-interceptd", "--allow", allow,
@@ -193,8 +200,13 @@ class Lab:
         seen = {text: self.log_text("tcpcopyd").count(text)
                 for text in ("capturing on", "connected to interceptd")}
         server = server or (ASSISTANT_IP if self.ns.with_assistant else TARGET_IP)
-        p = self.start("tcpcopyd", self.ns.online,
-                       [*command("tcpcopyd"), "-x", rules, "-s", server, "-i", "eth0",
+        host, where = self.ns.online, ["-i", "eth0"]
+        if self.ns.with_mirror:   # on the mirror host, from the online host's mirror
+            host, where = self.ns.mirror, ["-i", MIRROR_DEVICE, "--mirror"]
+            rules = ",".join(f"{ONLINE6 if '[' in r else ONLINE_IP}:{r}"
+                             for r in rules.split(","))
+        p = self.start("tcpcopyd", host,
+                       [*command("tcpcopyd"), "-x", rules, "-s", server, *where,
                         "--instance", f"{self.ns.prefix}-tcpcopyd", *extra])
         self.wait_log("tcpcopyd", "capturing on", count=seen["capturing on"] + 1)
         if wait_connected:

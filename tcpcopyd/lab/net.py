@@ -20,6 +20,20 @@ host nor the assistant, for the tests of what a hostile neighbour can do:
     target (eth3 198.18.9.2) --eth3-- attacker (eth0 198.18.9.1, default route via the
         target)
 
+With a mirror host (``mirror``), for mirror mode: the online host mirrors every packet of
+its eth0 (both ways, ``tc ... action mirred``) into a VXLAN device toward the mirror host,
+which has a VXLAN device in ``external`` mode (``mirror0``: any VNI) where tcpcopyd
+captures, and reaches the target directly (its copies, its control channel); no process
+of ours runs on the online host:
+
+    online (eth2 198.18.11.1) --eth2/eth1-- mirror (eth1 198.18.11.2, eth0 198.18.10.1
+        fd18:10::1) --eth0/eth4-- target (eth4 198.18.10.2 fd18:10::2)
+
+and with a second online host too, it mirrors into the same device on the mirror host
+(another VNI: one device takes them all):
+
+    online2 (eth2 198.18.12.1) --eth2/eth2-- mirror (eth2 198.18.12.2)
+
 The client, the online host and the target are dual-stack: each link also has a /64 of
 the ULA prefix fd18::/16 (client fd18:1::1, online fd18:1::2 and fd18:2::1, target
 fd18:2::2), routed and counted the same way with ip6tables.
@@ -67,6 +81,18 @@ CLIENT6_NET = "fd18:1::/64"
 TARGET6_NET = "fd18:2::/64"
 ASSISTANT6_IP = "fd18:8::1"
 TARGET6_ASSISTANT_SIDE_IP = "fd18:8::2"
+MIRROR_IP = "198.18.10.1"
+TARGET_MIRROR_SIDE_IP = "198.18.10.2"
+ONLINE_MIRROR_SIDE_IP = "198.18.11.1"
+MIRROR_UNDERLAY_IP = "198.18.11.2"
+MIRROR6_IP = "fd18:10::1"
+TARGET6_MIRROR_SIDE_IP = "fd18:10::2"
+ONLINE2_MIRROR_SIDE_IP = "198.18.12.1"
+MIRROR_UNDERLAY2_IP = "198.18.12.2"
+# the VXLAN device that receives the mirrored traffic, its VNI, and the online host's one
+MIRROR_DEVICE = "mirror0"
+MIRROR_VNI = 42
+MIRROR_SOURCE_DEVICE = "vxmirror"
 # IFA_F_NODAD: an address usable at once (the lab's links have no duplicates to detect)
 IFA_F_NODAD = 0x02
 # the lab's replicated services (nginx, memcached)
@@ -78,7 +104,7 @@ LEAK_TAG = "tcpcopyd-lab-leak"
 class Namespaces:
     def __init__(self, prefix: str, second_online: bool = False,
                  assistant: bool = False, attacker: bool = False,
-                 route_back: bool = True) -> None:
+                 route_back: bool = True, mirror: bool = False) -> None:
         self.prefix = prefix
         self.route_back = route_back
         self.client = f"{prefix}-client"
@@ -91,13 +117,17 @@ class Namespaces:
         self.assistant = f"{prefix}-assist"
         self.with_attacker = attacker
         self.attacker = f"{prefix}-attack"
+        self.with_mirror = mirror
+        self.mirror = f"{prefix}-mirror"
 
     @property
     def all(self) -> list[str]:
         second = [self.client2, self.online2] if self.second_online else []
         assistant = [self.assistant] if self.with_assistant else []
         attacker = [self.attacker] if self.with_attacker else []
-        return [self.client, self.online, self.target, *second, *assistant, *attacker]
+        mirror = [self.mirror] if self.with_mirror else []
+        return [self.client, self.online, self.target, *second, *assistant, *attacker,
+                *mirror]
 
     @property
     def watched(self) -> dict[str, str]:
@@ -149,6 +179,8 @@ class Namespaces:
                        TARGET2_IP)
             self._route_back(self.client2, ONLINE2_IP, self.online2, ONLINE2_TARGET_SIDE_IP,
                              CLIENT2_NET, "198.18.5.0/24")
+        if self.with_mirror:
+            self._mirror()
         for ns in self.all:
             self.sysctl(ns, {
                 "net/ipv4/conf/all/rp_filter": "0",
@@ -167,6 +199,51 @@ class Namespaces:
                               source, "-p", "tcp", "-m", "multiport", "--sports",
                               ",".join(map(str, SERVICE_PORTS)), "-m", "comment",
                               "--comment", LEAK_TAG])
+
+    def _mirror(self) -> None:
+        """The mirror host, and the online hosts' mirroring of their eth0 into VXLAN."""
+        self._link(self.target, "eth4", TARGET_MIRROR_SIDE_IP, self.mirror, "eth0", MIRROR_IP)
+        self.run(self.mirror, ["ip", "link", "add", MIRROR_DEVICE, "type", "vxlan", "external",
+                               "dstport", "4789"])
+        self.run(self.mirror, ["ip", "link", "set", MIRROR_DEVICE, "mtu", "1500", "up"])
+        with NetNS(self.mirror) as n:
+            n.route("add", dst="198.18.2.0/24", gateway=TARGET_MIRROR_SIDE_IP)
+            if self.second_online:
+                n.route("add", dst="198.18.5.0/24", gateway=TARGET_MIRROR_SIDE_IP)
+        for ns, ifname, address in ((self.target, "eth4", TARGET6_MIRROR_SIDE_IP),
+                                    (self.mirror, "eth0", MIRROR6_IP)):
+            with NetNS(ns) as n:
+                n.addr("add", index=n.link_lookup(ifname=ifname)[0], address=address,
+                       prefixlen=64, flags=IFA_F_NODAD)
+        with NetNS(self.mirror) as n:
+            n.route("add", dst=TARGET6_NET, gateway=TARGET6_MIRROR_SIDE_IP)
+        self.sysctl(self.mirror, {"net/ipv4/ip_forward": "0",
+                                  "net/ipv6/conf/all/forwarding": "0"})
+        sources = [(self.online, ONLINE_MIRROR_SIDE_IP, "eth1", MIRROR_UNDERLAY_IP)]
+        if self.second_online:
+            sources.append((self.online2, ONLINE2_MIRROR_SIDE_IP, "eth2", MIRROR_UNDERLAY2_IP))
+        for vni, (online, local, mirror_if, remote) in enumerate(sources, MIRROR_VNI):
+            self._link(online, "eth2", local, self.mirror, mirror_if, remote)
+            # the underlay carries the 50 bytes of VXLAN around a whole 1500-byte frame
+            for ns, dev in ((online, "eth2"), (self.mirror, mirror_if)):
+                self.run(ns, ["ip", "link", "set", dev, "mtu", "1600"])
+            self.run(online, ["ip", "link", "add", MIRROR_SOURCE_DEVICE, "type", "vxlan", "id",
+                              str(vni), "local", local, "remote", remote, "dstport", "4789",
+                              "dev", "eth2"])
+            self.run(online, ["ip", "link", "set", MIRROR_SOURCE_DEVICE, "mtu", "1500", "up"])
+            self.run(online, ["tc", "qdisc", "add", "dev", "eth0", "clsact"])
+        self.mirror_again()
+
+    def mirror_again(self, twice: bool = False) -> None:
+        """The online hosts' mirror filters: each way once, and (``twice``) every ingress
+        packet a second time, as a mirror of two switch ports delivers it."""
+        mirred = ["action", "mirred", "egress", "mirror", "dev", MIRROR_SOURCE_DEVICE]
+        for online in (self.online, *((self.online2,) if self.second_online else ())):
+            for way in ("ingress", "egress"):
+                self.run(online, ["tc", "filter", "del", "dev", "eth0", way], check=False)
+                self.run(online, ["tc", "filter", "add", "dev", "eth0", way, "protocol",
+                                  "all", "u32", "match", "u32", "0", "0", *mirred,
+                                  *(mirred if twice and way == "ingress" else [])])
 
     def _assistant6(self) -> None:
         """The IPv6 side of the assistant: the target routes the IPv6 clients to it."""

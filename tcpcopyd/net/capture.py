@@ -30,6 +30,8 @@ ETH_P_ALL = 0x0003
 SKF_AD_PROTOCOL = 0xFFFFF000
 # linux/if_packet.h socket options
 SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_PROMISC = 1
 PACKET_STATISTICS = 6
 PACKET_FANOUT = 18
 PACKET_IGNORE_OUTGOING = 23
@@ -215,11 +217,13 @@ def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) ->
 def open_capture(iface: str, ports: list[int], fanout_group: int | None,
                  rcvbuf: int = 32 << 20, source: bool = False,
                  answers: bool = False, ring: bool = False,
-                 ipv6: bool = False) -> socket.socket:
+                 ipv6: bool = False, promisc: bool = False) -> socket.socket:
     """An AF_PACKET socket on ``iface`` delivering client packets to ``ports`` (or, with
     ``source``, server packets from them; with ``answers``, the online server's answers,
     which this host sends: the only socket that does not ignore outgoing packets); with
-    ``ring``, a receive ring (``tcpcopyd.net.ring``) that the reader maps."""
+    ``ring``, a receive ring (``tcpcopyd.net.ring``) that the reader maps; with
+    ``promisc``, the interface in promiscuous mode while the socket is open (a SPAN
+    port delivers frames addressed to other hosts)."""
     try:
         socket.if_nametoindex(iface)
     except OSError:
@@ -239,6 +243,10 @@ def open_capture(iface: str, ports: list[int], fanout_group: int | None,
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.bind((iface, proto))
+        if promisc:
+            # struct packet_mreq: ifindex, type, address length, address (unused)
+            sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, struct.pack(
+                "iHH8s", socket.if_nametoindex(iface), PACKET_MR_PROMISC, 0, b""))
         if ring:
             add_ring(sock)
         if fanout_group is not None:

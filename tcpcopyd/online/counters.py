@@ -82,6 +82,13 @@ COUNTERS = (
                      "skipped"),
     ("sessions_ipv6", "sessions started (from a SYN or a fake SYN) of IPv6 clients; the "
                       "others are IPv4"),
+    ("capture_gaps", "gaps opened in a client's stream: data captured ahead of data not "
+                     "captured (lost before the capture, or reordered; held until the gap "
+                     "fills, or the session broken)"),
+    ("mirror_duplicates", "--mirror: captured packets identical to one just captured (a "
+                          "mirror delivering the same packet twice): skipped"),
+    ("truncated", "captured packets shorter than their IP length says (a mirror that cuts "
+                  "packets): the data that arrived is used, the rest is a gap"),
 )
 NAMES = tuple(name for name, _ in COUNTERS)
 HELP = dict(COUNTERS)
@@ -118,6 +125,9 @@ SESSIONS_ACTIVE: Final = INDEX["sessions_active"]
 SESSIONS_RESTORED: Final = INDEX["sessions_restored"]
 SESSIONS_TORN: Final = INDEX["sessions_torn"]
 OVERSIZE: Final = INDEX["oversize_frames"]
+CAPTURE_GAPS: Final = INDEX["capture_gaps"]
+MIRROR_DUPLICATES: Final = INDEX["mirror_duplicates"]
+TRUNCATED: Final = INDEX["truncated"]
 NOT_FOLLOWED: Final = INDEX["not_followed"]
 SESSIONS_IPV6: Final = INDEX["sessions_ipv6"]
 # why a session ended: the counter its end adds to

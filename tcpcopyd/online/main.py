@@ -142,7 +142,7 @@ def open_captures(cfg: Settings, sockets: list, answers: list) -> None:
     group = os.getpid() & 0xFFFF
     for _ in range(cfg.workers):
         sockets.append(capture.open_capture(cfg.interface, ports, group, ring=True,
-                                            ipv6=ipv6))
+                                            ipv6=ipv6, promisc=cfg.mirror))
     for _ in range(cfg.workers if cfg.compare else 0):
         answers.append(capture.open_capture(cfg.interface, ports, (group + 1) & 0xFFFF,
                                             answers=True, ipv6=ipv6))

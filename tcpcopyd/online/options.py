@@ -234,6 +234,13 @@ class Settings(Config):
         "idle timeout of a session with nothing outstanding (a keep-alive connection "
         "between requests), seconds", metavar="SECONDS", example=120, live=True,
         default_text="-t")
+    mirror: bool = setting(
+        ("--mirror",), False, boolean,
+        "capture from a traffic mirror (a VXLAN device of AWS/GCP mirroring or of tc "
+        "mirred, a switch's SPAN port), on a host of its own: the interface in promiscuous "
+        "mode, the same packet delivered twice skipped (mirror_duplicates), cut packets "
+        "counted (truncated), status per mirror source (online server address); -x names "
+        "the online addresses", is_flag=True, example=False)
     only_syn: bool = setting(
         ("-O", "--only-syn"), False, boolean,
         "copy only the sessions seen from their SYN (no fake SYN for sessions that were "

@@ -8,7 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from shm.segment import LinkState, Segment
+from shm.segment import LinkState, Segment, pack_sources
 from shm.table import SlotTable
 from tcpcopyd.net import capture
 from tcpcopyd.net.netlink import LinkWatch
@@ -20,6 +20,7 @@ from tcpcopyd.online import counters as C
 from tcpcopyd.online.compare import Exchanges
 from tcpcopyd.online.control import ControlGroup
 from tcpcopyd.online.engine import Engine
+from tcpcopyd.online.mirror import MirrorWatch
 from tcpcopyd.online.options import Settings
 from tcpcopyd.online.rewrite import Rewrite, expand_pool
 from tcpcopyd.online.session import SLOT
@@ -125,6 +126,8 @@ class CaptureWorker(service_worker.WorkerProcess):
         self.engine = engine_for(cfg, self.control, table, table.owned_range(self.index),
                                  self.index, self.n_workers)
         self.counters = self.engine.counters
+        self.mirror = MirrorWatch(self.engine.on_client_packet, self.counters) \
+            if cfg.mirror else None
         self.watch = SettingsWatch("tcpcopyd", self.seg, cfg)
         self.answers = self.exchanges = None
         if cfg.compare:
@@ -160,6 +163,8 @@ class CaptureWorker(service_worker.WorkerProcess):
         answersfd = self.answers.fileno() if self.answers is not None else -1
         watchfd = self.link_watch.fileno() if self.link_watch else -1
         read, on_packet = self.reader.read, engine.on_client_packet
+        if self.mirror is not None:
+            on_packet = self.mirror.packet
         next_sync = next_expire = next_table = 0.0
         while not self.stop:
             events, now = loop.wait(engine, control, ep, SYNC_INTERVAL)
@@ -219,6 +224,9 @@ class CaptureWorker(service_worker.WorkerProcess):
         cnt[C.INDEX["control_errors"]] += errors - self._links_seen[1]
         self._links_seen = (connects, errors)
         self.heartbeat()
+
+    def mirror_sources(self) -> bytes:
+        return pack_sources(self.mirror.sources) if self.mirror is not None else b""
 
     def read_answers(self, on_packet: Callable[[memoryview | bytearray, int, float], None],
                      now: float) -> None:

@@ -126,11 +126,15 @@ class WorkerProcess:
         """The worker's links to its peers, for status (none by default)."""
         return []
 
+    def mirror_sources(self) -> bytes:
+        """The worker's counts per mirror source, packed (none by default)."""
+        return b""
+
     def heartbeat(self) -> None:
         """Publish the counters and links and say "alive" to the master (the worker's shm
         record)."""
         self.seg.write_worker(self.index, os.getpid(), self.cpu, self.started, self.counters,
-                              pack_links(self.link_states()))
+                              pack_links(self.link_states()), self.mirror_sources())
 
     def _on_stop(self, how: str) -> None:
         if self.stop != "fast":

@@ -79,6 +79,7 @@ def hold_out_of_order(e: EngineState, s: Session, seq: int, flags: int, payload:
     e.ooo_bytes += len(payload) + SEGMENT_COST
     if not s.gap_since:
         s.gap_since = now
+        e.counters[C.CAPTURE_GAPS] += 1
         e.schedule(s, now + GAP_TIMEOUT)
     check_limits(e, s)
 
