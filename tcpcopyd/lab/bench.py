@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 
@@ -31,7 +32,9 @@ C_INTERCEPT = os.environ.get("TCPCOPYD_C_INTERCEPT", "")
 C_RULE_TAG = "tcpcopyd-bench-c-intercept"
 # how the table names each pair
 PAIR_NAMES = {"c": "C", "compare": "ours --compare", "secret": "ours, secret",
-              "pure": "ours, pure Python", "ipv6": "ours, IPv6 clients"}
+              "pure": "ours, pure Python", "ipv6": "ours, IPv6 clients",
+              "mirror": "ours --mirror, on a mirror host", "none": "no copy"}
+PAIRS = ("ours", "c", "compare", "secret", "pure", "ipv6", "mirror", "none")
 
 
 def start_c_pair(lab) -> None:
@@ -60,13 +63,13 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
             nginx_workers: int = 1, settle: float = 30.0, cpus: dict[str, str] | None = None,
             assistant: bool = False, pair: str = "ours", delays: bool = False) -> dict:
     lab = Lab(f"bench{os.getpid() % 1000}", nginx_workers=nginx_workers, cpus=cpus,
-              assistant=assistant)
+              assistant=assistant, mirror=pair == "mirror")
     captures = {}
     try:
         lab.up(memcached=False)
         if pair == "c":
             start_c_pair(lab)
-        else:
+        elif pair != "none":
             both = ["--secret-file", write_secret(lab.dir)] if pair == "secret" else []
             compare = ["--compare", "--compare-log", os.path.join(lab.dir, "compare.jsonl")]
             if pair == "pure":      # the daemons inherit it: their .py sources run
@@ -82,11 +85,19 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
             captures = {host: (path, start_capture(lab, getattr(lab.ns, host), path))
                         for host in ("online", "target")
                         for path in [os.path.join(lab.dir, f"{host}.pcap")]}
-        cpu0 = {d: lab.daemon_cpu_seconds(d) for d in ("tcpcopyd", "interceptd")}
+        cpu0 = {d: lab.daemon_cpu_seconds(d) for d in ("tcpcopyd", "interceptd",
+                                                         "nginx-online")}
+        client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         r = load.h2load(lab, requests=requests, rate=rate, per_connection=per_connection,
                         threads=threads,
                         host=f"[{ONLINE6_IP}]" if pair == "ipv6" else ONLINE_IP)
+        client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu_load = {d: lab.daemon_cpu_seconds(d) - cpu0[d] for d in cpu0}
+        # the online side: its nginx and the client that drives it (the lab's veth runs
+        # the online host's receive path, tc mirred included, in the client's context)
+        online_side = cpu_load.pop("nginx-online") + (client1.ru_utime - client0.ru_utime
+                                                       + client1.ru_stime - client0.ru_stime)
+        del cpu0["nginx-online"]
         online = len(lab.nginx_log("online"))
         try:
             wait_for(lambda: len(lab.nginx_log("target")) >= online, settle, "target")
@@ -97,7 +108,7 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
         leaked = sum(lab.ns.leaked().values())
         drops = {"tcpcopyd_kernel_drops": 0, "interceptd_queue_drops": 0}
         for d, name in (("tcpcopyd", "kernel_drops"), ("interceptd", "queue_drops")):
-            if pair != "c":
+            if pair not in ("c", "none"):
                 seg = shmseg.attach(f"{lab.ns.prefix}-{d}")
                 drops[f"{d}_{name}"] = status.totals(seg).get(name, 0)
                 seg.close()
@@ -126,6 +137,10 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
             # CPU % while the load ran; µs per request including any catching up after it
             **{f"{d}_cpu_pct": 100.0 * c / secs for d, c in cpu_load.items()},
             **{f"{d}_us_per_req": 1e6 * c / max(1, online) for d, c in cpu.items()},
+            "online_side_us_per_req": 1e6 * online_side / max(1, online),
+            # what the online host pays: its side, and tcpcopyd unless it runs elsewhere
+            "online_host_us_per_req": 1e6 * (online_side + (
+                cpu_load["tcpcopyd"] if pair != "mirror" else 0.0)) / max(1, online),
             **delay}
 
 
@@ -151,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                     "TCPCOPYD_C_INTERCEPT), compare (ours with --compare), secret (ours with a "
                     "shared secret: both proofs, every batch tagged), pure (ours, the "
                     "pure-Python build: TCPCOPYD_PURE=1), ipv6 (ours, the clients and the "
-                    "target over IPv6), comma-separated; they alternate run by run")
+                    "target over IPv6), mirror (ours --mirror on a mirror host: the online "
+                    "host mirrors with tc into VXLAN), none (no copy at all: the online "
+                    "side's own cost), comma-separated; they alternate run by run")
     ap.add_argument("--compare-c", action="store_true",
                     help="side by side with the C pair: the same as --pairs ours,c --delays")
     ap.add_argument("--delays", action="store_true",
@@ -172,10 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if not set(modes) <= {"nfqueue", "assistant"}:
         print("--interception: nfqueue, assistant or both", file=sys.stderr)
         return 2
-    if not set(pairs) <= {"ours", "c", "compare", "secret", "pure", "ipv6"}:
-        print("--pairs: ours, c, compare (ours with --compare), secret (ours with a shared "
-              "secret), pure (ours, pure-Python build), ipv6 (ours over IPv6), "
-              "comma-separated", file=sys.stderr)
+    if not set(pairs) <= set(PAIRS):
+        print(f"--pairs: some of {', '.join(PAIRS)}, comma-separated (see --help)",
+              file=sys.stderr)
         return 2
     if "c" in pairs and not (os.access(C_TCPCOPY, os.X_OK) and os.access(C_INTERCEPT, os.X_OK)):
         print("--pairs c: set TCPCOPYD_C_TCPCOPY and TCPCOPYD_C_INTERCEPT to the C binaries",
@@ -224,7 +240,8 @@ def summary(runs: list[dict]) -> dict:
 def table(rows: list, requests: int, delays: bool) -> str:
     head = ["offered req/s", "achieved req/s", "pair", "workers per side", "interception",
             "requests", "loss % (median)", "worst loss %", "tcpcopyd CPU %", "tcpcopyd µs/req",
-            "interceptd CPU %", "interceptd µs/req", "capture drops", "queue drops", "leaked"]
+            "interceptd CPU %", "interceptd µs/req", "online side µs/req",
+            "online host µs/req", "capture drops", "queue drops", "leaked"]
     if delays:
         head += ["SYN delay p50/p90/p99 ms", "data delay p50/p90/p99 ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -234,7 +251,8 @@ def table(rows: list, requests: int, delays: bool) -> str:
                  mode, requests, f"{m['loss_pct']:.3f}",
                  f"{max(r['loss_pct'] for r in runs):.3f}", f"{m['tcpcopyd_cpu_pct']:.0f}",
                  f"{m['tcpcopyd_us_per_req']:.0f}", f"{m['interceptd_cpu_pct']:.0f}",
-                 f"{m['interceptd_us_per_req']:.0f}", f"{m['tcpcopyd_kernel_drops']:.0f}",
+                 f"{m['interceptd_us_per_req']:.0f}", f"{m['online_side_us_per_req']:.0f}",
+                 f"{m['online_host_us_per_req']:.0f}", f"{m['tcpcopyd_kernel_drops']:.0f}",
                  f"{m['interceptd_queue_drops']:.0f}", max(r["leaked"] for r in runs)]
         if delays:
             cells += ["/".join(f"{m[f'{k}_ms'].get(p, float('nan')):.2f}" for p in (50, 90, 99))

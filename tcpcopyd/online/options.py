@@ -240,7 +240,8 @@ class Settings(Config):
         "mirred, a switch's SPAN port), on a host of its own: the interface in promiscuous "
         "mode, the same packet delivered twice skipped (mirror_duplicates), cut packets "
         "counted (truncated), status per mirror source (online server address); -x names "
-        "the online addresses", is_flag=True, example=False)
+        "the online addresses. With a capture file: its duplicates skipped", is_flag=True,
+        example=False)
     only_syn: bool = setting(
         ("-O", "--only-syn"), False, boolean,
         "copy only the sessions seen from their SYN (no fake SYN for sessions that were "

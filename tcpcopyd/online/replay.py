@@ -16,6 +16,7 @@ from tcpcopyd.net import pcapfile
 from tcpcopyd.online import counters as C
 from tcpcopyd.online import loop
 from tcpcopyd.online.control import ControlGroup
+from tcpcopyd.online.mirror import MirrorWatch
 from tcpcopyd.online.options import show_servers
 from tcpcopyd.online.progress import Progress
 from tcpcopyd.online.worker import engine_for
@@ -42,6 +43,9 @@ class Replay:
         self.ep = select.epoll()
         self.control = ControlGroup(cfg.server, self.ep, cfg.connections, cfg.secret)
         self.engine = engine_for(cfg, self.control, None, range(cfg.session_slots), 0, 1)
+        # a capture taken from a mirror (--mirror): its duplicates skipped, as live
+        self.feed = MirrorWatch(self.engine.on_client_packet, self.engine.counters).packet \
+            if cfg.mirror else self.engine.on_client_packet
         self.skipped: collections.Counter = collections.Counter()
         self.replayed = 0
         self.passes_done = 0
@@ -93,7 +97,7 @@ class Replay:
                 shift += ts - prev - idle_cut
             prev = ts
             self.pump(base_real + (ts - base_ts - shift) / accelerate)
-            self.engine.on_client_packet(pkt, len(pkt), time.monotonic())
+            self.feed(pkt, len(pkt), time.monotonic())
             self.replayed += 1
             if self.replayed % 64 == 0:
                 self.show_progress()
@@ -138,6 +142,8 @@ class Replay:
         self.progress.close()
         self.control.close()
         cnt = dict(zip(C.NAMES, self.engine.counters, strict=True))
+        if cnt["mirror_duplicates"]:
+            self.skipped["mirror_duplicates"] = cnt["mirror_duplicates"]
         log.info("replay done in %.1fs: %d packets replayed, %d sessions (%d seen from their "
                  "SYN), %d packets sent to the target; skipped: %s", time.monotonic() - started,
                  self.replayed, cnt["sessions_opened"] + cnt["sessions_fake"],

@@ -225,3 +225,32 @@ def test_both_families_from_a_mirror(lab):
     sources = {m["source"]: m["packets"] for m in d["mirror_sources"]}
     assert set(sources) == {ONLINE_IP, ONLINE6_IP} and min(sources.values()) >= 1500
     assert d["totals"]["sessions_ipv6"] == 500
+
+
+@pytest.mark.parametrize("lab", [{**MIRROR, "tcpcopyd": False}], indirect=True)
+def test_a_capture_of_a_mirror_replayed_with_mirror_skips_its_duplicates(lab):
+    """tcpdump on the mirror host's VXLAN device while every packet is mirrored twice; the
+    file replayed with --mirror: each request once at the target."""
+    from tests.lab.test_replay import replay, syns_in
+    lab.ns.mirror_again(twice=True)
+    pcap = os.path.join(lab.dir, "mirror.pcap")
+    lab.start("tcpdump", lab.ns.mirror, ["tcpdump", "-i", MIRROR_DEVICE, "-s", "0", "-U",
+                                         "-n", "-w", pcap, "tcp", "port", "80"])
+    lab.wait_log("tcpdump", f"listening on {MIRROR_DEVICE}")
+    # tcpdump says it listens a moment before it captures: requests until one is in
+    wait_for(lambda: lab.ns.run(lab.ns.client, ["curl", "-sS", "-o", "/dev/null",
+                                                f"http://{ONLINE_IP}/warm"]) and syns_in(pcap),
+             20, "tcpdump to write a first request")
+    warm = syns_in(pcap)
+    r = load.h2load(lab, requests=300, rate=150)
+    assert r.succeeded == 300, r.output
+    wait_for(lambda: syns_in(pcap) >= warm + 2 * 300, 20, "every SYN twice in the capture")
+    lab.stop("tcpdump")
+    _took, err = replay(lab, pcap, "--mirror", host=lab.ns.mirror,
+                        rule=f"{ONLINE_IP}:80-{TARGET_IP}:80")
+    assert "mirror_duplicates" in err, err
+    target = target_caught_up(lab, 300)
+
+    def requests(log):
+        return sorted((f[0], f[1]) for f in log if f[6] == "/")
+    assert requests(target) == requests(lab.nginx_log("online"))

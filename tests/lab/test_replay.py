@@ -38,9 +38,10 @@ def syns_in(pcap: str) -> int:
     return n
 
 
-def replay(lab, pcap: str, *flags: str) -> tuple[float, str]:
-    r = lab.ns.run(lab.ns.online, [bin_path("tcpcopyd"), "-x", f"80-{TARGET_IP}:80", "-s",
-                                   TARGET_IP, "-i", pcap, *flags], check=False, timeout=300)
+def replay(lab, pcap: str, *flags: str, host: str | None = None,
+           rule: str = f"80-{TARGET_IP}:80") -> tuple[float, str]:
+    r = lab.ns.run(host or lab.ns.online, [bin_path("tcpcopyd"), "-x", rule, "-s", TARGET_IP,
+                                           "-i", pcap, *flags], check=False, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     took = float(re.search(r"replay done in ([\d.]+)s", r.stderr).group(1))
     return took, r.stderr

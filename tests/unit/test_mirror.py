@@ -119,3 +119,20 @@ def test_junk_goes_to_the_engine_untouched():
         watch.packet(junk, len(junk), 1.0)
     assert seen == [0, 10, 60, 39] and not any(counters)
 
+
+
+def test_a_gap_the_mirror_never_fills_resets_the_copy_and_the_next_data_reopens_it(eng):
+    watch, feed = mirrored(eng)
+    handshake(eng)
+    eng.sender.take()
+    feed(with_id(client_pkt(ISN + 11, ONLINE_ISN + 1, P.ACK, b"B" * 10), 1))   # A* lost
+    eng.tick(100.0 + 6)
+    assert eng.counters[C.INDEX["sessions_broken"]] == 1 and not eng.sessions
+    assert [p.flags & P.RST for p in eng.sender.take()] == [P.RST]
+    feed(with_id(client_pkt(ISN + 21, ONLINE_ISN + 1, P.ACK, b"GET /next HTTP/1.1\r\n\r\n"),
+                 2), 106.5)
+    assert eng.counters[C.SESSIONS_FAKE] == 1
+    [syn] = eng.sender.take()
+    assert syn.flags == P.SYN and syn.seq == ISN + 20
+    [source] = shmseg.unpack_sources(shmseg.pack_sources(watch.sources))
+    assert source.gaps == 1

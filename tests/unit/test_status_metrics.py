@@ -107,3 +107,20 @@ def test_the_exposition_has_help_and_type_once_per_family_and_sane_names():
     assert ('tcpcopyd_interceptd_links_up{instance_name="tcpcopyd.eth0",'
             'interceptd="198.18.2.2:36524"} 2') in text
     assert 'instance_name="odd\\"name\\\\"' in text             # label values escaped
+
+
+def test_mirror_sources_are_added_up_over_workers_shown_and_exported():
+    from shm.segment import SourceState
+    one = SourceState("198.18.1.2", 100, 3, 1, 2)
+    d = daemon([worker(1), worker(2)])
+    d["mirror_sources"] = status.mirror_table([one, SourceState("198.18.1.2", 50, 0, 0, 1),
+                                               SourceState("others", 7, 0, 0, 0)])
+    assert d["mirror_sources"][0] == {"source": "198.18.1.2", "packets": 150,
+                                      "duplicates": 3, "truncated": 1, "gaps": 3}
+    assert "  mirror source 198.18.1.2  packets 150  duplicates 3  truncated 1  gaps 3" in \
+        status.render(d)
+    text = metrics.exposition([d])
+    assert ('tcpcopyd_mirror_packets_total{instance_name="tcpcopyd.eth0",source="others"} 7'
+            in text)
+    assert ('tcpcopyd_mirror_gaps_total{instance_name="tcpcopyd.eth0",source="198.18.1.2"} 3'
+            in text)
