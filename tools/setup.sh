@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need, once: Debian packages (real servers, load
 # tools, iptables, the NetfilterQueue build deps, Prometheus and promtool, chromium for the
-# comparison report's page) and a virtualenv in .venv with tcpcopyd.
+# comparison report's page; debootstrap, systemd-nspawn, buildah and podman for the boot
+# test and the container image) and a virtualenv in .venv with tcpcopyd.
 # Sourced by tools/demo and tools/test; safe to run again (it only adds what is missing).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,7 +12,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 APT_PACKAGES=(python3 python3-venv python3-dev gcc libnetfilter-queue-dev iptables iproute2
               nginx-light memcached nghttp2-client curl wrk apache2-utils util-linux procps
-              kmod tcpdump ethtool prometheus chromium)
+              kmod tcpdump ethtool prometheus chromium
+              debootstrap systemd-container buildah podman)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \

@@ -16,8 +16,8 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
+from tcpcopyd.ctl.checks import Check, fail, ok, sysctl
 from tcpcopyd.net import auth, netlink, wire
 from tcpcopyd.service import capabilities
 from tcpcopyd.service.settings import Config, ConfigError, load, load_secret
@@ -26,32 +26,6 @@ CONNECT_TIMEOUT = 3.0
 # how long a peer has to refuse our version message by closing the connection
 VERSION_WAIT = 1.0
 NFQUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
-
-
-@dataclass
-class Check:
-    """The outcome of one check of `tcpcopyctl doctor`, and how to fix it if it failed."""
-    name: str
-    status: str          # OK, FAIL or SKIP
-    detail: str
-    fix: str = ""
-
-
-def ok(name: str, detail: str) -> Check:
-    return Check(name, "OK", detail)
-
-
-def fail(name: str, detail: str, fix: str) -> Check:
-    return Check(name, "FAIL", detail, fix)
-
-
-# ------------------------------------------------------------------ host facts
-def sysctl(path: str) -> str | None:
-    try:
-        with open(f"/proc/sys/{path}") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def interfaces_up() -> list[str]:

@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 
-from tcpcopyd.ctl.doctor import Check, fail, ok, sysctl
+from tcpcopyd.ctl.checks import Check, fail, ok, sysctl
 from tcpcopyd.service.settings import Config
 
 # how long the doctor listens for mirrored traffic, seconds

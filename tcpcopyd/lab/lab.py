@@ -14,8 +14,8 @@ import psutil
 
 import interceptd.counters  # noqa: F401  (registers interceptd's segments for status)
 import tcpcopyd.online.counters  # noqa: F401  (and tcpcopyd's)
+from shm import rundir, seqlock
 from shm import segment as shmseg
-from shm import seqlock
 from tcpcopyd.lab import servers
 from tcpcopyd.lab.net import (
     ASSISTANT_IP,
@@ -71,6 +71,35 @@ def command(name: str) -> list[str]:
         else [sys.executable, "-m", MODULES[name]]
 
 
+# the capabilities each daemon's container gets from the image (deploy/kubernetes grants
+# the same), and nothing else
+IMAGE_CAPABILITIES = {"tcpcopyd": "CAP_NET_RAW,CAP_NET_ADMIN",
+                      "interceptd": "CAP_NET_ADMIN,CAP_NET_RAW"}
+# what systemd-nspawn grants a container by default (systemd 252), all dropped but those
+NSPAWN_CAPABILITIES = (
+    "CAP_AUDIT_CONTROL,CAP_AUDIT_WRITE,CAP_CHOWN,CAP_DAC_OVERRIDE,CAP_DAC_READ_SEARCH,"
+    "CAP_FOWNER,CAP_FSETID,CAP_IPC_OWNER,CAP_KILL,CAP_LEASE,CAP_LINUX_IMMUTABLE,CAP_MKNOD,"
+    "CAP_NET_BIND_SERVICE,CAP_NET_BROADCAST,CAP_NET_RAW,CAP_SETFCAP,CAP_SETGID,CAP_SETPCAP,"
+    "CAP_SETUID,CAP_SYS_ADMIN,CAP_SYS_BOOT,CAP_SYS_CHROOT,CAP_SYS_NICE,CAP_SYS_PTRACE,"
+    "CAP_SYS_RESOURCE,CAP_SYS_TTY_CONFIG").split(",")
+
+
+def image_command(root: str, name: str, ns: str) -> list[str]:
+    """How to run one of our programs from the image's root file system ``root`` (mounted
+    read-only): systemd-nspawn in the lab host ``ns``'s network namespace, with the
+    capabilities of its manifest only (none for tcpcopyctl), the host's runtime directory
+    bound (tcpcopyctl and the lab read the daemons' shared memory there), and SIGTERM
+    passed to the daemon as under systemd. (Not under ``ip netns exec``: it hides the
+    cgroup file system nspawn needs.)"""
+    keep = IMAGE_CAPABILITIES.get(name, "")
+    drop = ",".join(c for c in NSPAWN_CAPABILITIES if c not in keep.split(","))
+    runtime = rundir.ensure()
+    return ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "--read-only",
+            "-D", root, f"--network-namespace-path=/run/netns/{ns}",
+            f"--drop-capability={drop}", *([f"--capability={keep}"] if keep else []),
+            f"--bind={runtime}:/run/tcpcopyd", "--kill-signal=SIGTERM", "--", name]
+
+
 class Lab:
     def __init__(self, prefix: str = "tcl", nginx_workers: int = 1,
                  cpus: dict[str, str] | None = None, second_online: bool = False,
@@ -83,6 +112,15 @@ class Lab:
         self.cpus = cpus or {}   # daemon -> CPU list for taskset (its workers pin inside it)
         self.dir = tempfile.mkdtemp(prefix=f"{prefix}-lab-")
         self.procs: dict[str, subprocess.Popen] = {}
+        # the daemons run from this image root file system (tools/build-image) if set
+        self.image_root: str | None = None
+
+    def command(self, name: str, ns: str) -> list[str]:
+        """How the lab runs one of our programs on host ``ns``: from this tree, or from the
+        image (then without ``ip netns exec``: see image_command)."""
+        if self.image_root:
+            return image_command(self.image_root, name, ns)
+        return ["ip", "netns", "exec", ns, *command(name)]
 
     # ---------------------------------------------------------------- lifecycle
     def up(self, memcached: bool = True) -> Lab:
@@ -121,11 +159,14 @@ class Lab:
         self.cleanup_files()
 
     # ---------------------------------------------------------------- processes
-    def start(self, name: str, ns: str, args: list[str]) -> subprocess.Popen:
+    def start(self, name: str, ns: str | None, args: list[str]) -> subprocess.Popen:
+        """``args`` started in lab host ``ns`` (None: ``args`` places itself there)."""
+        if ns is not None:
+            args = ["ip", "netns", "exec", ns, *args]
         if name in self.cpus:
             args = ["taskset", "-c", self.cpus[name], *args]
         log = open(os.path.join(self.dir, f"{name}.log"), "ab")
-        p = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=log,
+        p = subprocess.Popen(args, stdout=log,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         self.procs[name] = p
@@ -182,8 +223,9 @@ class Lab:
         # the online hosts connect from their target-side addresses; loopback: the doctor
         allow = ",".join(("127.0.0.0/8", ONLINE_TARGET_SIDE_IP, ONLINE2_TARGET_SIDE_IP,
                           MIRROR_IP, "::1", ONLINE6_TARGET_SIDE_IP, MIRROR6_IP))
-        p = self.start("interceptd", ns,
-                       [*command("interceptd"), "--service-port", ",".join(map(str, ports)),
+        p = self.start("interceptd", None,
+                       [*self.command("interceptd", ns), "--service-port",
+                        ",".join(map(str, ports)),
                         "--instance", f"{self.ns.prefix}-interceptd", "--allow", allow,
                         *extra])
         self.wait_log("interceptd", ", control port ", count=seen + 1)
@@ -205,8 +247,8 @@ class Lab:
             host, where = self.ns.mirror, ["-i", MIRROR_DEVICE, "--mirror"]
             rules = ",".join(f"{ONLINE6 if '[' in r else ONLINE_IP}:{r}"
                              for r in rules.split(","))
-        p = self.start("tcpcopyd", host,
-                       [*command("tcpcopyd"), "-x", rules, "-s", server, *where,
+        p = self.start("tcpcopyd", None,
+                       [*self.command("tcpcopyd", host), "-x", rules, "-s", server, *where,
                         "--instance", f"{self.ns.prefix}-tcpcopyd", *extra])
         self.wait_log("tcpcopyd", "capturing on", count=seen["capturing on"] + 1)
         if wait_connected:

@@ -25,15 +25,19 @@ def lab(request):
     daemons stop cleanly leaving no iptables (or ip6tables) rule or shm segment.
     ``workers``: that many workers on each side (the tests of the pools); by default the
     daemons' own (one). ``ipv6``: tcpcopyd copies the IPv6 clients too. ``mirror``:
-    tcpcopyd runs on a mirror host, from the online host's mirrored traffic."""
+    tcpcopyd runs on a mirror host, from the online host's mirrored traffic. ``image``:
+    both daemons run from the image's root file system (systemd-nspawn)."""
     want = {"interceptd": True, "tcpcopyd": True, "memcached": True, "second_online": False,
             "assistant": False, "attacker": False, "nginx_extra": None, "route_back": True,
-            "workers": None, "ipv6": False, "mirror": False, **getattr(request, "param", {})}
+            "workers": None, "ipv6": False, "mirror": False, "image": False,
+            **getattr(request, "param", {})}
     n = want["workers"]
     prefix = f"t{os.getpid() % 1000}x{next(_ids)}"
     lab = Lab(prefix, second_online=want["second_online"], assistant=want["assistant"],
               attacker=want["attacker"], nginx_extra=want["nginx_extra"],
               route_back=want["route_back"], mirror=want["mirror"])
+    if want["image"]:     # the daemons from the image (tests/system: the image_root fixture)
+        lab.image_root = request.getfixturevalue("image_root")
     try:
         lab.up(memcached=want["memcached"])
         if want["interceptd"]:

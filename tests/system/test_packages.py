@@ -1,12 +1,17 @@
 """The Debian packages: built from this tree with dpkg-buildpackage (lintian without
 errors), then installed in a Debian 12 guest booted with systemd as PID 1, where
-tests/system/guest-checks.sh starts, reloads and stops the units (tools/boot-test)."""
+tests/system/guest-checks.sh starts, reloads and stops the units (tools/boot-test); the
+container image made from them (tools/build-image), and both daemons run from it in the
+lab."""
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
 import subprocess
 
+import psutil
 import pytest
 
 from tcpcopyd.ctl.docs import ROOT
@@ -47,3 +52,80 @@ def test_units_start_reload_and_stop_under_systemd():
     assert not failed
     assert report.count("\nPASS ") >= 30
     assert "GUEST-CHECKS-DONE failures=0" in report
+
+
+# ------------------------------------------------------------------ the container image
+@pytest.mark.timeout(900)
+def test_the_image_builds_from_the_packages():
+    if not glob.glob(str(ROOT / "dist/debs/tcpcopyd_*.deb")):
+        pytest.fail("no package built (test_debs_build_with_no_lintian_error failed?)")
+    r = subprocess.run([str(ROOT / "tools" / "build-image"), "--save"], capture_output=True,
+                       text=True, errors="replace", timeout=880)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert re.search(r"localhost/tcpcopyd:\S+ \(and :latest\), \d+ MiB, 1 layer", r.stdout)
+    inspect = json.loads(subprocess.run(["podman", "image", "inspect",
+                                         "localhost/tcpcopyd:latest"], capture_output=True,
+                                        text=True, check=True).stdout)[0]
+    assert "tcpcopyctl status" in " ".join(inspect["Healthcheck"]["Test"])
+    assert inspect["Config"]["StopSignal"] == "SIGTERM"
+    assert glob.glob(str(ROOT / "dist/tcpcopyd-*.oci.tar"))
+
+
+@pytest.fixture(scope="module")
+def image_root():
+    """The image's root file system, mounted read-only (podman image mount)."""
+    if subprocess.run(["podman", "image", "exists", "localhost/tcpcopyd:latest"]).returncode:
+        pytest.fail("no image built (test_the_image_builds_from_the_packages failed?)")
+    path = subprocess.run(["podman", "image", "mount", "localhost/tcpcopyd:latest"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    yield path
+    subprocess.run(["podman", "image", "unmount", "localhost/tcpcopyd:latest"],
+                   capture_output=True)
+
+
+def capabilities(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"^CapEff:\s*(\w+)", f.read(), re.M).group(1), 16)
+
+
+@pytest.mark.parametrize("lab", [{"image": True}], indirect=True)
+def test_both_daemons_from_the_image_copy_everything_with_their_capabilities_only(lab):
+    """tcpcopyd and interceptd from the image's root file system, each in its lab host's
+    network namespace with only the capabilities deploy/kubernetes grants: short and
+    keep-alive HTTP copied whole, nothing leaked (the fixture), tcpcopyctl from the image
+    reads their status."""
+    from tcpcopyd.lab import load
+    from tcpcopyd.lab.net import ONLINE_IP, TARGET_IP
+    from tests.lab.conftest import target_caught_up
+    r = load.h2load(lab, requests=2000, rate=500)
+    assert r.succeeded == 2000, r.output
+    keepalive = load.paced_keepalive(lab, connections=20, per_connection=50, rate=400,
+                                     host=ONLINE_IP)
+    assert load.kv(keepalive.communicate(timeout=300)[0]) == {"ok": 1000, "errors": 0}
+    online = sorted((f[0], f[1], f[6]) for f in lab.nginx_log("online"))
+    target = target_caught_up(lab, 3000)
+    assert sorted((f[0], f[1], f[6]) for f in target) == online
+    net_raw_admin = 1 << 12 | 1 << 13
+    for name in ("tcpcopyd", "interceptd"):
+        # the daemon's master (the container's PID 1) holds both, its workers fewer
+        daemon = [capabilities(p.pid) for p in
+                  psutil.Process(lab.procs[name].pid).children(recursive=True)
+                  if p.name() != "systemd-nspawn"]
+        assert daemon and max(daemon) == net_raw_admin, (name, daemon)
+        assert all(c & ~net_raw_admin == 0 for c in daemon), (name, daemon)
+    # tcpcopyctl of the image, in the daemon's container (as `kubectl exec` runs it): its
+    # file system and its processes
+    [master] = [p for p in psutil.Process(lab.procs["tcpcopyd"].pid).children(recursive=True)
+                if p.name() != "systemd-nspawn"][:1]
+    status = subprocess.run(["nsenter", "--target", str(master.pid), "--mount", "--pid",
+                             "--", "tcpcopyctl", "status", "--json",
+                             f"{lab.ns.prefix}-tcpcopyd"],
+                            capture_output=True, text=True, timeout=60)
+    [d] = json.loads(status.stdout)
+    assert d["state"] == "healthy" and d["totals"]["sessions_opened"] == 2020
+    doctor = subprocess.run(["nsenter", "--target", str(master.pid), "--mount", "--pid",
+                             "--net", "--", "tcpcopyctl", "doctor", "tcpcopyd", "-x",
+                             f"80-{TARGET_IP}:80", "-s", TARGET_IP, "-i", "eth0"],
+                            capture_output=True, text=True, timeout=60)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "OK    control port: " in doctor.stdout
