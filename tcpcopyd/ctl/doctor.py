@@ -173,7 +173,16 @@ def online_checks(cfg: Config) -> Iterator[Check]:
     yield check_privileges(("CAP_NET_RAW",), "AF_PACKET capture and raw sockets")
     iface = cfg.interface
     lk = netlink.link(iface)
-    if lk is None:
+    if netlink.is_interface_set(iface):
+        found = netlink.matching(iface)
+        if found:
+            yield ok("interface", f"-i {iface} matches {', '.join(sorted(found))} now (and "
+                     "each one that appears while tcpcopyd runs)")
+        else:
+            yield fail("interface", f"-i {iface} matches no interface now: nothing is "
+                       "captured until one appears", "check the names and patterns "
+                       "(ip -br link)")
+    elif lk is None:
         yield fail("interface", f"{iface} does not exist",
                    "name an existing interface (ip -br link): tcpcopyd@IFACE / -i IFACE")
     elif not lk.admin_up:

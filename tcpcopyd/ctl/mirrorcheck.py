@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 from tcpcopyd.ctl.checks import Check, fail, ok, sysctl
+from tcpcopyd.net import netlink
 from tcpcopyd.service.settings import Config
 
 # how long the doctor listens for mirrored traffic, seconds
@@ -25,17 +26,19 @@ def seen_for(iface: str, wanted: list[tuple[str | None, int]], seconds: float = 
     """Client packets captured on ``iface`` within ``seconds``, per (online address or
     None, port) of ``wanted``."""
     counts = dict.fromkeys(wanted, 0)
+    names = set(netlink.matching(iface)) if netlink.is_interface_set(iface) else {iface}
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
     try:
-        sock.bind((iface, ETH_P_ALL))
+        if len(names) == 1:
+            sock.bind((next(iter(names)), ETH_P_ALL))
         sock.settimeout(0.2)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             try:
-                data = sock.recv(256)
+                data, where = sock.recvfrom(256)
             except TimeoutError:
                 continue
-            key = _destination(data)
+            key = _destination(data) if where[0] in names else None
             if key is None:
                 continue
             for want in ((key[0], key[1]), (None, key[1])):

@@ -16,6 +16,7 @@ import argparse
 import os
 import resource
 import statistics
+import subprocess
 import sys
 
 from shm import segment as shmseg
@@ -33,8 +34,11 @@ C_RULE_TAG = "tcpcopyd-bench-c-intercept"
 # how the table names each pair
 PAIR_NAMES = {"c": "C", "compare": "ours --compare", "secret": "ours, secret",
               "pure": "ours, pure Python", "ipv6": "ours, IPv6 clients",
-              "mirror": "ours --mirror, on a mirror host", "none": "no copy"}
-PAIRS = ("ours", "c", "compare", "secret", "pure", "ipv6", "mirror", "none")
+              "mirror": "ours --mirror, on a mirror host", "none": "no copy",
+              "image": "ours, from the image"}
+PAIRS = ("ours", "c", "compare", "secret", "pure", "ipv6", "mirror", "none", "image")
+# the image's root file system, mounted (--pairs image: tools/build-image made it)
+IMAGE = "localhost/tcpcopyd:latest"
 
 
 def start_c_pair(lab) -> None:
@@ -65,6 +69,10 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
     lab = Lab(f"bench{os.getpid() % 1000}", nginx_workers=nginx_workers, cpus=cpus,
               assistant=assistant, mirror=pair == "mirror")
     captures = {}
+    if pair == "image":
+        lab.image_root = subprocess.run(["podman", "image", "mount", IMAGE],
+                                        capture_output=True, text=True,
+                                        check=True).stdout.strip()
     try:
         lab.up(memcached=False)
         if pair == "c":
@@ -168,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                     "pure-Python build: TCPCOPYD_PURE=1), ipv6 (ours, the clients and the "
                     "target over IPv6), mirror (ours --mirror on a mirror host: the online "
                     "host mirrors with tc into VXLAN), none (no copy at all: the online "
-                    "side's own cost), comma-separated; they alternate run by run")
+                    "side's own cost), image (ours, both daemons from the image "
+                    "localhost/tcpcopyd:latest, tools/build-image), comma-separated; they "
+                    "alternate run by run")
     ap.add_argument("--compare-c", action="store_true",
                     help="side by side with the C pair: the same as --pairs ours,c --delays")
     ap.add_argument("--delays", action="store_true",

@@ -28,6 +28,8 @@ ETH_P_IPV6 = 0x86DD
 ETH_P_ALL = 0x0003
 # classic BPF ancillary data: the packet's protocol (linux/filter.h SKF_AD_OFF + 0)
 SKF_AD_PROTOCOL = 0xFFFFF000
+# and the index of the interface it arrived on (SKF_AD_OFF + SKF_AD_IFINDEX)
+SKF_AD_IFINDEX = 0xFFFFF008
 # linux/if_packet.h socket options
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
@@ -42,6 +44,7 @@ SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
 
 # classic BPF opcodes (linux/filter.h)
+BPF_LD_W_ABS = 0x20
 BPF_LD_B_ABS = 0x30
 BPF_LD_H_ABS = 0x28
 BPF_LD_B_IND = 0x50
@@ -106,6 +109,30 @@ SKIP_PURE_ACKS = [
 # the IPv6 extension headers the filter looks behind (one of them; their length is
 # (second byte + 1) x 8, which a fragment header's reserved 0 makes its 8)
 EXTENSIONS6 = (P.IP6_HOP_BY_HOP, P.IP6_ROUTING, P.IP6_FRAGMENT, P.IP6_DEST_OPTIONS)
+
+
+def interface_test(indexes: list[int]) -> list[tuple[int, int, int, int]]:
+    """A socket bound to every interface (a set of them: -i 'veth*') passes on only the
+    packets of these (by their index; none: nothing)."""
+    prog = [(BPF_LD_W_ABS, 0, 0, SKF_AD_IFINDEX)]     # A = the interface's index
+    for i, index in enumerate(indexes):
+        # this one? past the other tests and the drop, else the next test
+        prog += [(BPF_JEQ_K, 0, 1, index), (BPF_JA, 0, 0, 2 * (len(indexes) - 1 - i) + 1)]
+    prog.append((BPF_RET_K, 0, 0, 0))
+    return prog
+
+
+def capture_filter(ports: list[int], source: bool = False, answers: bool = False,
+                   ipv6: bool = False, interfaces: list[int] | None = None
+                   ) -> list[tuple[int, int, int, int]]:
+    """``bpf_program``, behind the test of the interfaces of a set if given."""
+    prog = bpf_program(ports, source, answers, ipv6)
+    if interfaces is None:
+        return prog
+    if len(prog) + 2 * len(interfaces) + 2 > BPF_MAXINSNS:
+        raise ValueError(f"{len(interfaces)} interfaces are more than a socket filter can "
+                         "take")
+    return interface_test(interfaces) + prog
 
 
 def bpf_program(ports: list[int], source: bool = False, answers: bool = False,
@@ -217,17 +244,22 @@ def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) ->
 def open_capture(iface: str, ports: list[int], fanout_group: int | None,
                  rcvbuf: int = 32 << 20, source: bool = False,
                  answers: bool = False, ring: bool = False,
-                 ipv6: bool = False, promisc: bool = False) -> socket.socket:
+                 ipv6: bool = False, promisc: bool = False,
+                 interfaces: list[int] | None = None) -> socket.socket:
     """An AF_PACKET socket on ``iface`` delivering client packets to ``ports`` (or, with
     ``source``, server packets from them; with ``answers``, the online server's answers,
     which this host sends: the only socket that does not ignore outgoing packets); with
     ``ring``, a receive ring (``tcpcopyd.net.ring``) that the reader maps; with
     ``promisc``, the interface in promiscuous mode while the socket is open (a SPAN
-    port delivers frames addressed to other hosts)."""
-    try:
-        socket.if_nametoindex(iface)
-    except OSError:
-        raise CaptureError(f"interface {iface!r} does not exist (see `ip link`)") from None
+    port delivers frames addressed to other hosts). With ``interfaces`` (the indexes a
+    set ``iface`` matches now), the socket takes every interface and its filter only
+    those (``set_interfaces`` changes them)."""
+    if interfaces is None:
+        try:
+            socket.if_nametoindex(iface)
+        except OSError:
+            raise CaptureError(f"interface {iface!r} does not exist (see `ip link`)") \
+                from None
     try:
         # outgoing packets (the online server's answers) reach only ETH_P_ALL sockets
         proto = ETH_P_ALL if answers or ipv6 else ETH_P_IP
@@ -235,18 +267,18 @@ def open_capture(iface: str, ports: list[int], fanout_group: int | None,
     except PermissionError:
         raise CaptureError("AF_PACKET capture needs root (or CAP_NET_RAW)") from None
     try:
-        attach_filter(sock, bpf_program(ports, source, answers, ipv6))
+        attach_filter(sock, capture_filter(ports, source, answers, ipv6, interfaces))
         if not answers:
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.bind((iface, proto))
+        if interfaces is None:      # a set: not bound, the filter chooses
+            sock.bind((iface, proto))
         if promisc:
-            # struct packet_mreq: ifindex, type, address length, address (unused)
-            sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, struct.pack(
-                "iHH8s", socket.if_nametoindex(iface), PACKET_MR_PROMISC, 0, b""))
+            for index in interfaces or [socket.if_nametoindex(iface)]:
+                promiscuous(sock, index)
         if ring:
             add_ring(sock)
         if fanout_group is not None:
@@ -263,6 +295,13 @@ def open_capture(iface: str, ports: list[int], fanout_group: int | None,
         sock.close()
         raise CaptureError(f"capture on {iface}: {e.strerror or e}") from e
     return sock
+
+
+def promiscuous(sock: socket.socket, index: int) -> None:
+    """Interface ``index`` in promiscuous mode while ``sock`` is open (struct packet_mreq:
+    ifindex, type, address length, address)."""
+    sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP,
+                    struct.pack("iHH8s", index, PACKET_MR_PROMISC, 0, b""))
 
 
 def add_ring(sock: socket.socket) -> None:

@@ -1,9 +1,11 @@
 """The host's network facts through netlink (pyroute2), never by running `ip` or
-`ethtool`: routes, links (up, MTU, GRO), which interface holds an address, and a watch on
+`ethtool`: routes, links (up, MTU, GRO), which interface holds an address, a watch on
 one interface's state (``LinkWatch``: tcpcopyd notices its capture interface going down
-and coming back)."""
+and coming back), and the interfaces a set matches as they come and go
+(``InterfaceFollower``: ``-i 'veth*'``)."""
 from __future__ import annotations
 
+import fnmatch
 import logging
 import socket
 from dataclasses import dataclass
@@ -137,6 +139,57 @@ class LinkWatch:
         else:
             self.up = current.up
         return self.up if self.up != before else None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# what makes -i a set of interfaces rather than one: a list, or a shell pattern
+SET_MARKS = ",*?["
+
+
+def is_interface_set(spec: str) -> bool:
+    """Whether -i names a set of interfaces (``eth0,eth1``, ``veth*``), not one."""
+    return any(c in spec for c in SET_MARKS)
+
+
+def matching(spec: str) -> dict[str, int]:
+    """The interfaces of this host that a set matches now: name -> index."""
+    patterns = [p.strip() for p in spec.split(",") if p.strip()]
+    return {lk.name: lk.index for lk in links()
+            if any(fnmatch.fnmatchcase(lk.name, p) for p in patterns)}
+
+
+class InterfaceFollower:
+    """The interfaces a set matches, followed as they come and go (pods' veths): a netlink
+    socket of the link group wakes the caller's poll loop (``fileno``); ``changes()`` then
+    says which appeared and which went away (None: no change)."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                  | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        self.sock.bind((0, RTMGRP_LINK))
+        self.current = matching(spec)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def changes(self) -> tuple[list[str], list[str]] | None:
+        while True:
+            try:
+                self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError:   # ENOBUFS: events were lost; the links are read anyway
+                break
+        now = matching(self.spec)
+        if now == self.current:
+            return None
+        added = sorted(n for n, i in now.items() if self.current.get(n) != i)
+        gone = sorted(n for n, i in self.current.items() if now.get(n) != i)
+        self.current = now
+        return added, gone
 
     def close(self) -> None:
         self.sock.close()

@@ -4,13 +4,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
 from shm import segment as shmseg
 from tcpcopyd import native
 from tcpcopyd.health import metrics
-from tcpcopyd.net import capture
+from tcpcopyd.net import capture, netlink
 from tcpcopyd.net.sender import SendError, open_raw_socket
 from tcpcopyd.online import comparelog, options
 from tcpcopyd.online import counters as C
@@ -66,7 +67,12 @@ def capture_file_error(path: str) -> str | None:
 
 def interface_error(name: str) -> str | None:
     """-i without a '/' names an interface, never a file: a missing interface is an
-    error, with a hint if a file of that name is at hand."""
+    error, with a hint if a file of that name is at hand. A set of them (a list, a
+    pattern) may match none yet: it is followed as interfaces come and go."""
+    if netlink.is_interface_set(name):
+        if not [p for p in name.split(",") if p.strip()]:
+            return f"-i {name!r}: no interface in the list"
+        return None
     err = capture.check_interface(name)
     if err and os.path.isfile(name):
         err += f"; to replay the capture file {name!r} instead, give -i ./{name}"
@@ -122,7 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         open_raw_socket().close()
     except SendError as e:
         return fail(str(e))
-    instance = cfg.instance or f"tcpcopyd.{cfg.interface}"
+    # a set's pattern in a name: its marks and commas as "_" (tcpcopyd.veth_)
+    instance = cfg.instance or "tcpcopyd." + re.sub(r"[^A-Za-z0-9._@+-]", "_",
+                                                     cfg.interface)[:54]
     try:
         lock = InstanceLock(instance).acquire()
     except InstanceError as e:
@@ -140,12 +148,19 @@ def open_captures(cfg: Settings, sockets: list, answers: list) -> None:
     ports = [t.port for t in cfg.transfer]
     ipv6 = any(t.ipv6 for t in cfg.transfer)
     group = os.getpid() & 0xFFFF
+    # a set of interfaces: those it matches now (the workers follow the rest)
+    indexes = sorted(netlink.matching(cfg.interface).values()) \
+        if netlink.is_interface_set(cfg.interface) else None
+    if indexes == []:
+        log.warning("-i %s matches no interface yet: capture starts when one appears",
+                    cfg.interface)
     for _ in range(cfg.workers):
         sockets.append(capture.open_capture(cfg.interface, ports, group, ring=True,
-                                            ipv6=ipv6, promisc=cfg.mirror))
+                                            ipv6=ipv6, promisc=cfg.mirror,
+                                            interfaces=indexes))
     for _ in range(cfg.workers if cfg.compare else 0):
         answers.append(capture.open_capture(cfg.interface, ports, (group + 1) & 0xFFFF,
-                                            answers=True, ipv6=ipv6))
+                                            answers=True, ipv6=ipv6, interfaces=indexes))
 
 
 def online(cfg: Settings, instance: str) -> int:

@@ -196,7 +196,9 @@ class Settings(Config):
     interface: str = setting(
         ("-i", "--interface"), None, text,
         "capture interface (client traffic arrives there; the systemd unit's instance "
-        "name), or a pcap/pcapng file to replay offline: a path with a /, e.g. ./day.pcap",
+        "name), a set of them — a list and shell patterns, e.g. eth0,veth* (followed as "
+        "they come and go) — or a pcap/pcapng file to replay offline: a path with a /, "
+        "e.g. ./day.pcap",
         metavar="IFACE|PATH",
         required=True, example="eth0")
     sample_rate: int = setting(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from shm.segment import LinkState, Segment, pack_sources
 from shm.table import SlotTable
 from tcpcopyd.net import capture
-from tcpcopyd.net.netlink import LinkWatch
+from tcpcopyd.net.netlink import InterfaceFollower, LinkWatch, is_interface_set
 from tcpcopyd.net.packet import packed
 from tcpcopyd.net.reader import INTERFACE_GONE, CaptureReader, packet_time
 from tcpcopyd.net.sender import RawSender
@@ -142,14 +142,23 @@ class CaptureWorker(service_worker.WorkerProcess):
                 self.emit_exchange, self.engine.targets,
                 lambda: reader.last_time() - offset,
                 lambda: packet_time(answers) - offset)
-        # worker 1 watches the capture interface for the operator (all workers' sockets
-        # resume by themselves when it comes back)
-        self.link_watch = self.watch_link(cfg.interface) if self.index == 0 else None
+        # a set of interfaces: every worker follows them (its socket's filter takes those
+        # it matches); one interface: worker 1 watches it for the operator (all workers'
+        # sockets resume by themselves when it comes back)
+        self.follower = InterfaceFollower(cfg.interface) \
+            if is_interface_set(cfg.interface) else None
+        self.link_watch = self.watch_link(cfg.interface) \
+            if self.index == 0 and self.follower is None else None
         self.down_since: float | None = None
-        if self.link_watch is not None:
-            self.epoll.register(self.link_watch.fileno(), select.EPOLLIN)
-            if not self.link_watch.up:
-                self.interface_went_down(time.monotonic())
+        self.promiscuous: set[int] = set(self.follower.current.values()) \
+            if self.follower is not None else set()
+        for watch in (self.link_watch, self.follower):
+            if watch is not None:
+                self.epoll.register(watch.fileno(), select.EPOLLIN)
+        if self.follower is not None:
+            self.set_interfaces(time.monotonic())
+        elif self.link_watch is not None and not self.link_watch.up:
+            self.interface_went_down(time.monotonic())
         restored = self.engine.restore(time.monotonic())
         if restored:
             log.info("worker %d carries on %d session(s) from the shm table", self.index + 1,
@@ -162,6 +171,7 @@ class CaptureWorker(service_worker.WorkerProcess):
         capfd = cap.fileno()
         answersfd = self.answers.fileno() if self.answers is not None else -1
         watchfd = self.link_watch.fileno() if self.link_watch else -1
+        followfd = self.follower.fileno() if self.follower else -1
         read, on_packet = self.reader.read, engine.on_client_packet
         if self.mirror is not None:
             on_packet = self.mirror.packet
@@ -179,6 +189,8 @@ class CaptureWorker(service_worker.WorkerProcess):
                     self.read_answers(on_packet, now)
                 elif fd == watchfd:
                     self.on_link_event(now)
+                elif fd == followfd:
+                    self.on_interfaces_event(now)
                 else:
                     loop.on_control_event(engine, control, fd, ev, now)
             loop.send_due(engine, now)
@@ -274,6 +286,40 @@ class CaptureWorker(service_worker.WorkerProcess):
             self.counters[C.INDEX["interface_down_ms"]] += int(gap * 1000)
             log.info("%s is up again after %.1fs: capture resumes (the traffic of the gap "
                      "was not copied)", self.cfg.interface, gap)
+
+    def on_interfaces_event(self, now: float) -> None:
+        """Interfaces came or went: the capture filters take those the set matches now."""
+        change = self.follower.changes()
+        if change is None:
+            return
+        added, gone = change
+        if self.index == 0:
+            said = ([f"{', '.join(added)} appeared"] if added else []) + \
+                ([f"{', '.join(gone)} went away"] if gone else [])
+            log.info("-i %s: %s; capturing on %s", self.cfg.interface, "; ".join(said),
+                     ", ".join(sorted(self.follower.current)) or "none")
+        self.set_interfaces(now)
+
+    def set_interfaces(self, now: float) -> None:
+        """The capture sockets of this worker take the interfaces the set matches now;
+        with none, the interface_down gauge says nothing is captured."""
+        cfg, indexes = self.cfg, sorted(self.follower.current.values())
+        ports, ipv6 = [t.port for t in cfg.transfer], any(t.ipv6 for t in cfg.transfer)
+        capture.attach_filter(self.cap, capture.capture_filter(ports, ipv6=ipv6,
+                                                               interfaces=indexes))
+        if self.answers is not None:
+            capture.attach_filter(self.answers, capture.capture_filter(
+                ports, answers=True, ipv6=ipv6, interfaces=indexes))
+        if cfg.mirror:    # each new one in promiscuous mode (the master's were at start)
+            for index in set(indexes) - self.promiscuous:
+                capture.promiscuous(self.cap, index)
+            self.promiscuous = set(indexes)
+        if not indexes and self.down_since is None:
+            self.down_since = now
+            self.counters[C.INDEX["interface_downs"]] += 1
+        elif indexes and self.down_since is not None:
+            self.counters[C.INDEX["interface_down_ms"]] += int((now - self.down_since) * 1000)
+            self.down_since = None
 
     def interface_went_down(self, now: float) -> None:
         iface = self.cfg.interface

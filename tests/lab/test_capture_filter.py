@@ -44,14 +44,16 @@ def behind(kind: int, pkt: bytes) -> bytes:
 
 
 def _seen(port: int, source: bool, family: int = socket.AF_INET,
-          extension: int | None = None, ipv6: bool | None = None) -> set[int]:
+          extension: int | None = None, ipv6: bool | None = None,
+          interfaces: list[int] | None = None, wait: float = 10.0) -> set[int]:
     """Sequence numbers of SEGMENTS (index = seq - 1000) that a capture socket on lo let
     through; segments go from port+1 to port (``source``: from port to port+1); IPv6 ones
     with ``family``, behind an ``extension`` header if given; ``ipv6``: the socket's (by
-    default, whether the segments are)."""
+    default, whether the segments are); ``interfaces``: a socket of a set of interfaces
+    (bound to none), taking those."""
     v6 = family == socket.AF_INET6
     cap = open_capture("lo", [port], None, rcvbuf=1 << 20, source=source,
-                       ipv6=v6 if ipv6 is None else ipv6)
+                       ipv6=v6 if ipv6 is None else ipv6, interfaces=interfaces)
     raw = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
     lo, to = (LO6, ("::1", 0)) if v6 else (LO, ("127.0.0.1", 0))
 
@@ -65,10 +67,13 @@ def _seen(port: int, source: bool, family: int = socket.AF_INET,
         # a marker last: when it is read, everything sent before it has been filtered
         send(bytes(P.build(lo, lo, sport, dport, 999, 0, P.SYN, 1000)))
         seen: set[int] = set()
-        cap.settimeout(10)
-        deadline = time.monotonic() + 10
+        cap.settimeout(wait)
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            buf = cap.recv(65536)
+            try:
+                buf = cap.recv(65536)
+            except TimeoutError:
+                break
             p = P.parse(buf)
             if (p.sport, p.dport) != (sport, dport):
                 continue
@@ -109,3 +114,16 @@ def test_a_socket_of_both_families_filters_ipv4_as_before():
     port = random.randrange(50000, 55000)
     seen = _seen(port, source=False, ipv6=True)
     assert {SEGMENTS[i][0] for i in seen} == {n for n, *_r, passes in SEGMENTS if passes}
+
+
+def test_a_socket_of_a_set_of_interfaces_takes_theirs_only():
+    """-i 'eth0,veth*': the socket is bound to no interface, its filter takes the packets
+    of the interfaces the set matches (their indexes) and no other's."""
+    port = random.randrange(55000, 60000)
+    lo, absent = socket.if_nametoindex("lo"), 2 ** 31 - 1
+    seen = _seen(port, source=False, interfaces=[absent, lo])
+    assert {SEGMENTS[i][0] for i in seen} == {n for n, *_r, passes in SEGMENTS if passes}
+    with pytest.raises(AssertionError, match="marker"):
+        _seen(port + 1, source=False, interfaces=[absent], wait=2)
+    with pytest.raises(AssertionError, match="marker"):
+        _seen(port + 2, source=False, interfaces=[], wait=2)
