@@ -52,10 +52,12 @@ def fail(message: str, code: int = 1) -> int:
 
 
 def not_live(old: Settings, new: Settings) -> list[str]:
-    """A reload may send the same ports to new targets, not capture other ports."""
-    same_ports = ({(t.online_ip, t.port) for t in old.transfer}
-                  == {(t.online_ip, t.port) for t in new.transfer})
-    return [] if same_ports else ["transfer"]
+    """A reload may send the same ports to new targets and bind them to other online
+    addresses (the pods of a node come and go), not capture other ports, nor a family
+    the capture sockets do not take (the first IPv6 rule)."""
+    same = ({t.port for t in old.transfer} == {t.port for t in new.transfer}
+            and any(t.ipv6 for t in old.transfer) == any(t.ipv6 for t in new.transfer))
+    return [] if same else ["transfer"]
 
 
 def capture_file_error(path: str) -> str | None:

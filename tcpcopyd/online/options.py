@@ -185,7 +185,8 @@ class Settings(Config):
         ("-x", "--transfer"), None, transfers,
         "what to copy: [ONLINE_IP:]PORT-TARGET_IP:TARGET_PORT[,...], IPv6 addresses in "
         "brackets (80-[fd18:2::2]:80; a packet goes to the rule of its family); a reload "
-        "may change the targets of the same ports (new sessions go there)",
+        "may change the targets and the online addresses of the same ports (new "
+        "sessions follow)",
         metavar="RULES", required=True, example="80-198.18.2.2:80", live=True,
         show=show_transfers)
     server: list[tuple[str, int]] = setting(

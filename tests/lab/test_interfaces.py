@@ -1,13 +1,17 @@
 """Capture on a set of interfaces (-i 'eth0,vethc*'), as on a node that hosts many pods:
 the interfaces the set matches at start, and one created while tcpcopyd runs, are
-captured; one that goes away is let go. The fixture checks that nothing leaked."""
+captured; one that goes away is let go; a reload binds the rules to other online
+addresses. The fixture checks that nothing leaked."""
 from __future__ import annotations
+
+import os
+import signal
 
 import orjson
 import pytest
 
 from tcpcopyd.lab import load
-from tcpcopyd.lab.net import CLIENT_IP, ONLINE_TARGET_SIDE_IP
+from tcpcopyd.lab.net import CLIENT_IP, ONLINE_IP, ONLINE_TARGET_SIDE_IP, TARGET_IP
 from tests.lab.conftest import ctl_status, target_caught_up
 
 pytestmark = pytest.mark.lab
@@ -63,3 +67,33 @@ def test_a_set_that_matches_nothing_yet_starts_and_waits(lab):
     assert r.succeeded == 300, r.output
     target = target_caught_up(lab, 300)
     assert {f[0] for f in target} == {NEW_CLIENT_IP} and len(target) == 300
+
+
+@pytest.mark.parametrize("lab", [{"tcpcopyd": False, "memcached": False}], indirect=True)
+def test_a_reload_binds_the_rules_to_other_online_addresses(lab, tmp_path):
+    """The online addresses of -x change with a reload, as a node's pods come and go: the
+    requests to the address the rules name are copied, the others not."""
+    add_link(lab)
+    conf = tmp_path / "tcpcopyd.conf"
+
+    def rules(online: str) -> None:
+        conf.write_text(f'[default]\ntransfer = "{online}:80-{TARGET_IP}:80"\n'
+                        f'server = "{TARGET_IP}"\ninterface = "eth0,vethc*"\n')
+    rules(ONLINE_IP)
+    lab.start("tcpcopyd", None, [*lab.command("tcpcopyd", lab.ns.online), "--config",
+                                 str(conf), "--instance", f"{lab.ns.prefix}-tcpcopyd"])
+    lab.wait_log("tcpcopyd", "connected to interceptd")
+    lab.wait_workers_connected(f"{lab.ns.prefix}-tcpcopyd")
+    for host in (ONLINE_IP, NEW_ONLINE_IP):
+        assert load.h2load(lab, requests=200, rate=200, host=host).succeeded == 200
+    target = target_caught_up(lab, 200)
+    assert {f[0] for f in target} == {CLIENT_IP} and len(target) == 200
+
+    rules(NEW_ONLINE_IP)
+    os.kill(lab.procs["tcpcopyd"].pid, signal.SIGHUP)
+    lab.wait_log("tcpcopyd", "worker applied the reloaded settings")
+    for host in (ONLINE_IP, NEW_ONLINE_IP):
+        assert load.h2load(lab, requests=200, rate=200, host=host).succeeded == 200
+    target = target_caught_up(lab, 400)
+    assert [f[0] for f in target[200:]] == [NEW_CLIENT_IP] * 200
+    assert "needs a restart" not in lab.log_text("tcpcopyd")

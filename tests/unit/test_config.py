@@ -197,7 +197,7 @@ def test_sampling_is_a_stable_share_of_client_ports():
     assert all(sampled(src, p, 100) for p in range(1024, 2048))
 
 
-def test_a_reload_may_retarget_ports_but_not_capture_new_ones():
+def test_a_reload_may_retarget_ports_and_rebind_online_addresses_not_capture_new_ones():
     from tcpcopyd.online.main import not_live
     base = ["-s", "198.18.2.2", "-i", "lo", "-x"]
 
@@ -205,6 +205,12 @@ def test_a_reload_may_retarget_ports_but_not_capture_new_ones():
         return load("tcpcopyd", "", options.REGISTRY, [*base, rules], options.LAYOUT)
     assert not_live(cfg("80-198.18.2.2:80"), cfg("80-198.18.2.3:8080")) == []
     assert not_live(cfg("80-198.18.2.2:80"), cfg("81-198.18.2.2:80")) == ["transfer"]
+    # other online addresses for the same port: live (a node's pods come and go)
+    assert not_live(cfg("198.18.1.2:80-198.18.2.2:80"),
+                    cfg("198.18.1.7:80-198.18.2.2:80,198.18.1.8:80-198.18.2.2:80")) == []
+    # the first IPv6 rule: the capture sockets take IPv4 only until a restart
+    assert not_live(cfg("80-198.18.2.2:80"),
+                    cfg("80-198.18.2.2:80,80-[fd18:2::2]:80")) == ["transfer"]
 
 
 def test_settings_keep_their_types_across_a_reload_in_master_and_workers(tmp_path):
