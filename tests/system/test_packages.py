@@ -9,12 +9,16 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 
 import psutil
 import pytest
 
 from tcpcopyd.ctl.docs import ROOT
+from tcpcopyd.lab import load
+from tcpcopyd.lab.net import ONLINE_IP, TARGET_IP
+from tests.lab.conftest import target_caught_up
 
 pytestmark = [pytest.mark.lab, pytest.mark.system]
 
@@ -88,15 +92,24 @@ def capabilities(pid: int) -> int:
         return int(re.search(r"^CapEff:\s*(\w+)", f.read(), re.M).group(1), 16)
 
 
-@pytest.mark.parametrize("lab", [{"image": True}], indirect=True)
+@pytest.mark.parametrize("lab", [{"image": True, "tcpcopyd": False}], indirect=True)
 def test_both_daemons_from_the_image_copy_everything_with_their_capabilities_only(lab):
     """tcpcopyd and interceptd from the image's root file system, each in its lab host's
     network namespace with only the capabilities deploy/kubernetes grants: short and
-    keep-alive HTTP copied whole, nothing leaked (the fixture), tcpcopyctl from the image
-    reads their status."""
-    from tcpcopyd.lab import load
-    from tcpcopyd.lab.net import ONLINE_IP, TARGET_IP
-    from tests.lab.conftest import target_caught_up
+    keep-alive HTTP copied whole, nothing leaked (the fixture); from inside the container,
+    as `kubectl exec` runs them, the image's tcpcopyctl reads their status, runs the
+    doctor and the comparison report; metrics are scraped, a reload is applied."""
+    compare = f"/run/tcpcopyd/{lab.ns.prefix}-compare.jsonl"
+    lab.start_tcpcopyd(extra=["--metrics-listen", "127.0.0.1:9464", "--compare",
+                              "--compare-log", compare])
+    try:
+        check_from_the_image(lab, compare)
+    finally:
+        if os.path.exists(compare):
+            os.unlink(compare)
+
+
+def check_from_the_image(lab, compare: str) -> None:
     r = load.h2load(lab, requests=2000, rate=500)
     assert r.succeeded == 2000, r.output
     keepalive = load.paced_keepalive(lab, connections=20, per_connection=50, rate=400,
@@ -129,3 +142,12 @@ def test_both_daemons_from_the_image_copy_everything_with_their_capabilities_onl
                             capture_output=True, text=True, timeout=60)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "OK    control port: " in doctor.stdout
+    metrics = lab.ns.run(lab.ns.online, ["curl", "-sS", "http://127.0.0.1:9464/metrics"])
+    assert re.search(r"^tcpcopyd_sessions_opened_total\{[^}]*\} 2020$", metrics.stdout, re.M)
+    report = subprocess.run(["nsenter", "--target", str(master.pid), "--mount", "--pid",
+                             "--", "tcpcopyctl", "report", compare, "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["exchanges"] > 0
+    os.kill(master.pid, signal.SIGHUP)
+    lab.wait_log("tcpcopyd", "reload: applied nothing changed")
