@@ -92,7 +92,8 @@ def capabilities(pid: int) -> int:
         return int(re.search(r"^CapEff:\s*(\w+)", f.read(), re.M).group(1), 16)
 
 
-@pytest.mark.parametrize("lab", [{"image": True, "tcpcopyd": False}], indirect=True)
+@pytest.mark.parametrize("lab", [{"image": True, "tcpcopyd": False, "interceptd": False}],
+                         indirect=True)
 def test_both_daemons_from_the_image_copy_everything_with_their_capabilities_only(lab):
     """tcpcopyd and interceptd from the image's root file system, each in its lab host's
     network namespace with only the capabilities deploy/kubernetes grants: short and
@@ -100,16 +101,23 @@ def test_both_daemons_from_the_image_copy_everything_with_their_capabilities_onl
     as `kubectl exec` runs them, the image's tcpcopyctl reads their status, runs the
     doctor and the comparison report; metrics are scraped, a reload is applied."""
     compare = f"/run/tcpcopyd/{lab.ns.prefix}-compare.jsonl"
-    lab.start_tcpcopyd(extra=["--metrics-listen", "127.0.0.1:9464", "--compare",
-                              "--compare-log", compare])
+    # the shared secret as a mounted Secret is: a file of root's, 0400
+    secret = f"/run/tcpcopyd/{lab.ns.prefix}-secret"
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+    os.write(fd, os.urandom(24).hex().encode())
+    os.close(fd)
     try:
-        check_from_the_image(lab, compare)
+        lab.start_interceptd(extra=["--secret-file", secret])
+        lab.start_tcpcopyd(extra=["--metrics-listen", "127.0.0.1:9464", "--compare",
+                                  "--compare-log", compare, "--secret-file", secret])
+        check_from_the_image(lab, compare, secret)
     finally:
-        if os.path.exists(compare):
-            os.unlink(compare)
+        for path in (compare, secret):
+            if os.path.exists(path):
+                os.unlink(path)
 
 
-def check_from_the_image(lab, compare: str) -> None:
+def check_from_the_image(lab, compare: str, secret: str) -> None:
     r = load.h2load(lab, requests=2000, rate=500)
     assert r.succeeded == 2000, r.output
     keepalive = load.paced_keepalive(lab, connections=20, per_connection=50, rate=400,
@@ -138,7 +146,8 @@ def check_from_the_image(lab, compare: str) -> None:
     assert d["state"] == "healthy" and d["totals"]["sessions_opened"] == 2020
     doctor = subprocess.run(["nsenter", "--target", str(master.pid), "--mount", "--pid",
                              "--net", "--", "tcpcopyctl", "doctor", "tcpcopyd", "-x",
-                             f"80-{TARGET_IP}:80", "-s", TARGET_IP, "-i", "eth0"],
+                             f"80-{TARGET_IP}:80", "-s", TARGET_IP, "-i", "eth0",
+                             "--secret-file", secret],
                             capture_output=True, text=True, timeout=60)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "OK    control port: " in doctor.stdout

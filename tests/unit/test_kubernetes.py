@@ -104,3 +104,19 @@ def test_the_settings_they_carry_are_accepted_and_the_memory_limit_follows_m(tmp
     assert mib(c["resources"]["limits"]["memory"]) >= cfg.memory + 512
     annotations = daemonset["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == cfg.metrics_listen[1]
+
+
+def test_secrets_are_mounted_as_files_not_through_the_volumes_links():
+    """A secret volume's files are symbolic links (..data/...), which the daemons refuse
+    to follow (read_secret: O_NOFOLLOW): each secret is mounted by subPath, as a file."""
+    mounted = 0
+    for path in MANIFESTS:
+        for doc in documents(path):
+            spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+            secrets = {v["name"] for v in spec.get("volumes", []) if "secret" in v}
+            for c in spec.get("containers", []):
+                for m in c.get("volumeMounts", []):
+                    if m["name"] in secrets:
+                        mounted += 1
+                        assert m.get("subPath"), (path.name, c["name"], m)
+    assert mounted >= 3
