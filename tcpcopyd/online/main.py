@@ -17,7 +17,7 @@ from tcpcopyd.online import comparelog, options
 from tcpcopyd.online import counters as C
 from tcpcopyd.online.options import Settings
 from tcpcopyd.online.session import SLOT_SIZE
-from tcpcopyd.online.worker import CaptureWorker
+from tcpcopyd.online.worker import CaptureWorker, captured
 from tcpcopyd.service import capabilities, logs
 from tcpcopyd.service.arbiter import Arbiter
 from tcpcopyd.service.instance import InstanceError, InstanceLock
@@ -147,8 +147,7 @@ def open_captures(cfg: Settings, sockets: list, answers: list) -> None:
     """The workers' capture sockets (one fanout group), and with the comparison test as
     many for the online server's answers (a group of their own: a connection's answers
     reach the worker that has its requests, the kernel's flow hash being symmetric)."""
-    ports = [t.port for t in cfg.transfer]
-    ipv6 = any(t.ipv6 for t in cfg.transfer)
+    ports, ipv6 = captured(cfg)
     group = os.getpid() & 0xFFFF
     # a set of interfaces: those it matches now (the workers follow the rest)
     indexes = sorted(netlink.matching(cfg.interface).values()) \

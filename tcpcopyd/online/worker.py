@@ -56,10 +56,15 @@ def rewrite_for(cfg: Settings, worker: int, workers: int) -> Rewrite | None:
                    worker, workers)
 
 
+def captured(cfg: Settings) -> tuple[list[int], bool]:
+    """What the capture sockets take: the rules' ports, and whether IPv6 too."""
+    return [t.port for t in cfg.transfer], any(t.ipv6 for t in cfg.transfer)
+
+
 def engine_for(cfg: Settings, control: ControlGroup, table, slots: range, worker: int,
                workers: int) -> Engine:
     """The session engine with the settings of ``cfg`` (online capture and offline replay)."""
-    ipv6 = any(t.ipv6 for t in cfg.transfer)
+    ipv6 = captured(cfg)[1]
     return Engine(targets_of(cfg.transfer), RawSender(ipv6=ipv6), control, table, slots,
                   rewrite=rewrite_for(cfg, worker, workers),
                   ramp_from=time.monotonic() if cfg.ramp else None,
@@ -304,7 +309,7 @@ class CaptureWorker(service_worker.WorkerProcess):
         """The capture sockets of this worker take the interfaces the set matches now;
         with none, the interface_down gauge says nothing is captured."""
         cfg, indexes = self.cfg, sorted(self.follower.current.values())
-        ports, ipv6 = [t.port for t in cfg.transfer], any(t.ipv6 for t in cfg.transfer)
+        ports, ipv6 = captured(cfg)
         capture.attach_filter(self.cap, capture.capture_filter(ports, ipv6=ipv6,
                                                                interfaces=indexes))
         if self.answers is not None:
