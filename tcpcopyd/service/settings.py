@@ -147,6 +147,8 @@ class Config:
         if where == "cli":
             shown = ",".join(map(str, value)) if isinstance(value, list) else value
             return ConfigError(f"{s.flags[0]} {shown}: {reason}", EX_USAGE)
+        if where and where.startswith("env "):
+            return ConfigError(f"environment {where[4:]}={value!r}: {reason}", EX_CONFIG)
         if where:
             path, _, table = where.partition(" [")
             return ConfigError(f"{path}: [{table} {name} = {value!r}: {reason}", EX_CONFIG)
@@ -214,8 +216,10 @@ def parse_args(prog: str, description: str, registry: Registry,
 
 def load(prog: str, description: str, registry: Registry,
          argv: Sequence[str] | None, layout: Layout) -> Any:
-    """A validated ``registry.config`` from the command line and ``--config FILE``: the
-    file's values, then the flags over them, then what positional words say of the rest."""
+    """A validated ``registry.config`` from the command line, ``--config FILE`` and the
+    environment: the file's values, the environment's over them (``env_name``: a
+    container's settings), then the flags over both, then what positional words say of
+    the rest."""
     ap = _parser(prog, description, registry, layout)
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = ap.parse_intermixed_args(argv) if layout.positional else ap.parse_args(argv)
@@ -225,6 +229,7 @@ def load(prog: str, description: str, registry: Registry,
     applied: list[str] = []
     if ns.config:
         applied = _apply_file(cfg, ns.config, registry, layout, cli)
+    _apply_environment(cfg, prog, registry)
     for name, value in cli.items():
         setattr(cfg, name, value)
         cfg.source[name] = "cli"
@@ -238,7 +243,8 @@ def load(prog: str, description: str, registry: Registry,
                 raise ConfigError(f"{ns.config}: {s.name} is not set (put it in "
                                   f"{' or '.join(f'[{t}]' for t in applied)} or give "
                                   f"{s.flags[0]}): {s.help}", EX_CONFIG)
-            raise ConfigError(f"{' / '.join(s.flags)} is required ({s.help})", EX_USAGE)
+            raise ConfigError(f"{' / '.join(s.flags)} (or {env_name(prog, s.name)}) is "
+                              f"required ({s.help})", EX_USAGE)
     cfg.finish()
     return cfg
 
@@ -312,6 +318,33 @@ def _apply_file(cfg: Any, path: str, registry: Registry, layout: Layout,
             setattr(cfg, key, value)
             cfg.source[key] = f"{path} [{name}]"
     return applied
+
+
+def env_name(prog: str, name: str) -> str:
+    """The environment variable of setting ``name`` of daemon ``prog`` (the last word:
+    `tcpcopyctl doctor tcpcopyd` reads tcpcopyd's): TCPCOPYD_TRANSFER,
+    INTERCEPTD_SERVICE_PORT."""
+    return f"{prog.split()[-1].upper()}_{name.upper()}"
+
+
+def _apply_environment(cfg: Any, prog: str, registry: Registry) -> None:
+    """Set what the environment says, each value read as its flag's (a switch: true or
+    false, 1 or 0); a bad one names its variable (exit 78)."""
+    for s in registry:
+        var = env_name(prog, s.name)
+        raw = os.environ.get(var)
+        if raw is None:
+            continue
+        try:
+            if s.is_flag:
+                word = raw.strip().lower()
+                if word not in ("true", "false", "1", "0", "yes", "no"):
+                    raise SettingError("expected true or false")
+                raw = word in ("true", "1", "yes")
+            setattr(cfg, s.name, s.parse(raw))
+        except SettingError as e:
+            raise ConfigError(f"environment {var}={raw!r}: {e}", EX_CONFIG) from None
+        cfg.source[s.name] = f"env {var}"
 
 
 def read_file(path: str) -> dict[str, Any]:

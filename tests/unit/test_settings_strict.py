@@ -182,3 +182,36 @@ def test_the_first_command_form_takes_ipv6_in_brackets():
     assert [str(t) for t in rules["transfer"]] == ["[fd18:1::2]:80-[fd18:2::2]:8080",
                                                    "[fd18:1::3]:80-[fd18:2::2]:8080"]
     assert fallback["server"] == [("fd18:2::2", 36524)]
+
+
+def test_the_environment_sets_what_the_file_does_flags_override_it(tmp_path, monkeypatch):
+    """A container's settings: TCPCOPYD_KEY / INTERCEPTD_KEY, read as the flag's value,
+    over the file and under the flags; a bad one names its variable (exit 78)."""
+    path = tmp_path / "tcpcopyd.conf"
+    path.write_text('[default]\ntransfer = "80-198.18.2.2:80"\nserver = "198.18.2.2"\n'
+                    'interface = "lo"\ntimeout = 30\n')
+    monkeypatch.setenv("TCPCOPYD_TIMEOUT", "45")
+    monkeypatch.setenv("TCPCOPYD_TRANSFER", "81-198.18.2.3:81")
+    monkeypatch.setenv("TCPCOPYD_MIRROR", "true")
+    cfg = load("tcpcopyd", "", options.REGISTRY, ["--config", str(path), "-x",
+                                                  "82-198.18.2.4:82"], options.LAYOUT)
+    assert cfg.timeout == 45 and cfg.mirror is True
+    assert [t.port for t in cfg.transfer] == [82]            # the flag wins
+    monkeypatch.setenv("TCPCOPYD_TIMEOUT", "-3")
+    with pytest.raises(ConfigError, match="environment TCPCOPYD_TIMEOUT='-3'") as e:
+        load("tcpcopyd", "", options.REGISTRY, ["--config", str(path)], options.LAYOUT)
+    assert e.value.code == EX_CONFIG
+    monkeypatch.delenv("TCPCOPYD_TIMEOUT")
+    monkeypatch.setenv("TCPCOPYD_MIRROR", "maybe")
+    with pytest.raises(ConfigError, match="TCPCOPYD_MIRROR='maybe': expected true or false"):
+        load("tcpcopyd", "", options.REGISTRY, ["--config", str(path)], options.LAYOUT)
+    monkeypatch.delenv("TCPCOPYD_MIRROR")
+    monkeypatch.setenv("INTERCEPTD_SERVICE_PORT", "80,11211")
+    monkeypatch.setenv("INTERCEPTD_IPV6_RULES_ELSEWHERE", "1")
+    # a cross-check names the variable too
+    with pytest.raises(ConfigError, match="environment INTERCEPTD_IPV6_RULES_ELSEWHERE=True: "
+                                          "only with no_iptables"):
+        load("interceptd", "", ioptions.REGISTRY, [], ioptions.LAYOUT)
+    monkeypatch.setenv("INTERCEPTD_NO_IPTABLES", "yes")
+    icfg = load("interceptd", "", ioptions.REGISTRY, [], ioptions.LAYOUT)
+    assert icfg.service_port == [80, 11211] and icfg.no_iptables
