@@ -887,3 +887,36 @@ def test_every_hole_of_a_loss_is_sent_again_without_waiting_for_the_timer(eng):
     assert s.recover == -1 and not s.unacked
     assert eng.counters[C.INDEX["retransmits"]] == 0
     assert eng.counters[C.INDEX["fast_retransmits"]] == 2
+
+
+def test_a_slow_target_gets_as_long_as_the_online_server_before_the_fin(eng):
+    """The online server took 3 s to answer an upload; the client then acknowledges the
+    answer and closes. The target, as slow, has not answered yet: the FIN waits for its
+    answer (up to the pace timeout after the FIN was captured), instead of closing on a
+    request still being served (nginx: 499)."""
+    handshake(eng)
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"POST" * 100))
+    answer(eng, reply(TARGET_ISN + 1, ISN + 401, P.ACK), now=100.01)   # all of it arrived
+    eng.sender.take()
+    feed(eng, client_pkt(ISN + 401, ONLINE_ISN + 100, P.ACK | P.FIN), now=103.0)
+    eng.tick(103.5)
+    assert not [p for p in eng.sender.take() if p.flags & P.FIN]
+    answer(eng, reply(TARGET_ISN + 1, ISN + 401, P.ACK | P.PSH, payload_len=99), now=104.0)
+    eng.tick(104.5)
+    assert not [p for p in eng.sender.take() if p.flags & P.FIN]   # it is answering
+    eng.tick(105.1)
+    [fin] = [p for p in eng.sender.take() if p.flags & P.FIN]
+    assert fin.seq == ISN + 401
+
+
+def test_a_fin_waits_no_longer_than_the_pace_timeout_for_a_target_that_never_answers(eng):
+    handshake(eng)
+    feed(eng, client_pkt(ISN + 1, ONLINE_ISN + 1, P.ACK | P.PSH, b"GET"))
+    answer(eng, reply(TARGET_ISN + 1, ISN + 4, P.ACK), now=100.01)
+    eng.sender.take()
+    feed(eng, client_pkt(ISN + 4, ONLINE_ISN + 100, P.ACK | P.FIN), now=103.0)
+    eng.tick(104.9)
+    assert not [p for p in eng.sender.take() if p.flags & P.FIN]
+    eng.tick(105.1)
+    [fin] = [p for p in eng.sender.take() if p.flags & P.FIN]
+    assert fin.seq == ISN + 4

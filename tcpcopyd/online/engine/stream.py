@@ -29,8 +29,16 @@ def enqueue(e: EngineState, s: Session, seq: int, flags: int, payload: bytes, ac
         else:
             hold_out_of_order(e, s, seq, flags, payload, ack, now)
             return
+    answered = flags & FIN and not payload and s.client_ack is not None \
+        and seq_lt(s.client_ack, ack)
     if not append(e, s, seq, flags, payload, ack):
         return
+    if answered and s.awaiting and e.pace_timeout:
+        # the client closes after the online server's answer, which the target has not
+        # given yet: it gets the pace timeout from now (as long as the online server
+        # took, near enough) before the FIN, which a server may take for an abort of the
+        # request it is still serving (nginx: 499)
+        s.pace_at = max(s.pace_at, now + e.pace_timeout)
     if s.ooo is not None:
         _take_ready(e, s)
 
