@@ -243,8 +243,8 @@ def load(prog: str, description: str, registry: Registry,
                 raise ConfigError(f"{ns.config}: {s.name} is not set (put it in "
                                   f"{' or '.join(f'[{t}]' for t in applied)} or give "
                                   f"{s.flags[0]}): {s.help}", EX_CONFIG)
-            raise ConfigError(f"{' / '.join(s.flags)} (or {env_name(prog, s.name)}) is "
-                              f"required ({s.help})", EX_USAGE)
+            raise ConfigError(f"{' / '.join(s.flags)} is required ({s.help}; or the "
+                              f"environment's {env_name(prog, s.name)})", EX_USAGE)
     cfg.finish()
     return cfg
 
