@@ -137,6 +137,8 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
                        check=False)
         lab.down()
         lab.cleanup_files()
+        if lab.image_root:
+            subprocess.run(["podman", "image", "unmount", IMAGE], capture_output=True)
     secs = r.seconds or 1.0
     return {"offered": requests, "online": online, "target": target,
             "loss_pct": 100.0 * (online - target) / online if online else 100.0,
