@@ -69,8 +69,11 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
     lab = Lab(f"bench{os.getpid() % 1000}", nginx_workers=nginx_workers, cpus=cpus,
               assistant=assistant, mirror=pair == "mirror")
     captures = {}
+    image = None
     if pair == "image":
-        lab.image_root = subprocess.run(["podman", "image", "mount", IMAGE],
+        image = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", IMAGE],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        lab.image_root = subprocess.run(["podman", "image", "mount", image],
                                         capture_output=True, text=True,
                                         check=True).stdout.strip()
     try:
@@ -137,8 +140,8 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
                        check=False)
         lab.down()
         lab.cleanup_files()
-        if lab.image_root:
-            subprocess.run(["podman", "image", "unmount", IMAGE], capture_output=True)
+        if image:
+            subprocess.run(["podman", "image", "unmount", image], capture_output=True)
     secs = r.seconds or 1.0
     return {"offered": requests, "online": online, "target": target,
             "loss_pct": 100.0 * (online - target) / online if online else 100.0,

@@ -80,11 +80,17 @@ def image_root():
     """The image's root file system, mounted read-only (podman image mount)."""
     if subprocess.run(["podman", "image", "exists", "localhost/tcpcopyd:latest"]).returncode:
         pytest.fail("no image built (test_the_image_builds_from_the_packages failed?)")
-    path = subprocess.run(["podman", "image", "mount", "localhost/tcpcopyd:latest"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    # by its id: the same image is unmounted even if :latest moved meanwhile
+    image = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}",
+                            "localhost/tcpcopyd:latest"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    path = subprocess.run(["podman", "image", "mount", image], capture_output=True,
+                          text=True, check=True).stdout.strip()
     yield path
-    subprocess.run(["podman", "image", "unmount", "localhost/tcpcopyd:latest"],
-                   capture_output=True)
+    subprocess.run(["podman", "image", "unmount", image], capture_output=True)
+    mounted = subprocess.run(["podman", "image", "mount"], capture_output=True,
+                             text=True).stdout
+    assert image not in mounted, "the image's file system is still mounted"
 
 
 def capabilities(pid: int) -> int:
