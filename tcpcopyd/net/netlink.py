@@ -104,6 +104,16 @@ def gro(name: str) -> bool | None:
         ethtool.close()
 
 
+def _drain(sock: socket.socket) -> None:
+    """Read the link events waiting on ``sock``: what they say is read from the links
+    themselves (ENOBUFS, events lost, changes nothing)."""
+    while True:
+        try:
+            sock.recv(65536)
+        except OSError:     # BlockingIOError: all read; ENOBUFS: some lost
+            return
+
+
 class LinkWatch:
     """One interface's state, followed from the caller's poll loop: a netlink socket of the
     link group wakes it up (``fileno``), ``changes()`` then reads the state again and says
@@ -125,13 +135,7 @@ class LinkWatch:
     def changes(self) -> bool | None:
         """Drain the events, look at the interface; its new state if it changed (True:
         up). One removed (or replaced by another of the same name) stays down."""
-        while True:
-            try:
-                self.sock.recv(65536)
-            except BlockingIOError:
-                break
-            except OSError:   # ENOBUFS: events were lost; the state is read anyway
-                break
+        _drain(self.sock)
         before = self.up
         current = None if self.removed else link(self.name)
         if current is None or current.index != self.index:
@@ -176,13 +180,7 @@ class InterfaceFollower:
         return self.sock.fileno()
 
     def changes(self) -> tuple[list[str], list[str]] | None:
-        while True:
-            try:
-                self.sock.recv(65536)
-            except BlockingIOError:
-                break
-            except OSError:   # ENOBUFS: events were lost; the links are read anyway
-                break
+        _drain(self.sock)
         now = matching(self.spec)
         if now == self.current:
             return None

@@ -7,6 +7,7 @@ import os
 import subprocess
 import time
 
+import orjson
 import pytest
 
 from shm import segment as shmseg
@@ -85,6 +86,12 @@ def target_caught_up(lab: Lab, expected: int, timeout: float = 60.0) -> list[lis
         return time.monotonic() - seen[1] >= SETTLED
     wait_for(settled, 10.0, "the target's access log to stop growing")
     return lab.nginx_log("target")
+
+
+def daemon_status(lab: Lab, name: str = "tcpcopyd") -> dict:
+    """What `tcpcopyctl status --json` says of one of the lab's daemons."""
+    [status] = orjson.loads(ctl_status(f"{lab.ns.prefix}-{name}").stdout)
+    return status
 
 
 def ctl_status(name: str) -> subprocess.CompletedProcess:

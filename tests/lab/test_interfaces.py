@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 import signal
 
-import orjson
 import pytest
 
 from tcpcopyd.lab import load
 from tcpcopyd.lab.net import CLIENT_IP, ONLINE_IP, ONLINE_TARGET_SIDE_IP, TARGET_IP
-from tests.lab.conftest import ctl_status, target_caught_up
+from tests.lab.conftest import daemon_status, target_caught_up
 
 pytestmark = pytest.mark.lab
 
@@ -53,8 +52,7 @@ def test_a_set_of_interfaces_follows_one_that_appears_and_goes(lab):
     r = load.h2load(lab, requests=200, rate=200)
     assert r.succeeded == 200, r.output
     assert len(target_caught_up(lab, 1200)) == 1200
-    [status] = orjson.loads(ctl_status(f"{lab.ns.prefix}-tcpcopyd").stdout)
-    assert status["totals"]["interface_down"] == 0
+    assert daemon_status(lab)["totals"]["interface_down"] == 0
 
 
 @pytest.mark.parametrize("lab", [{"tcpcopyd": False, "memcached": False}], indirect=True)

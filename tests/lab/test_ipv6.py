@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import collections
 import subprocess
-import sys
 
-import orjson
 import pytest
 
 from tcpcopyd.lab import load
 from tcpcopyd.lab.lab import MEMCACHED_PORT, wait_for
 from tcpcopyd.lab.net import CLIENT6_IP, CLIENT_IP, ONLINE6_IP, ONLINE_IP, TARGET6_IP
-from tests.lab.conftest import ctl_status, target_caught_up
-from tests.lab.test_sessions import KEEPALIVE_CLIENT
+from tests.lab.conftest import daemon_status, target_caught_up
+from tests.lab.test_sessions import keepalive_across_the_start
 
 pytestmark = pytest.mark.lab
 
@@ -31,8 +29,7 @@ def requests_by_port(log, address: str | None = None):
 
 
 def totals(lab, name: str) -> dict:
-    [status] = orjson.loads(ctl_status(f"{lab.ns.prefix}-{name}").stdout)
-    return status["totals"]
+    return daemon_status(lab, name)["totals"]
 
 
 @pytest.mark.parametrize("lab", [IPV6], indirect=True)
@@ -90,20 +87,7 @@ def test_memcached_over_ipv6(lab):
 
 @pytest.mark.parametrize("lab", [{**IPV6, "tcpcopyd": False}], indirect=True)
 def test_an_ipv6_session_open_before_tcpcopyd_started_gets_a_fake_syn(lab):
-    client = subprocess.Popen(["ip", "netns", "exec", lab.ns.client, sys.executable, "-c",
-                               KEEPALIVE_CLIENT, ONLINE6_IP], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert client.stdout.readline().strip() == "ready"
-        lab.start_tcpcopyd(ipv6=True)
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        assert client.stdout.readline().strip() == "done bad=0"
-    finally:
-        client.kill()
-        client.wait()
-    target = target_caught_up(lab, 100)
-    assert sorted(f[6] for f in target) == sorted(f"/?n={i}" for i in range(100))
+    target = keepalive_across_the_start(lab, ONLINE6_IP, ipv6=True)
     assert {f[0] for f in target} == {CLIENT6_IP} and all(f[2] == "200" for f in target)
     assert totals(lab, "tcpcopyd")["sessions_fake"] == 1
 

@@ -9,7 +9,6 @@ import collections
 import concurrent.futures
 import os
 import subprocess
-import sys
 
 import orjson
 import pytest
@@ -28,18 +27,24 @@ from tcpcopyd.lab.net import (
     TARGET2_IP,
     TARGET_IP,
 )
-from tests.lab.conftest import ctl_status, target_caught_up
+from tests.lab.conftest import daemon_status, target_caught_up
 from tests.lab.test_long_transfers import MiB, assert_bodies_exact, drop_copies, upload
-from tests.lab.test_sessions import KEEPALIVE_CLIENT
+from tests.lab.test_sessions import keepalive_across_the_start
 
 pytestmark = pytest.mark.lab
 
 MIRROR = {"mirror": True, "memcached": False}
 
 
-def status(lab) -> dict:
-    [d] = orjson.loads(ctl_status(f"{lab.ns.prefix}-tcpcopyd").stdout)
-    return d
+def short_and_keepalive(lab, short: int, connections: int) -> None:
+    """``short`` short HTTP requests, then ``connections`` keep-alive connections of 50,
+    every one answered online."""
+    r = load.h2load(lab, requests=short, rate=500)
+    assert r.succeeded == short, r.output
+    keepalive = load.paced_keepalive(lab, connections=connections, per_connection=50,
+                                     rate=400, host=ONLINE_IP)
+    assert load.kv(keepalive.communicate(timeout=300)[0]) == {"ok": 50 * connections,
+                                                              "errors": 0}
 
 
 def nothing_of_ours_on_the_online_host(lab) -> None:
@@ -62,13 +67,9 @@ def requests_once(lab, n: int) -> None:
 @pytest.mark.parametrize("lab", [MIRROR], indirect=True)
 def test_short_and_keepalive_http_from_a_mirror(lab):
     nothing_of_ours_on_the_online_host(lab)
-    r = load.h2load(lab, requests=2000, rate=500)
-    assert r.succeeded == 2000, r.output
-    keepalive = load.paced_keepalive(lab, connections=20, per_connection=50, rate=400,
-                                     host=ONLINE_IP)
-    assert load.kv(keepalive.communicate(timeout=300)[0]) == {"ok": 1000, "errors": 0}
+    short_and_keepalive(lab, 2000, 20)
     requests_once(lab, 3000)
-    d = status(lab)
+    d = daemon_status(lab)
     t = d["totals"]
     assert t["mirror_duplicates"] == 0 and t["truncated"] == 0
     assert t["sessions_opened"] == 2020
@@ -80,13 +81,9 @@ def test_short_and_keepalive_http_from_a_mirror(lab):
 @pytest.mark.parametrize("lab", [MIRROR], indirect=True)
 def test_every_packet_mirrored_twice_is_copied_once(lab):
     lab.ns.mirror_again(twice=True)
-    r = load.h2load(lab, requests=1000, rate=500)
-    assert r.succeeded == 1000, r.output
-    keepalive = load.paced_keepalive(lab, connections=10, per_connection=50, rate=400,
-                                     host=ONLINE_IP)
-    assert load.kv(keepalive.communicate(timeout=300)[0]) == {"ok": 500, "errors": 0}
+    short_and_keepalive(lab, 1000, 10)
     requests_once(lab, 1500)
-    d = status(lab)
+    d = daemon_status(lab)
     t = d["totals"]
     # every client packet came twice: the second of each pair skipped before the engine
     # (which counts the first as captured), none taken for a retransmission of the client's
@@ -110,27 +107,14 @@ def test_a_10mib_upload_at_1_percent_loss_is_byte_exact(lab):
         f.write(os.urandom(10 * MiB))
     upload(lab, body, 2)
     assert_bodies_exact(lab, body, 2)
-    t = status(lab)["totals"]
+    t = daemon_status(lab)["totals"]
     assert t["duplicate"] > 0 and t["mirror_duplicates"] == 0   # the client's retransmits
 
 
 @pytest.mark.parametrize("lab", [{**MIRROR, "tcpcopyd": False}], indirect=True)
 def test_a_session_open_before_the_start_is_copied_from_the_mirror(lab):
-    client = subprocess.Popen(["ip", "netns", "exec", lab.ns.client, sys.executable, "-c",
-                               KEEPALIVE_CLIENT, ONLINE_IP], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert client.stdout.readline().strip() == "ready"
-        lab.start_tcpcopyd()
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        assert client.stdout.readline().strip() == "done bad=0"
-    finally:
-        client.kill()
-        client.wait()
-    target = target_caught_up(lab, 100)
-    assert sorted(f[6] for f in target) == sorted(f"/?n={i}" for i in range(100))
-    wait_for(lambda: status(lab)["totals"]["sessions_fake"] == 1, 10, "the fake SYN counted")
+    keepalive_across_the_start(lab, ONLINE_IP)
+    wait_for(lambda: daemon_status(lab)["totals"]["sessions_fake"] == 1, 10, "the fake SYN counted")
 
 
 @pytest.mark.parametrize("lab", [{**MIRROR, "tcpcopyd": False}], indirect=True)
@@ -207,7 +191,7 @@ def test_two_online_hosts_through_one_mirror_device(lab):
     target = target_caught_up(lab, 2000)
     assert collections.Counter(f[0] for f in target) == {CLIENT_IP: 1000, CLIENT2_IP: 1000}
     assert len({(f[0], f[1]) for f in target}) == 2000
-    d = status(lab)
+    d = daemon_status(lab)
     sources = {m["source"]: m for m in d["mirror_sources"]}
     assert set(sources) == {ONLINE_IP, ONLINE2_IP}
     assert sum(m["packets"] for m in sources.values()) == d["totals"]["captured"]
@@ -221,7 +205,7 @@ def test_both_families_from_a_mirror(lab):
     r = load.h2load(lab, requests=500, rate=250)
     assert r.succeeded == 500, r.output
     requests_once(lab, 1000)
-    d = status(lab)
+    d = daemon_status(lab)
     sources = {m["source"]: m["packets"] for m in d["mirror_sources"]}
     assert set(sources) == {ONLINE_IP, ONLINE6_IP} and min(sources.values()) >= 1500
     assert d["totals"]["sessions_ipv6"] == 500

@@ -28,14 +28,15 @@ print(f"done bad={bad}", flush=True)
 '''
 
 
-@pytest.mark.parametrize("lab", [{"tcpcopyd": False}], indirect=True)
-def test_keepalive_connection_opened_before_tcpcopyd_started(lab):
+def keepalive_across_the_start(lab, host: str, **start) -> list[list[str]]:
+    """A keep-alive connection to ``host`` opened before tcpcopyd starts (with ``start``),
+    its 100 requests sent after: the target's log, which holds every one of them."""
     client = subprocess.Popen(["ip", "netns", "exec", lab.ns.client, sys.executable, "-c",
-                               KEEPALIVE_CLIENT, ONLINE_IP], stdin=subprocess.PIPE,
+                               KEEPALIVE_CLIENT, host], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert client.stdout.readline().strip() == "ready"
-        lab.start_tcpcopyd()
+        lab.start_tcpcopyd(**start)
         client.stdin.write("go\n")
         client.stdin.flush()
         assert client.stdout.readline().strip() == "done bad=0"
@@ -44,6 +45,12 @@ def test_keepalive_connection_opened_before_tcpcopyd_started(lab):
         client.wait()
     target = target_caught_up(lab, 100)
     assert sorted(f[6] for f in target) == sorted(f"/?n={i}" for i in range(100))
+    return target
+
+
+@pytest.mark.parametrize("lab", [{"tcpcopyd": False}], indirect=True)
+def test_keepalive_connection_opened_before_tcpcopyd_started(lab):
+    target = keepalive_across_the_start(lab, ONLINE_IP)
     assert all(f[2] == "200" for f in target)
     [status] = orjson.loads(ctl_status(f"{lab.ns.prefix}-tcpcopyd").stdout)
     assert status["totals"]["sessions_fake"] == 1
