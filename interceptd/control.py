@@ -49,7 +49,7 @@ class Peer(Holder):
 
     __slots__ = ("sock", "name", "id", "inbuf", "since", "ready", "offered", "features",
                  "challenge", "seen", "proof", "refused", "writer", "reader", "ipv6",
-                 "parts6")
+                 "parts6", "watching_out")
 
     def __init__(self, sock: socket.socket, name: str, peer_id: int = 0,
                  address: bytes = b"\0\0\0\0", since: float = 0.0) -> None:
@@ -70,6 +70,7 @@ class Peer(Holder):
         self.reader: auth.Tagger | None = None   # checks its batches
         self.ipv6 = False                # granted FEATURE_IPV6: may register IPv6 sessions
         self.parts6 = bytearray()        # the parts of an IPv6 registration read so far
+        self.watching_out = False        # its socket's epoll interest includes EPOLLOUT
 
 
 def _from(address: bytes) -> Callable[[Peer], bool]:
@@ -406,7 +407,12 @@ class ControlServer:
             self._drop(fd, peer, e.strerror)
             return
         del peer.out[:n]
-        self.epoll.modify(fd, select.EPOLLIN | (select.EPOLLOUT if peer.out else 0))
+        # the interest changes only when a send leaves bytes behind or clears them: no
+        # system call for the usual send that takes everything
+        want_out = bool(peer.out)
+        if want_out != peer.watching_out:
+            peer.watching_out = want_out
+            self.epoll.modify(fd, select.EPOLLIN | (select.EPOLLOUT if want_out else 0))
 
     def _drop(self, fd: int, peer: Peer, why: str | None) -> None:
         if why:

@@ -8,11 +8,11 @@ import logging
 import os
 import select
 import socket
-import time
-from collections.abc import Callable
 
 from interceptd import counters as C
+from interceptd import loop
 from interceptd.control import ControlServer
+from interceptd.loop import MALFORMED, QUEUED
 from interceptd.nfqueue import QueueReader
 from interceptd.options import Settings
 from interceptd.replies import Recorder, ReplyPath
@@ -28,9 +28,6 @@ from tcpcopyd.service.reload import SettingsWatch
 
 log = logging.getLogger("interceptd.worker")
 
-# how often counters/heartbeat reach shm and held replies are looked at again, seconds
-SYNC_INTERVAL = 0.1
-QUEUED, MALFORMED = C.INDEX["queued"], C.INDEX["malformed"]
 # packets read from a capture socket (assistant mode) before the loop looks at the rest
 CAPTURE_BATCH = 512
 # a hand-off ring record that announces a reply record longer than one ring record (with
@@ -38,14 +35,6 @@ CAPTURE_BATCH = 512
 PREFIX_MARK = b"\0PFX"
 # the longest reply record
 RECORD_MAX = wire.REPLY6_SIZE + wire.PREFIX_MAX
-
-# messages read from the NFQUEUE before their batch verdict and a look at the rest
-QUEUE_BATCH = 256
-# bytes of control input (registrations: 20 bytes each) one loop turn reads at most, the
-# connections served in turn: a flood of registrations, hostile or not, waits in its
-# sockets (TCP slows its sender) while the target's packets are read at every turn; a full
-# queue would drop them
-CONTROL_TURN = 32768
 
 
 def dispatch(pkt) -> None:
@@ -80,7 +69,6 @@ class QueueWorker(service_worker.WorkerProcess):
         self.capabilities = () if self.capture else ("CAP_NET_ADMIN",)
         self.wakeups = wakeups
         self.ipv6 = ipv6
-        self.control_turns = 0
 
     @property
     def title(self) -> str:
@@ -119,42 +107,10 @@ class QueueWorker(service_worker.WorkerProcess):
                  self.source_name, *self.listener.getsockname()[:2])
 
     def run(self) -> None:
-        clock = time.monotonic
-        ep, source_fd, wakeup = self.epoll, self.source_fd, self.wakeups[self.index]
-        router, control = self.router, self.control
-        next_sync = soon = 0.0
-        self._drain(clock())   # what a previous worker of this index left
-        while not self.stop:
-            try:
-                events = ep.poll(SYNC_INTERVAL if not soon else
-                                 max(0.0, min(SYNC_INTERVAL, soon - clock())))
-            except InterruptedError:
-                continue
-            now = clock()
-            peers = []
-            for fd, ev in events:
-                if fd == source_fd:
-                    self._read_source(now)
-                elif fd == wakeup:
-                    try:
-                        os.eventfd_read(wakeup)
-                    except BlockingIOError:
-                        pass
-                    self._drain(now)
-                else:
-                    peers.append((fd, ev))
-            if peers:
-                self.control_turns += 1
-                serve_control(peers, control.on_event, self.control_turns, now)
-            soon = router.retry_soon(now) if router.soon else 0.0
-            if now >= next_sync:
-                next_sync = now + SYNC_INTERVAL
-                self.sync(now)
-            # what the events, the look-ups and the round found for other workers
-            if router.outbox:
-                self._hand_off()
-            control.flush()
-        control.close()
+        loop.serve(self, self.epoll, self.source_fd, self.wakeups[self.index],
+                   self.queue if self.capture is None else None, self.replies, self.router,
+                   self.control, self.counters)
+        self.control.close()
         if self.capture is None:
             self.queue.close()
         self.heartbeat()
@@ -182,26 +138,12 @@ class QueueWorker(service_worker.WorkerProcess):
                             "tcpcopyd then waits or retransmits for", "queues", now)
         self.heartbeat()
 
-    def _read_source(self, now: float) -> None:
-        if self.capture is not None:
-            self._read_capture(now)
-            return
-        queue = self.queue
-        try:
-            n = queue.read(self.replies.handle, now, QUEUE_BATCH)
-        except OSError as e:
-            log.warning("NFQUEUE read: %s", e)
-            return
-        cnt = self.counters
-        cnt[QUEUED] += n
-        cnt[MALFORMED] += queue.take_malformed()
-
     @staticmethod
     def _unexpected(packet: bytes) -> None:
         log.exception("a packet of the target could not be handled (%d bytes, skipped)",
                       len(packet))
 
-    def _read_capture(self, now: float) -> None:
+    def read_capture(self, now: float) -> None:
         """Assistant mode: replies the target routed here (the kernel drops them after us,
         since this host does not forward)."""
         cnt, recv, handle = self.counters, self.capture.recv, self.replies.handle
@@ -230,7 +172,7 @@ class QueueWorker(service_worker.WorkerProcess):
                 return self.recorder.want_prefix
         return False
 
-    def _drain(self, now: float) -> None:
+    def drain(self, now: float) -> None:
         deliver = self.router.deliver
         for ring in self.inbound:
             records, broken = from_ring_records(ring.pop_all())
@@ -239,7 +181,7 @@ class QueueWorker(service_worker.WorkerProcess):
             self.counters[C.INDEX["handed_in"]] += len(records)
             self.counters[MALFORMED] += broken
 
-    def _hand_off(self) -> None:
+    def hand_off(self) -> None:
         for dst, records in self.router.outbox.items():
             ring = self.outbound[dst]
             room = ring.capacity - len(ring)
@@ -261,19 +203,6 @@ class QueueWorker(service_worker.WorkerProcess):
                 except BlockingIOError:
                     pass
         self.router.outbox.clear()
-
-
-def serve_control(events: list[tuple[int, int]], on_event: Callable[[int, int, float], int],
-                  turn: int, now: float, budget: int = CONTROL_TURN) -> None:
-    """The control connections' events of one loop turn, up to ``budget`` bytes of input
-    (``on_event`` says what it read), beginning one connection further at every ``turn``
-    so that none waits behind a busier one (epoll reports them in the same order); what is
-    left is reported again at the next turn."""
-    start = turn % len(events)
-    for fd, ev in events[start:] + events[:start]:
-        if budget <= 0:
-            return
-        budget -= on_event(fd, ev, now)
 
 
 def ring_records(record: bytes) -> list[bytes]:

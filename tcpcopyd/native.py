@@ -58,6 +58,7 @@ COMPILED = (
     "interceptd.replies",
     "interceptd.router",
     "interceptd.control",
+    "interceptd.loop",
 )
 
 

@@ -1,13 +1,91 @@
 """One turn of the online loop, the same for the live worker and the offline replay: the
 control links connected when due, a wait for events no longer than the engine's next timer,
-the control links' events handled, and what is due sent."""
+the control links' events handled, and what is due sent; and the live worker's loop of
+turns (``serve``), compiled with them (tcpcopyd/native.py): the worker process, with its
+signals and its rarer work, stays interpreted and is called back for that work only."""
 from __future__ import annotations
 
 import select
 import time
+from collections.abc import Callable
+from typing import Final, Protocol
 
+from tcpcopyd.net.reader import CaptureReader
+from tcpcopyd.online.compare import Exchanges
 from tcpcopyd.online.control import ControlGroup
 from tcpcopyd.online.engine import Engine
+
+# packets read from the capture socket before the loop looks at anything else
+CAPTURE_BATCH: Final = 512
+# seconds of packet work after which the loop turns to its timers and heartbeat anyway
+WORK_SLICE: Final = 0.05
+# how often counters and heartbeat reach shm, seconds
+SYNC_INTERVAL: Final = 0.1
+# how often changed sessions reach the shm table, seconds: a worker that dies loses at
+# most this much of its sessions' news (the next worker resynchronizes those sessions),
+# and a short connection that ends within it costs no write at all
+TABLE_INTERVAL: Final = 0.02
+# how often idle sessions are looked for, seconds
+EXPIRE_INTERVAL: Final = 1.0
+
+OnPacket = Callable[[memoryview | bytearray, int, float], None]
+
+
+class Host(Protocol):
+    """What the loop needs of its worker process: whether a signal asked it to stop, and
+    the work that is not per packet."""
+    stop: str | None
+
+    def read_answers(self, on_packet: OnPacket, now: float) -> None: ...
+
+    def on_link_event(self, now: float) -> None: ...
+
+    def on_interfaces_event(self, now: float) -> None: ...
+
+    def sync(self) -> None: ...
+
+
+def serve(host: Host, engine: Engine, control: ControlGroup, epoll: select.epoll,
+          reader: CaptureReader, on_packet: OnPacket, fds: tuple[int, int, int, int],
+          exchanges: Exchanges | None) -> None:
+    """Turns until ``host.stop``: the events of each (the capture socket's packets, the
+    online server's answers, link and interface events, the control links'), what is due
+    sent, and on their intervals the shm table, idle sessions and ``host.sync``. ``fds``:
+    the capture socket, the answers' socket, the link watch, the interface follower (-1:
+    none)."""
+    capfd, answersfd, watchfd, followfd = fds
+    read = reader.read
+    next_sync = next_expire = next_table = 0.0
+    while host.stop is None:
+        events, now = wait(engine, control, epoll, SYNC_INTERVAL)
+        for fd, ev in events:
+            if fd == capfd:
+                # the rest, if any, in the next round, after the timers
+                read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
+            elif fd == answersfd:
+                # the requests first: an answer is sent after its request arrived, so the
+                # capture socket holds that request by now
+                read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
+                host.read_answers(on_packet, now)
+            elif fd == watchfd:
+                host.on_link_event(now)
+            elif fd == followfd:
+                host.on_interfaces_event(now)
+            else:
+                on_control_event(engine, control, fd, ev, now)
+        send_due(engine, now)
+        if now >= next_table:
+            # the session table is kept current, so a new worker can carry sessions on
+            next_table = now + TABLE_INTERVAL
+            engine.sync_table()
+        if now >= next_sync:
+            next_sync = now + SYNC_INTERVAL
+            if now >= next_expire:
+                next_expire = now + EXPIRE_INTERVAL
+                engine.expire_idle(now)
+                if exchanges is not None:
+                    exchanges.sweep(now)
+            host.sync()
 
 
 def wait(engine: Engine, control: ControlGroup, epoll: select.epoll,

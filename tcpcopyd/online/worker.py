@@ -20,6 +20,7 @@ from tcpcopyd.online import counters as C
 from tcpcopyd.online.compare import Exchanges
 from tcpcopyd.online.control import ControlGroup
 from tcpcopyd.online.engine import Engine
+from tcpcopyd.online.loop import CAPTURE_BATCH, WORK_SLICE
 from tcpcopyd.online.mirror import MirrorWatch
 from tcpcopyd.online.options import Settings
 from tcpcopyd.online.rewrite import Rewrite, expand_pool
@@ -29,19 +30,6 @@ from tcpcopyd.service import worker as service_worker
 from tcpcopyd.service.reload import SettingsWatch
 
 log = logging.getLogger("tcpcopyd.worker")
-
-# packets read from the capture socket before the loop looks at anything else
-CAPTURE_BATCH = 512
-# seconds of packet work after which the loop turns to its timers and heartbeat anyway
-WORK_SLICE = 0.05
-# how often counters and heartbeat reach shm, seconds
-SYNC_INTERVAL = 0.1
-# how often changed sessions reach the shm table, seconds: a worker that dies loses at
-# most this much of its sessions' news (the next worker resynchronizes those sessions),
-# and a short connection that ends within it costs no write at all
-TABLE_INTERVAL = 0.02
-# how often idle sessions are looked for, seconds
-EXPIRE_INTERVAL = 1.0
 
 
 def rewrite_for(cfg: Settings, worker: int, workers: int) -> Rewrite | None:
@@ -172,45 +160,14 @@ class CaptureWorker(service_worker.WorkerProcess):
                  ", ".join(str(t) for t in cfg.transfer))
 
     def run(self) -> None:
-        engine, control, cap, ep = self.engine, self.control, self.cap, self.epoll
-        capfd = cap.fileno()
-        answersfd = self.answers.fileno() if self.answers is not None else -1
-        watchfd = self.link_watch.fileno() if self.link_watch else -1
-        followfd = self.follower.fileno() if self.follower else -1
-        read, on_packet = self.reader.read, engine.on_client_packet
+        on_packet = self.engine.on_client_packet
         if self.mirror is not None:
             on_packet = self.mirror.packet
-        next_sync = next_expire = next_table = 0.0
-        while not self.stop:
-            events, now = loop.wait(engine, control, ep, SYNC_INTERVAL)
-            for fd, ev in events:
-                if fd == capfd:
-                    # the rest, if any, in the next round, after the timers
-                    read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
-                elif fd == answersfd:
-                    # the requests first: an answer is sent after its request arrived,
-                    # so the capture socket holds that request by now
-                    read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
-                    self.read_answers(on_packet, now)
-                elif fd == watchfd:
-                    self.on_link_event(now)
-                elif fd == followfd:
-                    self.on_interfaces_event(now)
-                else:
-                    loop.on_control_event(engine, control, fd, ev, now)
-            loop.send_due(engine, now)
-            if now >= next_table:
-                # the session table is kept current, so a new worker can carry sessions on
-                next_table = now + TABLE_INTERVAL
-                engine.sync_table()
-            if now >= next_sync:
-                next_sync = now + SYNC_INTERVAL
-                if now >= next_expire:
-                    next_expire = now + EXPIRE_INTERVAL
-                    engine.expire_idle(now)
-                    if self.exchanges is not None:
-                        self.exchanges.sweep(now)
-                self.sync()
+        fds = (self.cap.fileno(), self.answers.fileno() if self.answers is not None else -1,
+               self.link_watch.fileno() if self.link_watch else -1,
+               self.follower.fileno() if self.follower else -1)
+        loop.serve(self, self.engine, self.control, self.epoll, self.reader, on_packet, fds,
+                   self.exchanges)
         self.finish()
 
     def sync(self) -> None:

@@ -562,7 +562,7 @@ def test_the_doctor_goes_through_the_handshake_as_tcpcopyd_would(server, secrets
 
 def test_a_turn_reads_a_bounded_share_of_the_registrations_each_connection_in_turn(server):
     from interceptd import control as IControl
-    from interceptd import worker as W
+    from interceptd import loop as W
     srv = server()
     flood = [client(srv, wire.version_message()) for _ in range(3)]
     for i, c in enumerate(flood):
