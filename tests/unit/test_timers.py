@@ -58,3 +58,48 @@ def test_against_a_sorted_list_of_random_wake_ups():
             assert len(t) == len(pending)
             assert t.next() == (min(w for w, _ in pending) if pending else None)
             lowest = min((w for w, _ in pending), default=float("inf"))
+
+
+def test_wake_ups_beyond_the_ring_and_before_the_first_tick_fire_in_time_and_never_early():
+    t: Timers[str] = Timers()
+    t.add(100.0, "before the first tick")
+    t.add(99.5, "sooner, set later")
+    assert t.next() == 99.5 and t.due(99.4999, 100) == []
+    assert t.due(99.5, 100) == ["sooner, set later"]
+    # far beyond the ring's reach from the cursor, then within it as time moves on
+    t.add(110.0, "ten seconds on")
+    t.add(99.501, "next millisecond")
+    assert t.next() == 99.501
+    assert t.due(99.6, 100) == ["next millisecond"]
+    assert t.next() == 100.0 and t.due(100.0, 100) == ["before the first tick"]
+    assert t.next() == 110.0 and t.due(109.999, 100) == []
+    assert t.due(110.0, 100) == ["ten seconds on"] and len(t) == 0 and t.next() is None
+    # idle for an hour: the ring starts again from where time is
+    t.add(3700.0004, "after an hour")
+    t.add(3700.0001, "a past millisecond's")
+    assert t.due(3700.0002, 100) == ["a past millisecond's"]
+    assert t.due(3700.0004, 100) == ["after an hour"]
+
+
+def test_against_a_sorted_list_with_jumps_of_time_far_wake_ups_and_small_budgets():
+    rng = random.Random(11)
+    t: Timers[int] = Timers()
+    pending: dict[int, float] = {}
+    now = 50.0
+    for i in range(30000):
+        when = now + rng.choice((-0.002, 0.0, 0.0003, 0.02, 0.2, 1.0, 2.047, 2.049, 5.0, 30.0)) \
+            * rng.random()
+        t.add(when, i)
+        pending[i] = when
+        if i % 5 == 0:
+            now += rng.choice((0.0002, 0.001, 0.003, 0.05, 3.0)) * rng.random()
+            budget = rng.choice((1, 3, 50, 100_000))
+            fired = t.due(now, budget)
+            assert len(fired) <= budget
+            assert all(pending[j] <= now for j in fired), "fired early"
+            for j in fired:
+                del pending[j]
+            if budget == 100_000:
+                assert not [j for j, w in pending.items() if w <= now], "a due one stayed"
+            assert len(t) == len(pending)
+            assert t.next() == (min(pending.values()) if pending else None)
