@@ -54,18 +54,17 @@ def serve(host: Host, engine: Engine, control: ControlGroup, epoll: select.epoll
     the capture socket, the answers' socket, the link watch, the interface follower (-1:
     none)."""
     capfd, answersfd, watchfd, followfd = fds
-    read = reader.read
     next_sync = next_expire = next_table = 0.0
     while host.stop is None:
         events, now = wait(engine, control, epoll, SYNC_INTERVAL)
         for fd, ev in events:
             if fd == capfd:
                 # the rest, if any, in the next round, after the timers
-                read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
+                reader.read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
             elif fd == answersfd:
                 # the requests first: an answer is sent after its request arrived, so the
                 # capture socket holds that request by now
-                read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
+                reader.read(on_packet, now, CAPTURE_BATCH, WORK_SLICE)
                 host.read_answers(on_packet, now)
             elif fd == watchfd:
                 host.on_link_event(now)
