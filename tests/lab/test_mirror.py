@@ -215,7 +215,7 @@ def test_both_families_from_a_mirror(lab):
 def test_a_capture_of_a_mirror_replayed_with_mirror_skips_its_duplicates(lab):
     """tcpdump on the mirror host's VXLAN device while every packet is mirrored twice; the
     file replayed with --mirror: each request once at the target."""
-    from tests.lab.test_replay import replay, syns_in
+    from tests.lab.test_replay import replay, requests_in, syns_in
     lab.ns.mirror_again(twice=True)
     pcap = os.path.join(lab.dir, "mirror.pcap")
     lab.start("tcpdump", lab.ns.mirror, ["tcpdump", "-i", MIRROR_DEVICE, "-s", "0", "-U",
@@ -229,6 +229,9 @@ def test_a_capture_of_a_mirror_replayed_with_mirror_skips_its_duplicates(lab):
     r = load.h2load(lab, requests=300, rate=150)
     assert r.succeeded == 300, r.output
     wait_for(lambda: syns_in(pcap) >= warm + 2 * 300, 20, "every SYN twice in the capture")
+    # and every request: tcpdump writes what the kernel hands it in blocks, and a block can
+    # close between a connection's SYN and its request
+    wait_for(lambda: requests_in(pcap) >= 2 * 300, 20, "every request twice in the capture")
     lab.stop("tcpdump")
     _took, err = replay(lab, pcap, "--mirror", host=lab.ns.mirror,
                         rule=f"{ONLINE_IP}:80-{TARGET_IP}:80")

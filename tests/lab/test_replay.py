@@ -27,11 +27,21 @@ def per_port(log) -> collections.Counter:
 
 def syns_in(pcap: str) -> int:
     """client SYNs in the capture file so far (a record being written is not counted)"""
+    return _count(pcap, lambda pkt, ihl: pkt[ihl + 13] & 0x12 == 0x02)
+
+
+def requests_in(pcap: str, start: bytes = b"GET / ") -> int:
+    """IPv4 client segments in the capture file so far whose payload begins with
+    ``start``: a request's first segment"""
+    return _count(pcap, lambda pkt, ihl: pkt[ihl + (pkt[ihl + 12] >> 4) * 4:].startswith(start))
+
+
+def _count(pcap: str, match) -> int:
     n = 0
     try:
         for _ts, pkt in pcapfile.packets(pcap, collections.Counter()):
             ihl = (pkt[0] & 0xF) * 4
-            if pkt[9] == 6 and pkt[ihl + 13] & 0x12 == 0x02:
+            if pkt[9] == 6 and match(pkt, ihl):
                 n += 1
     except Exception:   # noqa: BLE001 - the last record may be half written
         pass
