@@ -590,3 +590,30 @@ def test_a_turn_reads_a_bounded_share_of_the_registrations_each_connection_in_tu
     assert len(set(firsts[:3])) == 3, firsts
     for c in flood:
         c.close()
+
+
+def test_replies_a_slow_reader_left_unsent_leave_when_it_reads_and_the_watch_ends(server):
+    """A send that leaves bytes behind has the connection watched for room (EPOLLOUT), so
+    the rest leaves when the reader makes room, not at whatever turn another event brings;
+    once all went the watch ends (a socket with room would wake every turn)."""
+    srv = server()
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.connect(("127.0.0.1", srv.port))
+    c.settimeout(2)
+    c.sendall(wire.version_message() + add(40000))
+    srv.pump()
+    (fd, peer), = srv.control.peers.items()
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    now = time.monotonic()
+    for _ in range(3000):
+        srv.router.route(reply_from(TIP, 40000), now)
+    srv.control.flush()
+    assert peer.out, "the reader's buffers took everything: the test needs more replies"
+    got = 0
+    while peer.out or got == 0:
+        got += len(c.recv(1 << 16))
+        events = dict(srv.ep.poll(1.0))
+        assert events.get(fd, 0) & select.EPOLLOUT, "room made, the connection not watched"
+        srv.control.on_event(fd, events[fd], time.monotonic())
+    assert not srv.ep.poll(0.05), "all sent, still watched for room"
