@@ -4,7 +4,10 @@ worst cases: a SYN on an empty session table against one on a full table (every 
 idle, or every one with data in flight), and a segment in order while many are held out of
 order. Medians of several rounds; the table's heading names the build (compiled or pure).
 
-    python -m tcpcopyd.lab.enginebench [--slots 65536] [--rounds 5]
+    python -m tcpcopyd.lab.enginebench [--slots 65536] [--rounds 5] [--wake-ups]
+
+With ``--wake-ups``: what falling asleep and being woken costs, as the CPU time of the
+process (a sleep alone; keep-alive requests with a sleep after every 1, 2, 4 or 8).
 """
 from __future__ import annotations
 
@@ -83,11 +86,15 @@ def _with_live(e: Engine, live: int) -> Engine:
     return e
 
 
-def session_cost(n: int = 2000, requests: int = 1, live: int = 4000) -> float:
+def session_cost(n: int = 2000, requests: int = 1, live: int = 4000, nap: float = 0.0,
+                 every: int = 1, cpu: bool = False) -> float:
     """µs per request of a connection of ``requests`` requests, every packet the engine
     sees of it: the client's SYN, the target's SYN-ACK, each request and the target's ACK
     with its answer, the client's FIN, the target's FIN, and the timers that end it; with
-    ``live`` other sessions open."""
+    ``live`` other sessions open. ``nap`` seconds of sleep after every ``every`` requests
+    (as a worker sleeps between wake-ups); ``cpu``: the CPU time of this process is
+    counted, not the time that passed."""
+    clock = time.process_time if cpu else time.perf_counter
     e = _with_live(_engine(8192), live)
     synack_opts = P.syn_options(1460, 7, True, (3333, 1))
     request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
@@ -105,7 +112,9 @@ def session_cost(n: int = 2000, requests: int = 1, live: int = 4000) -> float:
                       bytes(P.build(CLIENT, ONLINE, port, 80, end, 5001 + requests * answer,
                                     P.ACK | P.FIN, 502)),
                       _reply(port, 5001 + requests * answer, end + 1, P.ACK | P.FIN)))
-    t0 = time.perf_counter()
+    sleep = time.sleep
+    done = 0
+    t0 = clock()
     now = 1.0
     for syn, synack, exchanges, fin, target_fin in steps:
         _feed(e, syn, now)
@@ -115,12 +124,15 @@ def session_cost(n: int = 2000, requests: int = 1, live: int = 4000) -> float:
             _feed(e, data, now)
             e.on_reply(reply, now)
             e.flush(now)
+            done += 1
+            if nap and done % every == 0:
+                sleep(nap)
         now += 2.0      # the target has gone quiet: the FIN goes at once
         _feed(e, fin, now)
         e.on_reply(target_fin, now)
         e.flush(now)
         e.tick(now + 0.1)
-    elapsed = time.perf_counter() - t0
+    elapsed = clock() - t0
     assert len(e.sessions) <= live, "the benchmark's sessions did not all end"
     return elapsed / n / requests * 1e6
 
@@ -142,11 +154,36 @@ def in_order_cost(held: int, n: int = 2000) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def nap_cost(nap: float, n: int = 5000) -> float:
+    """µs of this process's CPU time per ``nap`` seconds of sleep, and nothing else: what
+    falling asleep and being woken costs any process here."""
+    t0 = time.process_time()
+    for _ in range(n):
+        time.sleep(nap)
+    return (time.process_time() - t0) / n * 1e6
+
+
+def wake_up_cases(nap: float = 0.0002) -> list:
+    """What a wake-up costs: a sleep alone, and keep-alive requests with a sleep after
+    every 1, 2, 4 and 8 of them (the CPU time of the process: run it on a CPU of its own,
+    ``taskset -c 0``)."""
+    us = f"{nap * 1e6:.0f} µs"
+    return [(f"a {us} sleep alone, per sleep", lambda: nap_cost(nap)),
+            ("keep-alive request, back to back",
+             lambda: session_cost(1000, requests=10, cpu=True))] + [
+        (f"keep-alive request, a {us} sleep after every {k}",
+         lambda k=k: session_cost(1000, requests=10, nap=nap, every=k, cpu=True))
+        for k in (1, 2, 4, 8)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tcpcopyd.lab.enginebench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slots", type=int, default=65536)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--wake-ups", action="store_true",
+                    help="what a wake-up costs instead: a sleep alone, and keep-alive requests "
+                         "with a sleep after every 1, 2, 4 and 8 of them (CPU time)")
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)      # resets of overflowing sessions are logged
     cases = [("short session, every packet both ways, 4 000 others open", session_cost),
@@ -157,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
              ("SYN, full table, every session busy", lambda: syn_cost(args.slots, "busy")),
              ("in-order segment, 0 held out of order", lambda: in_order_cost(0)),
              ("in-order segment, 4 000 held out of order", lambda: in_order_cost(4000))]
-    print(f"| case ({native.build()}) | µs per packet; per request for the first two "
-          f"(median of {args.rounds}) |"
-          "\n|---|---|")
+    if args.wake_ups:
+        cases = wake_up_cases()
+    unit = "µs of CPU time each" if args.wake_ups else \
+        "µs per packet; per request for the first two"
+    print(f"| case ({native.build()}) | {unit} (median of {args.rounds}) |\n|---|---|")
     for name, run in cases:
         print(f"| {name} | {statistics.median(run() for _ in range(args.rounds)):.1f} |")
     return 0
