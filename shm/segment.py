@@ -28,7 +28,7 @@ from shm.record import Record
 # a segment's file name: NAME + SUFFIX in the runtime directory
 SUFFIX = ".shm"
 MAGIC = b"TCPCSHM1"
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 HEADER = Record("Header", (
     ("magic", "8s"),         # MAGIC
     ("layout", "I"),         # LAYOUT_VERSION
@@ -85,8 +85,15 @@ SUPERVISION = Record("Supervision", (
     ("recent_deaths", "I"),  # deaths within the arbiter's crash-loop window
     ("last_exit", "i"),      # how the last one ended: exit code, or -signal number
     ("respawn_at", "d"),     # wall-clock time the next one is due (0: none waiting)
+    ("pool", "I"),           # its place in a pool that grows and shrinks: POOL_*
 ))
 SUPERVISION_SIZE = 4 + SUPERVISION.size + 4
+# a worker index's place in the pool (workers = auto), set by the master: serving alone
+# (the only worker: nothing to share), serving with others (sessions published, packets of
+# another's sessions handed to it), parked (not running), retiring (no capture socket:
+# finishing its sessions, their packets handed to it by the others)
+POOL_ALONE, POOL_SHARED, POOL_PARKED, POOL_RETIRING = 0, 1, 2, 3
+POOL_WORDS = ("serving", "serving", "parked", "retiring")
 # live settings: length + JSON text, written by the master only (seqlock)
 SETTINGS = Record("Settings", (
     ("length", "I"),
@@ -117,6 +124,7 @@ class WorkerRecord:
     recent_deaths: int = 0
     last_exit: int = 0
     respawn_at: float = 0.0
+    pool: int = 0
     links: tuple[LinkState, ...] = ()
     sources: tuple[SourceState, ...] = ()
 
@@ -232,7 +240,7 @@ class Segment:
         sup = self.read_supervision(index)
         return WorkerRecord(index, w.pid, w.cpu, w.started, w.heartbeat, w.counters,
                             sup.restarts, sup.recent_deaths, sup.last_exit, sup.respawn_at,
-                            unpack_links(w.links), unpack_sources(w.sources))
+                            sup.pool, unpack_links(w.links), unpack_sources(w.sources))
 
     def totals(self, names: tuple[str, ...]) -> dict[str, int]:
         """The workers' counters added up, by name (a record being written is skipped)."""
@@ -248,9 +256,9 @@ class Segment:
 
     # supervision records: written by the master only
     def write_supervision(self, index: int, restarts: int, recent_deaths: int,
-                          last_exit: int, respawn_at: float) -> None:
+                          last_exit: int, respawn_at: float, pool: int = POOL_ALONE) -> None:
         seqlock.write(self.mm, self.supervision_off + index * SUPERVISION_SIZE, SUPERVISION,
-                      (restarts, recent_deaths, last_exit, respawn_at))
+                      (restarts, recent_deaths, last_exit, respawn_at, pool))
 
     def read_supervision(self, index: int) -> tuple:
         return seqlock.read(self.mm, self.supervision_off + index * SUPERVISION_SIZE,
@@ -259,7 +267,7 @@ class Segment:
     def add_restart(self, index: int) -> None:
         sup = self.read_supervision(index)
         self.write_supervision(index, sup.restarts + 1, sup.recent_deaths, sup.last_exit,
-                               sup.respawn_at)
+                               sup.respawn_at, sup.pool)
 
     # live settings: written by the master only
     def write_settings(self, values: dict) -> None:

@@ -203,6 +203,8 @@ def _worker_problems(workers: list[dict]) -> list[str]:
     """Workers whose heartbeat is late, and those waiting to be started again."""
     out = []
     for w in workers:
+        if w.get("pool") == "parked":
+            continue      # a pool that gave this worker back (workers = auto)
         age = w["heartbeat_age_s"]
         if age is None or age > STALE_SECONDS:
             out.append(f"worker {w['index']} heartbeat "
@@ -280,13 +282,16 @@ def describe(seg: shmseg.Segment, before: dict[str, int] | None = None,
 
 def _worker_entry(i: int, rec, names: tuple[str, ...], now: float) -> dict:
     """One worker as status shows it: its supervision record, process and counters."""
-    info = proc_info(rec.pid) if rec.pid else {"pid": 0, "alive": False}
+    parked = rec.pool == shmseg.POOL_PARKED
+    info = proc_info(rec.pid) if rec.pid and not parked else {"pid": 0, "alive": False}
     return {"index": i + 1, "cpu": rec.cpu, "restarts": rec.restarts,
+            "pool": shmseg.POOL_WORDS[rec.pool] if rec.pool < len(shmseg.POOL_WORDS)
+            else str(rec.pool),
             "recent_deaths": rec.recent_deaths,
             "last_exit": exit_words(rec.last_exit) if rec.restarts or rec.recent_deaths
             else None,
             "respawn_in_s": max(0.0, rec.respawn_at - now) if rec.respawn_at > now else None,
-            "heartbeat_age_s": now - rec.heartbeat if rec.heartbeat else None,
+            "heartbeat_age_s": now - rec.heartbeat if rec.heartbeat and not parked else None,
             **info, "counters": dict(zip(names, rec.counters, strict=False)),
             "links": rec.links}
 
@@ -354,8 +359,11 @@ def _process_words(p: dict) -> str:
 
 
 def _worker_line(w: dict) -> str:
+    if w.get("pool") == "parked":
+        return f"  worker {w['index']} parked (the pool does not need it now)"
     hb = w["heartbeat_age_s"]
     return (f"  worker {w['index']} pid {w['pid']:<7} cpu={w['cpu']} " + _process_words(w)
+            + ("  retiring" if w.get("pool") == "retiring" else "")
             + f"  restarts {w['restarts']}"
             + (f" ({w['recent_deaths']} recent, last {w['last_exit']})"
                if w["recent_deaths"] else "")

@@ -63,7 +63,8 @@ def write_secret(directory: str) -> str:
     return path
 
 
-def one_run(rate: int, requests: int, per_connection: int, workers: int, threads: int = 1,
+def one_run(rate: int, requests: int, per_connection: int, workers: int | str,
+            threads: int = 1,
             nginx_workers: int = 1, settle: float = 30.0, cpus: dict[str, str] | None = None,
             assistant: bool = False, pair: str = "ours", delays: bool = False) -> dict:
     lab = Lab(f"bench{os.getpid() % 1000}", nginx_workers=nginx_workers, cpus=cpus,
@@ -86,7 +87,9 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
             if pair == "pure":      # the daemons inherit it: their .py sources run
                 os.environ[native.PURE_ENV] = "1"
             try:
-                lab.start_interceptd([80], extra=["--queues", str(workers), *both])
+                # auto: tcpcopyd's pool grows and shrinks, interceptd has its default
+                queues = 1 if workers == "auto" else workers
+                lab.start_interceptd([80], extra=["--queues", str(queues), *both])
                 lab.start_tcpcopyd([80], extra=["--workers", str(workers), *both,
                                                 *(compare if pair == "compare" else [])],
                                    ipv6=pair == "ipv6")
@@ -116,6 +119,8 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
             pass
         cpu = {d: lab.daemon_cpu_seconds(d) - cpu0[d] for d in cpu0}
         target = sum(1 for f in lab.nginx_log("target") if f[2] == "200")
+        # how often a pool that grows and shrinks (workers auto) added a worker
+        grew = lab.log_text("tcpcopyd").count("the pool grows") if pair != "c" else 0
         leaked = sum(lab.ns.leaked().values())
         drops = {"tcpcopyd_kernel_drops": 0, "interceptd_queue_drops": 0}
         for d, name in (("tcpcopyd", "kernel_drops"), ("interceptd", "queue_drops")):
@@ -147,6 +152,7 @@ def one_run(rate: int, requests: int, per_connection: int, workers: int, threads
             "loss_pct": 100.0 * (online - target) / online if online else 100.0,
             "load_s": r.seconds, "achieved_per_s": online / secs,
             "client_errors": r.failed + r.errored, "leaked": leaked, **drops,
+            "pool_grew": grew,
             # CPU % while the load ran; µs per request including any catching up after it
             **{f"{d}_cpu_pct": 100.0 * c / secs for d, c in cpu_load.items()},
             **{f"{d}_us_per_req": 1e6 * c / max(1, online) for d, c in cpu.items()},
@@ -163,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--per-connection", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workers", default="1", help="worker counts per side, e.g. 1,2")
+    ap.add_argument("--workers", default="1",
+                    help="worker counts per side, e.g. 1,2; auto: tcpcopyd's pool that grows "
+                    "and shrinks, with interceptd's default (one)")
     ap.add_argument("--threads", type=int, default=1, help="h2load threads")
     ap.add_argument("--nginx-workers", type=int, default=1)
     ap.add_argument("--tcpcopyd-cpus", help="CPU list for tcpcopyd (taskset -c), e.g. 0-7")
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("the benchmark builds network namespaces: run it as root", file=sys.stderr)
         return 1
-    counts = [int(x) for x in args.workers.split(",")]
+    counts: list[int | str] = [x if x == "auto" else int(x) for x in args.workers.split(",")]
     cpus = {k: v for k, v in (("tcpcopyd", args.tcpcopyd_cpus),
                               ("interceptd", args.interceptd_cpus)) if v}
     modes = args.interception.split(",")
@@ -262,7 +270,8 @@ def table(rows: list, requests: int, delays: bool) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rate, (workers, mode, pair), m, runs in rows:
         cells = [rate, f"{m['achieved_per_s']:.0f}",
-                 PAIR_NAMES.get(pair, "ours"), workers,
+                 PAIR_NAMES.get(pair, "ours"),
+                 f"auto (grew {m['pool_grew']:.0f}×)" if workers == "auto" else workers,
                  mode, requests, f"{m['loss_pct']:.3f}",
                  f"{max(r['loss_pct'] for r in runs):.3f}", f"{m['tcpcopyd_cpu_pct']:.0f}",
                  f"{m['tcpcopyd_us_per_req']:.0f}", f"{m['interceptd_cpu_pct']:.0f}",

@@ -259,13 +259,15 @@ class Lab:
 
     def wait_workers_connected(self, instance: str, timeout: float = 30.0) -> None:
         """Until every worker of a tcpcopyd has a control link up (its shm link records):
-        the workers boot and connect each on its own."""
+        the workers boot and connect each on its own (a pool's parked ones are not
+        running)."""
         seg = shmseg.attach(instance, readonly=True)
 
         def connected() -> bool:
             try:
-                return all(any(link.up for link in seg.read_worker(i).links)
-                           for i in range(seg.n_workers))
+                return all(any(link.up for link in rec.links)
+                           for rec in map(seg.read_worker, range(seg.n_workers))
+                           if rec.pool != shmseg.POOL_PARKED)
             except seqlock.TornRead:
                 return False
         try:

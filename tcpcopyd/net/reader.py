@@ -64,6 +64,16 @@ class CaptureReader:
         self.sec = 0          # capture time of the last packet handed on (s, ns)
         self.nsec = 0
 
+    def close(self) -> bool:
+        """Unmap the ring (the mapping holds the socket open, in its fanout group, after
+        its descriptor is closed); False if a view of a packet is still held."""
+        try:
+            self.view.release()
+            self.ring.close()
+        except BufferError:
+            return False
+        return True
+
     def read(self, on_packet: Callable[[memoryview | bytearray, int, float], None],
              now: float, budget: int, time_slice: float) -> None:
         """Hand on up to ``budget`` packets, for ``time_slice`` seconds at most."""

@@ -89,6 +89,14 @@ COUNTERS = (
                           "mirror delivering the same packet twice): skipped"),
     ("truncated", "captured packets shorter than their IP length says (a mirror that cuts "
                   "packets): the data that arrived is used, the rest is a gap"),
+    ("strays_handed", "workers auto: captured packets of a session another worker holds "
+                      "(the pool grew or shrank since it opened), handed to that worker"),
+    ("strays_taken", "workers auto: packets of this worker's sessions that another worker "
+                     "captured and handed over"),
+    ("strays_lost", "workers auto: packets of another worker's session that could not be "
+                    "handed over (its inbox was full): not copied"),
+    ("pool_shared", "gauge: 1 while this worker shares the pool with others (its sessions "
+                    "published for them to find)"),
 )
 NAMES = tuple(name for name, _ in COUNTERS)
 HELP = dict(COUNTERS)
@@ -130,6 +138,10 @@ MIRROR_DUPLICATES: Final = INDEX["mirror_duplicates"]
 TRUNCATED: Final = INDEX["truncated"]
 NOT_FOLLOWED: Final = INDEX["not_followed"]
 SESSIONS_IPV6: Final = INDEX["sessions_ipv6"]
+STRAYS_HANDED: Final = INDEX["strays_handed"]
+STRAYS_TAKEN: Final = INDEX["strays_taken"]
+STRAYS_LOST: Final = INDEX["strays_lost"]
+POOL_SHARED: Final = INDEX["pool_shared"]
 # why a session ended: the counter its end adds to
 SESSIONS_CLOSED: Final = INDEX["sessions_closed"]
 SESSIONS_EXPIRED: Final = INDEX["sessions_expired"]
@@ -142,9 +154,9 @@ SESSIONS_BROKEN: Final = INDEX["sessions_broken"]
 SESSIONS_RESYNCED: Final = INDEX["sessions_resynced"]
 # gauges are set, not added up over time
 GAUGES = frozenset({"sessions_active", "capture_lag_ms", "capture_lag_peak_ms",
-                    "interface_down"})
+                    "interface_down", "pool_shared"})
 # counters whose rise means traffic that was not copied whole (status: "drops rising")
 DROPS = frozenset({"kernel_drops", "lag_drops", "send_errors", "sessions_overflow",
                    "sessions_evicted", "sessions_gave_up", "sessions_broken",
-                   "sessions_refused", "sessions_torn"})
+                   "sessions_refused", "sessions_torn", "strays_lost"})
 kinds.register(KIND, "tcpcopyd", COUNTERS, GAUGES, DROPS)

@@ -42,18 +42,20 @@ class Host(Protocol):
 
     def on_interfaces_event(self, now: float) -> None: ...
 
+    def read_strays(self, now: float) -> None: ...
+
     def sync(self) -> None: ...
 
 
 def serve(host: Host, engine: Engine, control: ControlGroup, epoll: select.epoll,
-          reader: CaptureReader, on_packet: OnPacket, fds: tuple[int, int, int, int],
+          reader: CaptureReader, on_packet: OnPacket, fds: tuple[int, int, int, int, int],
           exchanges: Exchanges | None) -> None:
     """Turns until ``host.stop``: the events of each (the capture socket's packets, the
     online server's answers, link and interface events, the control links'), what is due
     sent, and on their intervals the shm table, idle sessions and ``host.sync``. ``fds``:
-    the capture socket, the answers' socket, the link watch, the interface follower (-1:
-    none)."""
-    capfd, answersfd, watchfd, followfd = fds
+    the capture socket, the answers' socket, the link watch, the interface follower, the
+    inbox of a pool's handed packets (-1: none)."""
+    capfd, answersfd, watchfd, followfd, inboxfd = fds
     next_sync = next_expire = next_table = 0.0
     while host.stop is None:
         events, now = wait(engine, control, epoll, SYNC_INTERVAL)
@@ -70,6 +72,8 @@ def serve(host: Host, engine: Engine, control: ControlGroup, epoll: select.epoll
                 host.on_link_event(now)
             elif fd == followfd:
                 host.on_interfaces_event(now)
+            elif fd == inboxfd:
+                host.read_strays(now)
             else:
                 on_control_event(engine, control, fd, ev, now)
         send_due(engine, now)

@@ -13,7 +13,7 @@ from tcpcopyd import native
 from tcpcopyd.health import metrics
 from tcpcopyd.net import capture, netlink
 from tcpcopyd.net.sender import SendError, open_raw_socket
-from tcpcopyd.online import comparelog, options
+from tcpcopyd.online import comparelog, options, strays
 from tcpcopyd.online import counters as C
 from tcpcopyd.online.options import Settings
 from tcpcopyd.online.session import SLOT_SIZE
@@ -21,6 +21,7 @@ from tcpcopyd.online.worker import CaptureWorker, captured
 from tcpcopyd.service import capabilities, logs
 from tcpcopyd.service.arbiter import Arbiter
 from tcpcopyd.service.instance import InstanceError, InstanceLock
+from tcpcopyd.service.pool import Policy, Pool
 from tcpcopyd.service.reload import Reloader, StatusLine
 from tcpcopyd.service.settings import (
     EX_CONFIG,
@@ -40,6 +41,8 @@ from tcpcopyd.service.startup import (
 from tcpcopyd.service.startup import fail as _fail
 
 PROG = "tcpcopyd"
+# the most session slots of a pool that grows and shrinks, all workers' parts together
+MAX_SLOTS = 1 << 24
 
 log = logging.getLogger(PROG)
 
@@ -143,50 +146,98 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock.release()
 
 
-def open_captures(cfg: Settings, sockets: list, answers: list) -> None:
+class Captures:
     """The workers' capture sockets (one fanout group), and with the comparison test as
     many for the online server's answers (a group of their own: a connection's answers
-    reach the worker that has its requests, the kernel's flow hash being symmetric)."""
-    ports, ipv6 = captured(cfg)
-    group = os.getpid() & 0xFFFF
-    # a set of interfaces: those it matches now (the workers follow the rest)
-    indexes = sorted(netlink.matching(cfg.interface).values()) \
-        if netlink.is_interface_set(cfg.interface) else None
-    if indexes == []:
-        log.warning("-i %s matches no interface yet: capture starts when one appears",
-                    cfg.interface)
-    for _ in range(cfg.workers):
-        sockets.append(capture.open_capture(cfg.interface, ports, group, ring=True,
-                                            ipv6=ipv6, promisc=cfg.mirror,
-                                            interfaces=indexes))
-    for _ in range(cfg.workers if cfg.compare else 0):
-        answers.append(capture.open_capture(cfg.interface, ports, (group + 1) & 0xFFFF,
-                                            answers=True, ipv6=ipv6, interfaces=indexes))
+    reach the worker that has its requests, the kernel's flow hash being symmetric). A
+    pool that grows and shrinks opens a worker's sockets when it joins and closes the
+    master's descriptors of them when it retires (None: not open)."""
+
+    def __init__(self, cfg: Settings, workers: int) -> None:
+        self.cfg = cfg
+        self.ports, self.ipv6 = captured(cfg)
+        self.group = os.getpid() & 0xFFFF
+        self.sockets: list = [None] * workers
+        self.answers: list = [None] * workers if cfg.compare else []
+
+    def open(self, index: int) -> None:
+        cfg = self.cfg
+        # a set of interfaces: those it matches now (the workers follow the rest)
+        indexes = sorted(netlink.matching(cfg.interface).values()) \
+            if netlink.is_interface_set(cfg.interface) else None
+        if indexes == [] and index == 0:
+            log.warning("-i %s matches no interface yet: capture starts when one appears",
+                        cfg.interface)
+        self.sockets[index] = capture.open_capture(
+            cfg.interface, self.ports, self.group, ring=True, ipv6=self.ipv6,
+            promisc=cfg.mirror, interfaces=indexes)
+        if cfg.compare:
+            self.answers[index] = capture.open_capture(
+                cfg.interface, self.ports, (self.group + 1) & 0xFFFF, answers=True,
+                ipv6=self.ipv6, interfaces=indexes)
+
+    def close(self, index: int) -> None:
+        for group in (self.sockets, self.answers):
+            if group and group[index] is not None:
+                group[index].close()
+                group[index] = None
+
+    def close_all(self) -> None:
+        for index in range(len(self.sockets)):
+            self.close(index)
+
+
+def pool_size(cfg: Settings, cpus: int) -> int:
+    """The most workers: workers, or with auto one per CPU this process may use."""
+    if cfg.workers != options.AUTO_WORKERS:
+        return cfg.workers
+    return max(1, min(cpus, 1024))
+
+
+def create_segment(cfg: Settings, instance: str, workers: int, pooled: bool
+                   ) -> shmseg.Segment:
+    """The instance's shm segment. A pool that grows and shrinks gives each worker room for
+    session_slots sessions (one alone holds all of them; the table's pages are only used
+    where sessions are written), and a key table of their sessions."""
+    slots = min(cfg.session_slots * workers, MAX_SLOTS) if pooled else cfg.session_slots
+    return shmseg.create(instance, C.KIND, workers, slots, SLOT_SIZE, label=cfg.interface,
+                         extra_size=strays.table_size(workers, slots) if pooled else 0)
+
+
+def pool_of(cfg: Settings, seg: shmseg.Segment, caps: Captures) -> Pool:
+    """The master's side of a pool that grows and shrinks (workers = auto)."""
+    policy = Policy(1, seg.n_workers, cfg.grow_at / 100, cfg.shrink_at / 100,
+                    cfg.shrink_after)
+    return Pool(seg, policy, caps.open, caps.close, cfg.max_lag, C.INDEX)
 
 
 def online(cfg: Settings, instance: str) -> int:
     """Capture on the interface, with the instance taken: the workers and their master."""
-    sockets: list = []
-    answers: list = []   # the comparison test: the online server's answers
+    auto = cfg.workers == options.AUTO_WORKERS
+    workers = pool_size(cfg, len(allowed_cpus()))
+    caps = Captures(cfg, workers)
     try:
-        open_captures(cfg, sockets, answers)
+        for index in range(1 if auto else workers):
+            caps.open(index)
     except capture.CaptureError as e:
-        for s in sockets + answers:
-            s.close()
+        caps.close_all()
         return fail(str(e))
+    pooled = auto and workers > 1
     try:
-        seg = shmseg.create(instance, C.KIND, cfg.workers, cfg.session_slots, SLOT_SIZE,
-                            label=cfg.interface)
+        seg = create_segment(cfg, instance, workers, pooled)
     except (shmseg.SegmentError, OSError) as e:
-        for s in sockets + answers:
-            s.close()
+        caps.close_all()
         return fail(f"shared memory: {e}")
     clog = None
     # the comparison test's records: shared with the workers only, never with the segment
-    rings = comparelog.Rings(cfg.workers) if cfg.compare else None
+    rings = comparelog.Rings(workers) if cfg.compare else None
+    # a pool that grows and shrinks: the workers' inboxes of packets handed over
+    inboxes = strays.Inboxes(workers) if pooled else None
+    pool = pool_of(cfg, seg, caps) if pooled else None
 
     def factory(index: int, cpu: int) -> CaptureWorker:
-        return CaptureWorker(cfg, index, cpu, seg, sockets, answers, rings)
+        return CaptureWorker(cfg, index, cpu, seg, caps.sockets, caps.answers, rings,
+                             n_workers=workers, inboxes=inboxes, strays_at=seg.extra_off)
 
     try:
         try:
@@ -209,21 +260,23 @@ def online(cfg: Settings, instance: str) -> int:
         reload = Reloader(PROG, DESCRIPTION, options.REGISTRY, options.LAYOUT, cfg, seg,
                           not_live)
         reload.publish()
-        log.info("tcpcopyd %s (%s) on %s -> interceptd %s; %d worker(s), shm %s", version(),
+        log.info("tcpcopyd %s (%s) on %s -> interceptd %s; %s, shm %s", version(),
                  native.build(), cfg.interface, ",".join(options.show_servers(cfg.server)),
-                 cfg.workers, seg.path)
+                 f"a pool of 1 to {workers} workers" if pooled else f"{workers} worker(s)",
+                 seg.path)
         status = StatusLine(seg, C.NAMES, ("captured", "sent"),
                             ("sessions_active", "capture_lag_ms", "lag_drops",
                              "kernel_drops"))
-        return Arbiter(PROG, cfg.interface, cfg.workers, seg, factory, allowed_cpus(),
+        return Arbiter(PROG, cfg.interface, workers, seg, factory, allowed_cpus(),
                        status=status, reload=reload, pages=pages,
                        tick=clog.drain if clog else None,
-                       reopen=clog.reopen if clog else None).run()
+                       reopen=clog.reopen if clog else None, pool=pool).run()
     finally:
         if clog is not None:
             clog.close()
-        for s in sockets + answers:
-            s.close()
+        caps.close_all()
+        if inboxes is not None:
+            inboxes.close()
         seg.close()
         seg.unlink()
         remove_pidfile(cfg.pidfile)

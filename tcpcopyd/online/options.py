@@ -36,6 +36,22 @@ from tcpcopyd.service.settings import (
 MAX_TRANSFERS = 256
 # session slots each worker needs at least
 MIN_SLOTS_PER_WORKER = 16
+# workers = auto: a pool that grows and shrinks with the load
+AUTO_WORKERS = 0
+
+
+def worker_count(raw: object) -> int:
+    """``auto`` (AUTO_WORKERS) or a number of workers from 1 to 1024."""
+    if isinstance(raw, str) and raw.strip().lower() == "auto":
+        return AUTO_WORKERS
+    try:
+        return int_range(1, 1024)(raw)
+    except SettingError:
+        raise SettingError("expected an integer from 1 to 1024, or auto") from None
+
+
+def show_workers(value: int) -> int | str:
+    return "auto" if value == AUTO_WORKERS else value
 
 
 @dataclass(frozen=True)
@@ -297,11 +313,27 @@ class Settings(Config):
     metrics_listen: tuple[str, int] | None = metrics_listen_setting()
     pidfile: str | None = pidfile_setting("/run/tcpcopyd/eth0.pid")
     workers: int = setting(
-        ("--workers",), 1, int_range(1, 1024),
-        "worker processes, each pinned to a CPU and reading its own capture socket; one "
-        "is the cheapest way to copy a load it keeps up with (more share a heavier load: "
-        "the workers say when they fall behind)",
-        metavar="N", example=1)
+        ("--workers",), AUTO_WORKERS, worker_count,
+        "worker processes, each pinned to a CPU and reading its own capture socket. auto: "
+        "a pool that starts with one (the cheapest way to copy a load it keeps up with), "
+        "adds one while the busiest is busy (grow_at) or lags, up to one per CPU, and gives "
+        "one back once the load fits in one fewer (shrink_at, shrink_after); a session stays "
+        "with the worker that opened it. A number: that many, always",
+        metavar="N|auto", example="auto", show=show_workers, default_text="auto")
+    grow_at: int = setting(
+        ("--grow-at",), 70, int_range(1, 100),
+        "workers = auto: a worker is added when the busiest one used more than this "
+        "percentage of its CPU for 3 s running, or its capture lags (over a quarter of "
+        "max_lag, or packets dropped)", metavar="PERCENT", example=70)
+    shrink_at: int = setting(
+        ("--shrink-at",), 30, int_range(1, 99),
+        "workers = auto: a worker is given back when the pool's load, spread over one "
+        "worker fewer, stays below this percentage of a CPU for shrink_after seconds",
+        metavar="PERCENT", example=30)
+    shrink_after: float = setting(
+        ("--shrink-after",), 30.0, float_range(1, 3600),
+        "workers = auto: how long the load must stay low before a worker is given back",
+        metavar="SECONDS", example=30)
     instance: str | None = setting(
         ("--instance",), None, instance_name,
         "name of this instance: its lock and shm segment in /run/tcpcopyd (one daemon per "
@@ -310,7 +342,8 @@ class Settings(Config):
     session_slots: int = setting(
         ("--session-slots",), 65536, int_range(16, 1 << 22),
         "capacity of the shared session table (full: the oldest session is evicted, "
-        "counted)", metavar="N", example=65536)
+        "counted); with workers = auto, of each worker's part of it", metavar="N",
+        example=65536)
     session_buffer: int = setting(
         ("--session-buffer",), 64 << 20, int_range(1 << 16, 1 << 34),
         "most bytes buffered for one session (payload and per-segment overhead) before "
@@ -353,6 +386,10 @@ class Settings(Config):
                                "online server's answers), not a capture file")
         if self.compare and self.compare_log is None:
             self.compare_log = f"/var/log/tcpcopyd/compare-{self.interface}.jsonl"
+        if self.shrink_at >= self.grow_at:
+            raise self.invalid("shrink_at", f"{self.shrink_at} must be below grow_at "
+                               f"({self.grow_at}): a pool would add and give back workers "
+                               "in turn")
         if self.session_slots < MIN_SLOTS_PER_WORKER * self.workers:
             raise self.invalid("session_slots", f"{self.workers} workers need at least "
                                f"{MIN_SLOTS_PER_WORKER * self.workers} "

@@ -3,12 +3,22 @@ interceptd, and keeps its shm record (counters, heartbeat) fresh."""
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import time
 from collections.abc import Callable
 
-from shm.segment import LinkState, Segment, pack_sources
+from shm.segment import (
+    POOL_ALONE,
+    POOL_PARKED,
+    POOL_RETIRING,
+    POOL_SHARED,
+    LinkState,
+    Segment,
+    pack_sources,
+)
+from shm.seqlock import TornRead
 from shm.table import SlotTable
 from tcpcopyd.net import capture
 from tcpcopyd.net.netlink import InterfaceFollower, LinkWatch, is_interface_set
@@ -25,11 +35,15 @@ from tcpcopyd.online.mirror import MirrorWatch
 from tcpcopyd.online.options import Settings
 from tcpcopyd.online.rewrite import Rewrite, expand_pool
 from tcpcopyd.online.session import SLOT
+from tcpcopyd.online.strays import Inboxes, Strays
 from tcpcopyd.online.targets import targets_of
 from tcpcopyd.service import worker as service_worker
 from tcpcopyd.service.reload import SettingsWatch
 
 log = logging.getLogger("tcpcopyd.worker")
+
+# how often a worker of a pool that grows and shrinks takes its share of -m again, seconds
+SHARE_INTERVAL = 1.0
 
 
 def rewrite_for(cfg: Settings, worker: int, workers: int) -> Rewrite | None:
@@ -83,16 +97,27 @@ class CaptureWorker(service_worker.WorkerProcess):
     """One capture socket of the fanout group, its sessions and its control links."""
 
     def __init__(self, cfg: Settings, index: int, cpu: int, seg: Segment,
-                 sockets: list[socket.socket], answers: list[socket.socket] = (),
-                 rings: comparelog.Rings | None = None) -> None:
-        """``sockets``: every worker's capture socket (the child keeps its own);
-        ``answers``: every worker's socket of the online server's answers, ``rings``: the
-        rings of its records to the master (the comparison test)."""
-        super().__init__(index, cfg.workers, cpu, seg)
+                 sockets: list[socket.socket | None],
+                 answers: list[socket.socket | None] = (),
+                 rings: comparelog.Rings | None = None, n_workers: int | None = None,
+                 inboxes: Inboxes | None = None, strays_at: int = 0) -> None:
+        """``sockets``: every worker's capture socket (the child keeps its own; None: a
+        worker index not in the pool now); ``answers``: every worker's socket of the online
+        server's answers, ``rings``: the rings of its records to the master (the
+        comparison test); ``n_workers``: the most workers (default: ``cfg.workers``);
+        ``inboxes``: a pool that grows and shrinks (workers = auto), its key table at
+        ``strays_at`` in the segment."""
+        super().__init__(index, n_workers or cfg.workers, cpu, seg)
         self.cfg = cfg
         self.sockets = sockets
         self.answer_sockets = answers
         self.rings = rings
+        self.inboxes = inboxes
+        self.pooled = inboxes is not None
+        self.strays_at = strays_at
+        self.strays: Strays | None = None
+        self.retiring = False
+        self.next_share = 0.0
 
     @property
     def title(self) -> str:
@@ -101,11 +126,8 @@ class CaptureWorker(service_worker.WorkerProcess):
 
     def setup(self) -> None:
         cfg = self.cfg
-        for i, s in enumerate(self.sockets):
-            if i != self.index:
-                s.close()
-        for i, s in enumerate(self.answer_sockets):
-            if i != self.index:
+        for i, s in (*enumerate(self.sockets), *enumerate(self.answer_sockets)):
+            if i != self.index and s is not None:
                 s.close()
         self.cap = self.sockets[self.index]
         self.cap.setblocking(False)
@@ -119,6 +141,10 @@ class CaptureWorker(service_worker.WorkerProcess):
         self.engine = engine_for(cfg, self.control, table, table.owned_range(self.index),
                                  self.index, self.n_workers)
         self.counters = self.engine.counters
+        if self.inboxes is not None:
+            self.strays = Strays(self.seg, self.index, self.n_workers, self.inboxes,
+                                 self.strays_at, self.counters)
+            self.epoll.register(self.strays.inbox.fileno(), select.EPOLLIN)
         self.mirror = MirrorWatch(self.engine.on_client_packet, self.counters) \
             if cfg.mirror else None
         self.watch = SettingsWatch("tcpcopyd", self.seg, cfg)
@@ -156,6 +182,8 @@ class CaptureWorker(service_worker.WorkerProcess):
         if restored:
             log.info("worker %d carries on %d session(s) from the shm table", self.index + 1,
                      restored)
+        if self.strays is not None:
+            self.follow_pool()    # before the first packet: a stray is handed, not opened
         log.info("worker %d capturing on %s, copying to %s", self.index + 1, cfg.interface,
                  ", ".join(str(t) for t in cfg.transfer))
 
@@ -165,7 +193,8 @@ class CaptureWorker(service_worker.WorkerProcess):
             on_packet = self.mirror.packet
         fds = (self.cap.fileno(), self.answers.fileno() if self.answers is not None else -1,
                self.link_watch.fileno() if self.link_watch else -1,
-               self.follower.fileno() if self.follower else -1)
+               self.follower.fileno() if self.follower else -1,
+               self.strays.inbox.fileno() if self.strays is not None else -1)
         loop.serve(self, self.engine, self.control, self.epoll, self.reader, on_packet, fds,
                    self.exchanges)
         self.finish()
@@ -178,16 +207,20 @@ class CaptureWorker(service_worker.WorkerProcess):
             apply_live(self.engine, self.cfg, self.reader)
             if self.exchanges is not None:
                 self.exchanges.targets = self.engine.targets
+        if self.strays is not None:
+            self.follow_pool()
         reader = self.reader
         # what the kernel dropped, and what the ring could not hold whole
-        kernel, stale = capture.stats(self.cap)[1] + reader.take_lost(), reader.take_dropped()
+        kernel = (0 if self.retiring else capture.stats(self.cap)[1]) + reader.take_lost()
+        stale = reader.take_dropped()
         cnt[C.INDEX["kernel_drops"]] += kernel
         cnt[C.INDEX["lag_drops"]] += stale
         self.falling_behind(kernel + stale, "captured packets dropped (kernel_drops: the "
                             "capture ring was full; lag_drops: older than max_lag), whose "
                             "requests are not copied", "workers", time.monotonic())
-        cnt[C.INDEX["capture_lag_ms"]] = int(reader.lag * 1000)
-        cnt[C.INDEX["capture_lag_peak_ms"]] = int(reader.take_peak() * 1000)
+        retiring = self.retiring    # (no capture socket: nothing lags)
+        cnt[C.INDEX["capture_lag_ms"]] = 0 if retiring else int(reader.lag * 1000)
+        cnt[C.INDEX["capture_lag_peak_ms"]] = 0 if retiring else int(reader.take_peak() * 1000)
         cnt[C.INDEX["interface_down"]] = int(self.down_since is not None)
         if self.exchanges is not None:
             ex = self.exchanges
@@ -198,6 +231,70 @@ class CaptureWorker(service_worker.WorkerProcess):
         cnt[C.INDEX["control_errors"]] += errors - self._links_seen[1]
         self._links_seen = (connects, errors)
         self.heartbeat()
+
+    def follow_pool(self) -> None:
+        """This worker's place in the pool, as the master set it: alone, sharing it with
+        others (our sessions published for them), or retiring (our capture socket gone:
+        the others hand us our sessions' packets until the last one ends)."""
+        strays, engine = self.strays, self.engine
+        try:
+            place = self.seg.read_supervision(self.index).pool
+        except TornRead:
+            return
+        if place in (POOL_SHARED, POOL_RETIRING) and not strays.shared:
+            strays.share(s.cap or s.key for s in list(engine.sessions.values())
+                         if s.copy == 0)
+            engine.pool = strays
+        elif place == POOL_ALONE and strays.shared:
+            strays.alone()
+            engine.pool = None
+        if place == POOL_RETIRING and not self.retiring:
+            self.retire(time.monotonic())
+        self.counters[C.POOL_SHARED] = int(strays.shared)
+        now = time.monotonic()
+        if now >= self.next_share:
+            self.next_share = now + SHARE_INTERVAL
+            self.share_memory()
+        if self.retiring and not engine.sessions and not engine.reuse:
+            log.info("worker %d retired: its last session ended", self.index + 1)
+            self.stop = "retired"
+
+    def share_memory(self) -> None:
+        """-m is shared by the workers in the pool now (capturing or retiring), not by the
+        most it may hold: a worker alone has all of it."""
+        live = 0
+        for i in range(self.n_workers):
+            try:
+                live += self.seg.read_supervision(i).pool != POOL_PARKED
+            except TornRead:
+                live += 1
+        engine, total = self.engine, self.cfg.memory << 20
+        engine.max_memory = total // max(1, live)
+        engine.max_total = min(self.cfg.total_buffer, engine.max_memory)
+
+    def retire(self, now: float) -> None:
+        """Leave the capture's fanout group (what the ring holds is read first): the
+        master closed its descriptor of our socket, ours and the ring's mapping go now."""
+        self.retiring = True
+        self.reader.read(self.engine.on_client_packet, now, 1 << 30, 1.0)
+        self.engine.flush(now)
+        self.engine.frame = b""
+        for sock in (self.cap, self.answers):
+            if sock is not None:
+                self.epoll.unregister(sock.fileno())
+                # the descriptor's number stays taken (the loop knows it as the capture's)
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, sock.fileno())
+                os.close(null)
+        if not self.reader.close():
+            log.warning("worker %d: the capture ring is still in use: its socket stays in "
+                        "the fanout group until the worker ends", self.index + 1)
+        log.info("worker %d retiring: capture given back, %d session(s) to finish",
+                 self.index + 1, len(self.engine.sessions))
+
+    def read_strays(self, now: float) -> None:
+        if self.strays is not None:
+            self.strays.read(self.engine.on_client_packet, now)
 
     def mirror_sources(self) -> bytes:
         return pack_sources(self.mirror.sources) if self.mirror is not None else b""
@@ -306,6 +403,8 @@ class CaptureWorker(service_worker.WorkerProcess):
             log.info("worker %d stopped; reset %d live session(s) toward the target",
                      self.index + 1, live)
         engine.sync_table()
+        if self.strays is not None:
+            self.strays.alone()
         self.heartbeat()
         self.control.close()
         if self.link_watch is not None:

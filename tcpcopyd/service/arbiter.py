@@ -32,9 +32,10 @@ from collections.abc import Callable
 from setproctitle import setproctitle
 
 from shm import seqlock
-from shm.segment import Segment
+from shm.segment import POOL_ALONE, Segment
 from tcpcopyd.service import logs
 from tcpcopyd.service.pageserver import PageServer
+from tcpcopyd.service.pool import Pool
 from tcpcopyd.service.sdnotify import Notifier
 from tcpcopyd.service.startup import EARLY_SIGNALS
 from tcpcopyd.service.worker import BootError, WorkerProcess
@@ -105,11 +106,13 @@ class Arbiter:
                  reload: Callable[[], None] | None = None,
                  pages: PageServer | None = None,
                  tick: Callable[[], object] | None = None,
-                 reopen: Callable[[], None] | None = None) -> None:
+                 reopen: Callable[[], None] | None = None,
+                 pool: Pool | None = None) -> None:
         """``factory(index, cpu)`` builds a worker in the master, before the fork;
         ``status()`` gives systemd's STATUS line, ``reload()`` applies a SIGHUP; ``pages``
         (metrics_listen) is served from the master's loop; ``tick()`` runs at every turn
-        of it (at least once a second); ``reopen()`` with the log files (SIGUSR1)."""
+        of it (at least once a second); ``reopen()`` with the log files (SIGUSR1);
+        ``pool``: a pool that grows and shrinks (only the indexes it wants run)."""
         self.prog = prog
         self.label = label
         self.n_workers = n_workers
@@ -133,6 +136,7 @@ class Arbiter:
         self.pages = pages
         self.tick = tick
         self.reopen = reopen
+        self.pool = pool
         self.notifier = Notifier()
         self.ready = False
         self._next_status = 0.0
@@ -152,7 +156,8 @@ class Arbiter:
         EARLY_SIGNALS.clear()
         if not self.signals:
             for i in range(self.n_workers):
-                self.spawn(i)
+                if self.wanted(i):
+                    self.spawn(i)
         while True:
             self.wait(self._timeout())
             while self.signals:
@@ -160,6 +165,10 @@ class Arbiter:
             self.reap()
             if self.tick is not None:
                 self.tick()
+            if self.pool is not None and not self.stopping:
+                pids = {index: pid for pid, index in self.workers.items()}
+                for index in self.pool.step(time.monotonic(), pids):
+                    self.spawn(index)
             if self.stopping:
                 self.notifier.send("STOPPING=1")
                 return self.finish()
@@ -171,7 +180,8 @@ class Arbiter:
         """Until the next signal, or the next due start of a worker (at most 1 s)."""
         now = time.monotonic()
         alive = set(self.workers.values())
-        due = [sup.respawn_at for i, sup in enumerate(self.supervised) if i not in alive]
+        due = [sup.respawn_at for i, sup in enumerate(self.supervised)
+               if i not in alive and self.wanted(i)]
         return max(0.0, min([1.0, *(at - now for at in due)]))
 
     def tell_systemd(self) -> None:
@@ -179,7 +189,7 @@ class Arbiter:
         serving = self.all_serving()
         if not self.ready and serving:
             self.ready = True
-            log.info("ready: %d worker(s) serving", self.n_workers)
+            log.info("ready: %d worker(s) serving", len(self.workers))
             self.notifier.send("READY=1", f"STATUS={self._status()}")
             self._next_status = now + STATUS_INTERVAL
         elif self.ready and now >= self._next_status:
@@ -189,12 +199,19 @@ class Arbiter:
             self.notifier.feed_watchdog()
 
     def _status(self) -> str:
-        head = f"{len(self.workers)}/{self.n_workers} workers"
+        head = f"{len(self.workers)}/{self.n_workers} workers" if self.pool is None else \
+            f"workers: {self.pool.describe()}"
         return f"{head}; {self.status()}" if self.status else head
+
+    def wanted(self, index: int) -> bool:
+        """Whether a worker should run at ``index`` (all of them, but in a pool that
+        grows and shrinks)."""
+        return self.pool is None or self.pool.wanted(index)
 
     def all_serving(self) -> bool:
         """Every worker is up, booted, and its heartbeat is fresh."""
-        if len(self.workers) < self.n_workers:
+        alive = set(self.workers.values())
+        if any(self.wanted(i) and i not in alive for i in range(self.n_workers)):
             return False
         now = time.time()
         for pid, index in self.workers.items():
@@ -344,7 +361,7 @@ class Arbiter:
         now = time.monotonic()
         alive = set(self.workers.values())
         for i, sup in enumerate(self.supervised):
-            if i not in alive and now >= sup.respawn_at:
+            if i not in alive and now >= sup.respawn_at and self.wanted(i):
                 sup.restarts += 1
                 sup.respawn_at = 0.0
                 self._publish(i)
@@ -371,6 +388,9 @@ class Arbiter:
             code, why = describe_exit(status)
             if self.stopping:
                 log.info("worker %d (pid %d) %s", index + 1, pid, why)
+                continue
+            if self.pool is not None and index in self.pool.retiring:
+                self.pool.retired(index, code, why)
                 continue
             if code == WORKER_BOOT_ERROR or pid in self.boot_timed_out:
                 self.boot_timed_out.discard(pid)
@@ -415,7 +435,8 @@ class Arbiter:
         sup = self.supervised[index]
         wait = sup.respawn_at - time.monotonic() if sup.respawn_at else 0.0
         self.seg.write_supervision(index, sup.restarts, len(sup.deaths), sup.last_exit,
-                                   time.time() + wait if wait > 0 else 0.0)
+                                   time.time() + wait if wait > 0 else 0.0,
+                                   self.pool.places[index] if self.pool else POOL_ALONE)
 
     def murder_stale(self) -> None:
         """Kill booted workers whose heartbeat stopped, and workers that never boot."""

@@ -44,6 +44,8 @@ class WorkerProcess:
 
     # the capabilities a booted worker keeps (documented in the README, checked at boot)
     capabilities: tuple[str, ...] = ()
+    # a worker of a pool that grows and shrinks by itself (tcpcopyd's workers = auto)
+    pooled = False
 
     def __init__(self, index: int, n_workers: int, cpu: int, seg: Segment) -> None:
         self.master_pid = os.getpid()       # built in the master
@@ -114,7 +116,9 @@ class WorkerProcess:
         if not self.behind or now < self.behind_said + BEHIND_WARN_INTERVAL:
             return
         n, cpus = self.n_workers, self.cpus_allowed
-        advice = (f"{setting} = {min(2 * n, cpus)} shares the load among more workers "
+        advice = (f"the pool adds workers while one lags ({setting} = auto: at most {n}, "
+                  "one per CPU)" if self.pooled else
+                  f"{setting} = {min(2 * n, cpus)} shares the load among more workers "
                   f"(this host lets it use {cpus} CPUs)" if n < cpus else
                   f"every CPU it may use has a worker already ({setting} = {n}): the load "
                   "is beyond this host")

@@ -92,3 +92,60 @@ def test_sigterm_under_load_stops_within_five_seconds(lab, name):
     assert not [p for p in pids if psutil.pid_exists(p) and
                 psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     # the fixture checks that no iptables rule and no shm segment is left
+
+
+def pool_places(lab) -> list[str]:
+    """Each tcpcopyd worker index's place in the pool: serving, retiring or parked."""
+    return [w["pool"] for w in status(lab, "tcpcopyd")["workers"]]
+
+
+@pytest.mark.parametrize("lab", [{"memcached": False, "tcpcopyd": False}], indirect=True)
+def test_an_auto_pool_grows_and_shrinks_and_every_session_goes_on(lab):
+    """workers = auto: a load that keeps the worker busy adds a second one, and once it is
+    gone the second retires. Sessions opened before the growth, and sessions the second
+    worker opened and still held when it retired, go on to their end: their packets that
+    the other worker captures are handed to the worker holding them, and no request is
+    lost on the way."""
+    lab.start_tcpcopyd(extra=["--workers", "auto", "--grow-at", "10", "--shrink-at", "5",
+                              "--shrink-after", "3"])
+    assert pool_places(lab) == ["serving", "parked"]
+    early = load.long_keepalive(lab, connections=20, interval=0.5)
+    late = None
+    try:
+        wait_for(lambda: len(lab.nginx_log("online")) >= 100, 30, "the early sessions")
+        busy = load.paced_keepalive(lab, connections=100, per_connection=300, rate=2500)
+        wait_for(lambda: pool_places(lab) == ["serving", "serving"], 60,
+                 "a second worker in the pool")
+        # sessions that open now are spread over both workers
+        late = load.long_keepalive(lab, connections=20, interval=0.5)
+        out, _ = busy.communicate(timeout=120)
+        assert load.kv(out) == {"ok": 30000, "errors": 0}, out
+        wait_for(lambda: pool_places(lab)[1] == "retiring", 60, "the second worker retiring")
+        # the retiring worker still holds late sessions: the first hands it their packets
+        held = status(lab, "tcpcopyd")["workers"][1]["counters"]["sessions_active"]
+        assert held > 0
+        time.sleep(2)     # requests of the sessions it holds, handed to it
+        for clients in (early, late):
+            clients.send_signal(signal.SIGUSR1)
+        outs = [clients.communicate(timeout=60)[0] for clients in (early, late)]
+        wait_for(lambda: pool_places(lab) == ["serving", "parked"], 60,
+                 "the retired worker parked")
+    finally:
+        print("\n".join(line for line in lab.log_text("tcpcopyd").splitlines()
+                        if "pool" in line or "retir" in line))
+        for clients in (early, late):
+            if clients is not None and clients.poll() is None:
+                clients.kill()
+                clients.wait()
+    for out in outs:
+        assert load.kv(out)["errors"] == 0 and load.kv(out)["final"] == 20, out
+    online = len(lab.nginx_log("online"))
+    target = target_caught_up(lab, online, timeout=30)
+    totals = status(lab, "tcpcopyd")["totals"]
+    print(f"{online} requests online, {len(target)} at the target; handed "
+          f"{totals['strays_handed']}, taken {totals['strays_taken']}, lost "
+          f"{totals['strays_lost']}")
+    assert len(target) == online
+    assert totals["strays_handed"] == totals["strays_taken"] > 0
+    assert totals["strays_lost"] == 0
+    assert totals["sessions_fake"] == 0     # no session was opened twice

@@ -45,6 +45,8 @@ def client_segment(e: EngineState, src: bytes, dst: bytes, sport: int, dport: in
         return
     cap = (src, sport, target[0], target[1])
     copies = e.copies
+    if e.pool is not None and _handed_over(e, cap, flags):
+        return      # another worker of the pool holds this session
     if copies is None:
         if e.reuse and cap in e.reuse:
             # the client reused the port; its previous session is still finishing
@@ -67,9 +69,24 @@ def client_segment(e: EngineState, src: bytes, dst: bytes, sport: int, dport: in
             group = copies.group(cap)
             segment(e, group[k] if group else None, cap, k, target, seq, ack, flags, window,
                     options, payload, now)
-    if payload and e.observer is not None and (
-            cap in e.sessions or (copies is not None and copies.group(cap))):
+    if payload and e.observer is not None:
+        _observe(e, cap, seq, ack, payload)
+
+
+def _observe(e: EngineState, cap: tuple, seq: int, ack: int, payload: bytes) -> None:
+    """Client data of a copied session, to the observer (the comparison test)."""
+    if e.observer is not None and (
+            cap in e.sessions or (e.copies is not None and e.copies.group(cap))):
         e.observer.client_data(cap, seq, ack, payload)
+
+
+def _handed_over(e: EngineState, cap: tuple, flags: int) -> bool:
+    """Whether the captured packet, of a session another worker of the pool holds, went to
+    that worker (a SYN opens a session here, whoever held its port before)."""
+    if flags & SYN or (cap in e.sessions if e.copies is None else e.copies.group(cap)):
+        return False
+    pool = e.pool
+    return pool is not None and pool.hand_over(cap, e.frame, e.frame_len)
 
 
 def start_held(e: EngineState, now: float) -> None:
@@ -211,6 +228,8 @@ def open_session(e: EngineState, cap: tuple, copy: int, target: tuple[bytes, int
     e.idle[key] = s
     if e.observer is not None and copy == 0:
         e.observer.opened(cap)
+    if e.pool is not None and copy == 0:
+        e.pool.publish(cap)
     e.control.register(s)
     e.new.append(s)
     s.rtt_seq, s.rtt_time = s.snd_nxt, now

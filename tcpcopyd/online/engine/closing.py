@@ -37,6 +37,8 @@ def close(e: EngineState, s: Session, reason: int, send_rst: bool = True) -> Non
     e.counters[reason] += 1
     if e.observer is not None and s.copy == 0:
         e.observer.closed(s.cap or s.key)
+    if e.pool is not None and s.copy == 0:
+        e.pool.withdraw(s.cap or s.key)
     del e.sessions[s.key]
     e.idle.pop(s.key, None)
     e.busy.pop(s.key, None)

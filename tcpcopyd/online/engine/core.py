@@ -53,6 +53,8 @@ class Engine(EngineState):
         ports)."""
         cnt = self.counters
         cnt[C.CAPTURED] += 1
+        self.frame = buf
+        self.frame_len = n
         if n < 40:
             cnt[C.MALFORMED] += 1
             return

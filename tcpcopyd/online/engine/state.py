@@ -101,6 +101,21 @@ class Observer(Protocol):
     def closed(self, key: tuple) -> None: ...
 
 
+class Pool(Protocol):
+    """The other workers of a pool that grows and shrinks (workers = auto,
+    tcpcopyd.online.strays): this worker's sessions published for them to find, and the
+    captured packets of theirs handed to them."""
+
+    def publish(self, key: tuple) -> None:
+        """A session of this worker opened: ``key`` is its captured session."""
+
+    def withdraw(self, key: tuple) -> None: ...
+
+    def hand_over(self, key: tuple, frame: bytes | bytearray | memoryview, n: int) -> bool:
+        """The captured packet ``frame[:n]`` of ``key``, which this worker does not hold, to
+        the worker that does; False: none does (or it is a packet handed to us)."""
+
+
 def sampled(src: bytes, sport: int, rate: int) -> bool:
     """Whether -r RATE copies the sessions of this client address and port: a hash, the same
     in every worker and after every restart, so a session is copied whole or not at all."""
@@ -167,6 +182,11 @@ class EngineState:
         # sessions whose outstanding packets go again once their registration is out (a
         # control link came up)
         self.resend: list[Session] = []
+        # the other workers of a pool (workers = auto) while there are any; None: alone
+        self.pool: Pool | None = None
+        # the captured packet being handled (what a pool hands to another worker)
+        self.frame: bytes | bytearray | memoryview = b""
+        self.frame_len = 0
 
     def rate(self, now: float) -> int:
         """Percent of sessions copied now (-r, and while -g ramps up, 1 % more a second)."""
