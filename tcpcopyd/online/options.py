@@ -323,8 +323,9 @@ class Settings(Config):
     grow_at: int = setting(
         ("--grow-at",), 70, int_range(1, 100),
         "workers = auto: a worker is added when the busiest one used more than this "
-        "percentage of its CPU for 3 s running, or its capture lags (over a quarter of "
-        "max_lag, or packets dropped)", metavar="PERCENT", example=70)
+        "percentage of its CPU for 3 s running, or its capture lags as long (packets over "
+        "20 ms old, or over a quarter of max_lag, or dropped)", metavar="PERCENT",
+        example=70)
     shrink_at: int = setting(
         ("--shrink-at",), 30, int_range(1, 99),
         "workers = auto: a worker is given back when the pool's load, spread over one "

@@ -82,34 +82,31 @@ class Strays:
         self.inbox = inboxes.pairs[index][0]
         self.outboxes = [outbox for _, outbox in inboxes.pairs]
         self.counters = counters
-        self.region: OwnedRegion | None = None   # while shared: our published sessions
+        # our region, emptied whole now, at boot (a dead predecessor may have left anything
+        # in it): a worker that starts to share while it serves only publishes
+        self.region = OwnedRegion(self.table, index)
+        self.shared = False
         self.handed = False   # feeding the engine what another worker handed us
         self.buf = bytearray(FRAME_MAX)
         self.full_logged = False
 
-    @property
-    def shared(self) -> bool:
-        return self.region is not None
-
     def share(self, keys: Iterable[tuple]) -> None:
         """Others run beside us now: publish every session we hold (then each that opens)."""
-        if self.region is None:
-            self.region = OwnedRegion(self.table, self.index)   # cleared whole
+        self.shared = True
         for key in keys:
             self.publish(key)
         self.counters[C.POOL_SHARED] = 1
 
     def alone(self) -> None:
         """No other worker runs: nothing to publish any more."""
-        if self.region is not None:
+        if self.shared:
             self.region.clear()
-            self.region = None
+            self.shared = False
         self.counters[C.POOL_SHARED] = 0
 
     # --------------------------------------------------------- the engine's Pool
     def publish(self, key: tuple) -> None:
-        region = self.region
-        if region is not None and not region.put(key_of(key), self.index) \
+        if self.shared and not self.region.put(key_of(key), self.index) \
                 and not self.full_logged:
             self.full_logged = True
             log.warning("worker %d: its region of the pool's session table is full: the "
@@ -117,11 +114,11 @@ class Strays:
                         "handed over", self.index + 1)
 
     def withdraw(self, key: tuple) -> None:
-        if self.region is not None:
+        if self.shared:
             self.region.remove(key_of(key))
 
     def hand_over(self, key: tuple, frame: bytes | bytearray | memoryview, n: int) -> bool:
-        if self.handed or self.region is None:
+        if self.handed or not self.shared:
             return False
         found = self.table.find(key_of(key), skip=self.index)
         if found is None:

@@ -6,8 +6,9 @@ over the last second (as a share of one CPU) and its capture lag. ``Policy`` tur
 samples into decisions, ``Pool`` carries them out:
 
 - *grow* when the busiest worker used more than ``grow_at`` of its CPU in GROW_AFTER
-  samples in a row, or lags (a capture lag over a quarter of ``max_lag``, or packets
-  dropped for want of speed): every running worker is told to share the pool (it
+  samples in a row, or lags in as many (a capture lag over a quarter of ``max_lag``, the
+  oldest packet of the last 0.1 s over LATE_MS old, or packets dropped for want of
+  speed): every running worker is told to share the pool (it
   publishes its sessions), and once each has said so (or after SHARE_WAIT), the new
   worker's capture socket joins the fanout group and the worker starts;
 - *shrink* when the load of the capturing workers, spread over one worker fewer, stayed
@@ -35,8 +36,10 @@ log = logging.getLogger("pool")
 SAMPLE_EVERY = 1.0
 # samples in a row that must be busy before a worker is added
 GROW_AFTER = 3
-# a capture lag over this share of max_lag is a reason to grow
+# a capture lag over this share of max_lag is a reason to grow, and so is one over LATE_MS
+# in the last 0.1 s (capture_lag_peak_ms): a copy that late is no longer live
 LAG_SHARE = 0.25
+LATE_MS = 20
 # no worker is added while more than this share of the captured packets are handed over
 SETTLING = 0.1
 # seconds the master waits for the running workers to publish their sessions before the
@@ -109,8 +112,8 @@ class Pool:
                  ) -> None:
         """``join(i)`` opens worker ``i``'s capture socket in the fanout group, ``leave(i)``
         closes the master's descriptor of it; ``counters``: where the workers' records
-        hold capture_lag_ms, kernel_drops, lag_drops, captured, strays_handed and
-        pool_shared."""
+        hold capture_lag_ms, capture_lag_peak_ms, kernel_drops, lag_drops, captured,
+        strays_handed and pool_shared."""
         self.seg = seg
         self.policy = policy
         self.join, self.leave = join, leave
@@ -199,7 +202,7 @@ class Pool:
                         counters[at["captured"]], counters[at["strays_handed"]])
             before = self.seen.get(index, now_seen)
             if counters[at["capture_lag_ms"]] > self.max_lag * 1000 * LAG_SHARE or \
-                    now_seen[0] > before[0]:
+                    counters[at["capture_lag_peak_ms"]] > LATE_MS or now_seen[0] > before[0]:
                 lagging = True
             captured += now_seen[1] - before[1]
             handed += now_seen[2] - before[2]
