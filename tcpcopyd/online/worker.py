@@ -347,9 +347,10 @@ class CaptureWorker(service_worker.WorkerProcess):
                      "was not copied)", self.cfg.interface, gap)
 
     def on_interfaces_event(self, now: float) -> None:
-        """Interfaces came or went: the capture filters take those the set matches now."""
+        """Interfaces came or went: the capture filters take those the set matches now
+        (a retiring worker has none left)."""
         change = self.follower.changes()
-        if change is None:
+        if change is None or self.retiring:
             return
         added, gone = change
         if self.index == 0:
