@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import struct
 
-from shm.keytable import KeyTable, region_size
+from shm.keytable import KeyTable, buckets_for, region_size
 from shm.ring import Ring, ring_size
 from shm.segment import Segment
 from tcpcopyd.net import wire
-
-
-def route_buckets(max_routes: int) -> int:
-    """Buckets per worker in the route table: room for ``max_routes`` sessions, the table
-    at most 3/4 full (a power of two)."""
-    return 1 << (max_routes * 4 // 3).bit_length()
 
 
 def ring_capacity(workers: int) -> int:
@@ -34,7 +28,7 @@ def extra_size(workers: int, max_routes: int) -> int:
     if workers == 1:
         return LOGGED_SIZE
     rings = workers * workers * ring_size(ring_capacity(workers), wire.REPLY_SIZE)
-    return LOGGED_SIZE + workers * region_size(route_buckets(max_routes)) + rings
+    return LOGGED_SIZE + workers * region_size(buckets_for(max_routes)) + rings
 
 
 class RefusalLog:
@@ -63,7 +57,7 @@ class Shared:
     def __init__(self, seg: Segment, max_routes: int) -> None:
         w = seg.n_workers
         self.workers = w
-        buckets = route_buckets(max_routes)
+        buckets = buckets_for(max_routes)   # room for max_routes sessions per worker
         base = seg.extra_off + LOGGED_SIZE
         self.table = KeyTable(seg.mm, base, w, buckets)
         self._rings_off = base + w * region_size(buckets)

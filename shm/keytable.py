@@ -34,6 +34,12 @@ def region_size(buckets: int) -> int:
     return buckets * BUCKET_SIZE
 
 
+def buckets_for(entries: int) -> int:
+    """Buckets of a region that holds up to ``entries`` keys, at most 3/4 full (a power
+    of two)."""
+    return 1 << (entries * 4 // 3).bit_length()
+
+
 def stored(key: bytes) -> tuple[bytes, int]:
     """What a bucket holds of ``key``: (its 6 bytes, its family)."""
     if len(key) == 6:

@@ -18,7 +18,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterable
 
-from shm.keytable import KeyTable, OwnedRegion, region_size
+from shm.keytable import KeyTable, OwnedRegion, buckets_for, region_size
 from shm.segment import Segment
 from tcpcopyd.online import counters as C
 
@@ -31,12 +31,6 @@ INBOX_BATCH = 256
 INBOX_BUFFER = 4 << 20
 # the largest packet handed over (a captured frame is at most the capture's snap length)
 FRAME_MAX = 65536 + 256
-
-
-def buckets_for(slots: int) -> int:
-    """Buckets of one worker's region: room for its ``slots`` sessions, at most 3/4 full
-    (a power of two)."""
-    return 1 << (max(16, slots) * 4 // 3).bit_length()
 
 
 def table_size(workers: int, slots: int) -> int:

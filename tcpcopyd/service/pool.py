@@ -127,7 +127,6 @@ class Pool:
         self.cpu: dict[int, float] = {}    # pid -> CPU seconds at the last sample
         # index -> (lost packets, captured, handed over) at the last sample
         self.seen: dict[int, tuple[int, int, int]] = {}
-        self.last: Load | None = None
         self.places = [POOL_PARKED] * seg.n_workers
         for index in range(seg.n_workers):
             self.place(index, POOL_ALONE if index == 0 else POOL_PARKED)
@@ -164,14 +163,13 @@ class Pool:
         load = self.sample(pids)
         if load is None or self.joining is not None:
             return start
-        self.last = load
         change = self.policy.decide(now, len(self.capturing), load)
         log.debug("pool sample: busiest %.1f%%, total %.1f%% of a CPU, lagging %s: %+d",
                   load.busiest * 100, load.total * 100, load.lagging, change)
         if change > 0:
-            self._grow(now, pids)
+            self._grow(now, pids, load)
         elif change < 0:
-            self._shrink()
+            self._shrink(load)
         return start
 
     def sample(self, pids: dict[int, int]) -> Load | None:
@@ -212,7 +210,7 @@ class Pool:
             if complete else None
 
     # ------------------------------------------------------------------ changes
-    def _grow(self, now: float, pids: dict[int, int]) -> None:
+    def _grow(self, now: float, pids: dict[int, int], load: Load) -> None:
         free = [i for i in range(self.most)
                 if i not in self.capturing and i not in self.retiring]
         if not free:
@@ -222,8 +220,7 @@ class Pool:
         self.joining, self.join_by = free[0], now + SHARE_WAIT
         log.info("the pool grows: worker %d joins once the %d running share their sessions "
                  "(load: busiest %.0f%%, lagging %s)", free[0] + 1, len(pids),
-                 self.last.busiest * 100 if self.last else 0, self.last.lagging
-                 if self.last else False)
+                 load.busiest * 100, load.lagging)
 
     def _all_share(self, pids: dict[int, int]) -> bool:
         for index in pids:
@@ -243,7 +240,7 @@ class Pool:
         self.policy.settle()
         return index
 
-    def _shrink(self) -> None:
+    def _shrink(self, load: Load) -> None:
         index = max(self.capturing)
         if index == 0:
             return
@@ -253,7 +250,7 @@ class Pool:
         self.leave(index)
         self.cpu.clear()
         log.info("the pool shrinks: worker %d retires (load: %.2f CPU over %d workers)",
-                 index + 1, self.last.total if self.last else 0, len(self.capturing) + 1)
+                 index + 1, load.total, len(self.capturing) + 1)
 
     def retired(self, index: int, code: int, why: str) -> None:
         """The worker at ``index`` ended while retiring: its index is parked."""
